@@ -1,0 +1,2 @@
+//! Engine apply bench (being written).
+fn main() {}

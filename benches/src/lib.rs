@@ -1,0 +1,1 @@
+//! tally-benches: shared helpers for the benchmark targets in `benches/benches/`.

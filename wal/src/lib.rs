@@ -1,0 +1,1 @@
+//! tally-wal: the write-ahead log (being built; see issue 3).
