@@ -1,1 +1,108 @@
-//! tally-engine (being built).
+//! tally-engine: the deterministic wallet state machine of one shard, with every billing rule.
+//!
+//! The engine does no IO. It reads no clock, opens no file or socket, starts no thread and
+//! draws no random number: time and ids come in as arguments, and outcomes come out as return
+//! values and queued effects. Replaying the same inputs always rebuilds the same state, which is
+//! what makes the write-ahead log, snapshots and crash recovery of the server possible.
+//! Architecture invariant: `engine` knows nothing about WALs, threads, networks or Stripe.
+//!
+//! # The run-loop contract
+//!
+//! One shard loop owns one [`Engine`]. Inputs are `handle_*`, outputs are `poll_*`
+//! (quinn-proto's vocabulary), and after every input the loop drains every output:
+//!
+//! ```text
+//! loop {
+//!     take a batch of requests; stamp it with one time `now` (never earlier than the last)
+//!     log the batch durably (the engine's inputs are the log)
+//!     for each request: reply = engine.handle_request(now, &request)
+//!     while let Some(effect) = engine.poll_effect() { export / act on it }
+//!     release the replies
+//!     when idle: if engine.poll_timeout() <= now { engine.handle_timeout(now); drain effects }
+//! }
+//! ```
+//!
+//! Catalog commands (assets, products, plans) must reach every shard in the same order; wallet
+//! commands go only to the shard [`shard_for`] names. Queries ([`Engine::query`]) read the state as
+//! of the last input, change nothing and are not logged.
+//!
+//! # Outcomes, errors, bugs
+//!
+//! Every outcome a caller can get is a [`ResultCode`] with a stable number; a rejection is data
+//! and changes nothing except that its request id is remembered (a repeat gets the same
+//! rejection). Broken invariants are bugs and panic; the server then recovers from its log.
+//!
+//! # Decisions where the brief is silent
+//!
+//! - Amounts are `rust_decimal::Decimal` everywhere. An amount a command carries must be positive,
+//!   at most 10^18 and no finer than its asset's scale. Charges are computed exactly (a product
+//!   that would need rounding inside `Decimal` is refused with `AmountOverflow`) and rounded to
+//!   the asset's scale once, in the rounding mode the matching price rule names.
+//! - Tiered prices apply to the quantity of one event (per-event tiers), not to cumulative usage
+//!   over a period.
+//! - A wallet is "in debt" (and refuses strict usage and reserves) while its debt exceeds its
+//!   overdraft limit; with the default limit of zero, any debt blocks. Strict usage and reserves
+//!   may take available balance down to minus the overdraft limit; what grants do not cover
+//!   becomes debt.
+//! - Grants are consumed when usage is applied, by the grants active at that time; an event's own
+//!   `occurred_at` chooses the plan version and the margin hour. Events may be up to
+//!   `future_skew_us` (5 min) ahead and no older than the idempotency window (24 h by default).
+//! - Frozen wallets refuse strict usage and reserves; record usage, settles, grants and refunds
+//!   still apply (they describe what already happened).
+//! - Holds last at most 7 days. A settle after the deadline gets `HoldExpired`; the last 64 closed
+//!   holds of a wallet are remembered to give that precise answer.
+//! - A refund credits a new grant (source `Refund`, priority 0) and refers to the usage by its
+//!   request id, so refunds are possible within the idempotency window; later corrections are
+//!   adjustments. A debit adjustment is charged like record usage.
+//! - Top-up grants get priority 100, so promotions and refunds (priority 0 by default) are spent
+//!   first. A successful top-up is always credited, even for a stale trigger: money taken is
+//!   never lost. Its payment id makes a repeat a no-op. A failure backs off (cooldown doubled per
+//!   failure, at least 1 s) and after `attempts_max` failures in a row the wallet is flagged.
+//! - A dispute claws back the grant's remainder and turns the spent part into debt; winning it
+//!   credits the same amount again as a new grant (which pays that debt first).
+//! - Request ids are remembered for `idempotency_retention_us` (24 h by default); the table costs
+//!   about 150 bytes per request inside the window.
+
+mod code;
+mod command;
+mod engine;
+mod hash;
+mod money;
+mod output;
+mod pricing;
+mod query;
+mod state;
+mod types;
+
+pub use code::ResultCode;
+pub use command::{
+    asset, name, Command, CreateWallet, DebitMode, Grant, GrantSource, Limit, Reply, ReplyValue,
+    Request, ReserveAmount, TopUpAmount, TopUpRule, UsageEvent,
+};
+pub use engine::{Engine, RestoreError};
+pub use engine::{
+    ASSETS_MAX, ASSIGNMENTS_MAX, ATTRIBUTES_MAX, HOLDS_MAX, HOLD_DURATION_MAX_US, METADATA_MAX,
+    PLANS_MAX, PRODUCTS_MAX, QUANTITIES_MAX, REASON_BYTES_MAX, TOPUP_PRIORITY,
+};
+pub use hash::{fingerprint, shard_for, StableHasher};
+pub use money::{dec, Rounding, AMOUNT_MAX, QUANTITY_MAX};
+pub use output::{Account, Effect, EntryKind, JournalEntry, MarginRecord, TopUpRequest};
+pub use pricing::{Component, PriceModel, PriceRule, Quantity, Tier};
+pub use query::{
+    BalanceView, DraftTestReport, DraftTestRow, GrantView, MarginScope, MarginView, PriceView,
+    Query, QueryReply, WalletView,
+};
+pub use state::{Config, Margin, State};
+pub use types::{
+    AssetCode, GrantId, HoldId, InlineStr, Name, NameError, RequestId, Timestamp, WalletId,
+};
+
+/// Every public type, for `use tally_engine::prelude::*` in tests and tools.
+pub mod prelude {
+    pub use crate::*;
+}
+
+/// Internal state types, for snapshot tooling that inspects a [`State`].
+pub mod model {
+    pub use crate::state::*;
+}

@@ -1,0 +1,1780 @@
+//! The shard state machine: [`Engine`] applies requests and timers to a [`State`] and queues the
+//! effects they produce.
+//!
+//! Every handler validates completely before it mutates anything, so a rejected command changes
+//! nothing (not even the margin aggregates). The one thing a rejection does change is the
+//! idempotency table: the rejection is remembered, and a repeat of the request gets it again.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+
+use foldhash::fast::RandomState;
+use rust_decimal::Decimal;
+
+use crate::code::ResultCode;
+use crate::command::{
+    Command, CreateWallet, DebitMode, Grant, GrantSource, Reply, ReplyValue, Request,
+    ReserveAmount, TopUpAmount, TopUpRule, UsageEvent,
+};
+use crate::hash::{fingerprint, StableHasher};
+use crate::money::{self, ASSET_SCALE_MAX};
+use crate::output::{Account, Effect, EntryKind, JournalEntry, MarginRecord, TopUpRequest};
+use crate::pricing::{self, Quantity};
+use crate::state::{
+    AdjustmentRecord, Asset, Assignment, Balance, ChargeRef, ClosedHold, Config, GrantState, Hold,
+    HoldEnd, InFlight, Payment, Plan, PlanVersion, Product, Remembered, State, TopUpState, Wallet,
+    CLOSED_HOLDS_KEPT,
+};
+use crate::types::{AssetCode, GrantId, HoldId, Name, RequestId, Timestamp, WalletId};
+
+/// Entries of wallet metadata.
+pub const METADATA_MAX: usize = 16;
+/// Quantity dimensions of one event or product.
+pub const QUANTITIES_MAX: usize = 8;
+/// Attributes of one event.
+pub const ATTRIBUTES_MAX: usize = 16;
+/// Open holds per wallet.
+pub const HOLDS_MAX: usize = 256;
+/// Longest a hold may last.
+pub const HOLD_DURATION_MAX_US: i64 = 7 * Timestamp::DAY_US;
+/// Plan assignments per wallet.
+pub const ASSIGNMENTS_MAX: usize = 64;
+/// Declared assets.
+pub const ASSETS_MAX: usize = 1024;
+/// Declared products.
+pub const PRODUCTS_MAX: usize = 4096;
+/// Plans.
+pub const PLANS_MAX: usize = 65_536;
+/// Bytes of an adjustment reason.
+pub const REASON_BYTES_MAX: usize = 256;
+/// Most failed attempts a top-up rule may allow.
+pub const TOPUP_ATTEMPTS_MAX: u32 = 100;
+/// Longest top-up cooldown.
+pub const TOPUP_COOLDOWN_MAX_US: i64 = 30 * Timestamp::DAY_US;
+/// Decimal places of an asset's USD value (with an asset scale of at most 18, a charge times
+/// its USD value stays exact within 28 places).
+pub const USD_VALUE_SCALE_MAX: u32 = 10;
+/// Decimal places of an event's vendor cost.
+pub const COST_SCALE_MAX: u32 = 12;
+/// Priority of grants created by top-ups: after promotions and refunds at the default 0.
+pub const TOPUP_PRIORITY: u32 = 100;
+
+type Map<K, V> = HashMap<K, V, RandomState>;
+
+/// A deterministic billing state machine for one shard. See the crate docs for the run-loop
+/// contract.
+#[derive(Debug)]
+pub struct Engine {
+    state: State,
+    index: Index,
+    effects: VecDeque<Effect>,
+    /// The request being applied, for journal entries; `None` while timers fire.
+    request: Option<RequestId>,
+    /// Set by a charging handler for the idempotency record.
+    charge: Option<ChargeRef>,
+}
+
+/// Lookup structures derived from the state.
+#[derive(Debug, Default)]
+struct Index {
+    wallets: Map<WalletId, u32>,
+    assets: Map<AssetCode, u32>,
+    products: Map<Name, u32>,
+    plans: Map<Name, u32>,
+    requests: Map<RequestId, u64>,
+    timers: BTreeSet<Timer>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerKind {
+    GrantEffective,
+    GrantExpiry,
+    HoldDeadline,
+    TopUpRetry,
+}
+
+/// A time-driven action. Ordered by time, then kind, wallet and id: firing order is
+/// deterministic. A timer whose object is gone (an exhausted grant, a settled hold) does nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Timer {
+    at: Timestamp,
+    kind: TimerKind,
+    wallet: u32,
+    id: u64,
+}
+
+/// Why a [`State`] cannot be restored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreError(pub String);
+
+impl std::fmt::Display for RestoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "state is inconsistent: {}", self.0)
+    }
+}
+
+impl std::error::Error for RestoreError {}
+
+impl From<ResultCode> for Reply {
+    fn from(code: ResultCode) -> Reply {
+        Reply::rejected(code)
+    }
+}
+
+type Handled = Result<ReplyValue, Reply>;
+
+/// Where journal entries go while a handler holds a wallet mutably.
+struct Out<'a> {
+    effects: &'a mut VecDeque<Effect>,
+    seq: &'a mut u64,
+    at: Timestamp,
+    request: Option<RequestId>,
+}
+
+impl Out<'_> {
+    fn entry(
+        &mut self,
+        kind: EntryKind,
+        asset: AssetCode,
+        amount: Decimal,
+        from: Account,
+        to: Account,
+        grant: Option<GrantId>,
+    ) {
+        debug_assert!(amount >= Decimal::ZERO);
+        if amount.is_zero() {
+            return;
+        }
+        *self.seq += 1;
+        self.effects.push_back(Effect::Journal(JournalEntry {
+            seq: *self.seq,
+            at: self.at,
+            request: self.request,
+            kind,
+            asset,
+            amount,
+            from,
+            to,
+            grant,
+        }));
+    }
+}
+
+/// A journal sink over `$engine`'s effects, borrowing only `effects` and `state.journal_seq`, so
+/// the handler can hold a wallet mutably at the same time.
+macro_rules! out {
+    ($engine:ident) => {
+        Out {
+            effects: &mut $engine.effects,
+            seq: &mut $engine.state.journal_seq,
+            at: $engine.state.now,
+            request: $engine.request,
+        }
+    };
+}
+
+/// Adds an active grant to a balance; its amount pays debt first. Returns the debt paid.
+fn credit(balance: &mut Balance, mut grant: GrantState) -> Decimal {
+    let paid = balance.debt.min(grant.remaining);
+    balance.debt -= paid;
+    grant.remaining -= paid;
+    if !grant.remaining.is_zero() {
+        balance.active += grant.remaining;
+        let key = grant.order_key();
+        let at = balance.grants.partition_point(|g| g.order_key() < key);
+        balance.grants.insert(at, grant);
+    }
+    paid
+}
+
+/// Takes `amount` from the active grants in consumption order, writing one journal entry per
+/// grant part; what the grants cannot cover becomes debt. Returns the debt added.
+fn debit(
+    balance: &mut Balance,
+    amount: Decimal,
+    wallet: WalletId,
+    to: Account,
+    out: &mut Out<'_>,
+) -> Decimal {
+    let asset = balance.asset;
+    let mut left = amount;
+    let mut taken = Decimal::ZERO;
+    let mut i = 0;
+    while !left.is_zero() && i < balance.grants.len() {
+        let grant = &mut balance.grants[i];
+        let part = left.min(grant.remaining);
+        grant.remaining -= part;
+        left -= part;
+        taken += part;
+        let (id, exhausted) = (grant.id, grant.remaining.is_zero());
+        out.entry(
+            EntryKind::Debit,
+            asset,
+            part,
+            Account::Wallet(wallet),
+            to,
+            Some(id),
+        );
+        if exhausted {
+            balance.grants.remove(i);
+        } else {
+            i += 1;
+        }
+    }
+    balance.active -= taken;
+    if !left.is_zero() {
+        balance.debt += left;
+        out.entry(
+            EntryKind::Debt,
+            asset,
+            left,
+            Account::Wallet(wallet),
+            to,
+            None,
+        );
+    }
+    left
+}
+
+/// Refuses a debit of `amount` whose shortfall would overflow the debt.
+fn check_debt_room(balance: Option<&Balance>, amount: Decimal) -> Result<(), ResultCode> {
+    if let Some(balance) = balance {
+        let shortfall = (amount - balance.active).max(Decimal::ZERO);
+        money::add(balance.debt, shortfall)?;
+    }
+    Ok(())
+}
+
+/// The strict-spend rules: not frozen, not in debt, and `amount` within available + overdraft.
+fn check_spend(wallet: &Wallet, asset: AssetCode, amount: Decimal) -> Result<(), Reply> {
+    if wallet.frozen {
+        return Err(ResultCode::WalletFrozen.into());
+    }
+    let balance = wallet.balance(&asset);
+    if balance.is_some_and(Balance::in_debt) {
+        return Err(ResultCode::WalletInDebt.into());
+    }
+    let spendable = balance.map_or(Decimal::ZERO, Balance::spendable);
+    if spendable < amount {
+        return Err(Reply {
+            code: ResultCode::InsufficientFunds,
+            value: ReplyValue::Shortfall {
+                asset,
+                spendable,
+                required: amount,
+            },
+        });
+    }
+    Ok(())
+}
+
+/// A priced event.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Priced {
+    pub asset: u32,
+    pub amount: Decimal,
+    pub product: u32,
+    pub plan: u32,
+    pub version: u32,
+    pub rule: u32,
+}
+
+impl Engine {
+    /// An empty shard. Panics if `config` is invalid; validate it at the edge first.
+    pub fn new(config: Config) -> Engine {
+        if let Err(e) = config.validate() {
+            panic!("invalid engine config: {e}");
+        }
+        Engine {
+            state: State::new(config),
+            index: Index::default(),
+            effects: VecDeque::new(),
+            request: None,
+            charge: None,
+        }
+    }
+
+    /// The state, for snapshots. Take it only when every effect has been drained.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Rebuilds an engine from a state (a restored snapshot), checking its invariants.
+    pub fn from_state(state: State) -> Result<Engine, RestoreError> {
+        restore(state)
+    }
+
+    pub(crate) fn rebuild_timers(&mut self) {
+        let mut timers = BTreeSet::new();
+        for (w, wallet) in self.state.wallets.iter().enumerate() {
+            let wallet_index = w as u32;
+            let timer = |at, kind, id| Timer {
+                at,
+                kind,
+                wallet: wallet_index,
+                id,
+            };
+            for balance in &wallet.balances {
+                for g in &balance.pending {
+                    let at = g.effective_at.expect("pending grants have effective_at");
+                    timers.insert(timer(at, TimerKind::GrantEffective, g.id.0));
+                }
+                for g in balance.grants.iter().chain(&balance.pending) {
+                    if let Some(at) = g.expires_at {
+                        timers.insert(timer(at, TimerKind::GrantExpiry, g.id.0));
+                    }
+                }
+            }
+            for h in &wallet.holds {
+                timers.insert(timer(h.deadline, TimerKind::HoldDeadline, h.id.0));
+            }
+            for t in &wallet.topups {
+                if t.retry_armed {
+                    let asset = self.index.assets[&t.asset];
+                    timers.insert(timer(
+                        t.next_allowed,
+                        TimerKind::TopUpRetry,
+                        u64::from(asset),
+                    ));
+                }
+            }
+        }
+        self.index.timers = timers;
+    }
+
+    /// A hash over the whole state: equal digests mean equal states. Used by tests and by
+    /// recovery to check that replay rebuilt what was there.
+    pub fn digest(&self) -> u64 {
+        struct HashWriter(StableHasher);
+        impl bincode::enc::write::Writer for HashWriter {
+            fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+                std::hash::Hasher::write(&mut self.0, bytes);
+                Ok(())
+            }
+        }
+        let mut writer = HashWriter(StableHasher::new(0xd1_6e57));
+        bincode::serde::encode_into_writer(&self.state, &mut writer, bincode::config::standard())
+            .expect("hashing never fails");
+        std::hash::Hasher::finish(&writer.0)
+    }
+
+    /// The time of the next timer, if any: call [`Engine::handle_timeout`] then.
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        self.index.timers.first().map(|t| t.at)
+    }
+
+    /// The next queued effect. Drain them all after every input.
+    pub fn poll_effect(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    /// Effects waiting to be drained.
+    pub fn pending_effects(&self) -> usize {
+        self.effects.len()
+    }
+
+    /// Advances time to `now`: expires grants and holds, fires top-up retries, forgets request
+    /// ids older than the retention window. Time never goes backwards: an earlier `now` is
+    /// treated as the latest time seen.
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        if now > self.state.now {
+            self.state.now = now;
+        }
+        let now = self.state.now;
+        self.request = None;
+        let horizon = now
+            .0
+            .saturating_sub(self.state.config.idempotency_retention_us);
+        while let Some(front) = self.state.requests.front() {
+            if front.at.0 >= horizon {
+                break;
+            }
+            self.index.requests.remove(&front.id);
+            self.state.requests.pop_front();
+            self.state.requests_first_seq += 1;
+        }
+        while let Some(&timer) = self.index.timers.first() {
+            if timer.at > now {
+                break;
+            }
+            self.index.timers.pop_first();
+            self.fire(timer);
+        }
+    }
+
+    /// Applies one request at time `now` and returns its reply. Effects are queued for
+    /// [`Engine::poll_effect`].
+    pub fn handle_request(&mut self, now: Timestamp, request: &Request) -> Reply {
+        self.handle_timeout(now);
+        let fingerprint = fingerprint(&request.command);
+        if let Some(&seq) = self.index.requests.get(&request.id) {
+            let first = &self.state.requests[(seq - self.state.requests_first_seq) as usize];
+            return if first.fingerprint == fingerprint {
+                first.reply
+            } else {
+                Reply::rejected(ResultCode::IdempotencyConflict)
+            };
+        }
+        self.request = Some(request.id);
+        self.charge = None;
+        let reply = match self.apply(&request.command) {
+            Ok(value) => Reply::ok(value),
+            Err(reply) => reply,
+        };
+        let seq = self.state.requests_first_seq + self.state.requests.len() as u64;
+        self.state.requests.push_back(Remembered {
+            id: request.id,
+            fingerprint,
+            at: self.state.now,
+            reply,
+            charge: self.charge.take(),
+        });
+        self.index.requests.insert(request.id, seq);
+        self.request = None;
+        reply
+    }
+
+    fn apply(&mut self, command: &Command) -> Handled {
+        match command {
+            Command::DefineAsset {
+                code,
+                scale,
+                usd_value,
+            } => self.define_asset(*code, *scale, *usd_value),
+            Command::DefineProduct { code, dimensions } => self.define_product(*code, dimensions),
+            Command::DraftPlan {
+                plan,
+                custom_for,
+                asset,
+                rules,
+            } => self.draft_plan(*plan, *custom_for, *asset, rules),
+            Command::PublishPlan { plan } => self.publish_plan(plan),
+            Command::CreateWallet(c) => self.create_wallet(c),
+            Command::SetOverdraft {
+                wallet,
+                asset,
+                limit,
+            } => self.set_overdraft(wallet, *asset, *limit),
+            Command::Freeze { wallet } => self.set_frozen(wallet, true),
+            Command::Unfreeze { wallet } => self.set_frozen(wallet, false),
+            Command::AssignPlan {
+                wallet,
+                plan,
+                version,
+                effective_from,
+            } => self.assign_plan(wallet, plan, *version, *effective_from),
+            Command::Grant(g) => self.grant(g),
+            Command::Usage(event) => self.usage(event),
+            Command::Reserve {
+                wallet,
+                amount,
+                deadline,
+            } => self.reserve(wallet, amount, *deadline),
+            Command::Settle {
+                wallet,
+                hold,
+                usage,
+            } => self.settle(wallet, *hold, usage),
+            Command::Release { wallet, hold } => self.release(wallet, *hold),
+            Command::Refund {
+                wallet,
+                event,
+                amount,
+            } => self.refund(wallet, *event, *amount),
+            Command::Dispute {
+                wallet,
+                grant,
+                freeze,
+            } => self.dispute(wallet, *grant, *freeze),
+            Command::DisputeWon { wallet, grant } => self.dispute_won(wallet, *grant),
+            Command::Adjust {
+                wallet,
+                asset,
+                amount,
+                reason,
+            } => self.adjust(wallet, *asset, *amount, reason),
+            Command::SetTopUpRule { wallet, rule } => self.set_topup_rule(wallet, rule),
+            Command::RemoveTopUpRule { wallet, asset } => self.remove_topup_rule(wallet, *asset),
+            Command::TopUpSucceeded {
+                wallet,
+                asset,
+                trigger,
+                payment_id,
+                amount,
+            } => self.topup_succeeded(wallet, *asset, *trigger, *payment_id, *amount),
+            Command::TopUpFailed {
+                wallet,
+                asset,
+                trigger,
+            } => self.topup_failed(wallet, *asset, *trigger),
+        }
+    }
+
+    // ----- lookups -------------------------------------------------------------------------
+
+    pub(crate) fn wallet_index(&self, wallet: &WalletId) -> Result<u32, ResultCode> {
+        self.index
+            .wallets
+            .get(wallet)
+            .copied()
+            .ok_or(ResultCode::UnknownWallet)
+    }
+
+    pub(crate) fn asset_index(&self, asset: &AssetCode) -> Result<u32, ResultCode> {
+        self.index
+            .assets
+            .get(asset)
+            .copied()
+            .ok_or(ResultCode::UnknownAsset)
+    }
+
+    fn asset(&self, asset: &AssetCode) -> Result<Asset, ResultCode> {
+        Ok(self.state.assets[self.asset_index(asset)? as usize])
+    }
+
+    // ----- catalog -------------------------------------------------------------------------
+
+    fn define_asset(&mut self, code: AssetCode, scale: u32, usd_value: Decimal) -> Handled {
+        if scale > ASSET_SCALE_MAX {
+            return Err(ResultCode::InvalidArgument.into());
+        }
+        if usd_value < Decimal::ZERO
+            || usd_value > money::AMOUNT_MAX
+            || money::significant_scale(usd_value) > USD_VALUE_SCALE_MAX
+        {
+            return Err(ResultCode::InvalidPrice.into());
+        }
+        if let Ok(existing) = self.asset(&code) {
+            return if existing.scale == scale && existing.usd_value == usd_value {
+                Ok(ReplyValue::None)
+            } else {
+                Err(ResultCode::AssetConflict.into())
+            };
+        }
+        if self.state.assets.len() >= ASSETS_MAX {
+            return Err(ResultCode::LimitExceeded.into());
+        }
+        self.index
+            .assets
+            .insert(code, self.state.assets.len() as u32);
+        self.state.assets.push(Asset {
+            code,
+            scale,
+            usd_value,
+        });
+        Ok(ReplyValue::None)
+    }
+
+    fn define_product(&mut self, code: Name, dimensions: &[Name]) -> Handled {
+        if dimensions.is_empty() {
+            return Err(ResultCode::InvalidArgument.into());
+        }
+        if dimensions.len() > QUANTITIES_MAX {
+            return Err(ResultCode::LimitExceeded.into());
+        }
+        if (1..dimensions.len()).any(|i| dimensions[..i].contains(&dimensions[i])) {
+            return Err(ResultCode::InvalidArgument.into());
+        }
+        if let Some(&p) = self.index.products.get(&code) {
+            return if self.state.products[p as usize].dimensions == dimensions {
+                Ok(ReplyValue::None)
+            } else {
+                Err(ResultCode::ProductConflict.into())
+            };
+        }
+        if self.state.products.len() >= PRODUCTS_MAX {
+            return Err(ResultCode::LimitExceeded.into());
+        }
+        self.index
+            .products
+            .insert(code, self.state.products.len() as u32);
+        self.state.products.push(Product {
+            code,
+            dimensions: dimensions.to_vec(),
+        });
+        Ok(ReplyValue::None)
+    }
+
+    fn draft_plan(
+        &mut self,
+        name: Name,
+        custom_for: Option<WalletId>,
+        asset: AssetCode,
+        rules: &[pricing::PriceRule],
+    ) -> Handled {
+        let asset = self.asset_index(&asset)?;
+        pricing::validate_rules(rules)?;
+        for rule in rules {
+            let product = self
+                .index
+                .products
+                .get(&rule.product)
+                .ok_or(ResultCode::UnknownProduct)?;
+            let dimensions = &self.state.products[*product as usize].dimensions;
+            if rule
+                .components
+                .iter()
+                .any(|c| !dimensions.contains(&c.dimension))
+            {
+                return Err(ResultCode::UnknownDimension.into());
+            }
+        }
+        let plan = match self.index.plans.get(&name) {
+            Some(&p) => {
+                let plan = &self.state.plans[p as usize];
+                if custom_for.is_some() && custom_for != plan.custom_for {
+                    return Err(ResultCode::InvalidArgument.into());
+                }
+                p
+            }
+            None => {
+                if self.state.plans.len() >= PLANS_MAX {
+                    return Err(ResultCode::LimitExceeded.into());
+                }
+                let p = self.state.plans.len() as u32;
+                self.state.plans.push(Plan {
+                    name,
+                    custom_for,
+                    draft: None,
+                    versions: Vec::new(),
+                });
+                self.index.plans.insert(name, p);
+                p
+            }
+        };
+        let order = pricing::specificity_order(rules);
+        self.state.plans[plan as usize].draft = Some(PlanVersion {
+            asset,
+            rules: rules.to_vec(),
+            at: self.state.now,
+            order,
+        });
+        Ok(ReplyValue::None)
+    }
+
+    fn publish_plan(&mut self, name: &Name) -> Handled {
+        let &p = self.index.plans.get(name).ok_or(ResultCode::UnknownPlan)?;
+        let plan = &mut self.state.plans[p as usize];
+        let mut version = plan.draft.take().ok_or(ResultCode::NoDraft)?;
+        version.at = self.state.now;
+        plan.versions.push(version);
+        Ok(ReplyValue::Version {
+            version: plan.versions.len() as u32,
+        })
+    }
+
+    // ----- wallets -------------------------------------------------------------------------
+
+    fn create_wallet(&mut self, c: &CreateWallet) -> Handled {
+        if self.index.wallets.contains_key(&c.wallet) {
+            return Err(ResultCode::WalletExists.into());
+        }
+        if c.metadata.len() > METADATA_MAX || c.overdraft.len() > ASSETS_MAX {
+            return Err(ResultCode::LimitExceeded.into());
+        }
+        if (1..c.metadata.len()).any(|i| c.metadata[..i].iter().any(|m| m.0 == c.metadata[i].0)) {
+            return Err(ResultCode::InvalidArgument.into());
+        }
+        let mut balances = Vec::with_capacity(c.overdraft.len());
+        for limit in &c.overdraft {
+            let asset = self.asset(&limit.asset)?;
+            money::check_amount_or_zero(limit.amount, asset.scale)?;
+            if balances.iter().any(|b: &Balance| b.asset == limit.asset) {
+                return Err(ResultCode::InvalidArgument.into());
+            }
+            let mut balance = Balance::new(limit.asset);
+            balance.overdraft = limit.amount;
+            balances.push(balance);
+        }
+        self.index
+            .wallets
+            .insert(c.wallet, self.state.wallets.len() as u32);
+        self.state.wallets.push(Wallet {
+            id: c.wallet,
+            created_at: self.state.now,
+            frozen: false,
+            metadata: c.metadata.clone(),
+            balances,
+            holds: Vec::new(),
+            closed_holds: VecDeque::new(),
+            plans: Vec::new(),
+            topups: Vec::new(),
+            payments: Vec::new(),
+            adjustments: Vec::new(),
+            margin: Default::default(),
+        });
+        Ok(ReplyValue::None)
+    }
+
+    fn set_overdraft(&mut self, wallet: &WalletId, asset: AssetCode, limit: Decimal) -> Handled {
+        let w = self.wallet_index(wallet)?;
+        let scale = self.asset(&asset)?.scale;
+        money::check_amount_or_zero(limit, scale)?;
+        self.state.wallets[w as usize].balance_mut(&asset).overdraft = limit;
+        Ok(ReplyValue::None)
+    }
+
+    fn set_frozen(&mut self, wallet: &WalletId, frozen: bool) -> Handled {
+        let w = self.wallet_index(wallet)?;
+        self.state.wallets[w as usize].frozen = frozen;
+        Ok(ReplyValue::None)
+    }
+
+    fn assign_plan(
+        &mut self,
+        wallet: &WalletId,
+        plan: &Name,
+        version: u32,
+        from: Timestamp,
+    ) -> Handled {
+        let w = self.wallet_index(wallet)?;
+        let &p = self.index.plans.get(plan).ok_or(ResultCode::UnknownPlan)?;
+        let plan = &self.state.plans[p as usize];
+        if version == 0 || version as usize > plan.versions.len() {
+            return Err(ResultCode::UnknownPlanVersion.into());
+        }
+        if plan.custom_for.is_some_and(|owner| owner != *wallet) {
+            return Err(ResultCode::PlanNotAssignable.into());
+        }
+        let plans = &mut self.state.wallets[w as usize].plans;
+        let assignment = Assignment {
+            from,
+            plan: p,
+            version,
+        };
+        match plans.binary_search_by_key(&from, |a| a.from) {
+            Ok(i) => plans[i] = assignment,
+            Err(_) if plans.len() >= ASSIGNMENTS_MAX => {
+                return Err(ResultCode::LimitExceeded.into())
+            }
+            Err(i) => plans.insert(i, assignment),
+        }
+        Ok(ReplyValue::None)
+    }
+
+    // ----- grants --------------------------------------------------------------------------
+
+    fn grant(&mut self, g: &Grant) -> Handled {
+        let w = self.wallet_index(&g.wallet)?;
+        let asset = self.asset(&g.asset)?;
+        money::check_amount(g.amount, asset.scale)?;
+        let now = self.state.now;
+        let effective_at = g.effective_at.filter(|&t| t > now);
+        if let Some(expires) = g.expires_at {
+            if expires <= now || effective_at.is_some_and(|e| expires <= e) {
+                return Err(ResultCode::TimestampOutOfRange.into());
+            }
+        }
+        if let GrantSource::TopUp { payment_id } = g.source {
+            if let Some(value) = self.known_payment(w, payment_id, g.asset, g.amount)? {
+                return Ok(value);
+            }
+        }
+        let wallet = &self.state.wallets[w as usize];
+        if let Some(balance) = wallet.balance(&g.asset) {
+            money::add(balance.ledger(), g.amount)?;
+        }
+        let grant = self.add_grant(
+            w,
+            g.asset,
+            g.amount,
+            g.priority,
+            effective_at,
+            g.expires_at,
+            g.source,
+        );
+        Ok(grant)
+    }
+
+    /// If `payment_id` was already credited to this wallet: the first reply when it was for the
+    /// same asset and amount, a conflict otherwise.
+    fn known_payment(
+        &self,
+        w: u32,
+        payment_id: Name,
+        asset: AssetCode,
+        amount: Decimal,
+    ) -> Result<Option<ReplyValue>, ResultCode> {
+        let wallet = &self.state.wallets[w as usize];
+        match wallet.payments.iter().find(|p| p.payment_id == payment_id) {
+            None => Ok(None),
+            Some(p) if p.asset == asset && p.amount == amount => Ok(Some(ReplyValue::Grant {
+                grant: p.grant,
+                debt_paid: Decimal::ZERO,
+            })),
+            Some(_) => Err(ResultCode::PaymentConflict),
+        }
+    }
+
+    /// Creates a grant (already validated): journal entry from the source's account, then
+    /// pending or active, expiry timer, payment record.
+    #[allow(clippy::too_many_arguments)]
+    fn add_grant(
+        &mut self,
+        w: u32,
+        asset: AssetCode,
+        amount: Decimal,
+        priority: u32,
+        effective_at: Option<Timestamp>,
+        expires_at: Option<Timestamp>,
+        source: GrantSource,
+    ) -> ReplyValue {
+        let id = GrantId(self.state.next_grant);
+        self.state.next_grant += 1;
+        let from = match source {
+            GrantSource::TopUp { .. } => Account::TopUpClearing,
+            GrantSource::Promotion => Account::Promotion,
+            GrantSource::Refund => Account::Refund,
+            GrantSource::Adjustment => Account::Adjustment,
+        };
+        let grant = GrantState {
+            id,
+            amount,
+            remaining: amount,
+            priority,
+            effective_at,
+            expires_at,
+            source,
+        };
+        let mut out = out!(self);
+        let wallet = &mut self.state.wallets[w as usize];
+        let wallet_id = wallet.id;
+        out.entry(
+            EntryKind::Grant,
+            asset,
+            amount,
+            from,
+            Account::Wallet(wallet_id),
+            Some(id),
+        );
+        if let GrantSource::TopUp { payment_id } = source {
+            wallet.payments.push(Payment {
+                payment_id,
+                grant: id,
+                asset,
+                amount,
+                priority,
+                expires_at,
+                disputed: false,
+            });
+        }
+        let balance = wallet.balance_mut(&asset);
+        let debt_paid = match effective_at {
+            Some(_) => {
+                balance.pending.push(grant);
+                Decimal::ZERO
+            }
+            None => credit(balance, grant),
+        };
+        if let Some(at) = effective_at {
+            self.timer(at, TimerKind::GrantEffective, w, id.0);
+        }
+        if let Some(at) = expires_at {
+            self.timer(at, TimerKind::GrantExpiry, w, id.0);
+        }
+        ReplyValue::Grant {
+            grant: id,
+            debt_paid,
+        }
+    }
+
+    fn timer(&mut self, at: Timestamp, kind: TimerKind, wallet: u32, id: u64) {
+        self.index.timers.insert(Timer {
+            at,
+            kind,
+            wallet,
+            id,
+        });
+    }
+
+    // ----- usage ---------------------------------------------------------------------------
+
+    /// Validates an event's product, quantities and attributes; returns the product index.
+    pub(crate) fn check_shape(
+        &self,
+        product: &Name,
+        quantities: &[Quantity],
+        attributes: &[(Name, Name)],
+    ) -> Result<u32, ResultCode> {
+        let &p = self
+            .index
+            .products
+            .get(product)
+            .ok_or(ResultCode::UnknownProduct)?;
+        if quantities.len() > QUANTITIES_MAX || attributes.len() > ATTRIBUTES_MAX {
+            return Err(ResultCode::LimitExceeded);
+        }
+        let dimensions = &self.state.products[p as usize].dimensions;
+        for (i, q) in quantities.iter().enumerate() {
+            money::check_quantity(q.value)?;
+            if !dimensions.contains(&q.dimension) {
+                return Err(ResultCode::UnknownDimension);
+            }
+            if quantities[..i].iter().any(|o| o.dimension == q.dimension) {
+                return Err(ResultCode::InvalidArgument);
+            }
+        }
+        for (i, (key, _)) in attributes.iter().enumerate() {
+            if attributes[..i].iter().any(|(k, _)| k == key) {
+                return Err(ResultCode::InvalidArgument);
+            }
+        }
+        Ok(p)
+    }
+
+    /// Validates an event's cost and time.
+    fn check_event(&self, event: &UsageEvent) -> Result<(), ResultCode> {
+        money::check_amount_or_zero(event.cost_usd, COST_SCALE_MAX)?;
+        let now = self.state.now;
+        let config = &self.state.config;
+        if event.occurred_at > now.add_us(config.future_skew_us)
+            || event.occurred_at < now.add_us(-config.idempotency_retention_us)
+        {
+            return Err(ResultCode::TimestampOutOfRange);
+        }
+        Ok(())
+    }
+
+    /// Prices a usage shape for wallet `w` under the plan version it is on at `at`.
+    pub(crate) fn price(
+        &self,
+        w: u32,
+        product: &Name,
+        quantities: &[Quantity],
+        attributes: &[(Name, Name)],
+        at: Timestamp,
+    ) -> Result<Priced, ResultCode> {
+        let p = self.check_shape(product, quantities, attributes)?;
+        let wallet = &self.state.wallets[w as usize];
+        let assignment = wallet
+            .plans
+            .iter()
+            .rev()
+            .find(|a| a.from <= at)
+            .ok_or(ResultCode::NoPlanAssigned)?;
+        let version =
+            &self.state.plans[assignment.plan as usize].versions[assignment.version as usize - 1];
+        let (rule, amount) = self.price_in(version, product, quantities, attributes)?;
+        Ok(Priced {
+            asset: version.asset,
+            amount,
+            product: p,
+            plan: assignment.plan,
+            version: assignment.version,
+            rule,
+        })
+    }
+
+    /// Prices an already validated shape in one plan version: the matching rule and the charge.
+    pub(crate) fn price_in(
+        &self,
+        version: &PlanVersion,
+        product: &Name,
+        quantities: &[Quantity],
+        attributes: &[(Name, Name)],
+    ) -> Result<(u32, Decimal), ResultCode> {
+        let rule = pricing::find_rule(&version.rules, &version.order, product, attributes)
+            .ok_or(ResultCode::NoMatchingRule)?;
+        let scale = self.state.assets[version.asset as usize].scale;
+        Ok((
+            rule as u32,
+            pricing::charge(&version.rules[rule], quantities, scale)?,
+        ))
+    }
+
+    fn usage(&mut self, event: &UsageEvent) -> Handled {
+        let w = self.wallet_index(&event.wallet)?;
+        self.check_event(event)?;
+        let priced = self.price(
+            w,
+            &event.product,
+            &event.quantities,
+            &event.attributes,
+            event.occurred_at,
+        )?;
+        let asset = self.state.assets[priced.asset as usize];
+        let revenue_usd = money::mul_exact(priced.amount, asset.usd_value)?;
+        let wallet = &self.state.wallets[w as usize];
+        match event.mode {
+            DebitMode::Strict => check_spend(wallet, asset.code, priced.amount)?,
+            DebitMode::Record => check_debt_room(wallet.balance(&asset.code), priced.amount)?,
+        }
+        Ok(self.charge(
+            w,
+            asset,
+            priced,
+            revenue_usd,
+            event.cost_usd,
+            event.occurred_at,
+        ))
+    }
+
+    /// Debits a priced, validated charge and records its margin.
+    fn charge(
+        &mut self,
+        w: u32,
+        asset: Asset,
+        priced: Priced,
+        revenue_usd: Decimal,
+        cost_usd: Decimal,
+        occurred_at: Timestamp,
+    ) -> ReplyValue {
+        let mut out = out!(self);
+        let wallet = &mut self.state.wallets[w as usize];
+        let wallet_id = wallet.id;
+        let balance = wallet.balance_mut(&asset.code);
+        let debt_added = debit(
+            balance,
+            priced.amount,
+            wallet_id,
+            Account::Revenue,
+            &mut out,
+        );
+        let available = balance.available();
+        wallet.margin.add_event(revenue_usd, cost_usd);
+        let margins = &mut self.state.margins;
+        margins.total.add_event(revenue_usd, cost_usd);
+        margins
+            .by_product
+            .entry(priced.product)
+            .or_default()
+            .add_event(revenue_usd, cost_usd);
+        margins
+            .by_plan
+            .entry((priced.plan, priced.version))
+            .or_default()
+            .add_event(revenue_usd, cost_usd);
+        margins
+            .by_hour
+            .entry(occurred_at.hour())
+            .or_default()
+            .add_event(revenue_usd, cost_usd);
+        let request = self.request.expect("charges come from requests");
+        self.effects.push_back(Effect::Margin(MarginRecord {
+            request,
+            wallet: wallet_id,
+            product: self.state.products[priced.product as usize].code,
+            plan: self.state.plans[priced.plan as usize].name,
+            version: priced.version,
+            asset: asset.code,
+            charged: priced.amount,
+            revenue_usd,
+            cost_usd,
+            occurred_at,
+        }));
+        self.charge = Some(ChargeRef {
+            wallet: w,
+            asset: priced.asset,
+            charged: priced.amount,
+            refunded: Decimal::ZERO,
+            product: priced.product,
+            plan: priced.plan,
+            version: priced.version,
+            hour: occurred_at.hour(),
+        });
+        self.check_topup(w, asset.code);
+        ReplyValue::Charge {
+            asset: asset.code,
+            charged: priced.amount,
+            debt_added,
+            available,
+        }
+    }
+
+    // ----- holds ---------------------------------------------------------------------------
+
+    fn reserve(
+        &mut self,
+        wallet: &WalletId,
+        amount: &ReserveAmount,
+        deadline: Timestamp,
+    ) -> Handled {
+        let w = self.wallet_index(wallet)?;
+        let now = self.state.now;
+        let (asset, amount) = match amount {
+            ReserveAmount::Fixed { asset, amount } => {
+                let a = self.asset(asset)?;
+                (a.code, money::check_amount(*amount, a.scale)?)
+            }
+            ReserveAmount::Estimate {
+                product,
+                quantities,
+                attributes,
+            } => {
+                let priced = self.price(w, product, quantities, attributes, now)?;
+                if priced.amount.is_zero() {
+                    return Err(ResultCode::InvalidAmount.into());
+                }
+                (self.state.assets[priced.asset as usize].code, priced.amount)
+            }
+        };
+        if deadline <= now || deadline > now.add_us(HOLD_DURATION_MAX_US) {
+            return Err(ResultCode::InvalidDeadline.into());
+        }
+        let wallet = &self.state.wallets[w as usize];
+        if wallet.holds.len() >= HOLDS_MAX {
+            return Err(ResultCode::LimitExceeded.into());
+        }
+        check_spend(wallet, asset, amount)?;
+        let id = HoldId(self.state.next_hold);
+        self.state.next_hold += 1;
+        let wallet = &mut self.state.wallets[w as usize];
+        wallet.holds.push(Hold {
+            id,
+            asset,
+            amount,
+            deadline,
+            created_at: now,
+        });
+        let balance = wallet.balance_mut(&asset);
+        balance.held += amount;
+        let available = balance.available();
+        self.timer(deadline, TimerKind::HoldDeadline, w, id.0);
+        self.check_topup(w, asset);
+        Ok(ReplyValue::Hold {
+            hold: id,
+            asset,
+            amount,
+            available,
+        })
+    }
+
+    /// The open hold `hold` of wallet `w`, or why there is none.
+    fn open_hold(&self, w: u32, hold: HoldId) -> Result<usize, ResultCode> {
+        let wallet = &self.state.wallets[w as usize];
+        if let Some(i) = wallet.holds.iter().position(|h| h.id == hold) {
+            return Ok(i);
+        }
+        Err(
+            match wallet
+                .closed_holds
+                .iter()
+                .find(|c| c.id == hold)
+                .map(|c| c.end)
+            {
+                Some(HoldEnd::Settled) => ResultCode::HoldAlreadySettled,
+                Some(HoldEnd::Released) => ResultCode::HoldAlreadyReleased,
+                Some(HoldEnd::Expired) => ResultCode::HoldExpired,
+                None => ResultCode::UnknownHold,
+            },
+        )
+    }
+
+    /// Removes open hold `i` of wallet `w`, returning its amount to available.
+    fn close_hold(&mut self, w: u32, i: usize, end: HoldEnd) -> Hold {
+        let now = self.state.now;
+        let wallet = &mut self.state.wallets[w as usize];
+        let hold = wallet.holds.swap_remove(i);
+        wallet.balance_mut(&hold.asset).held -= hold.amount;
+        if wallet.closed_holds.len() == CLOSED_HOLDS_KEPT {
+            wallet.closed_holds.pop_front();
+        }
+        wallet.closed_holds.push_back(ClosedHold {
+            id: hold.id,
+            end,
+            at: now,
+        });
+        hold
+    }
+
+    fn settle(&mut self, wallet: &WalletId, hold: HoldId, usage: &UsageEvent) -> Handled {
+        let w = self.wallet_index(wallet)?;
+        if usage.wallet != *wallet {
+            return Err(ResultCode::InvalidArgument.into());
+        }
+        let i = self.open_hold(w, hold)?;
+        self.check_event(usage)?;
+        let priced = self.price(
+            w,
+            &usage.product,
+            &usage.quantities,
+            &usage.attributes,
+            usage.occurred_at,
+        )?;
+        let asset = self.state.assets[priced.asset as usize];
+        let hold_asset = self.state.wallets[w as usize].holds[i].asset;
+        if asset.code != hold_asset {
+            return Err(ResultCode::AssetMismatch.into());
+        }
+        let revenue_usd = money::mul_exact(priced.amount, asset.usd_value)?;
+        check_debt_room(
+            self.state.wallets[w as usize].balance(&asset.code),
+            priced.amount,
+        )?;
+        self.close_hold(w, i, HoldEnd::Settled);
+        Ok(self.charge(
+            w,
+            asset,
+            priced,
+            revenue_usd,
+            usage.cost_usd,
+            usage.occurred_at,
+        ))
+    }
+
+    fn release(&mut self, wallet: &WalletId, hold: HoldId) -> Handled {
+        let w = self.wallet_index(wallet)?;
+        let i = self.open_hold(w, hold)?;
+        self.close_hold(w, i, HoldEnd::Released);
+        Ok(ReplyValue::None)
+    }
+
+    // ----- refunds, disputes, adjustments --------------------------------------------------
+
+    fn refund(&mut self, wallet: &WalletId, event: RequestId, amount: Option<Decimal>) -> Handled {
+        let w = self.wallet_index(wallet)?;
+        let &seq = self
+            .index
+            .requests
+            .get(&event)
+            .ok_or(ResultCode::UnknownEvent)?;
+        let slot = (seq - self.state.requests_first_seq) as usize;
+        let charge = self.state.requests[slot]
+            .charge
+            .ok_or(ResultCode::UnknownEvent)?;
+        if charge.wallet != w {
+            return Err(ResultCode::UnknownEvent.into());
+        }
+        let asset = self.state.assets[charge.asset as usize];
+        let left = charge.charged - charge.refunded;
+        let amount = match amount {
+            Some(amount) => money::check_amount(amount, asset.scale)?,
+            None if left.is_zero() => return Err(ResultCode::RefundExceedsCharge.into()),
+            None => left,
+        };
+        if amount > left {
+            return Err(ResultCode::RefundExceedsCharge.into());
+        }
+        let refund_usd = money::mul_exact(amount, asset.usd_value)?;
+        if let Some(balance) = self.state.wallets[w as usize].balance(&asset.code) {
+            money::add(balance.ledger(), amount)?;
+        }
+        if let Some(c) = self.state.requests[slot].charge.as_mut() {
+            c.refunded += amount;
+        }
+        let margins = &mut self.state.margins;
+        margins.total.add_refund(refund_usd);
+        margins
+            .by_product
+            .entry(charge.product)
+            .or_default()
+            .add_refund(refund_usd);
+        margins
+            .by_plan
+            .entry((charge.plan, charge.version))
+            .or_default()
+            .add_refund(refund_usd);
+        margins
+            .by_hour
+            .entry(charge.hour)
+            .or_default()
+            .add_refund(refund_usd);
+        self.state.wallets[w as usize].margin.add_refund(refund_usd);
+        let granted = self.add_grant(w, asset.code, amount, 0, None, None, GrantSource::Refund);
+        let ReplyValue::Grant { grant, .. } = granted else {
+            unreachable!("add_grant grants")
+        };
+        Ok(ReplyValue::Refund {
+            grant,
+            refunded: amount,
+            refundable: left - amount,
+        })
+    }
+
+    fn dispute(&mut self, wallet: &WalletId, grant: GrantId, freeze: bool) -> Handled {
+        let w = self.wallet_index(wallet)?;
+        let wallet = &self.state.wallets[w as usize];
+        let payment = wallet
+            .payments
+            .iter()
+            .position(|p| p.grant == grant)
+            .ok_or(ResultCode::UnknownGrant)?;
+        let p = wallet.payments[payment];
+        if p.disputed {
+            return Err(ResultCode::AlreadyDisputed.into());
+        }
+        let balance = wallet
+            .balance(&p.asset)
+            .expect("a paid grant made the balance");
+        let remaining = balance
+            .grants
+            .iter()
+            .chain(&balance.pending)
+            .find(|g| g.id == grant)
+            .map_or(Decimal::ZERO, |g| g.remaining);
+        let spent = p.amount - remaining;
+        money::add(balance.debt, spent)?;
+        let mut out = out!(self);
+        let wallet = &mut self.state.wallets[w as usize];
+        let wallet_id = wallet.id;
+        wallet.payments[payment].disputed = true;
+        wallet.frozen |= freeze;
+        let balance = wallet.balance_mut(&p.asset);
+        if let Some(i) = balance.grants.iter().position(|g| g.id == grant) {
+            balance.grants.remove(i);
+            balance.active -= remaining;
+        } else if let Some(i) = balance.pending.iter().position(|g| g.id == grant) {
+            balance.pending.remove(i);
+        }
+        balance.debt += spent;
+        let (from, to) = (Account::Wallet(wallet_id), Account::Dispute);
+        out.entry(EntryKind::Dispute, p.asset, p.amount, from, to, Some(grant));
+        // A disputed wallet never triggers a top-up here: charging the card that just charged
+        // back would be the wrong reflex. The next debit checks the rule as usual.
+        Ok(ReplyValue::Dispute {
+            clawed_back: remaining,
+            debt_added: spent,
+        })
+    }
+
+    fn dispute_won(&mut self, wallet: &WalletId, grant: GrantId) -> Handled {
+        let w = self.wallet_index(wallet)?;
+        let wallet = &self.state.wallets[w as usize];
+        let payment = wallet
+            .payments
+            .iter()
+            .position(|p| p.grant == grant)
+            .ok_or(ResultCode::UnknownGrant)?;
+        let p = wallet.payments[payment];
+        if !p.disputed {
+            return Err(ResultCode::NotDisputed.into());
+        }
+        if let Some(balance) = wallet.balance(&p.asset) {
+            money::add(balance.ledger(), p.amount)?;
+        }
+        self.state.wallets[w as usize].payments[payment].disputed = false;
+        let now = self.state.now;
+        let id = GrantId(self.state.next_grant);
+        self.state.next_grant += 1;
+        let expires_at = p.expires_at.filter(|&t| t > now);
+        let restored = GrantState {
+            id,
+            amount: p.amount,
+            remaining: p.amount,
+            priority: p.priority,
+            effective_at: None,
+            expires_at,
+            source: GrantSource::TopUp {
+                payment_id: p.payment_id,
+            },
+        };
+        let mut out = out!(self);
+        let wallet = &mut self.state.wallets[w as usize];
+        let (from, to) = (Account::Dispute, Account::Wallet(wallet.id));
+        out.entry(EntryKind::DisputeWon, p.asset, p.amount, from, to, Some(id));
+        // The payment record now points at the restored grant, so a second dispute claws it.
+        wallet.payments[payment].grant = id;
+        wallet.payments[payment].expires_at = expires_at;
+        let debt_paid = credit(wallet.balance_mut(&p.asset), restored);
+        if let Some(at) = expires_at {
+            self.timer(at, TimerKind::GrantExpiry, w, id.0);
+        }
+        Ok(ReplyValue::Grant {
+            grant: id,
+            debt_paid,
+        })
+    }
+
+    fn adjust(
+        &mut self,
+        wallet: &WalletId,
+        asset: AssetCode,
+        amount: Decimal,
+        reason: &str,
+    ) -> Handled {
+        let w = self.wallet_index(wallet)?;
+        if reason.trim().is_empty() {
+            return Err(ResultCode::ReasonRequired.into());
+        }
+        if reason.len() > REASON_BYTES_MAX {
+            return Err(ResultCode::LimitExceeded.into());
+        }
+        let asset = self.asset(&asset)?;
+        money::check_amount(amount.abs(), asset.scale)?;
+        let balance = self.state.wallets[w as usize].balance(&asset.code);
+        if amount > Decimal::ZERO {
+            if let Some(balance) = balance {
+                money::add(balance.ledger(), amount)?;
+            }
+        } else {
+            check_debt_room(balance, -amount)?;
+        }
+        let record = AdjustmentRecord {
+            request: self.request.expect("adjustments come from requests"),
+            at: self.state.now,
+            asset: asset.code,
+            amount,
+            reason: reason.to_owned(),
+        };
+        self.state.wallets[w as usize].adjustments.push(record);
+        if amount > Decimal::ZERO {
+            return Ok(self.add_grant(
+                w,
+                asset.code,
+                amount,
+                0,
+                None,
+                None,
+                GrantSource::Adjustment,
+            ));
+        }
+        let mut out = out!(self);
+        let wallet = &mut self.state.wallets[w as usize];
+        let wallet_id = wallet.id;
+        let balance = wallet.balance_mut(&asset.code);
+        let debt_added = debit(balance, -amount, wallet_id, Account::Adjustment, &mut out);
+        let available = balance.available();
+        self.check_topup(w, asset.code);
+        Ok(ReplyValue::Charge {
+            asset: asset.code,
+            charged: -amount,
+            debt_added,
+            available,
+        })
+    }
+
+    // ----- auto top-up ---------------------------------------------------------------------
+
+    fn set_topup_rule(&mut self, wallet: &WalletId, rule: &TopUpRule) -> Handled {
+        let w = self.wallet_index(wallet)?;
+        let asset = self.asset(&rule.asset)?;
+        money::check_amount_or_zero(rule.threshold, asset.scale)?;
+        match rule.amount {
+            TopUpAmount::Fixed(amount) => {
+                money::check_amount(amount, asset.scale)?;
+            }
+            TopUpAmount::Target(target) => {
+                money::check_amount(target, asset.scale)?;
+                if target <= rule.threshold {
+                    return Err(ResultCode::InvalidArgument.into());
+                }
+            }
+        }
+        if let Some(cap) = rule.daily_cap {
+            money::check_amount(cap, asset.scale)?;
+        }
+        if rule.attempts_max == 0 || rule.attempts_max > TOPUP_ATTEMPTS_MAX {
+            return Err(ResultCode::InvalidArgument.into());
+        }
+        if !(0..=TOPUP_COOLDOWN_MAX_US).contains(&rule.cooldown_us) {
+            return Err(ResultCode::InvalidArgument.into());
+        }
+        let wallet = &mut self.state.wallets[w as usize];
+        match wallet.topups.iter_mut().find(|t| t.asset == rule.asset) {
+            Some(t) => {
+                t.rule = Some(*rule);
+                t.failures = 0;
+                t.flagged = false;
+            }
+            None => wallet.topups.push(TopUpState {
+                asset: rule.asset,
+                rule: Some(*rule),
+                trigger: 0,
+                in_flight: None,
+                failures: 0,
+                flagged: false,
+                next_allowed: Timestamp(i64::MIN),
+                retry_armed: false,
+                day: 0,
+                day_total: Decimal::ZERO,
+            }),
+        }
+        self.check_topup(w, rule.asset);
+        Ok(ReplyValue::None)
+    }
+
+    fn remove_topup_rule(&mut self, wallet: &WalletId, asset: AssetCode) -> Handled {
+        let w = self.wallet_index(wallet)?;
+        let wallet = &mut self.state.wallets[w as usize];
+        let t = wallet
+            .topups
+            .iter_mut()
+            .find(|t| t.asset == asset && t.rule.is_some())
+            .ok_or(ResultCode::NoTopUpRule)?;
+        t.rule = None;
+        Ok(ReplyValue::None)
+    }
+
+    fn topup_succeeded(
+        &mut self,
+        wallet: &WalletId,
+        asset: AssetCode,
+        trigger: u64,
+        payment_id: Name,
+        amount: Decimal,
+    ) -> Handled {
+        let w = self.wallet_index(wallet)?;
+        let a = self.asset(&asset)?;
+        money::check_amount(amount, a.scale)?;
+        if let Some(value) = self.known_payment(w, payment_id, asset, amount)? {
+            return Ok(value);
+        }
+        if let Some(balance) = self.state.wallets[w as usize].balance(&asset) {
+            money::add(balance.ledger(), amount)?;
+        }
+        // Money was taken: the grant is added whatever the trigger, so no payment is ever lost.
+        let now = self.state.now;
+        let wallet = &mut self.state.wallets[w as usize];
+        let mut arm = None;
+        if let Some(t) = wallet.topups.iter_mut().find(|t| t.asset == asset) {
+            if t.in_flight.is_some_and(|f| f.trigger == trigger) {
+                t.in_flight = None;
+                t.failures = 0;
+                let cooldown = t.rule.map_or(0, |r| r.cooldown_us);
+                t.next_allowed = now.add_us(cooldown);
+                if t.rule.is_some() && cooldown > 0 {
+                    t.retry_armed = true;
+                    arm = Some(t.next_allowed);
+                }
+            }
+        }
+        let source = GrantSource::TopUp { payment_id };
+        let value = self.add_grant(w, asset, amount, TOPUP_PRIORITY, None, None, source);
+        if let Some(at) = arm {
+            let asset_index = self.asset_index(&asset)?;
+            self.timer(at, TimerKind::TopUpRetry, w, u64::from(asset_index));
+        }
+        self.check_topup(w, asset);
+        Ok(value)
+    }
+
+    fn topup_failed(&mut self, wallet: &WalletId, asset: AssetCode, trigger: u64) -> Handled {
+        let w = self.wallet_index(wallet)?;
+        let asset_index = self.asset_index(&asset)?;
+        let now = self.state.now;
+        let wallet = &mut self.state.wallets[w as usize];
+        let wallet_id = wallet.id;
+        let t = wallet
+            .topups
+            .iter_mut()
+            .find(|t| t.asset == asset)
+            .ok_or(ResultCode::NoTopUpRule)?;
+        if t.in_flight.is_none_or(|f| f.trigger != trigger) {
+            return Err(ResultCode::StaleTopUp.into());
+        }
+        t.in_flight = None;
+        t.failures += 1;
+        let attempts_max = t.rule.map_or(1, |r| r.attempts_max);
+        if t.failures >= attempts_max {
+            t.flagged = true;
+            self.effects.push_back(Effect::TopUpExhausted {
+                wallet: wallet_id,
+                asset,
+            });
+            return Ok(ReplyValue::None);
+        }
+        // Back off: the cooldown doubles with each failure in a row (at least one second).
+        let base = t
+            .rule
+            .map_or(0, |r| r.cooldown_us)
+            .max(Timestamp::SECOND_US);
+        let backoff = base.saturating_mul(1 << (t.failures - 1).min(20));
+        t.next_allowed = now.add_us(backoff.min(TOPUP_COOLDOWN_MAX_US));
+        t.retry_armed = true;
+        let at = t.next_allowed;
+        self.timer(at, TimerKind::TopUpRetry, w, u64::from(asset_index));
+        Ok(ReplyValue::None)
+    }
+
+    /// Requests a top-up if wallet `w`'s rule for `asset` says so now.
+    fn check_topup(&mut self, w: u32, asset: AssetCode) {
+        let now = self.state.now;
+        let wallet = &mut self.state.wallets[w as usize];
+        if wallet.topups.is_empty() {
+            return;
+        }
+        let available = wallet
+            .balance(&asset)
+            .map_or(Decimal::ZERO, Balance::available);
+        let wallet_id = wallet.id;
+        let Some(t) = wallet.topups.iter_mut().find(|t| t.asset == asset) else {
+            return;
+        };
+        let Some(rule) = t.rule else { return };
+        if t.flagged || t.in_flight.is_some() || now < t.next_allowed || available >= rule.threshold
+        {
+            return;
+        }
+        let mut amount = match rule.amount {
+            TopUpAmount::Fixed(amount) => amount,
+            TopUpAmount::Target(target) => target - available,
+        };
+        if t.day != now.day() {
+            t.day = now.day();
+            t.day_total = Decimal::ZERO;
+        }
+        if let Some(cap) = rule.daily_cap {
+            amount = amount.min(cap - t.day_total);
+        }
+        if amount <= Decimal::ZERO || amount > money::AMOUNT_MAX {
+            return;
+        }
+        t.trigger += 1;
+        t.in_flight = Some(InFlight {
+            trigger: t.trigger,
+            amount,
+            at: now,
+        });
+        t.day_total += amount;
+        self.effects.push_back(Effect::TopUpRequested(TopUpRequest {
+            wallet: wallet_id,
+            asset,
+            amount,
+            trigger: t.trigger,
+            payment_method: rule.payment_method,
+            at: now,
+        }));
+    }
+
+    // ----- timers --------------------------------------------------------------------------
+
+    fn fire(&mut self, timer: Timer) {
+        let w = timer.wallet;
+        match timer.kind {
+            TimerKind::GrantEffective => {
+                let wallet = &mut self.state.wallets[w as usize];
+                for balance in &mut wallet.balances {
+                    if let Some(i) = balance.pending.iter().position(|g| g.id.0 == timer.id) {
+                        let grant = balance.pending.remove(i);
+                        credit(balance, grant);
+                        return;
+                    }
+                }
+            }
+            TimerKind::GrantExpiry => {
+                let mut out = out!(self);
+                let wallet = &mut self.state.wallets[w as usize];
+                let wallet_id = wallet.id;
+                for balance in &mut wallet.balances {
+                    if let Some(i) = balance.grants.iter().position(|g| g.id.0 == timer.id) {
+                        let grant = balance.grants.remove(i);
+                        balance.active -= grant.remaining;
+                        let (from, to) = (Account::Wallet(wallet_id), Account::Breakage);
+                        let asset = balance.asset;
+                        out.entry(
+                            EntryKind::Breakage,
+                            asset,
+                            grant.remaining,
+                            from,
+                            to,
+                            Some(grant.id),
+                        );
+                        self.check_topup(w, asset);
+                        return;
+                    }
+                }
+            }
+            TimerKind::HoldDeadline => {
+                if let Ok(i) = self.open_hold(w, HoldId(timer.id)) {
+                    self.close_hold(w, i, HoldEnd::Expired);
+                }
+            }
+            TimerKind::TopUpRetry => {
+                let asset = self.state.assets[timer.id as usize].code;
+                let wallet = &mut self.state.wallets[w as usize];
+                if let Some(t) = wallet.topups.iter_mut().find(|t| t.asset == asset) {
+                    t.retry_armed = false;
+                }
+                self.check_topup(w, asset);
+            }
+        }
+    }
+}
+
+// ----- restore ---------------------------------------------------------------------------
+
+fn restore(state: State) -> Result<Engine, RestoreError> {
+    let fail = |what: String| Err(RestoreError(what));
+    if let Err(e) = state.config.validate() {
+        return fail(e);
+    }
+    let mut engine = Engine::new(state.config);
+    engine.state = state;
+    let Engine { state, index, .. } = &mut engine;
+    for (i, a) in state.assets.iter().enumerate() {
+        if index.assets.insert(a.code, i as u32).is_some() {
+            return fail(format!("asset {} appears twice", a.code));
+        }
+    }
+    for (i, p) in state.products.iter().enumerate() {
+        if index.products.insert(p.code, i as u32).is_some() {
+            return fail(format!("product {} appears twice", p.code));
+        }
+    }
+    for (i, plan) in state.plans.iter_mut().enumerate() {
+        if index.plans.insert(plan.name, i as u32).is_some() {
+            return fail(format!("plan {} appears twice", plan.name));
+        }
+        for version in plan.versions.iter_mut().chain(plan.draft.as_mut()) {
+            if version.asset as usize >= state.assets.len() {
+                return fail(format!("plan {} names asset #{}", plan.name, version.asset));
+            }
+            version.order = pricing::specificity_order(&version.rules);
+        }
+    }
+    for (i, wallet) in state.wallets.iter().enumerate() {
+        if index.wallets.insert(wallet.id, i as u32).is_some() {
+            return fail(format!("wallet {} appears twice", wallet.id));
+        }
+        for balance in &wallet.balances {
+            if !index.assets.contains_key(&balance.asset) {
+                return fail(format!(
+                    "wallet {} holds unknown asset {}",
+                    wallet.id, balance.asset
+                ));
+            }
+            let active: Decimal = balance.grants.iter().map(|g| g.remaining).sum();
+            let held: Decimal = wallet
+                .holds
+                .iter()
+                .filter(|h| h.asset == balance.asset)
+                .map(|h| h.amount)
+                .sum();
+            if active != balance.active || held != balance.held {
+                return fail(format!(
+                    "wallet {} {}: totals disagree",
+                    wallet.id, balance.asset
+                ));
+            }
+            if balance.pending.iter().any(|g| g.effective_at.is_none()) {
+                return fail(format!(
+                    "wallet {}: pending grant without a time",
+                    wallet.id
+                ));
+            }
+        }
+        for a in &wallet.plans {
+            let valid = state
+                .plans
+                .get(a.plan as usize)
+                .is_some_and(|p| a.version >= 1 && a.version as usize <= p.versions.len());
+            if !valid {
+                return fail(format!("wallet {} is on a missing plan version", wallet.id));
+            }
+        }
+        for t in &wallet.topups {
+            if !index.assets.contains_key(&t.asset) {
+                return fail(format!("wallet {}: top-up in unknown asset", wallet.id));
+            }
+        }
+    }
+    for (i, r) in state.requests.iter().enumerate() {
+        if index
+            .requests
+            .insert(r.id, state.requests_first_seq + i as u64)
+            .is_some()
+        {
+            return fail(format!("request {:?} remembered twice", r.id));
+        }
+        if let Some(c) = r.charge {
+            let valid = (c.wallet as usize) < state.wallets.len()
+                && (c.asset as usize) < state.assets.len()
+                && (c.product as usize) < state.products.len()
+                && c.refunded <= c.charged;
+            if !valid {
+                return fail(format!("request {:?} refers to missing objects", r.id));
+            }
+        }
+    }
+    engine.rebuild_timers();
+    Ok(engine)
+}

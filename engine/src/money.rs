@@ -1,0 +1,278 @@
+//! Exact money arithmetic: validation of amounts against an asset's scale, multiplication that
+//! refuses to round, explicit rounding modes, and the serde encoding of decimals.
+//!
+//! `rust_decimal::Decimal` silently reduces scale when a product does not fit its 96-bit
+//! mantissa; [`mul_exact`] refuses that instead, so a charge is never rounded except where a
+//! pricing rule names a [`Rounding`] mode.
+
+use rust_decimal::{Decimal, RoundingStrategy};
+use serde::{Deserialize, Serialize};
+
+use crate::code::ResultCode;
+
+/// The largest amount any single command may carry: 10^18 units of its asset. Keeping inputs
+/// here leaves ten orders of magnitude of headroom below `Decimal::MAX` for running sums.
+pub const AMOUNT_MAX: Decimal = Decimal::from_parts(2_808_348_672, 232_830_643, 0, false, 0);
+/// The largest quantity of one dimension in one event: 10^15.
+pub const QUANTITY_MAX: Decimal = Decimal::from_parts(2_764_472_320, 232_830, 0, false, 0);
+/// Quantities may have at most this many decimal places.
+pub const QUANTITY_SCALE_MAX: u32 = 6;
+/// Prices may have at most this many decimal places (0.0000025 USD per token needs 7).
+pub const PRICE_SCALE_MAX: u32 = 12;
+/// Assets may declare at most this many decimal places.
+pub const ASSET_SCALE_MAX: u32 = 18;
+
+/// How a computed charge is rounded to its asset's scale. Named by every pricing rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Rounding {
+    /// Round half to even (banker's rounding).
+    HalfEven,
+    /// Round half away from zero.
+    HalfUp,
+    /// Round away from zero: any fraction of the smallest unit is charged.
+    Up,
+    /// Round toward zero: fractions of the smallest unit are not charged.
+    Down,
+}
+
+impl Rounding {
+    fn strategy(self) -> RoundingStrategy {
+        match self {
+            Rounding::HalfEven => RoundingStrategy::MidpointNearestEven,
+            Rounding::HalfUp => RoundingStrategy::MidpointAwayFromZero,
+            Rounding::Up => RoundingStrategy::AwayFromZero,
+            Rounding::Down => RoundingStrategy::ToZero,
+        }
+    }
+
+    /// `value` rounded to `scale` decimal places in this mode.
+    pub fn apply(self, value: Decimal, scale: u32) -> Decimal {
+        value.round_dp_with_strategy(scale, self.strategy())
+    }
+}
+
+/// The number of decimal places `value` really needs (trailing zeros do not count).
+pub fn significant_scale(value: Decimal) -> u32 {
+    if value.scale() == 0 {
+        0
+    } else {
+        value.normalize().scale()
+    }
+}
+
+/// Checks an amount a command carries for an asset of `scale` decimal places: positive, at most
+/// [`AMOUNT_MAX`], and no finer than the asset's scale.
+pub fn check_amount(amount: Decimal, scale: u32) -> Result<Decimal, ResultCode> {
+    if amount <= Decimal::ZERO {
+        return Err(ResultCode::InvalidAmount);
+    }
+    check_limit(amount, scale)
+}
+
+/// Like [`check_amount`] but zero is allowed (overdraft limits, thresholds).
+pub fn check_amount_or_zero(amount: Decimal, scale: u32) -> Result<Decimal, ResultCode> {
+    if amount < Decimal::ZERO {
+        return Err(ResultCode::InvalidAmount);
+    }
+    check_limit(amount, scale)
+}
+
+fn check_limit(amount: Decimal, scale: u32) -> Result<Decimal, ResultCode> {
+    if amount > AMOUNT_MAX {
+        return Err(ResultCode::AmountOverflow);
+    }
+    if significant_scale(amount) > scale {
+        return Err(ResultCode::PrecisionExceedsScale);
+    }
+    Ok(amount)
+}
+
+/// Checks a quantity: non-negative, at most [`QUANTITY_MAX`], at most
+/// [`QUANTITY_SCALE_MAX`] decimal places.
+pub fn check_quantity(quantity: Decimal) -> Result<Decimal, ResultCode> {
+    if quantity < Decimal::ZERO
+        || quantity > QUANTITY_MAX
+        || significant_scale(quantity) > QUANTITY_SCALE_MAX
+    {
+        return Err(ResultCode::InvalidQuantity);
+    }
+    Ok(quantity)
+}
+
+/// Checks a price: non-negative, at most [`AMOUNT_MAX`], at most [`PRICE_SCALE_MAX`] places.
+pub fn check_price(price: Decimal) -> Result<Decimal, ResultCode> {
+    if price < Decimal::ZERO || price > AMOUNT_MAX || significant_scale(price) > PRICE_SCALE_MAX {
+        return Err(ResultCode::InvalidPrice);
+    }
+    Ok(price)
+}
+
+/// `a * b`, exactly, or [`ResultCode::AmountOverflow`] when the exact product does not fit.
+pub fn mul_exact(a: Decimal, b: Decimal) -> Result<Decimal, ResultCode> {
+    let product = a.checked_mul(b).ok_or(ResultCode::AmountOverflow)?;
+    // rust_decimal rescales (rounds) a product whose mantissa overflows 96 bits; a smaller scale
+    // than the sum of the operands' scales means that happened.
+    if product.scale() < a.scale() + b.scale() && !product.is_zero() {
+        return Err(ResultCode::AmountOverflow);
+    }
+    Ok(product)
+}
+
+/// `a + b`, or [`ResultCode::AmountOverflow`].
+pub fn add(a: Decimal, b: Decimal) -> Result<Decimal, ResultCode> {
+    a.checked_add(b).ok_or(ResultCode::AmountOverflow)
+}
+
+/// `a - b`, or [`ResultCode::AmountOverflow`].
+pub fn sub(a: Decimal, b: Decimal) -> Result<Decimal, ResultCode> {
+    a.checked_sub(b).ok_or(ResultCode::AmountOverflow)
+}
+
+/// Serde encoding for `Decimal`: its 16 raw bytes in compact binary formats (bincode: the WAL and
+/// snapshots), its exact decimal string in human-readable ones (JSON). `rust_decimal`'s own
+/// `Deserialize` needs `deserialize_any`, which bincode does not support.
+pub mod dec {
+    use rust_decimal::Decimal;
+    use serde::{de::Error as _, Deserialize, Deserializer, Serialize, Serializer};
+
+    /// Serializes a decimal.
+    pub fn serialize<S: Serializer>(value: &Decimal, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            serializer.collect_str(value)
+        } else {
+            value.serialize().serialize(serializer)
+        }
+    }
+
+    /// Deserializes a decimal, refusing byte patterns that are not a valid `Decimal`.
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Decimal, D::Error> {
+        if deserializer.is_human_readable() {
+            let s = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+            s.parse::<Decimal>().map_err(D::Error::custom)
+        } else {
+            let bytes = <[u8; 16]>::deserialize(deserializer)?;
+            from_bytes(bytes).ok_or_else(|| D::Error::custom("invalid decimal bytes"))
+        }
+    }
+
+    /// Decodes `Decimal::serialize` output, validating the flags word (scale ≤ 28, no unknown
+    /// bits) so corrupt input cannot build a decimal that panics later.
+    pub fn from_bytes(bytes: [u8; 16]) -> Option<Decimal> {
+        let flags = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        let scale = (flags >> 16) & 0xff;
+        if flags & 0x7f00_ffff != 0 || scale > 28 {
+            return None;
+        }
+        Some(Decimal::deserialize(bytes))
+    }
+
+    /// Serde encoding for `Option<Decimal>`.
+    pub mod option {
+        use super::*;
+
+        #[derive(Serialize, Deserialize)]
+        struct Wrap(#[serde(with = "super")] Decimal);
+
+        /// Serializes an optional decimal.
+        pub fn serialize<S: Serializer>(
+            value: &Option<Decimal>,
+            serializer: S,
+        ) -> Result<S::Ok, S::Error> {
+            value.map(Wrap).serialize(serializer)
+        }
+
+        /// Deserializes an optional decimal.
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            deserializer: D,
+        ) -> Result<Option<Decimal>, D::Error> {
+            Ok(Option::<Wrap>::deserialize(deserializer)?.map(|w| w.0))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    fn d(s: &str) -> Decimal {
+        Decimal::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn limits_are_what_they_say() {
+        assert_eq!(AMOUNT_MAX, d("1000000000000000000"));
+        assert_eq!(QUANTITY_MAX, d("1000000000000000"));
+    }
+
+    #[test]
+    fn amounts_are_checked_against_scale() {
+        assert_eq!(check_amount(d("1.10"), 2), Ok(d("1.10")));
+        assert_eq!(check_amount(d("1.100"), 2), Ok(d("1.100")));
+        assert_eq!(
+            check_amount(d("1.101"), 2),
+            Err(ResultCode::PrecisionExceedsScale)
+        );
+        assert_eq!(check_amount(d("0"), 2), Err(ResultCode::InvalidAmount));
+        assert_eq!(check_amount(d("-1"), 2), Err(ResultCode::InvalidAmount));
+        assert_eq!(
+            check_amount(d("1000000000000000001"), 0),
+            Err(ResultCode::AmountOverflow)
+        );
+        assert_eq!(check_amount_or_zero(d("0"), 2), Ok(d("0")));
+    }
+
+    #[test]
+    fn multiplication_never_rounds_silently() {
+        assert_eq!(mul_exact(d("0.0000025"), d("1234.5")), Ok(d("0.00308625")));
+        let big = d("123456789012345678.123456");
+        assert_eq!(
+            mul_exact(big, d("1.234567891234")),
+            Err(ResultCode::AmountOverflow)
+        );
+        assert_eq!(
+            mul_exact(Decimal::MAX, d("2")),
+            Err(ResultCode::AmountOverflow)
+        );
+    }
+
+    #[test]
+    fn rounding_modes() {
+        assert_eq!(Rounding::HalfEven.apply(d("0.125"), 2), d("0.12"));
+        assert_eq!(Rounding::HalfUp.apply(d("0.125"), 2), d("0.13"));
+        assert_eq!(Rounding::Up.apply(d("0.121"), 2), d("0.13"));
+        assert_eq!(Rounding::Down.apply(d("0.129"), 2), d("0.12"));
+    }
+
+    #[test]
+    fn decimal_bytes_round_trip_in_bincode_and_json() {
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct R {
+            #[serde(with = "dec")]
+            a: Decimal,
+            #[serde(with = "dec::option")]
+            b: Option<Decimal>,
+        }
+        let config = bincode::config::standard();
+        for value in [
+            Decimal::MAX,
+            Decimal::MIN,
+            Decimal::ZERO,
+            d("1.10"),
+            d("-0.0000025"),
+        ] {
+            let r = R {
+                a: value,
+                b: Some(value),
+            };
+            let bytes = bincode::serde::encode_to_vec(&r, config).unwrap();
+            let (back, _): (R, usize) = bincode::serde::decode_from_slice(&bytes, config).unwrap();
+            assert_eq!(back, r);
+            assert_eq!(back.a.scale(), value.scale(), "scale survives: {value}");
+            assert_eq!(back.a.to_string(), value.to_string());
+        }
+        let mut bad = Decimal::ONE.serialize();
+        bad[2] = 29; // scale 29
+        assert_eq!(dec::from_bytes(bad), None);
+    }
+}

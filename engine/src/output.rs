@@ -1,0 +1,151 @@
+//! Outputs: the effects an input produces, drained with `Engine::poll_effect`.
+//!
+//! Journal entries are double-entry: each moves `amount` of `asset` from one account to another,
+//! so per asset the accounts always sum to zero. The wallet account of a wallet equals its grants'
+//! remainders minus its debt; tests rebuild it from the journal and compare.
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use crate::money::dec;
+use crate::types::{AssetCode, GrantId, Name, RequestId, Timestamp, WalletId};
+
+/// A ledger account.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Account {
+    /// What the seller owes the wallet's owner in prepaid value.
+    Wallet(WalletId),
+    /// Earned by usage.
+    Revenue,
+    /// Money received through top-up payments, before it is earned.
+    TopUpClearing,
+    /// Promotional and goodwill credit given away.
+    Promotion,
+    /// Expired grant remainders.
+    Breakage,
+    /// Refunds of usage.
+    Refund,
+    /// Chargebacks.
+    Dispute,
+    /// Manual adjustments.
+    Adjustment,
+}
+
+/// Why a journal entry was written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EntryKind {
+    /// A grant was credited.
+    Grant,
+    /// Usage (or a settle, or a debit adjustment) consumed a grant's part.
+    Debit,
+    /// Usage beyond all grants became debt.
+    Debt,
+    /// A grant expired with a remainder.
+    Breakage,
+    /// A refund.
+    Refund,
+    /// A dispute clawed back a top-up.
+    Dispute,
+    /// A dispute was won.
+    DisputeWon,
+}
+
+/// One double-entry journal record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    /// Shard-local sequence number, gapless from 1.
+    pub seq: u64,
+    /// When it was applied.
+    pub at: Timestamp,
+    /// The request that caused it, or `None` for timers (expiry).
+    pub request: Option<RequestId>,
+    /// Why.
+    pub kind: EntryKind,
+    /// The asset.
+    pub asset: AssetCode,
+    /// The amount moved; always positive.
+    #[serde(with = "dec")]
+    pub amount: Decimal,
+    /// The account that loses `amount`.
+    pub from: Account,
+    /// The account that gains `amount`.
+    pub to: Account,
+    /// The grant concerned, where there is one.
+    pub grant: Option<GrantId>,
+}
+
+/// Revenue and cost of one priced usage event (or settle), for margin export.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MarginRecord {
+    /// The request id of the usage or settle.
+    pub request: RequestId,
+    /// The wallet.
+    pub wallet: WalletId,
+    /// The product.
+    pub product: Name,
+    /// The plan.
+    pub plan: Name,
+    /// Its version.
+    pub version: u32,
+    /// The asset charged.
+    pub asset: AssetCode,
+    /// The amount charged in the asset.
+    #[serde(with = "dec")]
+    pub charged: Decimal,
+    /// The charge valued in USD.
+    #[serde(with = "dec")]
+    pub revenue_usd: Decimal,
+    /// What the event cost the seller, in USD.
+    #[serde(with = "dec")]
+    pub cost_usd: Decimal,
+    /// When the usage happened.
+    pub occurred_at: Timestamp,
+}
+
+/// A request to charge a saved payment method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopUpRequest {
+    /// The wallet.
+    pub wallet: WalletId,
+    /// The asset to credit.
+    pub asset: AssetCode,
+    /// The amount to charge.
+    #[serde(with = "dec")]
+    pub amount: Decimal,
+    /// The trigger's sequence number; the outcome command must name it.
+    pub trigger: u64,
+    /// The payment method from the rule.
+    pub payment_method: Name,
+    /// When it was requested.
+    pub at: Timestamp,
+}
+
+impl TopUpRequest {
+    /// The payment processor's idempotency key: derived from the wallet, asset and trigger
+    /// sequence only, so a retry or a restart can never charge twice.
+    pub fn idempotency_key(&self) -> String {
+        format!(
+            "tally-topup:{}:{}:{}",
+            self.wallet, self.asset, self.trigger
+        )
+    }
+}
+
+/// Something the shard loop must carry out or export after an input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Effect {
+    /// A ledger record to export.
+    Journal(JournalEntry),
+    /// A margin record to export.
+    Margin(MarginRecord),
+    /// Charge a payment method; answer with `TopUpSucceeded` or `TopUpFailed`.
+    TopUpRequested(TopUpRequest),
+    /// A wallet's top-ups failed `attempts_max` times in a row; it is flagged and no further
+    /// top-up is requested until its rule is set again.
+    TopUpExhausted {
+        /// The wallet.
+        wallet: WalletId,
+        /// The asset.
+        asset: AssetCode,
+    },
+}
