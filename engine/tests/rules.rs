@@ -1,0 +1,1304 @@
+//! One test per billing rule and per rejection, at the engine boundary.
+
+mod common;
+
+use common::*;
+use rust_decimal::Decimal;
+use tally_engine::*;
+
+const SECOND: i64 = Timestamp::SECOND_US;
+const HOUR: i64 = Timestamp::HOUR_US;
+
+fn usd() -> AssetCode {
+    asset("USD")
+}
+
+fn charged(reply: Reply) -> Decimal {
+    match reply.value {
+        ReplyValue::Charge { charged, .. } => charged,
+        other => panic!("expected a charge, got {reply:?} / {other:?}"),
+    }
+}
+
+#[test]
+fn assets_and_products_are_declared_once() {
+    let mut h = Harness::new();
+    // Identical repeat is a no-op; a different definition conflicts.
+    h.ok(Command::DefineAsset {
+        code: usd(),
+        scale: 6,
+        usd_value: d("1"),
+    });
+    h.rejects(
+        Command::DefineAsset {
+            code: usd(),
+            scale: 2,
+            usd_value: d("1"),
+        },
+        ResultCode::AssetConflict,
+    );
+    h.rejects(
+        Command::DefineAsset {
+            code: asset("big"),
+            scale: 19,
+            usd_value: d("1"),
+        },
+        ResultCode::InvalidArgument,
+    );
+    h.rejects(
+        Command::DefineAsset {
+            code: asset("neg"),
+            scale: 2,
+            usd_value: d("-1"),
+        },
+        ResultCode::InvalidPrice,
+    );
+    h.rejects(
+        Command::DefineProduct {
+            code: n("chat"),
+            dimensions: vec![n("input_tokens")],
+        },
+        ResultCode::ProductConflict,
+    );
+    h.rejects(
+        Command::DefineProduct {
+            code: n("x"),
+            dimensions: vec![n("a"), n("a")],
+        },
+        ResultCode::InvalidArgument,
+    );
+}
+
+#[test]
+fn wallets_are_created_once_with_limits_and_metadata() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.rejects(
+        Command::CreateWallet(CreateWallet {
+            wallet: w,
+            overdraft: vec![],
+            metadata: vec![],
+        }),
+        ResultCode::WalletExists,
+    );
+    let metadata: Vec<(Name, Name)> = (0..=METADATA_MAX)
+        .map(|i| (n(&format!("k{i}")), n("v")))
+        .collect();
+    h.rejects(
+        Command::CreateWallet(CreateWallet {
+            wallet: n("other"),
+            overdraft: vec![],
+            metadata,
+        }),
+        ResultCode::LimitExceeded,
+    );
+    h.rejects(
+        Command::CreateWallet(CreateWallet {
+            wallet: n("other"),
+            overdraft: vec![Limit {
+                asset: asset("EUR"),
+                amount: d("1"),
+            }],
+            metadata: vec![],
+        }),
+        ResultCode::UnknownAsset,
+    );
+    h.ok(Command::CreateWallet(CreateWallet {
+        wallet: n("meta"),
+        overdraft: vec![Limit {
+            asset: usd(),
+            amount: d("5"),
+        }],
+        metadata: vec![(n("tier"), n("gold"))],
+    }));
+    let view = h.view(n("meta"));
+    assert_eq!(view.metadata, vec![(n("tier"), n("gold"))]);
+    assert_eq!(view.balances[0].overdraft, d("5"));
+    assert_eq!(
+        h.engine.query(&Query::Wallet {
+            wallet: n("nobody")
+        }),
+        Err(ResultCode::UnknownWallet)
+    );
+    h.rejects(
+        Command::Freeze {
+            wallet: n("nobody"),
+        },
+        ResultCode::UnknownWallet,
+    );
+}
+
+#[test]
+fn grants_are_consumed_by_priority_then_soonest_expiry_then_age() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    let late = Some(h.now.add_us(10 * HOUR));
+    let soon = Some(h.now.add_us(HOUR));
+    let promo = GrantSource::Promotion;
+    let a = h.grant_with(w, "1", 1, None, promo); // priority 1, never expires
+    let b = h.grant_with(w, "1", 1, late, promo); // priority 1, expires late
+    let c = h.grant_with(w, "1", 1, soon, promo); // priority 1, expires soon
+    let e = h.grant_with(w, "1", 1, None, promo); // like a but younger
+    let f = h.grant_with(w, "1", 0, None, promo); // priority 0 first of all
+    let order: Vec<GrantId> = h.view(w).grants.iter().map(|g| g.id).collect();
+    assert_eq!(order, vec![f, c, b, a, e]);
+
+    // 2.5 USD spans f, c and half of b: one journal entry per part.
+    let journal = h.journal.len();
+    // 500 input tokens × 0.001 + 1000 output × 0.002 = 2.5
+    assert_eq!(
+        charged(h.usage(w, "500", "1000", DebitMode::Strict)),
+        d("2.5")
+    );
+    let parts: Vec<(Option<GrantId>, Decimal)> = h.journal[journal..]
+        .iter()
+        .map(|j| (j.grant, j.amount))
+        .collect();
+    assert_eq!(
+        parts,
+        vec![(Some(f), d("1")), (Some(c), d("1")), (Some(b), d("0.5"))]
+    );
+    assert!(h.journal[journal..]
+        .iter()
+        .all(|j| j.to == Account::Revenue));
+    assert_eq!(h.balance(w).available, d("2.5"));
+    h.check_ledger();
+}
+
+#[test]
+fn expired_grants_leave_as_breakage() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    let expires = h.now.add_us(HOUR);
+    let g = h.grant_with(w, "3", 0, Some(expires), GrantSource::Promotion);
+    h.grant(w, "1");
+    h.usage(w, "1000", "0", DebitMode::Strict); // 1 USD from the expiring grant first
+    assert_eq!(h.balance(w).available, d("3"));
+    assert_eq!(h.engine.poll_timeout(), Some(expires));
+    h.advance(HOUR);
+    assert_eq!(h.balance(w).available, d("1"));
+    let last = h.journal.last().unwrap();
+    assert_eq!(
+        (last.kind, last.amount, last.to, last.grant),
+        (EntryKind::Breakage, d("2"), Account::Breakage, Some(g))
+    );
+    assert_eq!(last.request, None);
+    h.check_ledger();
+    // An expiry in the past is refused.
+    h.rejects(
+        Command::Grant(Grant {
+            wallet: w,
+            asset: usd(),
+            amount: d("1"),
+            priority: 0,
+            effective_at: None,
+            expires_at: Some(h.now),
+            source: GrantSource::Promotion,
+        }),
+        ResultCode::TimestampOutOfRange,
+    );
+}
+
+#[test]
+fn future_grants_wait_for_their_time_then_pay_debt_first() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.usage(w, "1000", "0", DebitMode::Record); // 1 USD of debt
+    let starts = h.now.add_us(HOUR);
+    h.ok(Command::Grant(Grant {
+        wallet: w,
+        asset: usd(),
+        amount: d("5"),
+        priority: 0,
+        effective_at: Some(starts),
+        expires_at: None,
+        source: GrantSource::Promotion,
+    }));
+    let b = h.balance(w);
+    assert_eq!(
+        (b.available, b.pending, b.debt, b.ledger),
+        (d("-1"), d("5"), d("1"), d("4"))
+    );
+    h.advance(HOUR);
+    let b = h.balance(w);
+    assert_eq!(
+        (b.available, b.pending, b.debt, b.ledger),
+        (d("4"), d("0"), d("0"), d("4"))
+    );
+    h.check_ledger();
+}
+
+#[test]
+fn strict_usage_is_all_or_nothing() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.grant(w, "1");
+    let event = h.event(w, "1000", "1", DebitMode::Strict); // 1.002 USD
+    let before = h.balance(w);
+    let reply = h.run(Command::Usage(event));
+    assert_eq!(reply.code, ResultCode::InsufficientFunds);
+    assert_eq!(
+        reply.value,
+        ReplyValue::Shortfall {
+            asset: usd(),
+            spendable: d("1"),
+            required: d("1.002")
+        }
+    );
+    assert_eq!(h.balance(w), before);
+    assert!(h.margins.is_empty());
+    assert_eq!(h.margin(MarginScope::Total).events, 0);
+}
+
+#[test]
+fn record_usage_creates_debt_which_blocks_strict_until_paid() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.grant(w, "1");
+    let reply = h.usage(w, "1500", "0", DebitMode::Record); // 1.5 USD
+    assert_eq!(
+        reply.value,
+        ReplyValue::Charge {
+            asset: usd(),
+            charged: d("1.5"),
+            debt_added: d("0.5"),
+            available: d("-0.5")
+        }
+    );
+    h.rejects(
+        Command::Usage(h.event(w, "1", "0", DebitMode::Strict)),
+        ResultCode::WalletInDebt,
+    );
+    h.rejects(
+        Command::Reserve {
+            wallet: w,
+            amount: ReserveAmount::Fixed {
+                asset: usd(),
+                amount: d("0.1"),
+            },
+            deadline: h.now.add_us(60 * SECOND),
+        },
+        ResultCode::WalletInDebt,
+    );
+    // The next grant pays the debt first.
+    let value = h.ok(Command::Grant(Grant {
+        wallet: w,
+        asset: usd(),
+        amount: d("2"),
+        priority: 0,
+        effective_at: None,
+        expires_at: None,
+        source: GrantSource::Promotion,
+    }));
+    assert!(matches!(value, ReplyValue::Grant { debt_paid, .. } if debt_paid == d("0.5")));
+    assert_eq!(h.balance(w).available, d("1.5"));
+    assert_eq!(charged(h.usage(w, "1000", "0", DebitMode::Strict)), d("1"));
+    h.check_ledger();
+}
+
+#[test]
+fn overdraft_lets_strict_usage_go_below_zero_up_to_the_limit() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.ok(Command::SetOverdraft {
+        wallet: w,
+        asset: usd(),
+        limit: d("2"),
+    });
+    h.grant(w, "1");
+    assert_eq!(
+        charged(h.usage(w, "2500", "0", DebitMode::Strict)),
+        d("2.5")
+    );
+    assert_eq!(h.balance(w).available, d("-1.5"));
+    h.rejects(
+        Command::Usage(h.event(w, "600", "0", DebitMode::Strict)),
+        ResultCode::InsufficientFunds,
+    );
+    assert_eq!(charged(h.usage(w, "500", "0", DebitMode::Strict)), d("0.5"));
+    assert_eq!(h.balance(w).available, d("-2"));
+    h.check_ledger();
+}
+
+#[test]
+fn frozen_wallets_refuse_strict_usage_and_reserves_but_record_what_was_served() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.grant(w, "10");
+    h.ok(Command::Freeze { wallet: w });
+    assert!(h.view(w).frozen);
+    h.rejects(
+        Command::Usage(h.event(w, "1", "0", DebitMode::Strict)),
+        ResultCode::WalletFrozen,
+    );
+    h.rejects(
+        Command::Reserve {
+            wallet: w,
+            amount: ReserveAmount::Fixed {
+                asset: usd(),
+                amount: d("1"),
+            },
+            deadline: h.now.add_us(SECOND),
+        },
+        ResultCode::WalletFrozen,
+    );
+    assert_eq!(charged(h.usage(w, "1000", "0", DebitMode::Record)), d("1"));
+    h.ok(Command::Unfreeze { wallet: w });
+    assert_eq!(charged(h.usage(w, "1000", "0", DebitMode::Strict)), d("1"));
+}
+
+fn hold_of(value: ReplyValue) -> HoldId {
+    match value {
+        ReplyValue::Hold { hold, .. } => hold,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn reserve_then_settle_charges_the_actual_and_releases_the_rest() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.grant(w, "10");
+    let deadline = h.now.add_us(60 * SECOND);
+    let value = h.ok(Command::Reserve {
+        wallet: w,
+        amount: ReserveAmount::Fixed {
+            asset: usd(),
+            amount: d("4"),
+        },
+        deadline,
+    });
+    assert!(matches!(value, ReplyValue::Hold { available, .. } if available == d("6")));
+    let hold = hold_of(value);
+    assert_eq!(h.balance(w).held, d("4"));
+    // Strict usage sees only what the hold left.
+    h.rejects(
+        Command::Usage(h.event(w, "7000", "0", DebitMode::Strict)),
+        ResultCode::InsufficientFunds,
+    );
+    let usage = h.event(w, "1000", "500", DebitMode::Strict); // 2 USD
+    let settle = Command::Settle {
+        wallet: w,
+        hold,
+        usage,
+    };
+    let id = h.next_id;
+    let first = h.run_id(id, settle.clone());
+    assert_eq!(charged(first), d("2"));
+    let b = h.balance(w);
+    assert_eq!((b.available, b.held), (d("8"), d("0")));
+    // The same request again is the same answer; a new request finds the hold settled.
+    assert_eq!(h.run_id(id, settle.clone()), first);
+    h.rejects(settle, ResultCode::HoldAlreadySettled);
+    h.check_ledger();
+}
+
+#[test]
+fn settle_overrun_is_charged_as_record_usage() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.grant(w, "3");
+    let hold = hold_of(h.ok(Command::Reserve {
+        wallet: w,
+        amount: ReserveAmount::Fixed {
+            asset: usd(),
+            amount: d("2"),
+        },
+        deadline: h.now.add_us(SECOND),
+    }));
+    let usage = h.event(w, "5000", "0", DebitMode::Strict); // 5 USD: 2 over the hold, 2 over all
+    let reply = h.run(Command::Settle {
+        wallet: w,
+        hold,
+        usage,
+    });
+    assert_eq!(
+        reply.value,
+        ReplyValue::Charge {
+            asset: usd(),
+            charged: d("5"),
+            debt_added: d("2"),
+            available: d("-2")
+        }
+    );
+    h.check_ledger();
+}
+
+#[test]
+fn holds_release_expire_and_say_why_they_are_gone() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.grant(w, "10");
+    let fixed = |amount: &str| ReserveAmount::Fixed {
+        asset: usd(),
+        amount: d(amount),
+    };
+    let a = hold_of(h.ok(Command::Reserve {
+        wallet: w,
+        amount: fixed("1"),
+        deadline: h.now.add_us(SECOND),
+    }));
+    let b = hold_of(h.ok(Command::Reserve {
+        wallet: w,
+        amount: fixed("2"),
+        deadline: h.now.add_us(HOUR),
+    }));
+    h.ok(Command::Release { wallet: w, hold: b });
+    h.rejects(
+        Command::Release { wallet: w, hold: b },
+        ResultCode::HoldAlreadyReleased,
+    );
+    h.advance(SECOND);
+    assert_eq!(h.balance(w).held, d("0"));
+    let usage = h.event(w, "1", "0", DebitMode::Strict);
+    h.rejects(
+        Command::Settle {
+            wallet: w,
+            hold: a,
+            usage: usage.clone(),
+        },
+        ResultCode::HoldExpired,
+    );
+    h.rejects(
+        Command::Settle {
+            wallet: w,
+            hold: HoldId(999),
+            usage,
+        },
+        ResultCode::UnknownHold,
+    );
+    h.rejects(
+        Command::Reserve {
+            wallet: w,
+            amount: fixed("1"),
+            deadline: h.now,
+        },
+        ResultCode::InvalidDeadline,
+    );
+    h.rejects(
+        Command::Reserve {
+            wallet: w,
+            amount: fixed("11"),
+            deadline: h.now.add_us(SECOND),
+        },
+        ResultCode::InsufficientFunds,
+    );
+    assert_eq!(h.balance(w).available, d("10"));
+}
+
+#[test]
+fn reserve_can_hold_a_priced_estimate() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.grant(w, "10");
+    let value = h.ok(Command::Reserve {
+        wallet: w,
+        amount: ReserveAmount::Estimate {
+            product: n("chat"),
+            quantities: vec![
+                Quantity {
+                    dimension: n("input_tokens"),
+                    value: d("100"),
+                },
+                Quantity {
+                    dimension: n("output_tokens"),
+                    value: d("100"),
+                },
+            ],
+            attributes: vec![(n("model"), n("gpt-4o"))],
+        },
+        deadline: h.now.add_us(SECOND),
+    });
+    // 100 × 0.01 + 100 × 0.03
+    assert!(matches!(value, ReplyValue::Hold { amount, .. } if amount == d("4")));
+}
+
+#[test]
+fn holds_per_wallet_are_limited() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.grant(w, "1000");
+    let fixed = ReserveAmount::Fixed {
+        asset: usd(),
+        amount: d("0.01"),
+    };
+    for _ in 0..HOLDS_MAX {
+        h.ok(Command::Reserve {
+            wallet: w,
+            amount: fixed.clone(),
+            deadline: h.now.add_us(HOUR),
+        });
+    }
+    h.rejects(
+        Command::Reserve {
+            wallet: w,
+            amount: fixed,
+            deadline: h.now.add_us(HOUR),
+        },
+        ResultCode::LimitExceeded,
+    );
+}
+
+#[test]
+fn the_most_specific_rule_prices_and_rejections_name_what_is_missing() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.grant(w, "100");
+    let mut event = h.event(w, "100", "100", DebitMode::Strict);
+    event.attributes = vec![(n("model"), n("gpt-4o")), (n("region"), n("eu"))];
+    assert_eq!(charged(h.run(Command::Usage(event.clone()))), d("4"));
+    event.attributes = vec![(n("model"), n("o1"))];
+    assert_eq!(charged(h.run(Command::Usage(event.clone()))), d("0.3"));
+
+    let mut unknown = event.clone();
+    unknown.product = n("embed");
+    h.rejects(Command::Usage(unknown), ResultCode::UnknownProduct);
+    let mut bad_dimension = event.clone();
+    bad_dimension.quantities[0].dimension = n("images");
+    h.rejects(Command::Usage(bad_dimension), ResultCode::UnknownDimension);
+    let mut negative = event.clone();
+    negative.quantities[0].value = d("-1");
+    h.rejects(Command::Usage(negative), ResultCode::InvalidQuantity);
+    let mut fine = event.clone();
+    fine.quantities[0].value = d("0.0000001");
+    h.rejects(Command::Usage(fine), ResultCode::InvalidQuantity);
+    let mut future = event.clone();
+    future.occurred_at = h.now.add_us(HOUR);
+    h.rejects(Command::Usage(future), ResultCode::TimestampOutOfRange);
+    let mut unknown_wallet = event.clone();
+    unknown_wallet.wallet = n("nobody");
+    h.rejects(Command::Usage(unknown_wallet), ResultCode::UnknownWallet);
+
+    // A wallet on no plan, and a plan without a matching rule.
+    let lonely = n("lonely");
+    h.ok(Command::CreateWallet(CreateWallet {
+        wallet: lonely,
+        overdraft: vec![],
+        metadata: vec![],
+    }));
+    h.rejects(
+        Command::Usage(h.event(lonely, "1", "1", DebitMode::Record)),
+        ResultCode::NoPlanAssigned,
+    );
+    h.ok(Command::DefineProduct {
+        code: n("embed"),
+        dimensions: vec![n("tokens")],
+    });
+    h.ok(Command::DraftPlan {
+        plan: n("narrow"),
+        custom_for: None,
+        asset: usd(),
+        rules: vec![rule(&[("model", "gpt-4o")], "1", "1")],
+    });
+    h.ok(Command::PublishPlan { plan: n("narrow") });
+    h.ok(Command::AssignPlan {
+        wallet: lonely,
+        plan: n("narrow"),
+        version: 1,
+        effective_from: Timestamp(0),
+    });
+    h.rejects(
+        Command::Usage(h.event(lonely, "1", "1", DebitMode::Record)),
+        ResultCode::NoMatchingRule,
+    );
+}
+
+#[test]
+fn plan_versions_are_immutable_and_chosen_by_event_time() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.grant(w, "100");
+    // Draft v2 at double the price; v1 must not change while the draft is edited.
+    h.ok(Command::DraftPlan {
+        plan: n("std"),
+        custom_for: None,
+        asset: usd(),
+        rules: vec![rule(&[], "0.002", "0.004")],
+    });
+    assert_eq!(charged(h.usage(w, "1000", "0", DebitMode::Strict)), d("1"));
+    let version = h.ok(Command::PublishPlan { plan: n("std") });
+    assert_eq!(version, ReplyValue::Version { version: 2 });
+    h.rejects(Command::PublishPlan { plan: n("std") }, ResultCode::NoDraft);
+    let switch = h.now.add_us(HOUR);
+    h.ok(Command::AssignPlan {
+        wallet: w,
+        plan: n("std"),
+        version: 2,
+        effective_from: switch,
+    });
+    assert_eq!(charged(h.usage(w, "1000", "0", DebitMode::Strict)), d("1"));
+    h.advance(HOUR);
+    assert_eq!(charged(h.usage(w, "1000", "0", DebitMode::Strict)), d("2"));
+    // A late event from before the switch is priced by v1.
+    let mut late = h.event(w, "1000", "0", DebitMode::Strict);
+    late.occurred_at = h.now.add_us(-2 * HOUR);
+    assert_eq!(charged(h.run(Command::Usage(late))), d("1"));
+    h.rejects(
+        Command::AssignPlan {
+            wallet: w,
+            plan: n("std"),
+            version: 3,
+            effective_from: switch,
+        },
+        ResultCode::UnknownPlanVersion,
+    );
+    h.rejects(
+        Command::AssignPlan {
+            wallet: w,
+            plan: n("gold"),
+            version: 1,
+            effective_from: switch,
+        },
+        ResultCode::UnknownPlan,
+    );
+}
+
+#[test]
+fn draft_rules_are_validated_against_the_catalog() {
+    let mut h = Harness::new();
+    let draft = |rules| Command::DraftPlan {
+        plan: n("p"),
+        custom_for: None,
+        asset: usd(),
+        rules,
+    };
+    let mut bad_product = rule(&[], "1", "1");
+    bad_product.product = n("embed");
+    h.rejects(draft(vec![bad_product]), ResultCode::UnknownProduct);
+    let mut bad_dimension = rule(&[], "1", "1");
+    bad_dimension.components[0].dimension = n("images");
+    h.rejects(draft(vec![bad_dimension]), ResultCode::UnknownDimension);
+    h.rejects(
+        draft(vec![rule(&[], "1", "1"), rule(&[], "2", "2")]),
+        ResultCode::AmbiguousRules,
+    );
+    h.rejects(draft(vec![rule(&[], "-1", "1")]), ResultCode::InvalidPrice);
+    h.rejects(
+        Command::DraftPlan {
+            plan: n("p"),
+            custom_for: None,
+            asset: asset("EUR"),
+            rules: vec![],
+        },
+        ResultCode::UnknownAsset,
+    );
+}
+
+#[test]
+fn custom_plans_belong_to_one_wallet() {
+    let mut h = Harness::new();
+    let acme = h.wallet("acme");
+    let other = h.wallet("other");
+    h.ok(Command::DraftPlan {
+        plan: n("acme-deal"),
+        custom_for: Some(acme),
+        asset: usd(),
+        rules: vec![rule(&[], "0.0005", "0.001")],
+    });
+    h.ok(Command::PublishPlan {
+        plan: n("acme-deal"),
+    });
+    let assign = |wallet| Command::AssignPlan {
+        wallet,
+        plan: n("acme-deal"),
+        version: 1,
+        effective_from: Timestamp(0),
+    };
+    h.rejects(assign(other), ResultCode::PlanNotAssignable);
+    h.ok(assign(acme));
+    h.grant(acme, "10");
+    assert_eq!(
+        charged(h.usage(acme, "1000", "1000", DebitMode::Strict)),
+        d("1.5")
+    );
+}
+
+#[test]
+fn price_preview_changes_nothing() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    let digest = h.engine.digest();
+    let mut event = h.event(w, "10", "20", DebitMode::Strict);
+    event.attributes = vec![(n("model"), n("gpt-4o"))];
+    let reply = h.engine.query(&Query::PricePreview(event)).unwrap();
+    assert_eq!(
+        reply,
+        QueryReply::Price(PriceView {
+            asset: usd(),
+            amount: d("0.7"),
+            plan: n("std"),
+            version: 1,
+            rule: 1
+        })
+    );
+    assert_eq!(h.engine.digest(), digest);
+}
+
+#[test]
+fn draft_test_compares_revenue_and_margin_per_wallet() {
+    let mut h = Harness::new();
+    let a = h.wallet("a");
+    let b = h.wallet("b");
+    h.ok(Command::DraftPlan {
+        plan: n("std"),
+        custom_for: None,
+        asset: usd(),
+        rules: vec![rule(&[], "0.002", "0.002")],
+    });
+    let mut events = vec![
+        h.event(a, "1000", "0", DebitMode::Record),
+        h.event(b, "0", "1000", DebitMode::Record),
+    ];
+    let mut unpriced = h.event(b, "1", "1", DebitMode::Record);
+    unpriced.product = n("embed");
+    events.push(unpriced);
+    let QueryReply::DraftTest(report) = h
+        .engine
+        .query(&Query::DraftTest {
+            plan: n("std"),
+            events,
+        })
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(report.current_version, Some(1));
+    let (wallet_a, row_a) = report.wallets[0];
+    assert_eq!(wallet_a, a);
+    assert_eq!(
+        (row_a.revenue_current_usd, row_a.revenue_draft_usd),
+        (d("1"), d("2"))
+    );
+    assert_eq!(
+        (row_a.margin_current_usd, row_a.margin_draft_usd),
+        (d("0.999"), d("1.999"))
+    );
+    let (_, row_b) = report.wallets[1];
+    assert_eq!(
+        (row_b.revenue_current_usd, row_b.revenue_draft_usd),
+        (d("2"), d("2"))
+    );
+    assert_eq!(
+        (row_b.unpriced_current, row_b.unpriced_draft, row_b.events),
+        (1, 1, 2)
+    );
+    assert_eq!(report.total.revenue_draft_usd, d("4"));
+    assert_eq!(report.total.events, 3);
+    assert_eq!(
+        h.engine.query(&Query::DraftTest {
+            plan: n("gold"),
+            events: vec![]
+        }),
+        Err(ResultCode::UnknownPlan)
+    );
+}
+
+#[test]
+fn idempotent_repeats_return_the_first_reply_and_conflicts_are_refused() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.grant(w, "10");
+    let event = h.event(w, "1000", "0", DebitMode::Strict);
+    let first = h.run_id(42, Command::Usage(event.clone()));
+    let digest = h.engine.digest();
+    let journal = h.journal.len();
+    assert_eq!(h.run_id(42, Command::Usage(event.clone())), first);
+    assert_eq!(h.engine.digest(), digest);
+    assert_eq!(h.journal.len(), journal);
+    let mut other = event.clone();
+    other.quantities[0].value = d("2000");
+    assert_eq!(
+        h.run_id(42, Command::Usage(other)).code,
+        ResultCode::IdempotencyConflict
+    );
+    assert_eq!(h.engine.digest(), digest);
+    // A rejection is remembered too: the repeat is rejected again even after funds arrive.
+    let big = h.event(w, "20000", "0", DebitMode::Strict);
+    assert_eq!(
+        h.run_id(43, Command::Usage(big.clone())).code,
+        ResultCode::InsufficientFunds
+    );
+    h.grant(w, "100");
+    assert_eq!(
+        h.run_id(43, Command::Usage(big)).code,
+        ResultCode::InsufficientFunds
+    );
+    // After the retention window the id is forgotten (and events that old are refused).
+    h.advance(Config::default().idempotency_retention_us + SECOND);
+    assert_eq!(
+        h.run_id(42, Command::Usage(event)).code,
+        ResultCode::TimestampOutOfRange
+    );
+}
+
+fn refund(wallet: WalletId, event: u128, amount: Option<&str>) -> Command {
+    Command::Refund {
+        wallet,
+        event: RequestId(event),
+        amount: amount.map(d),
+    }
+}
+
+#[test]
+fn refunds_are_capped_by_what_was_charged() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.grant(w, "10");
+    let event = h.event(w, "3000", "0", DebitMode::Strict);
+    h.run_id(10_007, Command::Usage(event));
+    assert_eq!(h.balance(w).available, d("7"));
+    let value = h.ok(refund(w, 10_007, Some("1")));
+    assert!(
+        matches!(value, ReplyValue::Refund { refunded, refundable, .. }
+        if refunded == d("1") && refundable == d("2"))
+    );
+    h.rejects(
+        refund(w, 10_007, Some("2.5")),
+        ResultCode::RefundExceedsCharge,
+    );
+    let value = h.ok(refund(w, 10_007, None));
+    assert!(matches!(value, ReplyValue::Refund { refunded, .. } if refunded == d("2")));
+    h.rejects(refund(w, 10_007, None), ResultCode::RefundExceedsCharge);
+    assert_eq!(h.balance(w).available, d("10"));
+    let margin = h.margin(MarginScope::Total);
+    assert_eq!((margin.revenue_usd, margin.refunded_usd), (d("0"), d("3")));
+    h.rejects(refund(w, 999, None), ResultCode::UnknownEvent);
+    let other = h.wallet("other");
+    h.rejects(refund(other, 10_007, None), ResultCode::UnknownEvent);
+    h.rejects(refund(w, 10_007, Some("0")), ResultCode::InvalidAmount);
+    h.check_ledger();
+}
+
+fn topup_grant(h: &mut Harness, w: WalletId, amount: &str, payment: &str) -> GrantId {
+    h.grant_with(
+        w,
+        amount,
+        TOPUP_PRIORITY,
+        None,
+        GrantSource::TopUp {
+            payment_id: n(payment),
+        },
+    )
+}
+
+#[test]
+fn disputes_claw_back_the_remainder_and_turn_the_spent_part_into_debt() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    let paid = topup_grant(&mut h, w, "10", "pi_1");
+    let promo = h.grant_with(w, "1", 200, None, GrantSource::Promotion);
+    h.usage(w, "4000", "0", DebitMode::Strict); // 4 from the top-up (priority 100 < 200)
+    let value = h.ok(Command::Dispute {
+        wallet: w,
+        grant: paid,
+        freeze: true,
+    });
+    assert_eq!(
+        value,
+        ReplyValue::Dispute {
+            clawed_back: d("6"),
+            debt_added: d("4")
+        }
+    );
+    let b = h.balance(w);
+    // The promotion's 1 stays; the 4 spent is debt: available 1 - 4.
+    assert_eq!((b.available, b.debt, b.ledger), (d("-3"), d("4"), d("-3")));
+    assert!(h.view(w).frozen);
+    h.rejects(
+        Command::Dispute {
+            wallet: w,
+            grant: paid,
+            freeze: false,
+        },
+        ResultCode::AlreadyDisputed,
+    );
+    h.rejects(
+        Command::Dispute {
+            wallet: w,
+            grant: promo,
+            freeze: false,
+        },
+        ResultCode::UnknownGrant,
+    );
+    h.rejects(
+        Command::DisputeWon {
+            wallet: w,
+            grant: promo,
+        },
+        ResultCode::UnknownGrant,
+    );
+    let won = h.ok(Command::DisputeWon {
+        wallet: w,
+        grant: paid,
+    });
+    assert!(matches!(won, ReplyValue::Grant { debt_paid, .. } if debt_paid == d("4")));
+    assert_eq!(h.balance(w).available, d("7"));
+    h.rejects(
+        Command::DisputeWon {
+            wallet: w,
+            grant: paid,
+        },
+        ResultCode::UnknownGrant,
+    );
+    h.check_ledger();
+}
+
+#[test]
+fn top_up_payments_are_idempotent_on_the_payment_id() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    let first = topup_grant(&mut h, w, "10", "pi_1");
+    assert_eq!(topup_grant(&mut h, w, "10", "pi_1"), first);
+    assert_eq!(h.balance(w).available, d("10"));
+    h.rejects(
+        Command::Grant(Grant {
+            wallet: w,
+            asset: usd(),
+            amount: d("11"),
+            priority: 0,
+            effective_at: None,
+            expires_at: None,
+            source: GrantSource::TopUp {
+                payment_id: n("pi_1"),
+            },
+        }),
+        ResultCode::PaymentConflict,
+    );
+}
+
+#[test]
+fn adjustments_need_a_reason_and_may_create_debt() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    let adjust = |amount: &str, reason: &str| Command::Adjust {
+        wallet: w,
+        asset: usd(),
+        amount: d(amount),
+        reason: reason.into(),
+    };
+    h.rejects(adjust("5", "  "), ResultCode::ReasonRequired);
+    h.rejects(
+        adjust("5", &"x".repeat(REASON_BYTES_MAX + 1)),
+        ResultCode::LimitExceeded,
+    );
+    h.rejects(adjust("0", "zero"), ResultCode::InvalidAmount);
+    h.rejects(
+        adjust("0.0000001", "too fine"),
+        ResultCode::PrecisionExceedsScale,
+    );
+    h.ok(adjust("5", "goodwill after outage"));
+    let value = h.ok(adjust("-7", "manual correction"));
+    assert_eq!(
+        value,
+        ReplyValue::Charge {
+            asset: usd(),
+            charged: d("7"),
+            debt_added: d("2"),
+            available: d("-2")
+        }
+    );
+    assert_eq!(h.engine.state().wallets[0].adjustments.len(), 2);
+    let accounts = h.accounts();
+    assert_eq!(accounts[&(usd(), Account::Adjustment)], d("2"));
+    h.check_ledger();
+}
+
+#[test]
+fn amounts_are_exact_and_bounded() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    let grant = |amount: &str| {
+        Command::Grant(Grant {
+            wallet: w,
+            asset: usd(),
+            amount: d(amount),
+            priority: 0,
+            effective_at: None,
+            expires_at: None,
+            source: GrantSource::Promotion,
+        })
+    };
+    h.rejects(grant("0"), ResultCode::InvalidAmount);
+    h.rejects(grant("-5"), ResultCode::InvalidAmount);
+    h.rejects(grant("1.0000001"), ResultCode::PrecisionExceedsScale);
+    h.rejects(grant("1000000000000000001"), ResultCode::AmountOverflow);
+    h.rejects(
+        grant("79228162514264337593543950335"),
+        ResultCode::AmountOverflow,
+    );
+    h.ok(grant("1.100000"));
+    h.ok(grant("1000000000000000000"));
+    // A quantity near the limit times a price would overflow the charge: refused, not rounded.
+    h.ok(Command::DraftPlan {
+        plan: n("pricey"),
+        custom_for: None,
+        asset: usd(),
+        rules: vec![rule(&[], "1000000000000", "0")],
+    });
+    h.ok(Command::PublishPlan { plan: n("pricey") });
+    h.ok(Command::AssignPlan {
+        wallet: w,
+        plan: n("pricey"),
+        version: 1,
+        effective_from: h.now,
+    });
+    h.rejects(
+        Command::Usage(h.event(w, "1000000000000000", "0", DebitMode::Record)),
+        ResultCode::AmountOverflow,
+    );
+    h.rejects(
+        Command::Usage(h.event(w, "10000000000000000", "0", DebitMode::Record)),
+        ResultCode::InvalidQuantity,
+    );
+}
+
+#[test]
+fn auto_top_up_requests_once_and_credits_on_success() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.grant(w, "10");
+    let rule = TopUpRule {
+        asset: usd(),
+        threshold: d("5"),
+        amount: TopUpAmount::Target(d("20")),
+        attempts_max: 3,
+        cooldown_us: 0,
+        daily_cap: None,
+        payment_method: n("pm_card"),
+    };
+    h.ok(Command::SetTopUpRule { wallet: w, rule });
+    assert!(h.topups.is_empty());
+    h.usage(w, "6000", "0", DebitMode::Strict); // available 4 < 5
+    assert_eq!(h.topups.len(), 1);
+    let request = h.topups[0];
+    assert_eq!((request.amount, request.trigger), (d("16"), 1));
+    assert_eq!(request.idempotency_key(), "tally-topup:acme:USD:1");
+    h.usage(w, "1000", "0", DebitMode::Strict); // still below, but one is in flight
+    assert_eq!(h.topups.len(), 1);
+    let success = Command::TopUpSucceeded {
+        wallet: w,
+        asset: usd(),
+        trigger: 1,
+        payment_id: n("pi_9"),
+        amount: d("16"),
+    };
+    h.ok(success.clone());
+    assert_eq!(h.balance(w).available, d("19"));
+    // The processor's webhook may repeat: the payment id makes it a no-op.
+    h.ok(success);
+    assert_eq!(h.balance(w).available, d("19"));
+    h.rejects(
+        Command::TopUpFailed {
+            wallet: w,
+            asset: usd(),
+            trigger: 1,
+        },
+        ResultCode::StaleTopUp,
+    );
+    h.usage(w, "15000", "0", DebitMode::Strict); // 4 again: trigger 2
+    assert_eq!(h.topups.len(), 2);
+    assert_eq!(h.topups[1].trigger, 2);
+    h.check_ledger();
+}
+
+#[test]
+fn auto_top_up_backs_off_after_failures_and_flags_the_wallet() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    let rule = TopUpRule {
+        asset: usd(),
+        threshold: d("5"),
+        amount: TopUpAmount::Fixed(d("10")),
+        attempts_max: 2,
+        cooldown_us: 10 * SECOND,
+        daily_cap: None,
+        payment_method: n("pm_card"),
+    };
+    h.ok(Command::SetTopUpRule { wallet: w, rule });
+    assert_eq!(
+        h.topups.len(),
+        1,
+        "a rule set below its threshold triggers at once"
+    );
+    h.ok(Command::TopUpFailed {
+        wallet: w,
+        asset: usd(),
+        trigger: 1,
+    });
+    h.advance(9 * SECOND);
+    assert_eq!(h.topups.len(), 1, "no retry inside the backoff");
+    h.advance(SECOND);
+    assert_eq!(h.topups.len(), 2, "retried when the backoff ends");
+    h.ok(Command::TopUpFailed {
+        wallet: w,
+        asset: usd(),
+        trigger: 2,
+    });
+    assert_eq!(h.exhausted, vec![(w, usd())]);
+    assert_eq!(h.view(w).topup_flagged, vec![usd()]);
+    h.advance(HOUR);
+    assert_eq!(h.topups.len(), 2, "a flagged wallet requests nothing");
+    // Setting the rule again clears the flag; trigger numbers keep counting.
+    h.ok(Command::SetTopUpRule { wallet: w, rule });
+    assert_eq!(h.topups.len(), 3);
+    assert_eq!(h.topups[2].trigger, 3);
+    h.rejects(
+        Command::TopUpFailed {
+            wallet: n("acme"),
+            asset: asset("credits"),
+            trigger: 1,
+        },
+        ResultCode::NoTopUpRule,
+    );
+}
+
+#[test]
+fn auto_top_up_respects_the_daily_cap() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    let rule = TopUpRule {
+        asset: usd(),
+        threshold: d("5"),
+        amount: TopUpAmount::Fixed(d("10")),
+        attempts_max: 3,
+        cooldown_us: 0,
+        daily_cap: Some(d("15")),
+        payment_method: n("pm_card"),
+    };
+    h.ok(Command::SetTopUpRule { wallet: w, rule });
+    let amounts = |h: &Harness| h.topups.iter().map(|t| t.amount).collect::<Vec<_>>();
+    assert_eq!(amounts(&h), vec![d("10")]);
+    h.ok(Command::TopUpSucceeded {
+        wallet: w,
+        asset: usd(),
+        trigger: 1,
+        payment_id: n("p1"),
+        amount: d("10"),
+    });
+    h.usage(w, "6000", "0", DebitMode::Strict); // 4 left
+    assert_eq!(amounts(&h), vec![d("10"), d("5")]);
+    h.ok(Command::TopUpSucceeded {
+        wallet: w,
+        asset: usd(),
+        trigger: 2,
+        payment_id: n("p2"),
+        amount: d("5"),
+    });
+    h.usage(w, "6000", "0", DebitMode::Strict); // 3 left, cap reached for today
+    assert_eq!(h.topups.len(), 2);
+    h.advance(Timestamp::DAY_US);
+    h.usage(w, "1000", "0", DebitMode::Strict);
+    assert_eq!(amounts(&h), vec![d("10"), d("5"), d("10")]);
+}
+
+#[test]
+fn margin_is_aggregated_per_wallet_product_plan_and_hour() {
+    let mut h = Harness::new();
+    let a = h.wallet("a");
+    let b = h.wallet("b");
+    h.grant(a, "10");
+    h.grant(b, "10");
+    h.usage(a, "1000", "0", DebitMode::Strict); // 1 USD, cost 0.001
+    h.advance(HOUR);
+    h.usage(b, "2000", "0", DebitMode::Strict); // 2 USD
+    let total = h.margin(MarginScope::Total);
+    assert_eq!(
+        (total.events, total.revenue_usd, total.cost_usd),
+        (2, d("3"), d("0.002"))
+    );
+    assert_eq!(total.margin_usd, d("2.998"));
+    assert_eq!(h.margin(MarginScope::Wallet(a)).revenue_usd, d("1"));
+    assert_eq!(h.margin(MarginScope::Product(n("chat"))).events, 2);
+    assert_eq!(
+        h.margin(MarginScope::PlanVersion {
+            plan: n("std"),
+            version: 1
+        })
+        .events,
+        2
+    );
+    let first_hour = h.margin(MarginScope::Hours {
+        from: Timestamp(T0),
+        to: Timestamp(T0),
+    });
+    assert_eq!(first_hour.revenue_usd, d("1"));
+    assert_eq!(h.margins.len(), 2);
+    assert_eq!(h.margins[1].revenue_usd, d("2"));
+    // Credits are valued through their USD value.
+    h.ok(Command::DraftPlan {
+        plan: n("credits"),
+        custom_for: None,
+        asset: asset("credits"),
+        rules: vec![rule(&[], "1", "1")],
+    });
+    h.ok(Command::PublishPlan { plan: n("credits") });
+    h.ok(Command::AssignPlan {
+        wallet: a,
+        plan: n("credits"),
+        version: 1,
+        effective_from: h.now,
+    });
+    h.usage(a, "100", "0", DebitMode::Record);
+    assert_eq!(h.margins[2].revenue_usd, d("1.00"));
+    assert_eq!(h.margins[2].asset, asset("credits"));
+}
+
+#[test]
+fn snapshot_restore_keeps_the_digest_and_the_future() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.grant_with(w, "5", 0, Some(h.now.add_us(HOUR)), GrantSource::Promotion);
+    topup_grant(&mut h, w, "10", "pi_1");
+    h.ok(Command::Reserve {
+        wallet: w,
+        amount: ReserveAmount::Fixed {
+            asset: usd(),
+            amount: d("2"),
+        },
+        deadline: h.now.add_us(60 * SECOND),
+    });
+    h.ok(Command::SetTopUpRule {
+        wallet: w,
+        rule: TopUpRule {
+            asset: usd(),
+            threshold: d("1"),
+            amount: TopUpAmount::Fixed(d("10")),
+            attempts_max: 3,
+            cooldown_us: 0,
+            daily_cap: None,
+            payment_method: n("pm"),
+        },
+    });
+    h.usage(w, "1000", "0", DebitMode::Record);
+    let mut restored = h.snapshot_round_trip();
+    // Both engines go on through timers and commands and stay identical.
+    let later = h.now.add_us(2 * HOUR);
+    h.advance(2 * HOUR);
+    restored.handle_timeout(later);
+    while restored.poll_effect().is_some() {}
+    let event = h.event(w, "1000", "0", DebitMode::Record);
+    let request = Request {
+        id: RequestId(999_999),
+        command: Command::Usage(event),
+    };
+    assert_eq!(
+        restored.handle_request(later, &request),
+        h.engine.handle_request(later, &request)
+    );
+    assert_eq!(restored.digest(), h.engine.digest());
+}
+
+#[test]
+fn a_corrupt_state_is_refused_not_trusted() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.grant(w, "5");
+    let mut state = h.engine.state().clone();
+    state.wallets[0].balances[0].active = d("6");
+    assert!(Engine::from_state(state).is_err());
+    let mut state = h.engine.state().clone();
+    let twin = state.wallets[0].clone();
+    state.wallets.push(twin);
+    let error = Engine::from_state(state).unwrap_err();
+    assert!(error.to_string().contains("appears twice"), "{error}");
+}
