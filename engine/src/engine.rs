@@ -376,11 +376,19 @@ impl Engine {
     /// ids older than the retention window. Time never goes backwards: an earlier `now` is
     /// treated as the latest time seen.
     pub fn handle_timeout(&mut self, now: Timestamp) {
-        if now > self.state.now {
-            self.state.now = now;
-        }
-        let now = self.state.now;
+        let now = now.max(self.state.now);
         self.request = None;
+        // Each timer fires at its own time, whenever the loop gets round to calling this: what a
+        // timer does depends only on the inputs, never on when the shard loop was idle.
+        while let Some(&timer) = self.index.timers.first() {
+            if timer.at > now {
+                break;
+            }
+            self.index.timers.pop_first();
+            self.state.now = self.state.now.max(timer.at);
+            self.fire(timer);
+        }
+        self.state.now = now;
         let horizon = now
             .0
             .saturating_sub(self.state.config.idempotency_retention_us);
@@ -391,13 +399,6 @@ impl Engine {
             self.index.requests.remove(&front.id);
             self.state.requests.pop_front();
             self.state.requests_first_seq += 1;
-        }
-        while let Some(&timer) = self.index.timers.first() {
-            if timer.at > now {
-                break;
-            }
-            self.index.timers.pop_first();
-            self.fire(timer);
         }
     }
 
