@@ -1,1 +1,166 @@
-//! tally-benches: shared helpers for the benchmark targets in `benches/benches/`.
+//! tally-benches: workloads shared by the benchmark targets in `benches/benches/`.
+//!
+//! A [`Workload`] is an engine loaded with many wallets, each on a priced plan and holding grants
+//! of mixed priority, plus a ring of prepared usage requests. Benchmarks time
+//! [`Workload::debit`], which applies the next request and drains its effects, the way a shard
+//! loop does. This crate measures; it asserts nothing about speed.
+
+use std::str::FromStr;
+
+use rust_decimal::Decimal;
+use tally_engine::*;
+
+/// Prepared requests in the ring; each is reused with a fresh request id.
+pub const RING: usize = 65_536;
+/// Simulated time between two debits. With the idempotency window set to one second, the
+/// request table holds 100,000 entries in steady state.
+pub const STEP_US: i64 = 10;
+
+fn d(s: &str) -> Decimal {
+    Decimal::from_str(s).expect("literal decimal")
+}
+
+/// An engine with wallets and a ring of prepared priced usage events.
+#[derive(Debug)]
+pub struct Workload {
+    /// The engine under test.
+    pub engine: Engine,
+    /// The simulated clock.
+    pub now: Timestamp,
+    ring: Vec<Request>,
+    next: usize,
+    next_id: u128,
+    /// Debits applied that were not `Ok` (should stay 0).
+    pub rejected: u64,
+}
+
+impl Workload {
+    /// `wallets` wallets, each on plan `std` with two grants: a large expiring one at priority
+    /// 0 and a larger one without expiry at priority 5.
+    pub fn new(wallets: usize, seed: u64) -> Workload {
+        let config =
+            Config { idempotency_retention_us: Timestamp::SECOND_US, ..Config::default() };
+        let mut w = Workload {
+            engine: Engine::new(config),
+            now: Timestamp(1_700_000_000_000_000),
+            ring: Vec::with_capacity(RING),
+            next: 0,
+            next_id: 1,
+            rejected: 0,
+        };
+        let usd = asset("USD");
+        w.must(Command::DefineAsset { code: usd, scale: 9, usd_value: d("1") });
+        let (input, output) = (name("input_tokens"), name("output_tokens"));
+        w.must(Command::DefineProduct { code: name("chat"), dimensions: vec![input, output] });
+        let rule = |filters: &[(&str, &str)], i: &str, o: &str| PriceRule {
+            product: name("chat"),
+            filters: filters.iter().map(|(k, v)| (name(k), name(v))).collect(),
+            components: vec![
+                Component { dimension: input, price: PriceModel::PerUnit { unit_price: d(i) } },
+                Component { dimension: output, price: PriceModel::PerUnit { unit_price: d(o) } },
+            ],
+            minimum_charge: None,
+            rounding: Rounding::Up,
+        };
+        w.must(Command::DraftPlan {
+            plan: name("std"),
+            custom_for: None,
+            asset: usd,
+            rules: vec![
+                rule(&[], "0.0000005", "0.0000015"),
+                rule(&[("model", "gpt-4o")], "0.0000025", "0.00001"),
+                rule(&[("model", "gpt-4o-mini")], "0.00000015", "0.0000006"),
+                rule(&[("model", "gpt-4o"), ("tier", "batch")], "0.00000125", "0.000005"),
+            ],
+        });
+        w.must(Command::PublishPlan { plan: name("std") });
+        let expires = w.now.add_us(365 * Timestamp::DAY_US);
+        let mut ids = Vec::with_capacity(wallets);
+        for i in 0..wallets {
+            let wallet = name(&format!("customer-{i:08}"));
+            ids.push(wallet);
+            w.must(Command::CreateWallet(CreateWallet {
+                wallet,
+                overdraft: vec![],
+                metadata: vec![],
+            }));
+            w.must(Command::AssignPlan {
+                wallet,
+                plan: name("std"),
+                version: 1,
+                effective_from: Timestamp(0),
+            });
+            for (amount, priority, expires_at) in [("1000", 0, Some(expires)), ("100000", 5, None)] {
+                w.must(Command::Grant(Grant {
+                    wallet,
+                    asset: usd,
+                    amount: d(amount),
+                    priority,
+                    effective_at: None,
+                    expires_at,
+                    source: GrantSource::Promotion,
+                }));
+            }
+        }
+        let models = ["gpt-4o", "gpt-4o-mini", "claude", "gpt-4o"];
+        let mut state = seed | 1;
+        for i in 0..RING {
+            // xorshift64: a fixed, seeded spread of wallets and shapes.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let wallet = ids[(state % wallets as u64) as usize];
+            let mut attributes = vec![(name("model"), name(models[i % models.len()]))];
+            if i % 8 == 0 {
+                attributes.push((name("tier"), name("batch")));
+            }
+            let event = UsageEvent {
+                wallet,
+                product: name("chat"),
+                quantities: vec![
+                    Quantity { dimension: input, value: Decimal::from(100 + (state >> 40) % 2000) },
+                    Quantity { dimension: output, value: Decimal::from(10 + (state >> 20) % 500) },
+                ],
+                attributes,
+                cost_usd: d("0.0001"),
+                occurred_at: w.now,
+                mode: DebitMode::Strict,
+            };
+            w.ring.push(Request { id: RequestId(0), command: Command::Usage(event) });
+        }
+        w
+    }
+
+    fn must(&mut self, command: Command) {
+        let request = Request { id: RequestId(self.next_id), command };
+        self.next_id += 1;
+        let reply = self.engine.handle_request(self.now, &request);
+        assert_eq!(reply.code, ResultCode::Ok, "setup command {:?} failed", request.command);
+        while self.engine.poll_effect().is_some() {}
+    }
+
+    /// Applies the next prepared usage event (fresh request id, current time) and drains its
+    /// effects. Returns the charged amount's result code.
+    #[inline]
+    pub fn debit(&mut self) -> ResultCode {
+        self.now = self.now.add_us(STEP_US);
+        let request = &mut self.ring[self.next];
+        self.next = (self.next + 1) % RING;
+        request.id = RequestId(self.next_id);
+        self.next_id += 1;
+        if let Command::Usage(event) = &mut request.command {
+            event.occurred_at = self.now;
+        }
+        let reply = self.engine.handle_request(self.now, request);
+        let mut effects = 0;
+        while let Some(effect) = self.engine.poll_effect() {
+            std::hint::black_box(&effect);
+            effects += 1;
+        }
+        std::hint::black_box(effects);
+        if !reply.code.is_ok() {
+            self.rejected += 1;
+        }
+        reply.code
+    }
+}
