@@ -42,7 +42,8 @@
 //! syncer's `fdatasync` makes batch N durable. Syncs are serialised with each other. A sync
 //! covers every batch sealed before it started and returns the new durable LSN;
 //! [`Wal::durable_lsn`] and [`Syncer::durable_lsn`] read it at any time. Replies for a record
-//! may be released once `durable_lsn() >= its LSN`, never earlier.
+//! may be released once `durable_lsn() >= its LSN`, never earlier. Dropping a `Wal` discards
+//! its unsealed batch (recovery cuts it); it does not sync.
 //!
 //! ```
 //! use tally_wal::{sim::SimStorage, Options, Wal};
