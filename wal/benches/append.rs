@@ -44,6 +44,8 @@ struct Outcome {
     megabytes_per_second: f64,
     sync_us_p50: u64,
     sync_us_p99: u64,
+    /// Minor page faults of the process per batch (the cost of storing into a shared mapping).
+    faults_per_batch: f64,
 }
 
 fn main() {
@@ -78,8 +80,8 @@ fn main() {
     calibrate(dir.path(), plan.calibration_syncs);
 
     println!(
-        "\n{:>6} {:<18} {:>12} {:>9} {:>9} {:>9} {:>10}",
-        "batch", "writer", "records/s", "MB/s", "sync p50", "sync p99", "vs pwrite"
+        "\n{:>6} {:<18} {:>12} {:>9} {:>9} {:>9} {:>10} {:>13}",
+        "batch", "writer", "records/s", "MB/s", "sync p50", "sync p99", "vs pwrite", "faults/batch"
     );
     for batch in BATCH_SIZES {
         let batches = (plan.records_per_run / batch).clamp(plan.batches_min, plan.batches_max);
@@ -118,12 +120,13 @@ fn print_row(batch: usize, name: &str, outcome: &Outcome, baseline: Option<&Outc
         |b| format!("{:.2}", outcome.records_per_second / b.records_per_second),
     );
     println!(
-        "{batch:>6} {name:<18} {:>12.0} {:>9.1} {:>7}us {:>7}us {:>10}",
+        "{batch:>6} {name:<18} {:>12.0} {:>9.1} {:>7}us {:>7}us {:>10} {:>13.1}",
         outcome.records_per_second,
         outcome.megabytes_per_second,
         outcome.sync_us_p50,
         outcome.sync_us_p99,
-        ratio
+        ratio,
+        outcome.faults_per_batch
     );
 }
 
@@ -143,9 +146,24 @@ fn micros(elapsed: Duration) -> u64 {
         .max(1)
 }
 
-fn outcome(records: usize, elapsed: Duration, syncs: &Histogram<u64>) -> Outcome {
+fn minor_faults() -> u64 {
+    // SAFETY: getrusage only writes the struct we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    assert_eq!(rc, 0, "getrusage");
+    usage.ru_minflt as u64
+}
+
+fn outcome(
+    records: usize,
+    batches: usize,
+    faults: u64,
+    elapsed: Duration,
+    syncs: &Histogram<u64>,
+) -> Outcome {
     let seconds = elapsed.as_secs_f64();
     Outcome {
+        faults_per_batch: faults as f64 / batches as f64,
         records_per_second: records as f64 / seconds,
         megabytes_per_second: (records * PAYLOAD_BYTES) as f64 / seconds / 1e6,
         sync_us_p50: syncs.value_at_quantile(0.5),
@@ -160,6 +178,7 @@ fn run_wal(dir: &Path, sync_method: SyncMethod, batch: usize, batches: usize) ->
     let mut wal = Wal::open(storage, Options::default()).expect("open wal");
     let mut payload = [0u8; PAYLOAD_BYTES];
     let mut syncs = histogram();
+    let faults_before = minor_faults();
     let start = Instant::now();
     for _ in 0..batches {
         for _ in 0..batch {
@@ -173,8 +192,9 @@ fn run_wal(dir: &Path, sync_method: SyncMethod, batch: usize, batches: usize) ->
             .expect("record latency");
     }
     let elapsed = start.elapsed();
+    let faults = minor_faults() - faults_before;
     assert_eq!(wal.durable_lsn(), (batch * batches) as u64);
-    outcome(batch * batches, elapsed, &syncs)
+    outcome(batch * batches, batches, faults, elapsed, &syncs)
 }
 
 fn run_baseline(dir: &Path, batch: usize, batches: usize) -> Outcome {
@@ -183,6 +203,7 @@ fn run_baseline(dir: &Path, batch: usize, batches: usize) -> Outcome {
     let file = preallocated(&dir.join("raw.log"), (batch_bytes * batches) as u64);
     let bytes = vec![0x5au8; batch_bytes];
     let mut syncs = histogram();
+    let faults_before = minor_faults();
     let start = Instant::now();
     for index in 0..batches {
         file.write_all_at(&bytes, (index * batch_bytes) as u64)
@@ -193,7 +214,9 @@ fn run_baseline(dir: &Path, batch: usize, batches: usize) -> Outcome {
             .record(micros(sync_start.elapsed()))
             .expect("record latency");
     }
-    outcome(batch * batches, start.elapsed(), &syncs)
+    let elapsed = start.elapsed();
+    let faults = minor_faults() - faults_before;
+    outcome(batch * batches, batches, faults, elapsed, &syncs)
 }
 
 fn preallocated(path: &Path, len: u64) -> File {

@@ -718,3 +718,14 @@ pub(crate) fn describe_slot(slot: &Slot<'_>) -> String {
         Slot::Bad(bad) => bad.to_string(),
     }
 }
+
+// The threading contract, checked by the compiler: a log can move to its shard thread, and a
+// syncer can be shared with a sync thread.
+const _: () = {
+    const fn assert_send<T: Send>() {}
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send::<Wal<FileStorage>>();
+    assert_send::<Wal<crate::sim::SimStorage>>();
+    assert_send_sync::<Syncer<FileStorage>>();
+    assert_send_sync::<Syncer<crate::sim::SimStorage>>();
+};
