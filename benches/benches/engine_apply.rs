@@ -40,8 +40,18 @@ static GLOBAL: Counting = Counting;
 
 fn main() {
     let bench = std::env::args().any(|a| a == "--bench");
-    let (wallets, warmup, run, runs) =
-        if bench { (1_000_000, 400_000, 1_000_000, 5) } else { (10_000, 200_000, 50_000, 1) };
+    let (mut wallets, warmup, run, runs) = if bench {
+        (1_000_000, 400_000, 1_000_000, 5)
+    } else {
+        (10_000, 200_000, 50_000, 1)
+    };
+    // TALLY_BENCH_WALLETS overrides the wallet count (e.g. to separate cache effects).
+    if let Some(n) = std::env::var("TALLY_BENCH_WALLETS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        wallets = n;
+    }
 
     let started = Instant::now();
     let mut workload = Workload::new(wallets, 0x7a11);

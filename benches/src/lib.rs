@@ -38,8 +38,10 @@ impl Workload {
     /// `wallets` wallets, each on plan `std` with two grants: a large expiring one at priority
     /// 0 and a larger one without expiry at priority 5.
     pub fn new(wallets: usize, seed: u64) -> Workload {
-        let config =
-            Config { idempotency_retention_us: Timestamp::SECOND_US, ..Config::default() };
+        let config = Config {
+            idempotency_retention_us: Timestamp::SECOND_US,
+            ..Config::default()
+        };
         let mut w = Workload {
             engine: Engine::new(config),
             now: Timestamp(1_700_000_000_000_000),
@@ -49,15 +51,28 @@ impl Workload {
             rejected: 0,
         };
         let usd = asset("USD");
-        w.must(Command::DefineAsset { code: usd, scale: 9, usd_value: d("1") });
+        w.must(Command::DefineAsset {
+            code: usd,
+            scale: 9,
+            usd_value: d("1"),
+        });
         let (input, output) = (name("input_tokens"), name("output_tokens"));
-        w.must(Command::DefineProduct { code: name("chat"), dimensions: vec![input, output] });
+        w.must(Command::DefineProduct {
+            code: name("chat"),
+            dimensions: vec![input, output],
+        });
         let rule = |filters: &[(&str, &str)], i: &str, o: &str| PriceRule {
             product: name("chat"),
             filters: filters.iter().map(|(k, v)| (name(k), name(v))).collect(),
             components: vec![
-                Component { dimension: input, price: PriceModel::PerUnit { unit_price: d(i) } },
-                Component { dimension: output, price: PriceModel::PerUnit { unit_price: d(o) } },
+                Component {
+                    dimension: input,
+                    price: PriceModel::PerUnit { unit_price: d(i) },
+                },
+                Component {
+                    dimension: output,
+                    price: PriceModel::PerUnit { unit_price: d(o) },
+                },
             ],
             minimum_charge: None,
             rounding: Rounding::Up,
@@ -70,7 +85,11 @@ impl Workload {
                 rule(&[], "0.0000005", "0.0000015"),
                 rule(&[("model", "gpt-4o")], "0.0000025", "0.00001"),
                 rule(&[("model", "gpt-4o-mini")], "0.00000015", "0.0000006"),
-                rule(&[("model", "gpt-4o"), ("tier", "batch")], "0.00000125", "0.000005"),
+                rule(
+                    &[("model", "gpt-4o"), ("tier", "batch")],
+                    "0.00000125",
+                    "0.000005",
+                ),
             ],
         });
         w.must(Command::PublishPlan { plan: name("std") });
@@ -90,7 +109,8 @@ impl Workload {
                 version: 1,
                 effective_from: Timestamp(0),
             });
-            for (amount, priority, expires_at) in [("1000", 0, Some(expires)), ("100000", 5, None)] {
+            for (amount, priority, expires_at) in [("1000", 0, Some(expires)), ("100000", 5, None)]
+            {
                 w.must(Command::Grant(Grant {
                     wallet,
                     asset: usd,
@@ -118,24 +138,41 @@ impl Workload {
                 wallet,
                 product: name("chat"),
                 quantities: vec![
-                    Quantity { dimension: input, value: Decimal::from(100 + (state >> 40) % 2000) },
-                    Quantity { dimension: output, value: Decimal::from(10 + (state >> 20) % 500) },
+                    Quantity {
+                        dimension: input,
+                        value: Decimal::from(100 + (state >> 40) % 2000),
+                    },
+                    Quantity {
+                        dimension: output,
+                        value: Decimal::from(10 + (state >> 20) % 500),
+                    },
                 ],
                 attributes,
                 cost_usd: d("0.0001"),
                 occurred_at: w.now,
                 mode: DebitMode::Strict,
             };
-            w.ring.push(Request { id: RequestId(0), command: Command::Usage(event) });
+            w.ring.push(Request {
+                id: RequestId(0),
+                command: Command::Usage(event),
+            });
         }
         w
     }
 
     fn must(&mut self, command: Command) {
-        let request = Request { id: RequestId(self.next_id), command };
+        let request = Request {
+            id: RequestId(self.next_id),
+            command,
+        };
         self.next_id += 1;
         let reply = self.engine.handle_request(self.now, &request);
-        assert_eq!(reply.code, ResultCode::Ok, "setup command {:?} failed", request.command);
+        assert_eq!(
+            reply.code,
+            ResultCode::Ok,
+            "setup command {:?} failed",
+            request.command
+        );
         while self.engine.poll_effect().is_some() {}
     }
 
