@@ -1597,7 +1597,11 @@ impl Engine {
         }
         let mut amount = match rule.amount {
             TopUpAmount::Fixed(amount) => amount,
-            TopUpAmount::Target(target) => target - available,
+            // Checked: a wallet deep in debt must not overflow the target arithmetic.
+            TopUpAmount::Target(target) => match target.checked_sub(available) {
+                Some(amount) => amount,
+                None => return,
+            },
         };
         if t.day != now.day() {
             t.day = now.day();

@@ -505,3 +505,16 @@ pub struct Margins {
     /// Per UTC hour (hours since the epoch) of the event.
     pub by_hour: BTreeMap<i64, Margin>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_sizes_stay_small() {
+        // The idempotency table holds one `Remembered` per request in the window; the crate
+        // docs quote its size. Growing it is a memory decision, so it is pinned here.
+        let size = std::mem::size_of::<Remembered>();
+        assert!(size <= 192, "Remembered grew to {size} bytes");
+    }
+}
