@@ -1,0 +1,1 @@
+//! tally-snapshots: versioned, checksummed snapshot files of one shard's engine state.
