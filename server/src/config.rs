@@ -1,0 +1,258 @@
+//! Server configuration: defaults, a TOML file, `TALLY_*` environment variables and flags,
+//! merged in that order (a later source wins) and validated once, with errors that name the bad
+//! setting.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// WAL durability, as configured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DurabilitySetting {
+    /// fdatasync every group commit (default).
+    Sync,
+    /// No sync: survives a process crash, not a power loss. Benchmarks only.
+    None,
+}
+
+/// The validated configuration of a server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Where WALs, snapshots, outbound files and the lock live.
+    pub data_dir: PathBuf,
+    /// Shard count. Fixed for the life of a data directory (it is recorded there).
+    pub shards: u32,
+    /// WAL durability.
+    pub durability: DurabilitySetting,
+    /// Size of each WAL segment file.
+    pub wal_segment_bytes: u64,
+    /// Most requests one group commit takes.
+    pub batch_max: usize,
+    /// Capacity of each shard's inbound queue; a full queue answers "busy".
+    pub queue_depth: usize,
+    /// Capacity of the outbound effect queue (shards wait when it is full).
+    pub outbound_queue_depth: usize,
+    /// Take a checkpoint after this many WAL records in a shard (0: never by count).
+    pub snapshot_every_records: u64,
+    /// Take a checkpoint after this many seconds (0: never by time).
+    pub snapshot_every_secs: u64,
+    /// Checkpoints kept per shard.
+    pub snapshots_keep: usize,
+    /// Idempotency window, seconds.
+    pub idempotency_retention_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            data_dir: PathBuf::from("./tally-data"),
+            shards: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            durability: DurabilitySetting::Sync,
+            wal_segment_bytes: 64 * 1024 * 1024,
+            batch_max: 4096,
+            queue_depth: 65_536,
+            outbound_queue_depth: 65_536,
+            snapshot_every_records: 5_000_000,
+            snapshot_every_secs: 600,
+            snapshots_keep: 2,
+            idempotency_retention_secs: 24 * 3600,
+        }
+    }
+}
+
+/// Settings as they come from one source; `None` leaves the earlier value.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Overrides {
+    /// See [`Config::data_dir`].
+    pub data_dir: Option<PathBuf>,
+    /// See [`Config::shards`].
+    pub shards: Option<u32>,
+    /// See [`Config::durability`].
+    pub durability: Option<DurabilitySetting>,
+    /// See [`Config::wal_segment_bytes`].
+    pub wal_segment_bytes: Option<u64>,
+    /// See [`Config::batch_max`].
+    pub batch_max: Option<usize>,
+    /// See [`Config::queue_depth`].
+    pub queue_depth: Option<usize>,
+    /// See [`Config::outbound_queue_depth`].
+    pub outbound_queue_depth: Option<usize>,
+    /// See [`Config::snapshot_every_records`].
+    pub snapshot_every_records: Option<u64>,
+    /// See [`Config::snapshot_every_secs`].
+    pub snapshot_every_secs: Option<u64>,
+    /// See [`Config::snapshots_keep`].
+    pub snapshots_keep: Option<usize>,
+    /// See [`Config::idempotency_retention_secs`].
+    pub idempotency_retention_secs: Option<u64>,
+}
+
+/// A configuration problem, naming the setting and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "configuration: {}", self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+const ENV: &[(&str, &str)] = &[
+    ("TALLY_DATA_DIR", "data_dir"),
+    ("TALLY_SHARDS", "shards"),
+    ("TALLY_DURABILITY", "durability"),
+    ("TALLY_WAL_SEGMENT_BYTES", "wal_segment_bytes"),
+    ("TALLY_BATCH_MAX", "batch_max"),
+    ("TALLY_QUEUE_DEPTH", "queue_depth"),
+    ("TALLY_OUTBOUND_QUEUE_DEPTH", "outbound_queue_depth"),
+    ("TALLY_SNAPSHOT_EVERY_RECORDS", "snapshot_every_records"),
+    ("TALLY_SNAPSHOT_EVERY_SECS", "snapshot_every_secs"),
+    ("TALLY_SNAPSHOTS_KEEP", "snapshots_keep"),
+    (
+        "TALLY_IDEMPOTENCY_RETENTION_SECS",
+        "idempotency_retention_secs",
+    ),
+];
+
+impl Overrides {
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Overrides, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
+    }
+
+    /// Reads `TALLY_*` variables through `get` (the process environment in production).
+    pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Overrides, ConfigError> {
+        let mut table = toml::Table::new();
+        for (var, key) in ENV {
+            if let Some(value) = get(var) {
+                let parsed = match *key {
+                    "data_dir" | "durability" => toml::Value::String(value),
+                    _ => value
+                        .trim()
+                        .parse::<i64>()
+                        .map(toml::Value::Integer)
+                        .map_err(|_| {
+                            ConfigError(format!("{var}={value:?} is not a whole number"))
+                        })?,
+                };
+                table.insert((*key).to_string(), parsed);
+            }
+        }
+        Overrides::deserialize(toml::Value::Table(table))
+            .map_err(|e| ConfigError(format!("environment: {e}")))
+    }
+
+    /// Applies these overrides on top of `config`.
+    pub fn apply(self, config: &mut Config) {
+        macro_rules! take {
+            ($($field:ident),*) => { $( if let Some(v) = self.$field { config.$field = v; } )* };
+        }
+        take!(
+            data_dir,
+            shards,
+            durability,
+            wal_segment_bytes,
+            batch_max,
+            queue_depth,
+            outbound_queue_depth,
+            snapshot_every_records,
+            snapshot_every_secs,
+            snapshots_keep,
+            idempotency_retention_secs
+        );
+    }
+}
+
+impl Config {
+    /// Checks every setting; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |setting: &str, why: &str| Err(ConfigError(format!("{setting}: {why}")));
+        if self.data_dir.as_os_str().is_empty() {
+            return bad("data_dir", "must not be empty");
+        }
+        if !(1..=256).contains(&self.shards) {
+            return bad("shards", "must be between 1 and 256");
+        }
+        if !(tally_wal::SEGMENT_BYTES_MIN..=tally_wal::SEGMENT_BYTES_MAX)
+            .contains(&self.wal_segment_bytes)
+            || self.wal_segment_bytes % 4096 != 0
+        {
+            return bad(
+                "wal_segment_bytes",
+                "must be a multiple of 4096 between 64 KiB and 1 GiB",
+            );
+        }
+        if self.wal_segment_bytes < 64 * 1024 {
+            return bad("wal_segment_bytes", "must be at least 64 KiB");
+        }
+        if !(1..=65_536).contains(&self.batch_max) {
+            return bad("batch_max", "must be between 1 and 65536");
+        }
+        if !(1..=1 << 24).contains(&self.queue_depth) {
+            return bad("queue_depth", "must be between 1 and 16777216");
+        }
+        if !(1..=1 << 24).contains(&self.outbound_queue_depth) {
+            return bad("outbound_queue_depth", "must be between 1 and 16777216");
+        }
+        if !(1..=1000).contains(&self.snapshots_keep) {
+            return bad("snapshots_keep", "must be between 1 and 1000");
+        }
+        if !(1..=366 * 24 * 3600).contains(&self.idempotency_retention_secs) {
+            return bad(
+                "idempotency_retention_secs",
+                "must be between 1 and 31622400 (366 days)",
+            );
+        }
+        Ok(())
+    }
+
+    /// The engine settings this configuration implies.
+    pub fn engine(&self) -> tally_engine::Config {
+        tally_engine::Config {
+            idempotency_retention_us: self.idempotency_retention_secs as i64 * 1_000_000,
+            ..tally_engine::Config::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_merge_in_order_and_errors_name_the_setting() {
+        let mut config = Config::default();
+        let file: Overrides = toml::from_str("shards = 3\nbatch_max = 10\n").unwrap();
+        file.apply(&mut config);
+        let env = Overrides::from_env(|k| (k == "TALLY_SHARDS").then(|| "5".to_string())).unwrap();
+        env.apply(&mut config);
+        assert_eq!((config.shards, config.batch_max), (5, 10));
+        config.validate().unwrap();
+
+        let error = Overrides::from_env(|k| (k == "TALLY_SHARDS").then(|| "many".into()));
+        assert!(error.unwrap_err().0.contains("TALLY_SHARDS"));
+        let unknown = toml::from_str::<Overrides>("shard = 3\n");
+        assert!(unknown.is_err(), "unknown keys are refused");
+        config.shards = 0;
+        assert!(config.validate().unwrap_err().0.starts_with("shards"));
+        let mut config = Config {
+            durability: DurabilitySetting::None,
+            ..Config::default()
+        };
+        config.wal_segment_bytes = 1000;
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .0
+            .starts_with("wal_segment_bytes"));
+        let bad_durability =
+            Overrides::from_env(|k| (k == "TALLY_DURABILITY").then(|| "maybe".into()));
+        assert!(bad_durability.is_err());
+    }
+}

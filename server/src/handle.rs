@@ -1,0 +1,161 @@
+//! [`Handle`]: how in-process callers (the network layer, benchmarks, tests) reach the shards.
+//!
+//! Wallet commands and queries go to the wallet's shard (`tally_engine::shard_for`). Catalog
+//! commands (assets, products, plans) go to every shard, one at a time under a lock, so that all
+//! shards see them in the same order and a usage event never meets a plan version its shard has
+//! not seen. A full inbound queue answers [`CallError::Busy`] instead of growing.
+
+use std::sync::{Arc, Mutex};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use tally_engine::{
+    shard_for, Margin, MarginScope, Query, QueryReply, Reply, Request, ResultCode, WalletId,
+};
+
+use crate::shard::{CallError, Message};
+
+/// A cloneable entry point to all shards.
+#[derive(Clone, Debug)]
+pub struct Handle {
+    shards: Arc<[Sender<Message>]>,
+    broadcast: Arc<Mutex<()>>,
+}
+
+/// A reply that will arrive once the request's batch is durable.
+#[derive(Debug)]
+pub struct PendingReply(Receiver<Result<Reply, CallError>>);
+
+impl PendingReply {
+    /// Waits for the reply.
+    pub fn wait(self) -> Result<Reply, CallError> {
+        self.0.recv().unwrap_or(Err(CallError::Stopped))
+    }
+}
+
+impl Handle {
+    pub(crate) fn new(shards: Vec<Sender<Message>>) -> Handle {
+        Handle {
+            shards: shards.into(),
+            broadcast: Arc::new(Mutex::new(())),
+        }
+    }
+
+    /// The number of shards.
+    pub fn shard_count(&self) -> u32 {
+        self.shards.len() as u32
+    }
+
+    fn shard(&self, wallet: &WalletId) -> &Sender<Message> {
+        &self.shards[shard_for(wallet, self.shard_count()) as usize]
+    }
+
+    /// Queues a request without waiting for it (catalog commands wait for their broadcast).
+    pub fn submit(&self, request: Request) -> Result<PendingReply, CallError> {
+        let Some(wallet) = request.command.wallet().copied() else {
+            // Catalog commands take the ordered broadcast, which waits for every shard.
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            let _ = tx.send(self.call(request));
+            return Ok(PendingReply(rx));
+        };
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        match self.shard(&wallet).try_send(Message::Request(request, tx)) {
+            Ok(()) => Ok(PendingReply(rx)),
+            Err(TrySendError::Full(_)) => Err(CallError::Busy),
+            Err(TrySendError::Disconnected(_)) => Err(CallError::Stopped),
+        }
+    }
+
+    /// Applies a request and waits for its durable reply.
+    pub fn call(&self, request: Request) -> Result<Reply, CallError> {
+        if request.command.wallet().is_some() {
+            return self.submit(request)?.wait();
+        }
+        // A poisoned lock only means another broadcaster panicked; the order is still ours.
+        let _order = self.broadcast.lock().unwrap_or_else(|e| e.into_inner());
+        let mut waiting = Vec::with_capacity(self.shards.len());
+        for shard in self.shards.iter() {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            // Blocking send: a broadcast must reach every shard, or the catalogs would differ.
+            shard
+                .send(Message::Request(request.clone(), tx))
+                .map_err(|_| CallError::Stopped)?;
+            waiting.push(rx);
+        }
+        let mut first = None;
+        for rx in waiting {
+            let reply = rx.recv().unwrap_or(Err(CallError::Stopped))?;
+            match first {
+                None => first = Some(reply),
+                Some(f) => assert_eq!(f.code, reply.code, "shards disagree on a catalog command"),
+            }
+        }
+        first.ok_or(CallError::Stopped)
+    }
+
+    /// Answers a query from the shard that owns its wallet (or shard 0 for catalog questions).
+    pub fn query(&self, query: Query) -> Result<Result<QueryReply, ResultCode>, CallError> {
+        let shard = match &query {
+            Query::Wallet { wallet } | Query::Balance { wallet, .. } => self.shard(wallet),
+            Query::PricePreview(event) => self.shard(&event.wallet),
+            Query::Margin(MarginScope::Wallet(wallet)) => self.shard(wallet),
+            Query::Margin(_) => return self.margin(query).map(|m| m.map(QueryReply::Margin)),
+            Query::DraftTest { .. } => &self.shards[0],
+        };
+        Self::ask(shard, query)
+    }
+
+    fn ask(
+        shard: &Sender<Message>,
+        query: Query,
+    ) -> Result<Result<QueryReply, ResultCode>, CallError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        match shard.try_send(Message::Query(query, tx)) {
+            Ok(()) => rx.recv().unwrap_or(Err(CallError::Stopped)),
+            Err(TrySendError::Full(_)) => Err(CallError::Busy),
+            Err(TrySendError::Disconnected(_)) => Err(CallError::Stopped),
+        }
+    }
+
+    /// Shard-wide margin scopes, merged over all shards.
+    fn margin(
+        &self,
+        query: Query,
+    ) -> Result<Result<tally_engine::MarginView, ResultCode>, CallError> {
+        let mut total = Margin::default();
+        for shard in self.shards.iter() {
+            match Self::ask(shard, query.clone())? {
+                Ok(QueryReply::Margin(m)) => total.merge(&Margin {
+                    events: m.events,
+                    revenue_usd: m.revenue_usd,
+                    cost_usd: m.cost_usd,
+                    refunded_usd: m.refunded_usd,
+                }),
+                Ok(other) => unreachable!("a margin query answered {other:?}"),
+                Err(code) => return Ok(Err(code)),
+            }
+        }
+        Ok(Ok(total.into()))
+    }
+
+    /// Takes a checkpoint of every shard now; returns each shard's (LSN, digest).
+    pub fn checkpoint(&self) -> Result<Vec<(u64, u64)>, CallError> {
+        let mut waiting = Vec::new();
+        for shard in self.shards.iter() {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            shard
+                .send(Message::Checkpoint(tx))
+                .map_err(|_| CallError::Stopped)?;
+            waiting.push(rx);
+        }
+        waiting
+            .into_iter()
+            .map(|rx| rx.recv().unwrap_or(Err(CallError::Stopped)))
+            .collect()
+    }
+
+    pub(crate) fn stop(&self) {
+        for shard in self.shards.iter() {
+            let _ = shard.send(Message::Stop);
+        }
+    }
+}

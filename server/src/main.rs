@@ -1,0 +1,2 @@
+//! The `tally` binary: a thin command line over `tally-server`.
+fn main() {}

@@ -1,0 +1,284 @@
+//! The outbound queue: effects leave the shard threads here and are written by sinks on a thread
+//! of their own.
+//!
+//! Every effect is tagged with the shard, the LSN of the input that produced it and its index
+//! among that input's effects. That tag is deterministic (replay produces the same effects with
+//! the same tags), so a sink records, per shard, the last tag it has made durable and skips
+//! anything at or below it: after a restart nothing is lost (replay re-emits what was not
+//! written) and nothing is written twice.
+//!
+//! The sink for now is a JSON-lines file per stream (`journal`, `margin`, `topups`, `alerts`) in
+//! `<data-dir>/outbound/`. Its progress is the file itself: at start the sink reads the tags of
+//! the lines after the last checkpointed offset (in `progress.json`) and drops a torn last line.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
+use serde::{Deserialize, Serialize};
+use tally_engine::Effect;
+
+/// An effect with its deterministic position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tagged {
+    /// The shard.
+    pub shard: u32,
+    /// LSN of the input that produced it.
+    pub lsn: u64,
+    /// Index among that input's effects.
+    pub index: u32,
+    /// The effect.
+    pub effect: Effect,
+}
+
+impl Tagged {
+    fn position(&self) -> (u64, u32) {
+        (self.lsn, self.index)
+    }
+}
+
+/// The streams, one file each.
+pub const STREAMS: [&str; 4] = ["journal", "margin", "topups", "alerts"];
+
+fn stream_of(effect: &Effect) -> usize {
+    match effect {
+        Effect::Journal(_) => 0,
+        Effect::Margin(_) => 1,
+        Effect::TopUpRequested(_) => 2,
+        Effect::TopUpExhausted { .. } => 3,
+    }
+}
+
+/// Messages to the outbound thread.
+#[derive(Debug)]
+pub enum Message {
+    /// Effects to write.
+    Effects(Vec<Tagged>),
+    /// Make everything so far durable and reply.
+    Flush(Sender<()>),
+}
+
+/// Checkpoint of a sink: bytes of each stream file known to be whole and the last tag per shard.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct Progress {
+    offsets: BTreeMap<String, u64>,
+    last: BTreeMap<String, BTreeMap<u32, (u64, u32)>>,
+}
+
+struct Stream {
+    name: &'static str,
+    writer: BufWriter<File>,
+    offset: u64,
+    last: BTreeMap<u32, (u64, u32)>,
+}
+
+/// JSON-lines sinks for all streams.
+pub struct FileSinks {
+    dir: PathBuf,
+    streams: Vec<Stream>,
+    unflushed: usize,
+}
+
+impl std::fmt::Debug for FileSinks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileSinks")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An outbound failure: the server cannot export and must stop.
+#[derive(Debug)]
+pub struct Error(pub String);
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "outbound: {}", self.0)
+    }
+}
+
+impl std::error::Error for Error {}
+
+fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
+    Error(format!("cannot {what} {}: {e}", path.display()))
+}
+
+#[derive(Deserialize)]
+struct LineTag {
+    shard: u32,
+    lsn: u64,
+    index: u32,
+}
+
+impl FileSinks {
+    /// Opens (creating) the sink files in `dir` and recovers their progress.
+    pub fn open(dir: &Path) -> Result<FileSinks, Error> {
+        std::fs::create_dir_all(dir).map_err(|e| io("create", dir, e))?;
+        let progress_path = dir.join("progress.json");
+        let progress: Progress = match std::fs::read(&progress_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| Error(format!("{} is unreadable: {e}", progress_path.display())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Progress::default(),
+            Err(e) => return Err(io("read", &progress_path, e)),
+        };
+        let mut streams = Vec::new();
+        for name in STREAMS {
+            let path = dir.join(format!("{name}.jsonl"));
+            let mut file = OpenOptions::new()
+                .create(true)
+                .read(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| io("open", &path, e))?;
+            let mut offset = progress.offsets.get(name).copied().unwrap_or(0);
+            let mut last = progress.last.get(name).cloned().unwrap_or_default();
+            let length = file.metadata().map_err(|e| io("stat", &path, e))?.len();
+            if offset > length {
+                return Err(Error(format!(
+                    "{} is shorter than its recorded progress: it was truncated or replaced",
+                    path.display()
+                )));
+            }
+            // Lines written after the last checkpoint still count; a torn last line does not.
+            file.seek(SeekFrom::Start(offset))
+                .map_err(|e| io("seek", &path, e))?;
+            let mut reader = BufReader::new(&file);
+            let mut line = String::new();
+            loop {
+                line.clear();
+                let n = reader
+                    .read_line(&mut line)
+                    .map_err(|e| io("read", &path, e))?;
+                if n == 0 || !line.ends_with('\n') {
+                    break;
+                }
+                let tag: LineTag = serde_json::from_str(&line).map_err(|e| {
+                    Error(format!(
+                        "{} has a bad line at byte {offset}: {e}",
+                        path.display()
+                    ))
+                })?;
+                last.insert(tag.shard, (tag.lsn, tag.index));
+                offset += n as u64;
+            }
+            if offset < length {
+                file.set_len(offset)
+                    .map_err(|e| io("truncate the torn tail of", &path, e))?;
+            }
+            streams.push(Stream {
+                name,
+                writer: BufWriter::new(file),
+                offset,
+                last,
+            });
+        }
+        let mut sinks = FileSinks {
+            dir: dir.to_path_buf(),
+            streams,
+            unflushed: 0,
+        };
+        sinks.checkpoint()?;
+        Ok(sinks)
+    }
+
+    /// The last tag written for `shard` in each stream.
+    pub fn progress(&self, shard: u32) -> Vec<Option<(u64, u32)>> {
+        self.streams
+            .iter()
+            .map(|s| s.last.get(&shard).copied())
+            .collect()
+    }
+
+    /// Writes one effect unless its stream already has it.
+    pub fn write(&mut self, tagged: &Tagged) -> Result<(), Error> {
+        let stream = &mut self.streams[stream_of(&tagged.effect)];
+        if stream
+            .last
+            .get(&tagged.shard)
+            .is_some_and(|&p| tagged.position() <= p)
+        {
+            return Ok(());
+        }
+        let mut line = serde_json::to_vec(tagged).map_err(|e| Error(format!("encode: {e}")))?;
+        line.push(b'\n');
+        stream
+            .writer
+            .write_all(&line)
+            .map_err(|e| Error(format!("write {}: {e}", stream.name)))?;
+        stream.offset += line.len() as u64;
+        stream.last.insert(tagged.shard, tagged.position());
+        self.unflushed += 1;
+        Ok(())
+    }
+
+    /// Makes everything written durable and records the progress.
+    pub fn flush(&mut self) -> Result<(), Error> {
+        if self.unflushed == 0 {
+            return Ok(());
+        }
+        for stream in &mut self.streams {
+            stream
+                .writer
+                .flush()
+                .map_err(|e| Error(format!("flush {}: {e}", stream.name)))?;
+            stream
+                .writer
+                .get_ref()
+                .sync_data()
+                .map_err(|e| Error(format!("sync {}: {e}", stream.name)))?;
+        }
+        self.unflushed = 0;
+        self.checkpoint()
+    }
+
+    fn checkpoint(&mut self) -> Result<(), Error> {
+        let mut progress = Progress::default();
+        for s in &self.streams {
+            progress.offsets.insert(s.name.to_string(), s.offset);
+            progress.last.insert(s.name.to_string(), s.last.clone());
+        }
+        let path = self.dir.join("progress.json");
+        let temp = self.dir.join("progress.json.tmp");
+        let bytes = serde_json::to_vec(&progress).map_err(|e| Error(format!("encode: {e}")))?;
+        let mut file = File::create(&temp).map_err(|e| io("create", &temp, e))?;
+        file.write_all(&bytes)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| io("write", &temp, e))?;
+        std::fs::rename(&temp, &path).map_err(|e| io("rename", &temp, e))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io("sync", &self.dir, e))
+    }
+}
+
+/// Flush after this many effects even while more keep coming.
+const FLUSH_EVERY: usize = 65_536;
+
+/// Starts the outbound thread. It exits when every sender is dropped, after a final flush.
+pub fn spawn(mut sinks: FileSinks, receiver: Receiver<Message>) -> JoinHandle<Result<(), Error>> {
+    std::thread::Builder::new()
+        .name("tally-outbound".into())
+        .spawn(move || {
+            while let Ok(message) = receiver.recv() {
+                match message {
+                    Message::Effects(effects) => {
+                        for tagged in &effects {
+                            sinks.write(tagged)?;
+                        }
+                        if receiver.is_empty() || sinks.unflushed >= FLUSH_EVERY {
+                            sinks.flush()?;
+                        }
+                    }
+                    Message::Flush(done) => {
+                        sinks.flush()?;
+                        let _ = done.send(());
+                    }
+                }
+            }
+            sinks.flush()
+        })
+        .expect("spawning the outbound thread")
+}

@@ -1,0 +1,385 @@
+//! Starting, recovering and stopping a server on a data directory.
+//!
+//! Layout of a data directory:
+//!
+//! ```text
+//! <data-dir>/LOCK              flock'ed by the running server; a second process is refused
+//! <data-dir>/shards            the shard count, fixed at creation
+//! <data-dir>/shard-NNN/wal/    each shard's WAL segments
+//! <data-dir>/snapshots/        checkpoints (see docs/snapshot-format.md)
+//! <data-dir>/outbound/         JSON-lines exports and their progress
+//! ```
+//!
+//! Recovery of each shard: newest valid checkpoint (falling back past corrupt ones with a
+//! warning naming the file), then WAL replay from the checkpoint's LSN + 1; every replayed
+//! effect goes to the outbound sinks, which skip what they already hold. The state digest is
+//! logged at the end.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tally_engine::{Engine, State, Timestamp};
+use tally_wal::{Durability, FileStorage, Options, Wal};
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::{Config, DurabilitySetting};
+use crate::handle::Handle;
+use crate::outbound::{self, FileSinks, Tagged};
+use crate::record::{self, LogEntry};
+use crate::shard::{CallError, Checkpoints, Shard, ShardOptions};
+
+/// Why a server could not start or stop cleanly. Messages say what to do.
+#[derive(Debug)]
+pub struct Error(pub String);
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// The newest valid checkpoint as (LSN, state), if any, and a warning per newer file skipped as
+/// corrupt.
+pub type Loaded = (Option<(u64, State)>, Vec<String>);
+
+/// Checkpoint storage: writing (through [`Checkpoints`]) and loading the newest valid one.
+pub trait Store: Checkpoints {
+    /// The newest valid checkpoint of `shard`.
+    fn load_newest(&self, shard: u32) -> Result<Loaded, String>;
+    /// Another handle on the same storage, for another shard thread.
+    fn clone_box(&self) -> Box<dyn Store>;
+}
+
+/// Holds `<data-dir>/LOCK` for as long as it lives.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: File,
+}
+
+impl DataDirLock {
+    /// Locks `dir` (creating it), or explains who holds it.
+    pub fn acquire(dir: &Path) -> Result<DataDirLock, Error> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            Error(format!(
+                "cannot create data directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+        let path = dir.join("LOCK");
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error(format!("cannot open {}: {e}", path.display())))?;
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if locked != 0 {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            return Err(Error(format!(
+                "{} is in use by another tally process ({}); stop it first, or use another \
+                 --data-dir",
+                dir.display(),
+                holder.trim()
+            )));
+        }
+        file.set_len(0).ok();
+        let _ = writeln!(file, "pid {}", std::process::id());
+        Ok(DataDirLock { _file: file })
+    }
+}
+
+/// Reads or records the data directory's shard count.
+fn shard_count(dir: &Path, configured: u32) -> Result<u32, Error> {
+    let path = dir.join("shards");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let recorded: u32 = text
+                .trim()
+                .parse()
+                .map_err(|_| Error(format!("{} does not hold a shard count", path.display())))?;
+            if recorded != configured {
+                return Err(Error(format!(
+                    "shards: {} was created with {recorded} shards and cannot be opened with \
+                     {configured}; pass --shards {recorded}",
+                    dir.display()
+                )));
+            }
+            Ok(recorded)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let temp = dir.join("shards.tmp");
+            std::fs::write(&temp, format!("{configured}\n"))
+                .and_then(|()| File::open(&temp)?.sync_all())
+                .and_then(|()| std::fs::rename(&temp, &path))
+                .and_then(|()| File::open(dir)?.sync_all())
+                .map_err(|e| Error(format!("cannot write {}: {e}", path.display())))?;
+            Ok(configured)
+        }
+        Err(e) => Err(Error(format!("cannot read {}: {e}", path.display()))),
+    }
+}
+
+/// The WAL directory of a shard.
+pub fn wal_dir(data_dir: &Path, shard: u32) -> PathBuf {
+    data_dir.join(format!("shard-{shard:03}")).join("wal")
+}
+
+fn wal_options(config: &Config, first_lsn: u64) -> Options {
+    Options {
+        segment_bytes: config.wal_segment_bytes,
+        durability: match config.durability {
+            DurabilitySetting::Sync => Durability::Sync,
+            DurabilitySetting::None => Durability::None,
+        },
+        first_lsn,
+    }
+}
+
+/// What recovering one shard found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    /// The shard.
+    pub shard: u32,
+    /// LSN of the checkpoint it started from (0: none).
+    pub checkpoint_lsn: u64,
+    /// WAL records replayed after it.
+    pub replayed: u64,
+    /// Last LSN applied.
+    pub lsn: u64,
+    /// State digest after replay.
+    pub digest: u64,
+    /// Warnings (skipped corrupt checkpoints, a cut torn WAL tail).
+    pub warnings: Vec<String>,
+}
+
+/// Rebuilds one shard's engine: newest valid checkpoint + WAL replay, stopping after
+/// `until_lsn` or before the first record stamped after `until_time` when given. Effects of
+/// replayed records go to `effects`.
+pub fn recover_shard(
+    config: &Config,
+    store: &dyn Store,
+    shard: u32,
+    until: Until,
+    effects: &mut dyn FnMut(Tagged),
+) -> Result<(Engine, Wal<FileStorage>, Recovered), Error> {
+    let (checkpoint, mut warnings) = store
+        .load_newest(shard)
+        .map_err(|e| Error(format!("shard {shard}: {e}")))?;
+    let (checkpoint_lsn, mut engine) = match checkpoint {
+        Some((lsn, state)) => {
+            let engine = Engine::from_state(state)
+                .map_err(|e| Error(format!("shard {shard}: checkpoint at LSN {lsn}: {e}")))?;
+            (lsn, engine)
+        }
+        None => (0, Engine::new(config.engine())),
+    };
+    let dir = wal_dir(&config.data_dir, shard);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error(format!("cannot create {}: {e}", dir.display())))?;
+    let wal = Wal::open_dir(&dir, wal_options(config, checkpoint_lsn + 1))
+        .map_err(|e| Error(format!("shard {shard}: {e}")))?;
+    if let Some(cut) = &wal.recovery().truncated {
+        warnings.push(format!("shard {shard}: cut a torn WAL tail: {cut:?}"));
+    }
+    if wal.first_lsn() > checkpoint_lsn + 1 {
+        return Err(Error(format!(
+            "shard {shard}: the WAL starts at LSN {} but the checkpoint ends at {checkpoint_lsn}: \
+             records are missing; restore from an older checkpoint with `tally restore`",
+            wal.first_lsn()
+        )));
+    }
+    let mut replayed = 0;
+    let mut lsn = checkpoint_lsn;
+    {
+        let mut scan = wal
+            .scan(checkpoint_lsn + 1)
+            .map_err(|e| Error(format!("shard {shard}: {e}")))?;
+        while let Some(r) = scan
+            .next()
+            .map_err(|e| Error(format!("shard {shard}: {e}")))?
+        {
+            let decoded = record::decode(r.payload)
+                .map_err(|e| Error(format!("shard {shard}: WAL record {}: {e}", r.lsn)))?;
+            if until.stops_before(r.lsn, decoded.at) {
+                break;
+            }
+            match decoded.entry {
+                LogEntry::Request(request) => {
+                    engine.handle_request(decoded.at, &request);
+                }
+                LogEntry::Tick => engine.handle_timeout(decoded.at),
+            }
+            let mut index = 0;
+            while let Some(effect) = engine.poll_effect() {
+                effects(Tagged {
+                    shard,
+                    lsn: r.lsn,
+                    index,
+                    effect,
+                });
+                index += 1;
+            }
+            lsn = r.lsn;
+            replayed += 1;
+        }
+    }
+    let digest = engine.digest();
+    let recovered = Recovered {
+        shard,
+        checkpoint_lsn,
+        replayed,
+        lsn,
+        digest,
+        warnings,
+    };
+    Ok((engine, wal, recovered))
+}
+
+/// Where replay stops (point-in-time restore).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Until {
+    /// Apply records up to and including this LSN.
+    pub lsn: Option<u64>,
+    /// Apply records stamped at or before this time.
+    pub time: Option<Timestamp>,
+}
+
+impl Until {
+    fn stops_before(&self, lsn: u64, at: Timestamp) -> bool {
+        self.lsn.is_some_and(|l| lsn > l) || self.time.is_some_and(|t| at > t)
+    }
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Server {
+    handle: Handle,
+    shards: Vec<JoinHandle<Result<u64, CallError>>>,
+    outbound: Option<JoinHandle<Result<(), outbound::Error>>>,
+    outbound_tx: Option<crossbeam_channel::Sender<outbound::Message>>,
+    recovered: Vec<Recovered>,
+    _lock: DataDirLock,
+}
+
+impl Server {
+    /// Locks the data directory, recovers every shard, and starts the shard threads and the
+    /// outbound thread.
+    pub fn start(config: &Config, store: Box<dyn Store>) -> Result<Server, Error> {
+        Self::start_with_clock(config, store, || Box::new(SystemClock))
+    }
+
+    /// [`Server::start`] with another clock (tests).
+    pub fn start_with_clock(
+        config: &Config,
+        store: Box<dyn Store>,
+        clock: impl Fn() -> Box<dyn Clock>,
+    ) -> Result<Server, Error> {
+        config.validate().map_err(|e| Error(e.to_string()))?;
+        let lock = DataDirLock::acquire(&config.data_dir)?;
+        let count = shard_count(&config.data_dir, config.shards)?;
+        let sinks =
+            FileSinks::open(&config.data_dir.join("outbound")).map_err(|e| Error(e.to_string()))?;
+        let (outbound_tx, outbound_rx) = crossbeam_channel::bounded(config.outbound_queue_depth);
+        let outbound = outbound::spawn(sinks, outbound_rx);
+        let mut senders = Vec::new();
+        let mut threads = Vec::new();
+        let mut recovered = Vec::new();
+        let options = ShardOptions {
+            batch_max: config.batch_max,
+            snapshot_every_records: config.snapshot_every_records,
+            snapshot_every: Duration::from_secs(config.snapshot_every_secs),
+        };
+        for shard in 0..count {
+            let mut replayed = Vec::new();
+            let (engine, wal, report) =
+                recover_shard(config, store.as_ref(), shard, Until::default(), &mut |t| {
+                    replayed.push(t)
+                })?;
+            for warning in &report.warnings {
+                eprintln!("tally: warning: {warning}");
+            }
+            eprintln!(
+                "tally: shard {shard} recovered: checkpoint LSN {}, {} WAL records replayed, \
+                 LSN {}, digest {:016x}",
+                report.checkpoint_lsn, report.replayed, report.lsn, report.digest
+            );
+            if !replayed.is_empty() {
+                outbound_tx
+                    .send(outbound::Message::Effects(replayed))
+                    .map_err(|_| Error("the outbound thread stopped during recovery".into()))?;
+            }
+            recovered.push(report);
+            let (tx, rx) = crossbeam_channel::bounded(config.queue_depth);
+            senders.push(tx);
+            let runner = Shard::new(
+                shard,
+                engine,
+                wal,
+                rx,
+                outbound_tx.clone(),
+                clock(),
+                store.clone_box(),
+                options.clone(),
+            );
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("tally-shard-{shard}"))
+                    .spawn(move || runner.run())
+                    .map_err(|e| Error(format!("cannot start shard thread: {e}")))?,
+            );
+        }
+        Ok(Server {
+            handle: Handle::new(senders),
+            shards: threads,
+            outbound: Some(outbound),
+            outbound_tx: Some(outbound_tx),
+            recovered,
+            _lock: lock,
+        })
+    }
+
+    /// The in-process entry point.
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    /// What recovery found, per shard.
+    pub fn recovered(&self) -> &[Recovered] {
+        &self.recovered
+    }
+
+    /// Stops intake, lets every shard finish and sync what it queued, flushes the outbound
+    /// sinks, and returns each shard's final digest.
+    pub fn shutdown(mut self) -> Result<Vec<u64>, Error> {
+        self.handle.stop();
+        let mut digests = Vec::new();
+        let mut failure = None;
+        for (i, thread) in self.shards.drain(..).enumerate() {
+            match thread.join() {
+                Ok(Ok(digest)) => digests.push(digest),
+                Ok(Err(e)) => failure = Some(format!("shard {i}: {e}")),
+                Err(_) => failure = Some(format!("shard {i} panicked")),
+            }
+        }
+        drop(self.outbound_tx.take());
+        if let Some(outbound) = self.outbound.take() {
+            match outbound.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failure = Some(e.to_string()),
+                Err(_) => failure = Some("the outbound thread panicked".into()),
+            }
+        }
+        match failure {
+            Some(f) => Err(Error(f)),
+            None => Ok(digests),
+        }
+    }
+}

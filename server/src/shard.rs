@@ -1,0 +1,487 @@
+//! One shard thread: the run loop that owns an `Engine` and its WAL.
+//!
+//! The loop, in order, for each batch: take up to `batch_max` messages from the bounded inbound
+//! queue; stamp the batch with one time (never earlier than the last); append one WAL record
+//! per request and seal the batch; apply the requests to the engine; park the replies and the
+//! effects until the sync thread reports the batch durable; then send the effects to the
+//! outbound queue and the replies to their callers. The sync thread runs `fdatasync` for batch
+//! N while this loop collects, logs and applies batch N+1 (group commit with pipelining). No
+//! reply and no effect leaves before its records are durable; queries are answered from the
+//! applied state but released with the batches before them, so nobody reads a write that could
+//! still be lost.
+//!
+//! A failed sync or write poisons the WAL: every waiting caller gets `Poisoned`, the shard stops,
+//! and the process must restart and recover. Nothing is retried in place.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, Receiver, Sender};
+use tally_engine::{Engine, Query, QueryReply, Reply, Request, ResultCode, State, Timestamp};
+use tally_wal::{FileStorage, Wal};
+
+use crate::clock::Clock;
+use crate::outbound::{self, Tagged};
+use crate::record::{self, LogEntry, LogRecord};
+
+/// Why a call did not get a reply from its shard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CallError {
+    /// The shard's inbound queue is full; retry later with the same request id.
+    Busy,
+    /// The shard has stopped (shutdown or a fatal error).
+    Stopped,
+    /// The shard's WAL failed; the server must be restarted to recover.
+    Poisoned(String),
+    /// The request does not fit in a WAL record.
+    TooLarge,
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Busy => write!(f, "busy: the shard's queue is full, retry with the same id"),
+            CallError::Stopped => write!(f, "the shard has stopped"),
+            CallError::Poisoned(why) => {
+                write!(f, "the WAL failed ({why}); restart the server to recover")
+            }
+            CallError::TooLarge => write!(f, "the request is too large for one WAL record"),
+        }
+    }
+}
+
+impl std::error::Error for CallError {}
+
+/// Where a reply goes.
+pub type ReplyTo = Sender<Result<Reply, CallError>>;
+/// Where a query answer goes.
+pub type AnswerTo = Sender<Result<Result<QueryReply, ResultCode>, CallError>>;
+
+/// A checkpoint request's answer: (LSN, digest) of the state written.
+pub type CheckpointTo = Sender<Result<(u64, u64), CallError>>;
+
+/// Messages to a shard.
+#[derive(Debug)]
+pub enum Message {
+    /// Apply a request.
+    Request(Request, ReplyTo),
+    /// Answer a query.
+    Query(Query, AnswerTo),
+    /// Take a checkpoint now and answer with its LSN and digest.
+    Checkpoint(CheckpointTo),
+    /// Finish what is queued, then stop.
+    Stop,
+}
+
+/// Writes checkpoints of a shard's state; implemented over the snapshot directory.
+pub trait Checkpoints: Send + 'static {
+    /// Writes `state` as the checkpoint of `shard` at `lsn`, prunes old ones, and returns the
+    /// oldest LSN still needed from the WAL (the oldest kept checkpoint's LSN + 1).
+    fn write(&self, shard: u32, lsn: u64, at: Timestamp, state: &State) -> Result<u64, String>;
+}
+
+enum Ready {
+    Reply(ReplyTo, Reply),
+    Answer(AnswerTo, Box<Result<QueryReply, ResultCode>>),
+}
+
+struct Pending {
+    end_lsn: u64,
+    ready: Vec<Ready>,
+    effects: Vec<Tagged>,
+}
+
+/// Settings of one shard loop.
+#[derive(Clone, Debug)]
+pub struct ShardOptions {
+    /// Most messages per batch.
+    pub batch_max: usize,
+    /// Checkpoint after this many records (0: never by count).
+    pub snapshot_every_records: u64,
+    /// Checkpoint after this long (zero: never by time).
+    pub snapshot_every: Duration,
+}
+
+/// A shard's run loop and everything it owns.
+pub struct Shard {
+    index: u32,
+    engine: Engine,
+    wal: Wal<FileStorage>,
+    applied_lsn: u64,
+    last_now: Timestamp,
+    inbound: Receiver<Message>,
+    outbound: Sender<outbound::Message>,
+    clock: Box<dyn Clock>,
+    checkpoints: Box<dyn Checkpoints>,
+    options: ShardOptions,
+    pending: VecDeque<Pending>,
+    buf: Vec<u8>,
+    records_since_checkpoint: u64,
+    last_checkpoint: Instant,
+    /// Longest stall the loop spent taking a checkpoint (cloning the state), for reports.
+    pub checkpoint_stall_max: Duration,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard")
+            .field("index", &self.index)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shard {
+    /// A shard ready to run, after recovery produced its engine and WAL.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        index: u32,
+        engine: Engine,
+        wal: Wal<FileStorage>,
+        inbound: Receiver<Message>,
+        outbound: Sender<outbound::Message>,
+        clock: Box<dyn Clock>,
+        checkpoints: Box<dyn Checkpoints>,
+        options: ShardOptions,
+    ) -> Shard {
+        let applied_lsn = wal.next_lsn() - 1;
+        let last_now = engine.state().now;
+        Shard {
+            index,
+            engine,
+            wal,
+            applied_lsn,
+            last_now,
+            inbound,
+            outbound,
+            clock,
+            checkpoints,
+            options,
+            pending: VecDeque::new(),
+            buf: Vec::with_capacity(4096),
+            records_since_checkpoint: 0,
+            last_checkpoint: Instant::now(),
+            checkpoint_stall_max: Duration::ZERO,
+        }
+    }
+
+    fn now(&mut self) -> Timestamp {
+        let now = self.clock.now().max(self.last_now);
+        self.last_now = now;
+        now
+    }
+
+    /// Runs until `Stop` (or every sender is gone) and everything queued is answered, or until
+    /// the WAL fails. Returns the final state's digest.
+    pub fn run(mut self) -> Result<u64, CallError> {
+        let syncer = self.wal.syncer();
+        let (sync_tx, sync_rx) = crossbeam_channel::bounded::<()>(1);
+        let (synced_tx, synced_rx) = crossbeam_channel::bounded::<Result<u64, String>>(1);
+        let sync_thread = std::thread::Builder::new()
+            .name(format!("tally-sync-{}", self.index))
+            .spawn(move || {
+                while sync_rx.recv().is_ok() {
+                    let result = syncer.sync().map_err(|e| e.to_string());
+                    let failed = result.is_err();
+                    if synced_tx.send(result).is_err() || failed {
+                        break;
+                    }
+                }
+            })
+            .expect("spawning a sync thread");
+        let result = self.run_loop(&sync_tx, &synced_rx);
+        drop(sync_tx);
+        let _ = sync_thread.join();
+        if let Err(error) = &result {
+            self.fail_all(error.clone());
+        }
+        result
+    }
+
+    fn run_loop(
+        &mut self,
+        sync_tx: &Sender<()>,
+        synced_rx: &Receiver<Result<u64, String>>,
+    ) -> Result<u64, CallError> {
+        let mut batch: Vec<Message> = Vec::with_capacity(self.options.batch_max);
+        let mut syncing = false;
+        let mut stopping = false;
+        loop {
+            let timeout = match self.engine.poll_timeout() {
+                Some(at) => {
+                    let now = self.clock.now();
+                    Duration::from_micros(at.0.saturating_sub(now.0).max(0) as u64)
+                }
+                None => Duration::from_millis(100),
+            };
+            if stopping {
+                if self.pending.is_empty() {
+                    return Ok(self.engine.digest());
+                }
+                let durable = synced_rx.recv().map_err(|_| CallError::Stopped)?;
+                syncing = false;
+                self.release(durable.map_err(CallError::Poisoned)?)?;
+            } else {
+                select! {
+                    recv(synced_rx) -> durable => {
+                        syncing = false;
+                        let durable = durable.map_err(|_| CallError::Stopped)?;
+                        self.release(durable.map_err(CallError::Poisoned)?)?;
+                    }
+                    recv(self.inbound) -> message => match message {
+                        Ok(message) => {
+                            batch.push(message);
+                            while batch.len() < self.options.batch_max {
+                                match self.inbound.try_recv() {
+                                    Ok(message) => batch.push(message),
+                                    Err(_) => break,
+                                }
+                            }
+                        }
+                        Err(_) => stopping = true,
+                    },
+                    default(timeout) => {}
+                }
+            }
+            if !batch.is_empty() {
+                stopping |= self.apply_batch(&mut batch)?;
+            } else if !stopping
+                && self
+                    .engine
+                    .poll_timeout()
+                    .is_some_and(|at| at <= self.clock.now())
+            {
+                self.tick()?;
+            }
+            if !syncing && self.wal.sealed_lsn() > self.wal.durable_lsn() {
+                sync_tx.send(()).map_err(|_| CallError::Stopped)?;
+                syncing = true;
+            }
+            if self.pending.is_empty() && self.checkpoint_due() {
+                self.checkpoint()?;
+            }
+        }
+    }
+
+    /// Logs, seals and applies one batch. Returns true if it contained `Stop`.
+    fn apply_batch(&mut self, batch: &mut Vec<Message>) -> Result<bool, CallError> {
+        let now = self.now();
+        let mut stop = false;
+        let record_max = tally_wal::RECORD_PAYLOAD_MAX;
+        // Log first: every request of the batch, then one seal. A request too large for a record
+        // is answered `TooLarge` and neither logged nor applied.
+        let mut logged = 0u64;
+        let mut fits = Vec::with_capacity(batch.len());
+        for message in batch.iter() {
+            if let Message::Request(request, _) = message {
+                let record = LogRecord {
+                    at: now,
+                    entry: LogEntry::Request(request.clone()),
+                };
+                record::encode(&record, &mut self.buf);
+                let fit = self.buf.len() <= record_max;
+                if fit {
+                    self.wal
+                        .append(&self.buf)
+                        .map_err(|e| CallError::Poisoned(e.to_string()))?;
+                    logged += 1;
+                }
+                fits.push(fit);
+            }
+        }
+        let end_lsn = if logged > 0 {
+            self.wal
+                .seal()
+                .map_err(|e| CallError::Poisoned(e.to_string()))?
+        } else {
+            self.applied_lsn
+        };
+        let mut lsn = self.applied_lsn;
+        let mut ready = Vec::with_capacity(batch.len());
+        let mut effects = Vec::new();
+        let mut checkpoint_requests = Vec::new();
+        let mut requests = 0;
+        for message in batch.drain(..) {
+            match message {
+                Message::Request(request, reply_to) => {
+                    if !fits[requests] {
+                        requests += 1;
+                        let _ = reply_to.send(Err(CallError::TooLarge));
+                        continue;
+                    }
+                    requests += 1;
+                    lsn += 1;
+                    let reply = self.engine.handle_request(now, &request);
+                    self.drain_effects(lsn, &mut effects);
+                    ready.push(Ready::Reply(reply_to, reply));
+                }
+                Message::Query(query, answer_to) => {
+                    ready.push(Ready::Answer(
+                        answer_to,
+                        Box::new(self.engine.query(&query)),
+                    ));
+                }
+                Message::Checkpoint(to) => checkpoint_requests.push(to),
+                Message::Stop => stop = true,
+            }
+        }
+        debug_assert_eq!(lsn, end_lsn);
+        self.applied_lsn = end_lsn;
+        self.records_since_checkpoint += logged;
+        self.park(end_lsn, ready, effects);
+        if !checkpoint_requests.is_empty() {
+            // A checkpoint needs a durable state: wait for this batch first.
+            self.wait_durable()?;
+            let result = self.checkpoint();
+            for to in checkpoint_requests {
+                let _ = to.send(result.clone());
+            }
+        }
+        Ok(stop)
+    }
+
+    /// Logs a tick and fires due timers.
+    fn tick(&mut self) -> Result<(), CallError> {
+        let now = self.now();
+        record::encode(
+            &LogRecord {
+                at: now,
+                entry: LogEntry::Tick,
+            },
+            &mut self.buf,
+        );
+        let lsn = self
+            .wal
+            .append(&self.buf)
+            .map_err(|e| CallError::Poisoned(e.to_string()))?;
+        self.wal
+            .seal()
+            .map_err(|e| CallError::Poisoned(e.to_string()))?;
+        self.engine.handle_timeout(now);
+        let mut effects = Vec::new();
+        self.drain_effects(lsn, &mut effects);
+        self.applied_lsn = lsn;
+        self.records_since_checkpoint += 1;
+        self.park(lsn, Vec::new(), effects);
+        Ok(())
+    }
+
+    fn drain_effects(&mut self, lsn: u64, effects: &mut Vec<Tagged>) {
+        let mut index = 0;
+        while let Some(effect) = self.engine.poll_effect() {
+            effects.push(Tagged {
+                shard: self.index,
+                lsn,
+                index,
+                effect,
+            });
+            index += 1;
+        }
+    }
+
+    fn park(&mut self, end_lsn: u64, ready: Vec<Ready>, effects: Vec<Tagged>) {
+        self.pending.push_back(Pending {
+            end_lsn,
+            ready,
+            effects,
+        });
+        // Nothing earlier is waiting and this is already durable (e.g. a batch of queries):
+        // release now rather than wait for a sync that nobody will request.
+        if self.pending.len() == 1 && end_lsn <= self.wal.durable_lsn() {
+            let durable = self.wal.durable_lsn();
+            // Cannot fail for lack of a sync; only the outbound queue can be gone.
+            if self.release(durable).is_err() {
+                self.pending.clear();
+            }
+        }
+    }
+
+    /// Releases every parked batch that is now durable.
+    fn release(&mut self, durable: u64) -> Result<(), CallError> {
+        while self.pending.front().is_some_and(|p| p.end_lsn <= durable) {
+            let Pending { ready, effects, .. } = self.pending.pop_front().expect("checked");
+            if !effects.is_empty() {
+                self.outbound
+                    .send(outbound::Message::Effects(effects))
+                    .map_err(|_| CallError::Poisoned("the outbound queue stopped".into()))?;
+            }
+            for r in ready {
+                match r {
+                    Ready::Reply(to, reply) => {
+                        let _ = to.send(Ok(reply));
+                    }
+                    Ready::Answer(to, answer) => {
+                        let _ = to.send(Ok(*answer));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Syncs inline and releases everything (used before checkpoints).
+    fn wait_durable(&mut self) -> Result<(), CallError> {
+        let durable = self
+            .wal
+            .commit()
+            .map_err(|e| CallError::Poisoned(e.to_string()))?;
+        self.release(durable)
+    }
+
+    fn checkpoint_due(&self) -> bool {
+        let by_count = self.options.snapshot_every_records > 0
+            && self.records_since_checkpoint >= self.options.snapshot_every_records;
+        let by_time = !self.options.snapshot_every.is_zero()
+            && self.records_since_checkpoint > 0
+            && self.last_checkpoint.elapsed() >= self.options.snapshot_every;
+        by_count || by_time
+    }
+
+    /// Writes a checkpoint of the current (durable) state and deletes WAL segments no kept
+    /// checkpoint needs. Returns (LSN, digest).
+    fn checkpoint(&mut self) -> Result<(u64, u64), CallError> {
+        let started = Instant::now();
+        let at = self.now();
+        let lsn = self.applied_lsn;
+        let digest = self.engine.digest();
+        let keep_from = self
+            .checkpoints
+            .write(self.index, lsn, at, self.engine.state())
+            .map_err(CallError::Poisoned)?;
+        self.checkpoint_stall_max = self.checkpoint_stall_max.max(started.elapsed());
+        self.wal
+            .delete_below(keep_from)
+            .map_err(|e| CallError::Poisoned(e.to_string()))?;
+        self.records_since_checkpoint = 0;
+        self.last_checkpoint = Instant::now();
+        Ok((lsn, digest))
+    }
+
+    fn fail_all(&mut self, error: CallError) {
+        for pending in self.pending.drain(..) {
+            for r in pending.ready {
+                match r {
+                    Ready::Reply(to, _) => {
+                        let _ = to.send(Err(error.clone()));
+                    }
+                    Ready::Answer(to, _) => {
+                        let _ = to.send(Err(error.clone()));
+                    }
+                }
+            }
+        }
+        while let Ok(message) = self.inbound.try_recv() {
+            match message {
+                Message::Request(_, to) => {
+                    let _ = to.send(Err(error.clone()));
+                }
+                Message::Query(_, to) => {
+                    let _ = to.send(Err(error.clone()));
+                }
+                Message::Checkpoint(to) => {
+                    let _ = to.send(Err(error.clone()));
+                }
+                Message::Stop => {}
+            }
+        }
+    }
+}
