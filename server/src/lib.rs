@@ -12,10 +12,12 @@
 pub mod clock;
 pub mod config;
 pub mod handle;
+pub mod ops;
 pub mod outbound;
 pub mod record;
 pub mod server;
 pub mod shard;
+pub mod store;
 
 pub use clock::{Clock, SystemClock};
 pub use config::{Config, ConfigError, DurabilitySetting, Overrides};

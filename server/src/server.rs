@@ -144,7 +144,7 @@ fn wal_options(config: &Config, first_lsn: u64) -> Options {
 }
 
 /// What recovering one shard found.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Recovered {
     /// The shard.
     pub shard: u32,
@@ -181,6 +181,14 @@ pub fn recover_shard(
         }
         None => (0, Engine::new(config.engine())),
     };
+    if until.lsn.is_some_and(|l| l < checkpoint_lsn)
+        || until.time.is_some_and(|t| t < engine.state().now)
+    {
+        return Err(Error(format!(
+            "shard {shard}: its checkpoint (LSN {checkpoint_lsn}) is newer than the restore \
+             point; pick an older checkpoint with --from (see `tally snapshot list`)"
+        )));
+    }
     let dir = wal_dir(&config.data_dir, shard);
     std::fs::create_dir_all(&dir)
         .map_err(|e| Error(format!("cannot create {}: {e}", dir.display())))?;

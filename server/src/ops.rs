@@ -1,0 +1,350 @@
+//! Operator commands on a data directory that no server holds: checkpoints, point-in-time
+//! restore, WAL inspection. Each takes the data directory's lock for its whole run, prints data
+//! to stdout (text, or one JSON document with `json`), and returns an error that says what is
+//! wrong.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use tally_engine::Timestamp;
+use tally_wal::Wal;
+
+use crate::config::Config;
+use crate::record::{self, LogEntry};
+use crate::server::{recover_shard, wal_dir, DataDirLock, Store, Until};
+use crate::store::SnapshotStore;
+
+/// What `tally snapshot` does.
+#[derive(Debug, Clone)]
+pub enum SnapshotAction {
+    /// List checkpoints.
+    List,
+    /// Verify every checkpoint.
+    Verify,
+    /// Show one checkpoint.
+    Inspect(PathBuf),
+    /// Replay and write a fresh checkpoint.
+    Create,
+}
+
+fn print<T: Serialize>(json: bool, value: &T, text: impl FnOnce() -> String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print!("{}", text());
+    }
+    Ok(())
+}
+
+/// Locks an existing data directory (never creates one).
+fn lock_existing(config: &Config) -> Result<DataDirLock> {
+    if !config.data_dir.join("shards").is_file() {
+        bail!(
+            "{} is not a tally data directory (it has no `shards` file)",
+            config.data_dir.display()
+        );
+    }
+    Ok(DataDirLock::acquire(&config.data_dir)?)
+}
+
+fn shard_count(config: &Config) -> Result<u32> {
+    let path = config.data_dir.join("shards");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{} is not a tally data directory (no {})",
+            config.data_dir.display(),
+            path.display()
+        )
+    })?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("{} does not hold a shard count", path.display()))
+}
+
+/// `tally snapshot list | verify | inspect | create`.
+pub fn snapshot((config, json, action): (Config, bool, SnapshotAction)) -> Result<()> {
+    let _lock = lock_existing(&config)?;
+    let store = SnapshotStore::open(&config)?;
+    match action {
+        SnapshotAction::List => {
+            let list = store.list()?;
+            print(json, &list, || {
+                let mut out = String::from(
+                    "shard  lsn                  created (µs since epoch)  bytes      file\n",
+                );
+                for s in &list {
+                    out += &format!(
+                        "{:<5}  {:<19}  {:<24}  {:<9}  {}\n",
+                        s.shard, s.lsn, s.created_at_us, s.bytes, s.path
+                    );
+                }
+                if list.is_empty() {
+                    out += "(no checkpoints)\n";
+                }
+                out
+            })
+        }
+        SnapshotAction::Verify => {
+            let results = store.verify_all()?;
+            let bad = results.iter().filter(|r| r.error.is_some()).count();
+            print(json, &results, || {
+                let mut out = String::new();
+                for r in &results {
+                    match &r.error {
+                        None => {
+                            out += &format!(
+                                "ok    {}  digest {:016x}\n",
+                                r.path,
+                                r.digest.unwrap_or(0)
+                            )
+                        }
+                        Some(e) => out += &format!("BAD   {}  {e}\n", r.path),
+                    }
+                }
+                out += &format!("{} checkpoints, {} bad\n", results.len(), bad);
+                out
+            })?;
+            if bad > 0 {
+                bail!("{bad} checkpoint(s) failed verification");
+            }
+            Ok(())
+        }
+        SnapshotAction::Inspect(file) => {
+            let summary = store.inspect(&file)?;
+            print(json, &summary, || {
+                format!(
+                    "file        {}\nshard       {}\nlsn         {}\ncreated     {} µs\nwallets     {}\nassets      {}\nproducts    {}\nplans       {}\nrequests    {} remembered\njournal     {} entries\ndigest      {:016x}\n",
+                    summary.path, summary.shard, summary.lsn, summary.created_at_us, summary.wallets,
+                    summary.assets, summary.products, summary.plans, summary.requests,
+                    summary.journal_seq, summary.digest
+                )
+            })
+        }
+        SnapshotAction::Create => {
+            let count = shard_count(&config)?;
+            let mut written = Vec::new();
+            for shard in 0..count {
+                let (engine, wal, report) =
+                    recover_shard(&config, &store, shard, Until::default(), &mut |_| {})?;
+                let now = engine.state().now;
+                crate::shard::Checkpoints::write(&store, shard, report.lsn, now, engine.state())
+                    .map_err(anyhow::Error::msg)?;
+                drop(wal);
+                written.push(report);
+            }
+            print(json, &written, || {
+                written
+                    .iter()
+                    .map(|r| {
+                        format!(
+                            "shard {} checkpoint at LSN {} digest {:016x}\n",
+                            r.shard, r.lsn, r.digest
+                        )
+                    })
+                    .collect()
+            })
+        }
+    }
+}
+
+/// `tally restore`: rebuilds each shard from a checkpoint and the WAL up to a point, and writes
+/// the result as the first checkpoint of a new data directory.
+pub fn restore(
+    config: &Config,
+    from: &[PathBuf],
+    to: &Path,
+    until: Until,
+    json: bool,
+) -> Result<()> {
+    let _lock = lock_existing(config)?;
+    let count = shard_count(config)?;
+    if to.exists() && std::fs::read_dir(to)?.next().is_some() {
+        bail!(
+            "{} exists and is not empty: restore only into a new directory",
+            to.display()
+        );
+    }
+    let source = SnapshotStore::open(config)?;
+    let source: Box<dyn Store> = Box::new(source.pinned(from)?);
+    let target = Config {
+        data_dir: to.to_path_buf(),
+        shards: count,
+        ..config.clone()
+    };
+    let _target_lock = DataDirLock::acquire(to)?;
+    std::fs::write(to.join("shards"), format!("{count}\n"))?;
+    let target_store = SnapshotStore::open(&target)?;
+    let mut reports = Vec::new();
+    for shard in 0..count {
+        let (engine, wal, report) =
+            recover_shard(config, source.as_ref(), shard, until, &mut |_| {})?;
+        drop(wal);
+        crate::shard::Checkpoints::write(
+            &target_store,
+            shard,
+            report.lsn,
+            engine.state().now,
+            engine.state(),
+        )
+        .map_err(anyhow::Error::msg)?;
+        reports.push(report);
+    }
+    print(json, &reports, || {
+        let mut out = String::new();
+        for r in &reports {
+            out += &format!(
+                "shard {}: restored to LSN {} (checkpoint {} + {} records), digest {:016x}\n",
+                r.shard, r.lsn, r.checkpoint_lsn, r.replayed, r.digest
+            );
+        }
+        out += &format!(
+            "restored into {}; run it with: tally serve --data-dir {}\n",
+            to.display(),
+            to.display()
+        );
+        out
+    })
+}
+
+#[derive(Serialize)]
+struct WalSummary {
+    shard: u32,
+    segments: usize,
+    first_lsn: u64,
+    last_lsn: u64,
+    requests: u64,
+    ticks: u64,
+    first_at_us: Option<i64>,
+    last_at_us: Option<i64>,
+    torn_tail: Option<String>,
+}
+
+/// `tally wal inspect`.
+pub fn wal_inspect(config: &Config, json: bool) -> Result<()> {
+    let _lock = lock_existing(config)?;
+    let count = shard_count(config)?;
+    let mut summaries = Vec::new();
+    for shard in 0..count {
+        let dir = wal_dir(&config.data_dir, shard);
+        let wal = Wal::open_dir(&dir, tally_wal::Options::default())
+            .with_context(|| format!("shard {shard}: cannot open {}", dir.display()))?;
+        let mut s = WalSummary {
+            shard,
+            segments: wal.segment_count(),
+            first_lsn: wal.first_lsn(),
+            last_lsn: wal.next_lsn() - 1,
+            requests: 0,
+            ticks: 0,
+            first_at_us: None,
+            last_at_us: None,
+            torn_tail: wal.recovery().truncated.as_ref().map(|t| format!("{t:?}")),
+        };
+        let mut scan = wal.scan(wal.first_lsn())?;
+        while let Some(r) = scan.next()? {
+            let decoded = record::decode(r.payload)
+                .with_context(|| format!("shard {shard}: WAL record {}", r.lsn))?;
+            match decoded.entry {
+                LogEntry::Request(_) => s.requests += 1,
+                LogEntry::Tick => s.ticks += 1,
+            }
+            s.first_at_us.get_or_insert(decoded.at.0);
+            s.last_at_us = Some(decoded.at.0);
+        }
+        summaries.push(s);
+    }
+    print(json, &summaries, || {
+        let mut out = String::new();
+        for s in &summaries {
+            out += &format!(
+                "shard {}: {} segment(s), LSN {}..={}, {} requests, {} ticks{}\n",
+                s.shard,
+                s.segments,
+                s.first_lsn,
+                s.last_lsn,
+                s.requests,
+                s.ticks,
+                s.torn_tail
+                    .as_ref()
+                    .map_or(String::new(), |t| format!(", torn tail cut: {t}"))
+            );
+        }
+        out
+    })
+}
+
+/// Parses an RFC 3339 UTC time (`2026-11-24T18:00:00Z`, optional fraction, `Z` or `+00:00`).
+pub fn parse_rfc3339(text: &str) -> Result<Timestamp> {
+    let text = text.trim();
+    let (body, _) = text
+        .strip_suffix('Z')
+        .map(|b| (b, ()))
+        .or_else(|| text.strip_suffix("+00:00").map(|b| (b, ())))
+        .context("only UTC times (ending in Z or +00:00) are accepted")?;
+    let (date, time) = body
+        .split_once('T')
+        .context("expected a T between date and time")?;
+    let num = |s: &str| -> Result<i64> {
+        s.parse::<i64>()
+            .with_context(|| format!("{s:?} is not a number"))
+    };
+    let mut d = date.split('-');
+    let (year, month, day) = match (d.next(), d.next(), d.next(), d.next()) {
+        (Some(y), Some(m), Some(d), None) => (num(y)?, num(m)?, num(d)?),
+        _ => bail!("expected YYYY-MM-DD"),
+    };
+    let (hms, fraction) = time
+        .split_once('.')
+        .map_or((time, None), |(a, b)| (a, Some(b)));
+    let mut t = hms.split(':');
+    let (hour, minute, second) = match (t.next(), t.next(), t.next(), t.next()) {
+        (Some(h), Some(m), Some(s), None) => (num(h)?, num(m)?, num(s)?),
+        _ => bail!("expected HH:MM:SS"),
+    };
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        bail!("a field is out of range");
+    }
+    let micros = match fraction {
+        None => 0,
+        Some(f) if !f.is_empty() && f.len() <= 9 && f.bytes().all(|b| b.is_ascii_digit()) => {
+            format!("{f:0<6}")[..6].parse::<i64>()?
+        }
+        Some(_) => bail!("bad fractional seconds"),
+    };
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second;
+    Ok(Timestamp(seconds * 1_000_000 + micros))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339() {
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z").unwrap(), Timestamp(0));
+        assert_eq!(
+            parse_rfc3339("2023-11-14T22:13:20Z").unwrap(),
+            Timestamp(1_700_000_000_000_000)
+        );
+        assert_eq!(
+            parse_rfc3339("2023-11-14T22:13:20.5+00:00").unwrap(),
+            Timestamp(1_700_000_000_500_000)
+        );
+        assert!(parse_rfc3339("2023-11-14T22:13:20+02:00").is_err());
+        assert!(parse_rfc3339("2023-13-14T22:13:20Z").is_err());
+        assert!(parse_rfc3339("yesterday").is_err());
+    }
+}

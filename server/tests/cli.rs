@@ -1,0 +1,172 @@
+//! The `tally` binary: serve with graceful shutdown, and the ops commands on a data directory.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command as Process, Stdio};
+
+use common::*;
+use tally_engine::DebitMode;
+use tally_server::store::SnapshotStore;
+use tally_server::Server;
+
+fn tally(args: &[&str]) -> (bool, String, String) {
+    let out = Process::new(env!("CARGO_BIN_EXE_tally"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn serve_stops_cleanly_on_sigterm_and_refuses_a_held_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let mut child = Process::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["serve", "--data-dir", data, "--shards", "2"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "serve exited before serving"
+        );
+        if line.contains("serving 2 shards") {
+            break;
+        }
+    }
+    // While it runs, the directory is held: ops commands are refused with a clear message.
+    let (ok, _, err) = tally(&["wal", "inspect", "--data-dir", data, "--shards", "2"]);
+    assert!(!ok);
+    assert!(err.contains("in use by another tally process"), "{err}");
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "serve exited with {status}");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    assert!(rest.contains("shard 1 stopped"), "{rest}");
+
+    let (ok, _, err) = tally(&["serve", "--data-dir", data, "--shards", "0"]);
+    assert!(!ok);
+    assert!(err.contains("shards"), "{err}");
+}
+
+#[test]
+fn ops_commands_list_verify_inspect_create_and_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = config(&data, 1);
+    let wallets: Vec<String> = (0..6).map(|i| format!("w{i}")).collect();
+    let (first_lsns, digests) = {
+        let server =
+            Server::start(&config, Box::new(SnapshotStore::open(&config).unwrap())).unwrap();
+        let handle = server.handle();
+        setup(&handle, &wallets);
+        for (i, w) in wallets.iter().enumerate() {
+            handle.call(grant(i as u128, w, "100")).unwrap();
+        }
+        let checkpoint = handle.checkpoint().unwrap();
+        for i in 0..60u128 {
+            let w = &wallets[i as usize % wallets.len()];
+            assert!(handle
+                .call(usage(100 + i, w, 1000, DebitMode::Strict))
+                .unwrap()
+                .code
+                .is_ok());
+        }
+        let digests = server.shutdown().unwrap();
+        (checkpoint.iter().map(|c| c.0).collect::<Vec<_>>(), digests)
+    };
+    let d = data.to_str().unwrap();
+    let base = ["--data-dir", d, "--shards", "1"];
+    let with = |cmd: &[&str], extra: &[&str]| -> Vec<String> {
+        cmd.iter()
+            .chain(&base)
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let run = |args: Vec<String>| {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        tally(&refs)
+    };
+
+    let (ok, out, err) = run(with(&["snapshot", "list"], &["--json"]));
+    assert!(ok, "{err}");
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let file = list[0]["path"].as_str().unwrap().to_string();
+
+    let (ok, out, err) = run(with(&["snapshot", "verify"], &[]));
+    assert!(ok, "{err}");
+    assert!(out.contains("1 checkpoints, 0 bad"), "{out}");
+
+    let (ok, out, err) = run(with(&["snapshot", "inspect"], &[&file]));
+    assert!(ok, "{err}");
+    assert!(out.contains("wallets"), "{out}");
+
+    let (ok, out, err) = run(with(&["wal", "inspect"], &["--json"]));
+    assert!(ok, "{err}");
+    let wal: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let requests: u64 = wal
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["requests"].as_u64().unwrap())
+        .sum();
+    assert!(requests >= 60, "{out}");
+
+    // A fresh checkpoint equals the state the server stopped with.
+    let (ok, out, err) = run(with(&["snapshot", "create"], &["--json"]));
+    assert!(ok, "{err}");
+    let created: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let created: Vec<u64> = created
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["digest"].as_u64().unwrap())
+        .collect();
+    assert_eq!(created, digests);
+
+    // Point-in-time restore to the first checkpoint's LSN gives balances before any usage.
+    let target = dir.path().join("restored");
+    let t = target.to_str().unwrap();
+    let until = first_lsns[0].to_string();
+    let (ok, out, err) = run(with(
+        &["restore"],
+        &["--to", t, "--until-lsn", &until, "--from", &file],
+    ));
+    assert!(ok, "{err}");
+    assert!(out.contains("tally serve --data-dir"), "{out}");
+    let restored = Server::start(
+        &common::config(&target, 1),
+        Box::new(SnapshotStore::open(&common::config(&target, 1)).unwrap()),
+    )
+    .unwrap();
+    for w in &wallets {
+        assert_eq!(available(&restored.handle(), w), common::d("100"));
+    }
+    restored.shutdown().unwrap();
+
+    // Errors are clear and non-zero.
+    let (ok, _, err) = run(with(&["restore"], &["--to", t]));
+    assert!(!ok && err.contains("not empty"), "{err}");
+    let (ok, _, err) = run(with(
+        &["restore"],
+        &["--to", "/tmp/x", "--until-time", "yesterday"],
+    ));
+    assert!(!ok && err.contains("RFC 3339"), "{err}");
+    let missing = dir.path().join("nothing");
+    let (ok, _, err) = tally(&["wal", "inspect", "--data-dir", missing.to_str().unwrap()]);
+    assert!(!ok && err.contains("not a tally data directory"), "{err}");
+}

@@ -1,0 +1,140 @@
+//! Shared setup for the server tests: a catalog, wallets, and usage requests.
+
+#![allow(dead_code)]
+
+use std::str::FromStr;
+
+use rust_decimal::Decimal;
+use tally_engine::*;
+use tally_server::{Clock, Handle, SystemClock};
+
+pub fn d(s: &str) -> Decimal {
+    Decimal::from_str(s).unwrap()
+}
+
+pub fn config(dir: &std::path::Path, shards: u32) -> tally_server::Config {
+    tally_server::Config {
+        data_dir: dir.to_path_buf(),
+        shards,
+        wal_segment_bytes: 1 << 20,
+        snapshot_every_records: 0,
+        snapshot_every_secs: 0,
+        ..tally_server::Config::default()
+    }
+}
+
+/// Catalog and wallets; safe to run again after a restart (repeats are no-ops or
+/// `WalletExists`).
+pub fn setup(handle: &Handle, wallets: &[String]) {
+    let mut id = 1_000_000_000;
+    let mut call = |command: Command| {
+        id += 1;
+        let reply = handle
+            .call(Request {
+                id: RequestId(id),
+                command,
+            })
+            .unwrap();
+        assert!(
+            matches!(reply.code, ResultCode::Ok | ResultCode::WalletExists),
+            "setup: {reply:?}"
+        );
+    };
+    call(Command::DefineAsset {
+        code: asset("USD"),
+        scale: 6,
+        usd_value: d("1"),
+    });
+    call(Command::DefineProduct {
+        code: name("chat"),
+        dimensions: vec![name("tokens")],
+    });
+    call(Command::DraftPlan {
+        plan: name("std"),
+        custom_for: None,
+        asset: asset("USD"),
+        rules: vec![PriceRule {
+            product: name("chat"),
+            filters: vec![],
+            components: vec![Component {
+                dimension: name("tokens"),
+                price: PriceModel::PerUnit {
+                    unit_price: d("0.001"),
+                },
+            }],
+            minimum_charge: None,
+            rounding: Rounding::Up,
+        }],
+    });
+    call(Command::PublishPlan { plan: name("std") });
+    for w in wallets {
+        let wallet = name(w);
+        call(Command::CreateWallet(CreateWallet {
+            wallet,
+            overdraft: vec![],
+            metadata: vec![],
+        }));
+        call(Command::AssignPlan {
+            wallet,
+            plan: name("std"),
+            version: 1,
+            effective_from: Timestamp(0),
+        });
+    }
+}
+
+pub fn grant(id: u128, wallet: &str, amount: &str) -> Request {
+    Request {
+        id: RequestId(id),
+        command: Command::Grant(Grant {
+            wallet: name(wallet),
+            asset: asset("USD"),
+            amount: d(amount),
+            priority: 0,
+            effective_at: None,
+            expires_at: None,
+            source: GrantSource::Promotion,
+        }),
+    }
+}
+
+pub fn usage(id: u128, wallet: &str, tokens: u32, mode: DebitMode) -> Request {
+    Request {
+        id: RequestId(id),
+        command: Command::Usage(UsageEvent {
+            wallet: name(wallet),
+            product: name("chat"),
+            quantities: vec![Quantity {
+                dimension: name("tokens"),
+                value: tokens.into(),
+            }],
+            attributes: vec![],
+            cost_usd: d("0.0001"),
+            occurred_at: SystemClock.now(),
+            mode,
+        }),
+    }
+}
+
+pub fn available(handle: &Handle, wallet: &str) -> Decimal {
+    match handle
+        .query(Query::Balance {
+            wallet: name(wallet),
+            asset: asset("USD"),
+        })
+        .unwrap()
+        .unwrap()
+    {
+        QueryReply::Balance(b) => b.available,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Lines of an outbound JSON-lines stream.
+pub fn exported(dir: &std::path::Path, stream: &str) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join("outbound").join(format!("{stream}.jsonl")))
+        .unwrap_or_default();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}

@@ -1,0 +1,201 @@
+//! Crash test: a workload in a child process logs every acknowledged operation; the parent
+//! `kill -9`s it at random moments, restarts it, and at the end checks that every acknowledged
+//! operation is present exactly once, that nothing was exported twice, and that the journal
+//! agrees with every wallet.
+//!
+//! `TALLY_CRASH_CYCLES` sets the number of kill cycles (20 by default, as in CI; set 1000 for a
+//! long run). `TALLY_CRASH_SEED` replays a run's kill timings (the seed is printed).
+//! This is a `harness = false` test: the same binary is the parent and, with
+//! `TALLY_CRASH_CHILD` set, the child.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command as Process, Stdio};
+use std::str::FromStr;
+use std::time::Duration;
+
+use common::*;
+use rust_decimal::Decimal;
+use tally_engine::{asset, name, DebitMode, Query, QueryReply};
+use tally_server::store::SnapshotStore;
+use tally_server::{Config, Server};
+
+const WALLETS: usize = 4;
+
+fn wallets() -> Vec<String> {
+    (0..WALLETS).map(|i| format!("crash-{i}")).collect()
+}
+
+fn crash_config(dir: &Path) -> Config {
+    Config {
+        snapshot_every_records: 300,
+        snapshots_keep: 2,
+        ..config(dir, 2)
+    }
+}
+
+fn child(dir: PathBuf, cycle: u128) {
+    let config = crash_config(&dir);
+    let server = Server::start(&config, Box::new(SnapshotStore::open(&config).unwrap())).unwrap();
+    let handle = server.handle();
+    setup(&handle, &wallets());
+    for (i, w) in wallets().iter().enumerate() {
+        // The same ids every cycle: the first grant is applied once, later ones are repeats.
+        assert!(handle
+            .call(grant(i as u128 + 1, w, "1000000"))
+            .unwrap()
+            .code
+            .is_ok());
+    }
+    let mut acks = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("acks.log"))
+        .unwrap();
+    println!("ready");
+    std::io::stdout().flush().unwrap();
+    let mut pending = VecDeque::new();
+    for i in 0u128.. {
+        let id = (cycle + 1) * 10_000_000 + i;
+        let wallet = &wallets()[i as usize % WALLETS];
+        let mode = if i % 3 == 0 {
+            DebitMode::Record
+        } else {
+            DebitMode::Strict
+        };
+        match handle.submit(usage(id, wallet, 1 + (i % 7) as u32, mode)) {
+            Ok(p) => pending.push_back((id, p)),
+            Err(_) => std::thread::sleep(Duration::from_millis(1)),
+        }
+        if pending.len() >= 64 {
+            let (id, p) = pending.pop_front().unwrap();
+            let reply = p.wait().unwrap();
+            assert!(reply.code.is_ok(), "{reply:?}");
+            // One write per acknowledgement: the log holds only acknowledged ids.
+            acks.write_all(format!("{id}\n").as_bytes()).unwrap();
+        }
+    }
+}
+
+fn run_child(exe: &Path, dir: &Path, cycle: u64) -> std::process::Child {
+    let mut child = Process::new(exe)
+        .env("TALLY_CRASH_CHILD", dir)
+        .env("TALLY_CRASH_CYCLE", cycle.to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready", "child {cycle} did not start");
+    child
+}
+
+fn decimal(v: &serde_json::Value) -> Decimal {
+    Decimal::from_str(v.as_str().unwrap()).unwrap()
+}
+
+fn main() {
+    if let Ok(dir) = std::env::var("TALLY_CRASH_CHILD") {
+        let cycle = std::env::var("TALLY_CRASH_CYCLE").unwrap().parse().unwrap();
+        child(PathBuf::from(dir), cycle);
+        return;
+    }
+    let cycles: u64 = std::env::var("TALLY_CRASH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let mut seed: u64 = std::env::var("TALLY_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::process::id() as u64 * 2_654_435_761 + 1);
+    println!("crash test: {cycles} cycles, TALLY_CRASH_SEED={seed}");
+    let exe = std::env::current_exe().unwrap();
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().to_path_buf();
+    for cycle in 0..cycles {
+        let mut child = run_child(&exe, &dir, cycle);
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_millis(20 + seed % 200));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+
+    // Recover in-process, then stop cleanly so the outbound sinks catch up with the replay.
+    let config = crash_config(&dir);
+    let server = Server::start(&config, Box::new(SnapshotStore::open(&config).unwrap())).unwrap();
+    let handle = server.handle();
+    let mut ledger = BTreeMap::new();
+    for w in wallets() {
+        let reply = handle.query(Query::Balance {
+            wallet: name(&w),
+            asset: asset("USD"),
+        });
+        let QueryReply::Balance(b) = reply.unwrap().unwrap() else {
+            panic!()
+        };
+        ledger.insert(w, b.ledger);
+    }
+    let digests = server.shutdown().unwrap();
+    let server = Server::start(&config, Box::new(SnapshotStore::open(&config).unwrap())).unwrap();
+    let again: Vec<u64> = server.recovered().iter().map(|r| r.digest).collect();
+    assert_eq!(
+        again, digests,
+        "a second recovery rebuilt a different state"
+    );
+    server.shutdown().unwrap();
+
+    let acked: Vec<u128> = std::fs::read_to_string(dir.join("acks.log"))
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    let mut exported_ids = BTreeMap::<u128, u32>::new();
+    for line in exported(&dir, "margin") {
+        let id = line["effect"]["Margin"]["request"].as_u64().unwrap() as u128;
+        *exported_ids.entry(id).or_default() += 1;
+    }
+    let twice: Vec<_> = exported_ids.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "usage exported twice: {twice:?}");
+    let missing: BTreeSet<_> = acked
+        .iter()
+        .filter(|id| !exported_ids.contains_key(id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged usage events were lost",
+        missing.len()
+    );
+
+    // The journal, replayed, gives every wallet its ledger balance, and sums to zero.
+    let mut accounts = BTreeMap::<String, Decimal>::new();
+    let journal = exported(&dir, "journal");
+    for line in &journal {
+        let entry = &line["effect"]["Journal"];
+        let amount = decimal(&entry["amount"]);
+        *accounts.entry(entry["from"].to_string()).or_default() -= amount;
+        *accounts.entry(entry["to"].to_string()).or_default() += amount;
+    }
+    assert_eq!(accounts.values().copied().sum::<Decimal>(), Decimal::ZERO);
+    for (w, balance) in &ledger {
+        let key = serde_json::json!({ "Wallet": w }).to_string();
+        assert_eq!(
+            accounts.get(&key).copied().unwrap_or_default(),
+            *balance,
+            "wallet {w}"
+        );
+    }
+    println!(
+        "crash test: {} acknowledged usage events, {} exported, {} journal entries, all present once",
+        acked.len(),
+        exported_ids.len(),
+        journal.len()
+    );
+    println!("1 passed, 0 failed");
+}
