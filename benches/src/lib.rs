@@ -16,8 +16,176 @@ pub const RING: usize = 65_536;
 /// request table holds 100,000 entries in steady state.
 pub const STEP_US: i64 = 10;
 
-fn d(s: &str) -> Decimal {
+pub fn d(s: &str) -> Decimal {
     Decimal::from_str(s).expect("literal decimal")
+}
+
+/// The benchmark catalog: USD at scale 9, product `chat` with input and output tokens, plan
+/// `std` v1 with four attribute-filtered rules.
+pub fn catalog() -> Vec<Command> {
+    let usd = asset("USD");
+    let (input, output) = (name("input_tokens"), name("output_tokens"));
+    let rule = |filters: &[(&str, &str)], i: &str, o: &str| PriceRule {
+        product: name("chat"),
+        filters: filters.iter().map(|(k, v)| (name(k), name(v))).collect(),
+        components: vec![
+            Component {
+                dimension: input,
+                price: PriceModel::PerUnit { unit_price: d(i) },
+            },
+            Component {
+                dimension: output,
+                price: PriceModel::PerUnit { unit_price: d(o) },
+            },
+        ],
+        minimum_charge: None,
+        rounding: Rounding::Up,
+    };
+    vec![
+        Command::DefineAsset {
+            code: usd,
+            scale: 9,
+            usd_value: d("1"),
+        },
+        Command::DefineProduct {
+            code: name("chat"),
+            dimensions: vec![input, output],
+        },
+        Command::DraftPlan {
+            plan: name("std"),
+            custom_for: None,
+            asset: usd,
+            rules: vec![
+                rule(&[], "0.0000005", "0.0000015"),
+                rule(&[("model", "gpt-4o")], "0.0000025", "0.00001"),
+                rule(&[("model", "gpt-4o-mini")], "0.00000015", "0.0000006"),
+                rule(
+                    &[("model", "gpt-4o"), ("tier", "batch")],
+                    "0.00000125",
+                    "0.000005",
+                ),
+            ],
+        },
+        Command::PublishPlan { plan: name("std") },
+    ]
+}
+
+/// The external id of benchmark wallet `i`.
+pub fn wallet_id(i: usize) -> WalletId {
+    name(&format!("customer-{i:08}"))
+}
+
+/// Creating wallet `i`: create, assign plan `std`, and two grants of mixed priority.
+pub fn wallet_commands(i: usize, expires: Timestamp) -> Vec<Command> {
+    let wallet = wallet_id(i);
+    let usd = asset("USD");
+    let mut commands = vec![
+        Command::CreateWallet(CreateWallet {
+            wallet,
+            overdraft: vec![],
+            metadata: vec![],
+        }),
+        Command::AssignPlan {
+            wallet,
+            plan: name("std"),
+            version: 1,
+            effective_from: Timestamp(0),
+        },
+    ];
+    for (amount, priority, expires_at) in [("1000", 0, Some(expires)), ("100000", 5, None)] {
+        commands.push(Command::Grant(Grant {
+            wallet,
+            asset: usd,
+            amount: d(amount),
+            priority,
+            effective_at: None,
+            expires_at,
+            source: GrantSource::Promotion,
+        }));
+    }
+    commands
+}
+
+/// A strict priced usage event for wallet `wallet`, stamped now.
+pub fn usage_request(id: u128, wallet: usize) -> Request {
+    let models = ["gpt-4o", "gpt-4o-mini", "claude", "gpt-4o"];
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64);
+    Request {
+        id: RequestId(id),
+        command: Command::Usage(UsageEvent {
+            wallet: wallet_id(wallet),
+            product: name("chat"),
+            quantities: vec![
+                Quantity {
+                    dimension: name("input_tokens"),
+                    value: Decimal::from(100 + id % 2000),
+                },
+                Quantity {
+                    dimension: name("output_tokens"),
+                    value: Decimal::from(10 + id % 500),
+                },
+            ],
+            attributes: vec![(name("model"), name(models[id as usize % models.len()]))],
+            cost_usd: d("0.0001"),
+            occurred_at: Timestamp(now),
+            mode: DebitMode::Strict,
+        }),
+    }
+}
+
+/// Loads the catalog and `wallets` wallets through a server handle, many in flight at once.
+pub fn setup_requests(handle: &tally_server::Handle, wallets: usize) {
+    let mut id = 1u128;
+    for command in catalog() {
+        let reply = handle
+            .call(Request {
+                id: RequestId(id),
+                command,
+            })
+            .expect("catalog");
+        assert_eq!(reply.code, ResultCode::Ok);
+        id += 1;
+    }
+    let expires = Timestamp(i64::MAX / 2);
+    let mut pending = std::collections::VecDeque::new();
+    for i in 0..wallets {
+        for command in wallet_commands(i, expires) {
+            let request = Request {
+                id: RequestId(id),
+                command,
+            };
+            id += 1;
+            loop {
+                match handle.submit(request.clone()) {
+                    Ok(p) => {
+                        pending.push_back(p);
+                        break;
+                    }
+                    Err(tally_server::CallError::Busy) => match pending.pop_front() {
+                        Some(p) => assert_eq!(p.wait().expect("setup").code, ResultCode::Ok),
+                        None => std::thread::yield_now(),
+                    },
+                    Err(e) => panic!("setup: {e}"),
+                }
+            }
+        }
+        while pending.len() > 50_000 {
+            assert_eq!(
+                pending
+                    .pop_front()
+                    .expect("nonempty")
+                    .wait()
+                    .expect("setup")
+                    .code,
+                ResultCode::Ok
+            );
+        }
+    }
+    for p in pending {
+        assert_eq!(p.wait().expect("setup").code, ResultCode::Ok);
+    }
 }
 
 /// An engine with wallets and a ring of prepared priced usage events.
@@ -50,49 +218,11 @@ impl Workload {
             next_id: 1,
             rejected: 0,
         };
+        for command in catalog() {
+            w.must(command);
+        }
         let usd = asset("USD");
-        w.must(Command::DefineAsset {
-            code: usd,
-            scale: 9,
-            usd_value: d("1"),
-        });
         let (input, output) = (name("input_tokens"), name("output_tokens"));
-        w.must(Command::DefineProduct {
-            code: name("chat"),
-            dimensions: vec![input, output],
-        });
-        let rule = |filters: &[(&str, &str)], i: &str, o: &str| PriceRule {
-            product: name("chat"),
-            filters: filters.iter().map(|(k, v)| (name(k), name(v))).collect(),
-            components: vec![
-                Component {
-                    dimension: input,
-                    price: PriceModel::PerUnit { unit_price: d(i) },
-                },
-                Component {
-                    dimension: output,
-                    price: PriceModel::PerUnit { unit_price: d(o) },
-                },
-            ],
-            minimum_charge: None,
-            rounding: Rounding::Up,
-        };
-        w.must(Command::DraftPlan {
-            plan: name("std"),
-            custom_for: None,
-            asset: usd,
-            rules: vec![
-                rule(&[], "0.0000005", "0.0000015"),
-                rule(&[("model", "gpt-4o")], "0.0000025", "0.00001"),
-                rule(&[("model", "gpt-4o-mini")], "0.00000015", "0.0000006"),
-                rule(
-                    &[("model", "gpt-4o"), ("tier", "batch")],
-                    "0.00000125",
-                    "0.000005",
-                ),
-            ],
-        });
-        w.must(Command::PublishPlan { plan: name("std") });
         let expires = w.now.add_us(365 * Timestamp::DAY_US);
         let mut ids = Vec::with_capacity(wallets);
         for i in 0..wallets {
