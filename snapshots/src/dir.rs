@@ -25,7 +25,8 @@ const BUFFER_BYTES: usize = 64 * 1024;
 ///
 /// `SnapshotDir` is `Send + Sync`: shard threads may write their own snapshots through one
 /// shared value while another thread lists or prunes. Temp files this value is writing are
-/// never pruned. Two processes must not share a directory (the server's lock ensures that).
+/// never pruned. At most one thread writes a given shard at a time (its shard loop), and two
+/// processes must not write to one directory (the server's data-dir lock ensures that).
 #[derive(Debug)]
 pub struct SnapshotDir {
     path: PathBuf,
