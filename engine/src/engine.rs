@@ -344,17 +344,7 @@ impl Engine {
     /// A hash over the whole state: equal digests mean equal states. Used by tests and by
     /// recovery to check that replay rebuilt what was there.
     pub fn digest(&self) -> u64 {
-        struct HashWriter(StableHasher);
-        impl bincode::enc::write::Writer for HashWriter {
-            fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
-                std::hash::Hasher::write(&mut self.0, bytes);
-                Ok(())
-            }
-        }
-        let mut writer = HashWriter(StableHasher::new(0xd1_6e57));
-        bincode::serde::encode_into_writer(&self.state, &mut writer, bincode::config::standard())
-            .expect("hashing never fails");
-        std::hash::Hasher::finish(&writer.0)
+        digest_state(&self.state)
     }
 
     /// The time of the next timer, if any: call [`Engine::handle_timeout`] then.
@@ -1683,6 +1673,22 @@ impl Engine {
             }
         }
     }
+}
+
+/// The digest of a state: the same as `Engine::digest` of an engine holding it. Lets a
+/// checkpoint writer hash a cloned state off the shard thread.
+pub fn digest_state(state: &State) -> u64 {
+    struct HashWriter(StableHasher);
+    impl bincode::enc::write::Writer for HashWriter {
+        fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+            std::hash::Hasher::write(&mut self.0, bytes);
+            Ok(())
+        }
+    }
+    let mut writer = HashWriter(StableHasher::new(0xd1_6e57));
+    bincode::serde::encode_into_writer(state, &mut writer, bincode::config::standard())
+        .expect("hashing never fails");
+    std::hash::Hasher::finish(&writer.0)
 }
 
 // ----- restore ---------------------------------------------------------------------------

@@ -79,7 +79,7 @@ pub use command::{
     asset, name, Command, CreateWallet, DebitMode, Grant, GrantSource, Limit, Reply, ReplyValue,
     Request, ReserveAmount, TopUpAmount, TopUpRule, UsageEvent,
 };
-pub use engine::{Engine, RestoreError};
+pub use engine::{digest_state, Engine, RestoreError};
 pub use engine::{
     ASSETS_MAX, ASSIGNMENTS_MAX, ATTRIBUTES_MAX, HOLDS_MAX, HOLD_DURATION_MAX_US, METADATA_MAX,
     PLANS_MAX, PRODUCTS_MAX, QUANTITIES_MAX, REASON_BYTES_MAX, TOPUP_PRIORITY,

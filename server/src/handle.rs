@@ -12,7 +12,7 @@ use tally_engine::{
     shard_for, Margin, MarginScope, Query, QueryReply, Reply, Request, ResultCode, WalletId,
 };
 
-use crate::shard::{CallError, Message};
+use crate::shard::{CallError, CheckpointReport, Message};
 
 /// A cloneable entry point to all shards.
 #[derive(Clone, Debug)]
@@ -137,8 +137,8 @@ impl Handle {
         Ok(Ok(total.into()))
     }
 
-    /// Takes a checkpoint of every shard now; returns each shard's (LSN, digest).
-    pub fn checkpoint(&self) -> Result<Vec<(u64, u64)>, CallError> {
+    /// Takes a checkpoint of every shard now and waits until each is written.
+    pub fn checkpoint(&self) -> Result<Vec<CheckpointReport>, CallError> {
         let mut waiting = Vec::new();
         for shard in self.shards.iter() {
             let (tx, rx) = crossbeam_channel::bounded(1);

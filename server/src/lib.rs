@@ -25,4 +25,4 @@ pub use handle::{Handle, PendingReply};
 pub use server::{
     recover_shard, wal_dir, DataDirLock, Error, Loaded, Recovered, Server, Store, Until,
 };
-pub use shard::{CallError, Checkpoints};
+pub use shard::{CallError, CheckpointReport, Checkpoints};

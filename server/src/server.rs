@@ -19,6 +19,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -305,6 +306,8 @@ impl Server {
             snapshot_every_records: config.snapshot_every_records,
             snapshot_every: Duration::from_secs(config.snapshot_every_secs),
         };
+        let shared: Arc<dyn Store> = Arc::from(store.clone_box());
+        let checkpoints: Arc<dyn Checkpoints> = shared;
         for shard in 0..count {
             let mut replayed = Vec::new();
             let (engine, wal, report) =
@@ -334,7 +337,7 @@ impl Server {
                 rx,
                 outbound_tx.clone(),
                 clock(),
-                store.clone_box(),
+                checkpoints.clone(),
                 options.clone(),
             );
             threads.push(

@@ -14,6 +14,7 @@
 //! and the process must restart and recover. Nothing is retried in place.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver, Sender};
@@ -35,6 +36,8 @@ pub enum CallError {
     Poisoned(String),
     /// The request does not fit in a WAL record.
     TooLarge,
+    /// A checkpoint could not be written (nothing is lost: the WAL is kept).
+    Checkpoint(String),
 }
 
 impl std::fmt::Display for CallError {
@@ -46,6 +49,7 @@ impl std::fmt::Display for CallError {
                 write!(f, "the WAL failed ({why}); restart the server to recover")
             }
             CallError::TooLarge => write!(f, "the request is too large for one WAL record"),
+            CallError::Checkpoint(why) => write!(f, "checkpoint failed: {why}"),
         }
     }
 }
@@ -57,8 +61,20 @@ pub type ReplyTo = Sender<Result<Reply, CallError>>;
 /// Where a query answer goes.
 pub type AnswerTo = Sender<Result<Result<QueryReply, ResultCode>, CallError>>;
 
-/// A checkpoint request's answer: (LSN, digest) of the state written.
-pub type CheckpointTo = Sender<Result<(u64, u64), CallError>>;
+/// A checkpoint request's answer.
+pub type CheckpointTo = Sender<Result<CheckpointReport, CallError>>;
+
+/// A checkpoint that was written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckpointReport {
+    /// The last LSN it includes.
+    pub lsn: u64,
+    /// The digest of its state.
+    pub digest: u64,
+    /// How long the shard loop stood still for it (copying the state), in microseconds; the
+    /// encoding, writing and syncing happen on another thread.
+    pub stall_us: u64,
+}
 
 /// Messages to a shard.
 #[derive(Debug)]
@@ -74,7 +90,7 @@ pub enum Message {
 }
 
 /// Writes checkpoints of a shard's state; implemented over the snapshot directory.
-pub trait Checkpoints: Send + 'static {
+pub trait Checkpoints: Send + Sync + 'static {
     /// Writes `state` as the checkpoint of `shard` at `lsn`, prunes old ones, and returns the
     /// oldest LSN still needed from the WAL (the oldest kept checkpoint's LSN + 1).
     fn write(&self, shard: u32, lsn: u64, at: Timestamp, state: &State) -> Result<u64, String>;
@@ -112,14 +128,23 @@ pub struct Shard {
     inbound: Receiver<Message>,
     outbound: Sender<outbound::Message>,
     clock: Box<dyn Clock>,
-    checkpoints: Box<dyn Checkpoints>,
+    checkpoints: Arc<dyn Checkpoints>,
     options: ShardOptions,
+    writing: Option<Writing>,
+    /// Checkpoint requests that arrived while one was being written.
+    checkpoint_queue: Vec<CheckpointTo>,
     pending: VecDeque<Pending>,
     buf: Vec<u8>,
     records_since_checkpoint: u64,
     last_checkpoint: Instant,
-    /// Longest stall the loop spent taking a checkpoint (cloning the state), for reports.
-    pub checkpoint_stall_max: Duration,
+}
+
+/// A checkpoint being written on its own thread.
+struct Writing {
+    done: Receiver<Result<(u64, u64), String>>,
+    lsn: u64,
+    stall_us: u64,
+    waiters: Vec<CheckpointTo>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -140,7 +165,7 @@ impl Shard {
         inbound: Receiver<Message>,
         outbound: Sender<outbound::Message>,
         clock: Box<dyn Clock>,
-        checkpoints: Box<dyn Checkpoints>,
+        checkpoints: Arc<dyn Checkpoints>,
         options: ShardOptions,
     ) -> Shard {
         let applied_lsn = wal.next_lsn() - 1;
@@ -156,11 +181,12 @@ impl Shard {
             clock,
             checkpoints,
             options,
+            writing: None,
+            checkpoint_queue: Vec::new(),
             pending: VecDeque::new(),
             buf: Vec::with_capacity(4096),
             records_since_checkpoint: 0,
             last_checkpoint: Instant::now(),
-            checkpoint_stall_max: Duration::ZERO,
         }
     }
 
@@ -215,13 +241,24 @@ impl Shard {
             };
             if stopping {
                 if self.pending.is_empty() {
+                    if let Some(writing) = self.writing.take() {
+                        let result = writing.done.recv().unwrap_or(Err("writer vanished".into()));
+                        self.checkpoint_written(writing, result)?;
+                    }
                     return Ok(self.engine.digest());
                 }
                 let durable = synced_rx.recv().map_err(|_| CallError::Stopped)?;
                 syncing = false;
                 self.release(durable.map_err(CallError::Poisoned)?)?;
             } else {
+                let written = self.writing.as_ref().map(|w| w.done.clone());
+                let written = written.unwrap_or_else(crossbeam_channel::never);
                 select! {
+                    recv(written) -> result => {
+                        let writing = self.writing.take().expect("a checkpoint was being written");
+                        let result = result.unwrap_or(Err("the checkpoint writer vanished".into()));
+                        self.checkpoint_written(writing, result)?;
+                    }
                     recv(synced_rx) -> durable => {
                         syncing = false;
                         let durable = durable.map_err(|_| CallError::Stopped)?;
@@ -256,8 +293,8 @@ impl Shard {
                 sync_tx.send(()).map_err(|_| CallError::Stopped)?;
                 syncing = true;
             }
-            if self.pending.is_empty() && self.checkpoint_due() {
-                self.checkpoint()?;
+            if self.pending.is_empty() && self.writing.is_none() && self.checkpoint_due() {
+                self.start_checkpoint(Vec::new());
             }
         }
     }
@@ -331,9 +368,10 @@ impl Shard {
         if !checkpoint_requests.is_empty() {
             // A checkpoint needs a durable state: wait for this batch first.
             self.wait_durable()?;
-            let result = self.checkpoint();
-            for to in checkpoint_requests {
-                let _ = to.send(result.clone());
+            match self.writing.as_mut() {
+                // One is being written already: its requesters get the next one.
+                Some(_) => self.checkpoint_queue.extend(checkpoint_requests),
+                None => self.start_checkpoint(checkpoint_requests),
             }
         }
         Ok(stop)
@@ -436,27 +474,78 @@ impl Shard {
         by_count || by_time
     }
 
-    /// Writes a checkpoint of the current (durable) state and deletes WAL segments no kept
-    /// checkpoint needs. Returns (LSN, digest).
-    fn checkpoint(&mut self) -> Result<(u64, u64), CallError> {
+    /// Starts writing a checkpoint of the current (durable) state: the loop stalls only to copy
+    /// the state; hashing, encoding, writing and syncing run on a thread of their own.
+    fn start_checkpoint(&mut self, waiters: Vec<CheckpointTo>) {
         let started = Instant::now();
         let at = self.now();
         let lsn = self.applied_lsn;
-        let digest = self.engine.digest();
-        let keep_from = self
-            .checkpoints
-            .write(self.index, lsn, at, self.engine.state())
-            .map_err(CallError::Poisoned)?;
-        self.checkpoint_stall_max = self.checkpoint_stall_max.max(started.elapsed());
-        self.wal
-            .delete_below(keep_from)
-            .map_err(|e| CallError::Poisoned(e.to_string()))?;
+        let state = self.engine.state().clone();
+        let stall_us = started.elapsed().as_micros() as u64;
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let checkpoints = Arc::clone(&self.checkpoints);
+        let shard = self.index;
+        std::thread::Builder::new()
+            .name(format!("tally-checkpoint-{shard}"))
+            .spawn(move || {
+                let digest = tally_engine::digest_state(&state);
+                let result = checkpoints
+                    .write(shard, lsn, at, &state)
+                    .map(|keep| (keep, digest));
+                let _ = tx.send(result);
+            })
+            .expect("spawning a checkpoint writer");
         self.records_since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
-        Ok((lsn, digest))
+        self.writing = Some(Writing {
+            done: rx,
+            lsn,
+            stall_us,
+            waiters,
+        });
+    }
+
+    /// A checkpoint finished: delete the WAL no kept checkpoint needs and answer its waiters. A
+    /// failed write loses nothing (the WAL stays); it is reported and retried at the next turn.
+    fn checkpoint_written(
+        &mut self,
+        writing: Writing,
+        result: Result<(u64, u64), String>,
+    ) -> Result<(), CallError> {
+        let answer = match result {
+            Ok((keep_from, digest)) => {
+                self.wal
+                    .delete_below(keep_from)
+                    .map_err(|e| CallError::Poisoned(e.to_string()))?;
+                Ok(CheckpointReport {
+                    lsn: writing.lsn,
+                    digest,
+                    stall_us: writing.stall_us,
+                })
+            }
+            Err(why) => {
+                eprintln!(
+                    "tally: shard {}: checkpoint at LSN {} failed: {why}",
+                    self.index, writing.lsn
+                );
+                Err(CallError::Checkpoint(why))
+            }
+        };
+        for to in writing.waiters {
+            let _ = to.send(answer.clone());
+        }
+        if !self.checkpoint_queue.is_empty() {
+            let waiters = std::mem::take(&mut self.checkpoint_queue);
+            self.start_checkpoint(waiters);
+        }
+        Ok(())
     }
 
     fn fail_all(&mut self, error: CallError) {
+        let waiting = self.writing.take().map(|w| w.waiters).unwrap_or_default();
+        for to in waiting.into_iter().chain(self.checkpoint_queue.drain(..)) {
+            let _ = to.send(Err(error.clone()));
+        }
         for pending in self.pending.drain(..) {
             for r in pending.ready {
                 match r {

@@ -85,7 +85,10 @@ fn ops_commands_list_verify_inspect_create_and_restore() {
                 .is_ok());
         }
         let digests = server.shutdown().unwrap();
-        (checkpoint.iter().map(|c| c.0).collect::<Vec<_>>(), digests)
+        (
+            checkpoint.iter().map(|c| c.lsn).collect::<Vec<_>>(),
+            digests,
+        )
     };
     let d = data.to_str().unwrap();
     let base = ["--data-dir", d, "--shards", "1"];
