@@ -141,6 +141,32 @@ fn ops_commands_list_verify_inspect_create_and_restore() {
         .collect();
     assert_eq!(created, digests);
 
+    // A corrupt newest checkpoint: verify says so, and the server falls back to the previous
+    // one (with a warning naming the file) and still recovers the same state.
+    let (ok, out, _) = run(with(&["snapshot", "list"], &["--json"]));
+    assert!(ok);
+    let newest: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let newest = newest.as_array().unwrap().last().unwrap()["path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&newest, bytes).unwrap();
+    let (ok, out, _) = run(with(&["snapshot", "verify"], &[]));
+    assert!(!ok, "verify must fail on a corrupt checkpoint");
+    assert!(out.contains("BAD") && out.contains(&newest), "{out}");
+    let server = Server::start(&config, Box::new(SnapshotStore::open(&config).unwrap())).unwrap();
+    let report = &server.recovered()[0];
+    assert!(
+        report.warnings.iter().any(|w| w.contains(&newest)),
+        "{:?}",
+        report.warnings
+    );
+    assert_eq!(report.digest, digests[0]);
+    server.shutdown().unwrap();
+
     // Point-in-time restore to the first checkpoint's LSN gives balances before any usage.
     let target = dir.path().join("restored");
     let t = target.to_str().unwrap();
