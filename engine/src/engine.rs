@@ -6,6 +6,7 @@
 //! idempotency table: the rejection is remembered, and a repeat of the request gets it again.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 
 use foldhash::fast::RandomState;
 use rust_decimal::Decimal;
@@ -170,6 +171,11 @@ macro_rules! out {
             request: $engine.request,
         }
     };
+}
+
+/// Wallet `w` for changing: copied first if a checkpoint still shares it (copy-on-write).
+fn wallet_mut(wallets: &mut [Arc<Wallet>], w: u32) -> &mut Wallet {
+    Arc::make_mut(&mut wallets[w as usize])
 }
 
 /// Adds an active grant to a balance; its amount pays debt first. Returns the debt paid.
@@ -398,7 +404,12 @@ impl Engine {
         self.handle_timeout(now);
         let fingerprint = fingerprint(&request.command);
         if let Some(&seq) = self.index.requests.get(&request.id) {
-            let first = &self.state.requests[(seq - self.state.requests_first_seq) as usize];
+            let slot = (seq - self.state.requests_first_seq) as usize;
+            let first = self
+                .state
+                .requests
+                .get(slot)
+                .expect("indexed requests are remembered");
             return if first.fingerprint == fingerprint {
                 first.reply
             } else {
@@ -679,7 +690,7 @@ impl Engine {
         self.index
             .wallets
             .insert(c.wallet, self.state.wallets.len() as u32);
-        self.state.wallets.push(Wallet {
+        self.state.wallets.push(Arc::new(Wallet {
             id: c.wallet,
             created_at: self.state.now,
             frozen: false,
@@ -692,7 +703,7 @@ impl Engine {
             payments: Vec::new(),
             adjustments: Vec::new(),
             margin: Default::default(),
-        });
+        }));
         Ok(ReplyValue::None)
     }
 
@@ -700,13 +711,15 @@ impl Engine {
         let w = self.wallet_index(wallet)?;
         let scale = self.asset(&asset)?.scale;
         money::check_amount_or_zero(limit, scale)?;
-        self.state.wallets[w as usize].balance_mut(&asset).overdraft = limit;
+        wallet_mut(&mut self.state.wallets, w)
+            .balance_mut(&asset)
+            .overdraft = limit;
         Ok(ReplyValue::None)
     }
 
     fn set_frozen(&mut self, wallet: &WalletId, frozen: bool) -> Handled {
         let w = self.wallet_index(wallet)?;
-        self.state.wallets[w as usize].frozen = frozen;
+        wallet_mut(&mut self.state.wallets, w).frozen = frozen;
         Ok(ReplyValue::None)
     }
 
@@ -726,7 +739,7 @@ impl Engine {
         if plan.custom_for.is_some_and(|owner| owner != *wallet) {
             return Err(ResultCode::PlanNotAssignable.into());
         }
-        let plans = &mut self.state.wallets[w as usize].plans;
+        let plans = &mut wallet_mut(&mut self.state.wallets, w).plans;
         let assignment = Assignment {
             from,
             plan: p,
@@ -827,7 +840,7 @@ impl Engine {
             source,
         };
         let mut out = out!(self);
-        let wallet = &mut self.state.wallets[w as usize];
+        let wallet = wallet_mut(&mut self.state.wallets, w);
         let wallet_id = wallet.id;
         out.entry(
             EntryKind::Grant,
@@ -1010,7 +1023,7 @@ impl Engine {
         occurred_at: Timestamp,
     ) -> ReplyValue {
         let mut out = out!(self);
-        let wallet = &mut self.state.wallets[w as usize];
+        let wallet = wallet_mut(&mut self.state.wallets, w);
         let wallet_id = wallet.id;
         let balance = wallet.balance_mut(&asset.code);
         let debt_added = debit(
@@ -1108,7 +1121,7 @@ impl Engine {
         check_spend(wallet, asset, amount)?;
         let id = HoldId(self.state.next_hold);
         self.state.next_hold += 1;
-        let wallet = &mut self.state.wallets[w as usize];
+        let wallet = wallet_mut(&mut self.state.wallets, w);
         wallet.holds.push(Hold {
             id,
             asset,
@@ -1153,7 +1166,7 @@ impl Engine {
     /// Removes open hold `i` of wallet `w`, returning its amount to available.
     fn close_hold(&mut self, w: u32, i: usize, end: HoldEnd) -> Hold {
         let now = self.state.now;
-        let wallet = &mut self.state.wallets[w as usize];
+        let wallet = wallet_mut(&mut self.state.wallets, w);
         let hold = wallet.holds.swap_remove(i);
         wallet.balance_mut(&hold.asset).held -= hold.amount;
         if wallet.closed_holds.len() == CLOSED_HOLDS_KEPT {
@@ -1219,7 +1232,11 @@ impl Engine {
             .get(&event)
             .ok_or(ResultCode::UnknownEvent)?;
         let slot = (seq - self.state.requests_first_seq) as usize;
-        let charge = self.state.requests[slot]
+        let charge = self
+            .state
+            .requests
+            .get(slot)
+            .expect("indexed requests are remembered")
             .charge
             .ok_or(ResultCode::UnknownEvent)?;
         if charge.wallet != w {
@@ -1239,7 +1256,12 @@ impl Engine {
         if let Some(balance) = self.state.wallets[w as usize].balance(&asset.code) {
             money::add(balance.ledger(), amount)?;
         }
-        if let Some(c) = self.state.requests[slot].charge.as_mut() {
+        let entry = self
+            .state
+            .requests
+            .get_mut(slot)
+            .expect("indexed requests are remembered");
+        if let Some(c) = entry.charge.as_mut() {
             c.refunded += amount;
         }
         let margins = &mut self.state.margins;
@@ -1259,7 +1281,9 @@ impl Engine {
             .entry(charge.hour)
             .or_default()
             .add_refund(refund_usd);
-        self.state.wallets[w as usize].margin.add_refund(refund_usd);
+        wallet_mut(&mut self.state.wallets, w)
+            .margin
+            .add_refund(refund_usd);
         let granted = self.add_grant(w, asset.code, amount, 0, None, None, GrantSource::Refund);
         let ReplyValue::Grant { grant, .. } = granted else {
             unreachable!("add_grant grants")
@@ -1295,7 +1319,7 @@ impl Engine {
         let spent = p.amount - remaining;
         money::add(balance.debt, spent)?;
         let mut out = out!(self);
-        let wallet = &mut self.state.wallets[w as usize];
+        let wallet = wallet_mut(&mut self.state.wallets, w);
         let wallet_id = wallet.id;
         wallet.payments[payment].disputed = true;
         wallet.frozen |= freeze;
@@ -1332,7 +1356,7 @@ impl Engine {
         if let Some(balance) = wallet.balance(&p.asset) {
             money::add(balance.ledger(), p.amount)?;
         }
-        self.state.wallets[w as usize].payments[payment].disputed = false;
+        wallet_mut(&mut self.state.wallets, w).payments[payment].disputed = false;
         let now = self.state.now;
         let id = GrantId(self.state.next_grant);
         self.state.next_grant += 1;
@@ -1349,7 +1373,7 @@ impl Engine {
             },
         };
         let mut out = out!(self);
-        let wallet = &mut self.state.wallets[w as usize];
+        let wallet = wallet_mut(&mut self.state.wallets, w);
         let (from, to) = (Account::Dispute, Account::Wallet(wallet.id));
         out.entry(EntryKind::DisputeWon, p.asset, p.amount, from, to, Some(id));
         // The payment record now points at the restored grant, so a second dispute claws it.
@@ -1396,7 +1420,9 @@ impl Engine {
             amount,
             reason: reason.to_owned(),
         };
-        self.state.wallets[w as usize].adjustments.push(record);
+        wallet_mut(&mut self.state.wallets, w)
+            .adjustments
+            .push(record);
         if amount > Decimal::ZERO {
             return Ok(self.add_grant(
                 w,
@@ -1409,7 +1435,7 @@ impl Engine {
             ));
         }
         let mut out = out!(self);
-        let wallet = &mut self.state.wallets[w as usize];
+        let wallet = wallet_mut(&mut self.state.wallets, w);
         let wallet_id = wallet.id;
         let balance = wallet.balance_mut(&asset.code);
         let debt_added = debit(balance, -amount, wallet_id, Account::Adjustment, &mut out);
@@ -1449,7 +1475,7 @@ impl Engine {
         if !(0..=TOPUP_COOLDOWN_MAX_US).contains(&rule.cooldown_us) {
             return Err(ResultCode::InvalidArgument.into());
         }
-        let wallet = &mut self.state.wallets[w as usize];
+        let wallet = wallet_mut(&mut self.state.wallets, w);
         match wallet.topups.iter_mut().find(|t| t.asset == rule.asset) {
             Some(t) => {
                 t.rule = Some(*rule);
@@ -1475,7 +1501,7 @@ impl Engine {
 
     fn remove_topup_rule(&mut self, wallet: &WalletId, asset: AssetCode) -> Handled {
         let w = self.wallet_index(wallet)?;
-        let wallet = &mut self.state.wallets[w as usize];
+        let wallet = wallet_mut(&mut self.state.wallets, w);
         let t = wallet
             .topups
             .iter_mut()
@@ -1504,7 +1530,7 @@ impl Engine {
         }
         // Money was taken: the grant is added whatever the trigger, so no payment is ever lost.
         let now = self.state.now;
-        let wallet = &mut self.state.wallets[w as usize];
+        let wallet = wallet_mut(&mut self.state.wallets, w);
         let mut arm = None;
         if let Some(t) = wallet.topups.iter_mut().find(|t| t.asset == asset) {
             if t.in_flight.is_some_and(|f| f.trigger == trigger) {
@@ -1532,7 +1558,7 @@ impl Engine {
         let w = self.wallet_index(wallet)?;
         let asset_index = self.asset_index(&asset)?;
         let now = self.state.now;
-        let wallet = &mut self.state.wallets[w as usize];
+        let wallet = wallet_mut(&mut self.state.wallets, w);
         let wallet_id = wallet.id;
         let t = wallet
             .topups
@@ -1569,7 +1595,7 @@ impl Engine {
     /// Requests a top-up if wallet `w`'s rule for `asset` says so now.
     fn check_topup(&mut self, w: u32, asset: AssetCode) {
         let now = self.state.now;
-        let wallet = &mut self.state.wallets[w as usize];
+        let wallet = wallet_mut(&mut self.state.wallets, w);
         if wallet.topups.is_empty() {
             return;
         }
@@ -1626,7 +1652,7 @@ impl Engine {
         let w = timer.wallet;
         match timer.kind {
             TimerKind::GrantEffective => {
-                let wallet = &mut self.state.wallets[w as usize];
+                let wallet = wallet_mut(&mut self.state.wallets, w);
                 for balance in &mut wallet.balances {
                     if let Some(i) = balance.pending.iter().position(|g| g.id.0 == timer.id) {
                         let grant = balance.pending.remove(i);
@@ -1637,7 +1663,7 @@ impl Engine {
             }
             TimerKind::GrantExpiry => {
                 let mut out = out!(self);
-                let wallet = &mut self.state.wallets[w as usize];
+                let wallet = wallet_mut(&mut self.state.wallets, w);
                 let wallet_id = wallet.id;
                 for balance in &mut wallet.balances {
                     if let Some(i) = balance.grants.iter().position(|g| g.id.0 == timer.id) {
@@ -1665,7 +1691,7 @@ impl Engine {
             }
             TimerKind::TopUpRetry => {
                 let asset = self.state.assets[timer.id as usize].code;
-                let wallet = &mut self.state.wallets[w as usize];
+                let wallet = wallet_mut(&mut self.state.wallets, w);
                 if let Some(t) = wallet.topups.iter_mut().find(|t| t.asset == asset) {
                     t.retry_armed = false;
                 }

@@ -5,6 +5,7 @@
 //! indexes and timers are derived from it and rebuilt by `Engine::from_state`.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -62,10 +63,12 @@ pub struct State {
     pub products: Vec<Product>,
     /// Plans, in creation order.
     pub plans: Vec<Plan>,
-    /// Wallets, in creation order.
-    pub wallets: Vec<Wallet>,
+    /// Wallets, in creation order. Each is behind an `Arc` so that copying the state for a
+    /// checkpoint copies pointers, not wallets: the engine clones a wallet only when it
+    /// changes one that a checkpoint still shares (copy-on-write).
+    pub wallets: Vec<Arc<Wallet>>,
     /// Remembered requests, oldest first.
-    pub requests: VecDeque<Remembered>,
+    pub requests: Requests,
     /// Sequence number of `requests[0]`.
     pub requests_first_seq: u64,
     /// Margin aggregates of this shard.
@@ -88,7 +91,7 @@ impl State {
             products: Vec::new(),
             plans: Vec::new(),
             wallets: Vec::new(),
-            requests: VecDeque::new(),
+            requests: Requests::default(),
             requests_first_seq: 0,
             margins: Margins::default(),
             next_grant: 1,
@@ -428,6 +431,145 @@ pub struct Remembered {
     pub charge: Option<ChargeRef>,
 }
 
+/// Entries per chunk of [`Requests`].
+const REQUESTS_CHUNK: usize = 4096;
+
+/// Remembered requests, oldest first, stored in chunks that a checkpoint shares copy-on-write:
+/// copying the table copies chunk pointers, and the engine copies a chunk only when it changes
+/// one that a checkpoint still holds. Every chunk but the last is full. A chunk freed from the
+/// front is kept and reused, so a steady stream of requests allocates nothing.
+#[derive(Clone, Default)]
+pub struct Requests {
+    chunks: VecDeque<Arc<Vec<Remembered>>>,
+    /// Entries of `chunks[0]` already forgotten.
+    skip: usize,
+    len: usize,
+    spare: Option<Arc<Vec<Remembered>>>,
+}
+
+impl Requests {
+    /// Remembered requests.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn locate(&self, i: usize) -> Option<(usize, usize)> {
+        (i < self.len).then(|| {
+            let at = self.skip + i;
+            (at / REQUESTS_CHUNK, at % REQUESTS_CHUNK)
+        })
+    }
+
+    /// The `i`-th oldest entry.
+    pub fn get(&self, i: usize) -> Option<&Remembered> {
+        let (chunk, offset) = self.locate(i)?;
+        self.chunks[chunk].get(offset)
+    }
+
+    /// The `i`-th oldest entry, for changing (its chunk is copied first if shared).
+    pub fn get_mut(&mut self, i: usize) -> Option<&mut Remembered> {
+        let (chunk, offset) = self.locate(i)?;
+        Arc::make_mut(&mut self.chunks[chunk]).get_mut(offset)
+    }
+
+    /// The oldest entry.
+    pub fn front(&self) -> Option<&Remembered> {
+        self.get(0)
+    }
+
+    /// Appends the newest entry.
+    pub fn push_back(&mut self, entry: Remembered) {
+        if self.chunks.back().is_none_or(|c| c.len() == REQUESTS_CHUNK) {
+            let chunk = self
+                .spare
+                .take()
+                .unwrap_or_else(|| Arc::new(Vec::with_capacity(REQUESTS_CHUNK)));
+            self.chunks.push_back(chunk);
+        }
+        let last = self.chunks.back_mut().expect("a chunk was just ensured");
+        Arc::make_mut(last).push(entry);
+        self.len += 1;
+    }
+
+    /// Forgets the oldest entry.
+    pub fn pop_front(&mut self) {
+        if self.len == 0 {
+            return;
+        }
+        self.len -= 1;
+        self.skip += 1;
+        if self.skip == REQUESTS_CHUNK {
+            let mut chunk = self.chunks.pop_front().expect("skip counts into a chunk");
+            self.skip = 0;
+            // Reuse the chunk (and its `Arc`) unless a checkpoint still holds it.
+            if let Some(entries) = Arc::get_mut(&mut chunk) {
+                entries.clear();
+                self.spare = Some(chunk);
+            }
+        }
+    }
+
+    /// Entries, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &Remembered> + '_ {
+        (0..self.len).filter_map(|i| self.get(i))
+    }
+}
+
+impl PartialEq for Requests {
+    fn eq(&self, other: &Requests) -> bool {
+        self.len == other.len && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Requests {}
+
+impl std::fmt::Debug for Requests {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Requests")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Serialize for Requests {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = serializer.serialize_seq(Some(self.len))?;
+        for entry in self.iter() {
+            seq.serialize_element(entry)?;
+        }
+        seq.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Requests {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Requests, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Requests;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a sequence of remembered requests")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Requests, A::Error> {
+                let mut requests = Requests::default();
+                while let Some(entry) = seq.next_element()? {
+                    requests.push_back(entry);
+                }
+                Ok(requests)
+            }
+        }
+        deserializer.deserialize_seq(Visitor)
+    }
+}
+
 /// What a refund needs to know of a charged event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChargeRef {
@@ -509,6 +651,59 @@ pub struct Margins {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn remembered(id: u128) -> Remembered {
+        Remembered {
+            id: RequestId(id),
+            fingerprint: id as u64,
+            at: Timestamp(id as i64),
+            reply: Reply {
+                code: crate::ResultCode::Ok,
+                value: crate::ReplyValue::None,
+            },
+            charge: None,
+        }
+    }
+
+    #[test]
+    fn requests_are_chunked_copy_on_write() {
+        let mut requests = Requests::default();
+        let n = REQUESTS_CHUNK * 2 + 10;
+        for i in 0..n as u128 {
+            requests.push_back(remembered(i));
+        }
+        let snapshot = requests.clone();
+        for _ in 0..REQUESTS_CHUNK + 5 {
+            requests.pop_front();
+        }
+        requests.get_mut(0).expect("present").fingerprint = 7;
+        requests.push_back(remembered(99_999));
+        // The copy is untouched by later changes.
+        assert_eq!(snapshot.len(), n);
+        assert_eq!(snapshot.front().map(|r| r.id), Some(RequestId(0)));
+        assert_eq!(
+            snapshot.get(REQUESTS_CHUNK + 5).map(|r| r.fingerprint),
+            Some(REQUESTS_CHUNK as u64 + 5)
+        );
+        assert_eq!(requests.len(), n - REQUESTS_CHUNK - 5 + 1);
+        assert_eq!(
+            requests.front().map(|r| (r.id, r.fingerprint)),
+            Some((RequestId(REQUESTS_CHUNK as u128 + 5), 7))
+        );
+        let ids: Vec<u128> = requests.iter().map(|r| r.id.0).collect();
+        assert_eq!(ids.last(), Some(&99_999));
+        assert_eq!(ids.len(), requests.len());
+        // Serde sees a flat sequence and rebuilds an equal table.
+        let config = bincode::config::standard();
+        let bytes = bincode::serde::encode_to_vec(&requests, config).unwrap();
+        let (back, _): (Requests, usize) =
+            bincode::serde::decode_from_slice(&bytes, config).unwrap();
+        assert_eq!(back, requests);
+        while !requests.is_empty() {
+            requests.pop_front();
+        }
+        assert_eq!(requests.front(), None);
+    }
 
     #[test]
     fn record_sizes_stay_small() {

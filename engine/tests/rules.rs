@@ -1294,7 +1294,7 @@ fn a_corrupt_state_is_refused_not_trusted() {
     let w = h.wallet("acme");
     h.grant(w, "5");
     let mut state = h.engine.state().clone();
-    state.wallets[0].balances[0].active = d("6");
+    std::sync::Arc::make_mut(&mut state.wallets[0]).balances[0].active = d("6");
     assert!(Engine::from_state(state).is_err());
     let mut state = h.engine.state().clone();
     let twin = state.wallets[0].clone();
