@@ -1595,10 +1595,11 @@ impl Engine {
     /// Requests a top-up if wallet `w`'s rule for `asset` says so now.
     fn check_topup(&mut self, w: u32, asset: AssetCode) {
         let now = self.state.now;
-        let wallet = wallet_mut(&mut self.state.wallets, w);
-        if wallet.topups.is_empty() {
+        // Most wallets have no rule: look before taking the wallet for writing.
+        if self.state.wallets[w as usize].topups.is_empty() {
             return;
         }
+        let wallet = wallet_mut(&mut self.state.wallets, w);
         let available = wallet
             .balance(&asset)
             .map_or(Decimal::ZERO, Balance::available);
