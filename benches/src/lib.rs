@@ -221,35 +221,13 @@ impl Workload {
         for command in catalog() {
             w.must(command);
         }
-        let usd = asset("USD");
         let (input, output) = (name("input_tokens"), name("output_tokens"));
         let expires = w.now.add_us(365 * Timestamp::DAY_US);
         let mut ids = Vec::with_capacity(wallets);
         for i in 0..wallets {
-            let wallet = name(&format!("customer-{i:08}"));
-            ids.push(wallet);
-            w.must(Command::CreateWallet(CreateWallet {
-                wallet,
-                overdraft: vec![],
-                metadata: vec![],
-            }));
-            w.must(Command::AssignPlan {
-                wallet,
-                plan: name("std"),
-                version: 1,
-                effective_from: Timestamp(0),
-            });
-            for (amount, priority, expires_at) in [("1000", 0, Some(expires)), ("100000", 5, None)]
-            {
-                w.must(Command::Grant(Grant {
-                    wallet,
-                    asset: usd,
-                    amount: d(amount),
-                    priority,
-                    effective_at: None,
-                    expires_at,
-                    source: GrantSource::Promotion,
-                }));
+            ids.push(wallet_id(i));
+            for command in wallet_commands(i, expires) {
+                w.must(command);
             }
         }
         let models = ["gpt-4o", "gpt-4o-mini", "claude", "gpt-4o"];

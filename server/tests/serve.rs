@@ -1,16 +1,13 @@
 //! The server core end to end in-process: shards, group commit, replies only when durable,
 //! outbound export, and recovery after a clean stop and after a dropped (unsynced) process state.
 
-use std::str::FromStr;
+mod common;
+
 use std::sync::{Arc, Mutex};
 
-use rust_decimal::Decimal;
+use common::*;
 use tally_engine::*;
-use tally_server::{CallError, Checkpoints, Clock, Config, Handle, Server, Store, SystemClock};
-
-fn d(s: &str) -> Decimal {
-    Decimal::from_str(s).unwrap()
-}
+use tally_server::{CallError, Checkpoints, Server, Store};
 
 /// A checkpoint store that keeps states in memory (so WAL deletion is exercised) and can be
 /// shared between server runs in one test.
@@ -36,127 +33,26 @@ impl Store for MemoryStore {
     }
 }
 
-fn config(dir: &std::path::Path) -> Config {
-    Config {
-        data_dir: dir.to_path_buf(),
-        shards: 2,
-        wal_segment_bytes: 1 << 20,
-        snapshot_every_records: 0,
-        snapshot_every_secs: 0,
-        ..Config::default()
-    }
-}
-
-fn setup(handle: &Handle, wallets: &[&str]) {
-    let mut id = 1_000_000;
-    let mut call = |command: Command| {
-        id += 1;
-        let reply = handle
-            .call(Request {
-                id: RequestId(id),
-                command,
-            })
-            .unwrap();
-        assert_eq!(reply.code, ResultCode::Ok);
-    };
-    call(Command::DefineAsset {
-        code: asset("USD"),
-        scale: 6,
-        usd_value: d("1"),
-    });
-    call(Command::DefineProduct {
-        code: name("chat"),
-        dimensions: vec![name("tokens")],
-    });
-    call(Command::DraftPlan {
-        plan: name("std"),
-        custom_for: None,
-        asset: asset("USD"),
-        rules: vec![PriceRule {
-            product: name("chat"),
-            filters: vec![],
-            components: vec![Component {
-                dimension: name("tokens"),
-                price: PriceModel::PerUnit {
-                    unit_price: d("0.001"),
-                },
-            }],
-            minimum_charge: None,
-            rounding: Rounding::Up,
-        }],
-    });
-    call(Command::PublishPlan { plan: name("std") });
-    for w in wallets {
-        let wallet = name(w);
-        call(Command::CreateWallet(CreateWallet {
-            wallet,
-            overdraft: vec![],
-            metadata: vec![],
-        }));
-        call(Command::AssignPlan {
-            wallet,
-            plan: name("std"),
-            version: 1,
-            effective_from: Timestamp(0),
-        });
-        call(Command::Grant(Grant {
-            wallet,
-            asset: asset("USD"),
-            amount: d("10"),
-            priority: 0,
-            effective_at: None,
-            expires_at: None,
-            source: GrantSource::Promotion,
-        }));
-    }
-}
-
-fn usage(id: u128, wallet: &str, tokens: u32) -> Request {
-    let now = SystemClock.now();
-    Request {
-        id: RequestId(id),
-        command: Command::Usage(UsageEvent {
-            wallet: name(wallet),
-            product: name("chat"),
-            quantities: vec![Quantity {
-                dimension: name("tokens"),
-                value: tokens.into(),
-            }],
-            attributes: vec![],
-            cost_usd: d("0.0001"),
-            occurred_at: now,
-            mode: DebitMode::Strict,
-        }),
-    }
-}
-
-fn available(handle: &Handle, wallet: &str) -> Decimal {
-    match handle
-        .query(Query::Balance {
-            wallet: name(wallet),
-            asset: asset("USD"),
-        })
-        .unwrap()
-        .unwrap()
-    {
-        QueryReply::Balance(b) => b.available,
-        other => panic!("{other:?}"),
-    }
-}
-
 #[test]
 fn requests_are_durable_and_survive_restart_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let store = MemoryStore::default();
-    let wallets = ["alice", "bob", "carol", "dave"];
-    let server = Server::start(&config(dir.path()), Box::new(store.clone())).unwrap();
+    let wallets: Vec<String> = ["alice", "bob", "carol", "dave"].map(String::from).to_vec();
+    let server = Server::start(&config(dir.path(), 2), Box::new(store.clone())).unwrap();
     let handle = server.handle();
     setup(&handle, &wallets);
+    for (i, w) in wallets.iter().enumerate() {
+        assert!(handle
+            .call(grant(900_000 + i as u128, w, "10"))
+            .unwrap()
+            .code
+            .is_ok());
+    }
     // Concurrent submissions share group commits.
     let pending: Vec<_> = (0..200u128)
         .map(|i| {
             handle
-                .submit(usage(i, wallets[i as usize % 4], 100))
+                .submit(usage(i, &wallets[i as usize % 4], 100, DebitMode::Strict))
                 .unwrap()
         })
         .collect();
@@ -172,11 +68,13 @@ fn requests_are_durable_and_survive_restart_exactly_once() {
     let digests = server.shutdown().unwrap();
 
     // Restart: the same state, and a retried request is answered from memory, not applied.
-    let server = Server::start(&config(dir.path()), Box::new(store.clone())).unwrap();
+    let server = Server::start(&config(dir.path(), 2), Box::new(store.clone())).unwrap();
     let recovered: Vec<u64> = server.recovered().iter().map(|r| r.digest).collect();
     assert_eq!(recovered, digests);
     let handle = server.handle();
-    let retry = handle.call(usage(0, "alice", 100)).unwrap();
+    let retry = handle
+        .call(usage(0, "alice", 100, DebitMode::Strict))
+        .unwrap();
     assert_eq!(
         retry.code,
         ResultCode::IdempotencyConflict,
@@ -188,11 +86,14 @@ fn requests_are_durable_and_survive_restart_exactly_once() {
     let checkpoints = handle.checkpoint().unwrap();
     assert_eq!(checkpoints.len(), 2);
     assert_eq!(
-        handle.call(usage(5000, "bob", 1000)).unwrap().code,
+        handle
+            .call(usage(5000, "bob", 1000, DebitMode::Strict))
+            .unwrap()
+            .code,
         ResultCode::Ok
     );
     let digests = server.shutdown().unwrap();
-    let server = Server::start(&config(dir.path()), Box::new(store)).unwrap();
+    let server = Server::start(&config(dir.path(), 2), Box::new(store)).unwrap();
     assert!(server.recovered().iter().all(|r| r.checkpoint_lsn > 0));
     let recovered: Vec<u64> = server.recovered().iter().map(|r| r.digest).collect();
     assert_eq!(recovered, digests);
@@ -223,12 +124,12 @@ fn requests_are_durable_and_survive_restart_exactly_once() {
 #[test]
 fn a_second_process_cannot_open_the_same_data_directory() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&config(dir.path()), Box::new(MemoryStore::default())).unwrap();
-    let second = Server::start(&config(dir.path()), Box::new(MemoryStore::default()));
+    let server = Server::start(&config(dir.path(), 2), Box::new(MemoryStore::default())).unwrap();
+    let second = Server::start(&config(dir.path(), 2), Box::new(MemoryStore::default()));
     let error = second.unwrap_err().to_string();
     assert!(error.contains("in use by another tally process"), "{error}");
     server.shutdown().unwrap();
-    let mut other = config(dir.path());
+    let mut other = config(dir.path(), 2);
     other.shards = 3;
     let error = Server::start(&other, Box::new(MemoryStore::default()))
         .unwrap_err()
@@ -239,17 +140,22 @@ fn a_second_process_cannot_open_the_same_data_directory() {
 #[test]
 fn a_full_queue_answers_busy() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(dir.path());
+    let mut config = config(dir.path(), 2);
     config.shards = 1;
     config.queue_depth = 1;
     config.batch_max = 1;
     let server = Server::start(&config, Box::new(MemoryStore::default())).unwrap();
     let handle = server.handle();
-    setup(&handle, &["alice"]);
+    setup(&handle, &["alice".to_string()]);
+    assert!(handle
+        .call(grant(900_000, "alice", "10"))
+        .unwrap()
+        .code
+        .is_ok());
     let mut busy = 0;
     let mut pending = Vec::new();
     for i in 0..2_000u128 {
-        match handle.submit(usage(i, "alice", 1)) {
+        match handle.submit(usage(i, "alice", 1, DebitMode::Strict)) {
             Ok(p) => pending.push(p),
             Err(CallError::Busy) => busy += 1,
             Err(e) => panic!("{e}"),
