@@ -32,7 +32,89 @@ impl PendingReply {
     }
 }
 
+/// The replies of a batch that will arrive once its requests are durable.
+#[derive(Debug)]
+pub struct PendingBatch {
+    /// Per shard: the positions of its requests in the caller's batch, and its replies.
+    parts: Vec<(
+        Vec<usize>,
+        Receiver<Result<Vec<Result<Reply, CallError>>, CallError>>,
+    )>,
+    /// Replies already known (catalog commands, which are applied one by one).
+    done: Vec<(usize, Result<Reply, CallError>)>,
+    len: usize,
+}
+
+impl PendingBatch {
+    /// Waits for every reply; they come back in the order of the submitted requests.
+    pub fn wait(self) -> Vec<Result<Reply, CallError>> {
+        let mut replies: Vec<Result<Reply, CallError>> = vec![Err(CallError::Stopped); self.len];
+        for (position, reply) in self.done {
+            replies[position] = reply;
+        }
+        for (positions, rx) in self.parts {
+            match rx.recv().unwrap_or(Err(CallError::Stopped)) {
+                Ok(part) => {
+                    for (position, reply) in positions.into_iter().zip(part) {
+                        replies[position] = reply;
+                    }
+                }
+                Err(error) => {
+                    for position in positions {
+                        replies[position] = Err(error.clone());
+                    }
+                }
+            }
+        }
+        replies
+    }
+}
+
 impl Handle {
+    /// Queues many requests at once (e.g. a batch frame of usage events): one message per
+    /// shard, one group commit for all of it. Catalog commands in the batch are applied one by
+    /// one, in order, before it is queued. All or nothing per shard when a queue is full.
+    pub fn submit_batch(&self, requests: Vec<Request>) -> Result<PendingBatch, CallError> {
+        let len = requests.len();
+        let mut per_shard: Vec<(Vec<usize>, Vec<Request>)> = (0..self.shards.len())
+            .map(|_| (Vec::new(), Vec::new()))
+            .collect();
+        let mut done = Vec::new();
+        for (position, request) in requests.into_iter().enumerate() {
+            match request.command.wallet().copied() {
+                Some(wallet) => {
+                    let shard = shard_for(&wallet, self.shard_count()) as usize;
+                    per_shard[shard].0.push(position);
+                    per_shard[shard].1.push(request);
+                }
+                None => done.push((position, self.call(request))),
+            }
+        }
+        if per_shard
+            .iter()
+            .any(|(_, r)| r.len() > crate::shard::BATCH_ITEMS_MAX)
+        {
+            return Err(CallError::TooLarge);
+        }
+        let mut parts = Vec::new();
+        for (shard, (positions, requests)) in per_shard.into_iter().enumerate() {
+            if requests.is_empty() {
+                continue;
+            }
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            match self.shards[shard].try_send(Message::Batch(requests, tx)) {
+                Ok(()) => parts.push((positions, rx)),
+                Err(TrySendError::Full(_)) => {
+                    for position in positions {
+                        done.push((position, Err(CallError::Busy)));
+                    }
+                }
+                Err(TrySendError::Disconnected(_)) => return Err(CallError::Stopped),
+            }
+        }
+        Ok(PendingBatch { parts, done, len })
+    }
+
     pub(crate) fn new(shards: Vec<Sender<Message>>) -> Handle {
         Handle {
             shards: shards.into(),

@@ -21,7 +21,7 @@ pub mod store;
 
 pub use clock::{Clock, SystemClock};
 pub use config::{Config, ConfigError, DurabilitySetting, Overrides};
-pub use handle::{Handle, PendingReply};
+pub use handle::{Handle, PendingBatch, PendingReply};
 pub use server::{
     recover_shard, wal_dir, DataDirLock, Error, Loaded, Recovered, Server, Store, Until,
 };

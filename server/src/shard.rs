@@ -58,6 +58,12 @@ impl std::error::Error for CallError {}
 
 /// Where a reply goes.
 pub type ReplyTo = Sender<Result<Reply, CallError>>;
+/// Where the replies of a batch go, one per request, in order.
+pub type BatchReplyTo = Sender<Result<Vec<Result<Reply, CallError>>, CallError>>;
+
+/// Most requests in one batch message.
+pub const BATCH_ITEMS_MAX: usize = 8192;
+
 /// Where a query answer goes.
 pub type AnswerTo = Sender<Result<Result<QueryReply, ResultCode>, CallError>>;
 
@@ -81,6 +87,9 @@ pub struct CheckpointReport {
 pub enum Message {
     /// Apply a request.
     Request(Request, ReplyTo),
+    /// Apply many requests of this shard's wallets, answered together (at most
+    /// [`BATCH_ITEMS_MAX`]).
+    Batch(Vec<Request>, BatchReplyTo),
     /// Answer a query.
     Query(Query, AnswerTo),
     /// Take a checkpoint now and answer with its LSN and digest.
@@ -98,6 +107,7 @@ pub trait Checkpoints: Send + Sync + 'static {
 
 enum Ready {
     Reply(ReplyTo, Reply),
+    Batch(BatchReplyTo, Vec<Result<Reply, CallError>>),
     Answer(AnswerTo, Box<Result<QueryReply, ResultCode>>),
 }
 
@@ -309,7 +319,12 @@ impl Shard {
         let mut logged = 0u64;
         let mut fits = Vec::with_capacity(batch.len());
         for message in batch.iter() {
-            if let Message::Request(request, _) = message {
+            let requests = match message {
+                Message::Request(request, _) => std::slice::from_ref(request),
+                Message::Batch(requests, _) => requests.as_slice(),
+                _ => &[],
+            };
+            for request in requests {
                 let record = LogRecord {
                     at: now,
                     entry: LogEntry::Request(request.clone()),
@@ -350,6 +365,21 @@ impl Shard {
                     let reply = self.engine.handle_request(now, &request);
                     self.drain_effects(lsn, &mut effects);
                     ready.push(Ready::Reply(reply_to, reply));
+                }
+                Message::Batch(batch_requests, reply_to) => {
+                    let mut replies = Vec::with_capacity(batch_requests.len());
+                    for request in batch_requests {
+                        if !fits[requests] {
+                            requests += 1;
+                            replies.push(Err(CallError::TooLarge));
+                            continue;
+                        }
+                        requests += 1;
+                        lsn += 1;
+                        replies.push(Ok(self.engine.handle_request(now, &request)));
+                        self.drain_effects(lsn, &mut effects);
+                    }
+                    ready.push(Ready::Batch(reply_to, replies));
                 }
                 Message::Query(query, answer_to) => {
                     ready.push(Ready::Answer(
@@ -446,6 +476,9 @@ impl Shard {
                 match r {
                     Ready::Reply(to, reply) => {
                         let _ = to.send(Ok(reply));
+                    }
+                    Ready::Batch(to, replies) => {
+                        let _ = to.send(Ok(replies));
                     }
                     Ready::Answer(to, answer) => {
                         let _ = to.send(Ok(*answer));
@@ -552,6 +585,9 @@ impl Shard {
                     Ready::Reply(to, _) => {
                         let _ = to.send(Err(error.clone()));
                     }
+                    Ready::Batch(to, _) => {
+                        let _ = to.send(Err(error.clone()));
+                    }
                     Ready::Answer(to, _) => {
                         let _ = to.send(Err(error.clone()));
                     }
@@ -561,6 +597,9 @@ impl Shard {
         while let Ok(message) = self.inbound.try_recv() {
             match message {
                 Message::Request(_, to) => {
+                    let _ = to.send(Err(error.clone()));
+                }
+                Message::Batch(_, to) => {
                     let _ = to.send(Err(error.clone()));
                 }
                 Message::Query(_, to) => {

@@ -167,3 +167,51 @@ fn a_full_queue_answers_busy() {
     }
     server.shutdown().unwrap();
 }
+
+#[test]
+fn batches_are_applied_durably_and_answered_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&config(dir.path(), 2), Box::new(MemoryStore::default())).unwrap();
+    let handle = server.handle();
+    let wallets: Vec<String> = (0..10).map(|i| format!("b{i}")).collect();
+    setup(&handle, &wallets);
+    for (i, w) in wallets.iter().enumerate() {
+        assert!(handle
+            .call(grant(900_000 + i as u128, w, "1"))
+            .unwrap()
+            .code
+            .is_ok());
+    }
+    // 300 strict debits of 0.01 over 10 wallets (30 each, 0.3 of 1 USD), a catalog command in
+    // the middle, and one debit too many for its wallet's balance at the end.
+    let mut requests: Vec<Request> = (0..300u128)
+        .map(|i| usage(i, &wallets[i as usize % 10], 10, DebitMode::Strict))
+        .collect();
+    requests.insert(
+        150,
+        Request {
+            id: RequestId(777_777),
+            command: Command::DefineAsset {
+                code: asset("credits"),
+                scale: 2,
+                usd_value: d("0.01"),
+            },
+        },
+    );
+    requests.push(usage(5_000, "b3", 800, DebitMode::Strict));
+    let replies = handle.submit_batch(requests).unwrap().wait();
+    assert_eq!(replies.len(), 302);
+    assert!(replies[..301]
+        .iter()
+        .all(|r| r.as_ref().unwrap().code.is_ok()));
+    assert_eq!(
+        replies[301].as_ref().unwrap().code,
+        ResultCode::InsufficientFunds
+    );
+    assert_eq!(available(&handle, "b3"), d("0.7"));
+    let digests = server.shutdown().unwrap();
+    let server = Server::start(&config(dir.path(), 2), Box::new(MemoryStore::default())).unwrap();
+    let recovered: Vec<u64> = server.recovered().iter().map(|r| r.digest).collect();
+    assert_eq!(recovered, digests);
+    server.shutdown().unwrap();
+}
