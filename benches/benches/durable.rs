@@ -17,7 +17,9 @@ use hdrhistogram::Histogram;
 use tally_benches::{setup_requests, usage_request};
 use tally_engine::shard_for;
 use tally_server::store::SnapshotStore;
-use tally_server::{CallError, Config, DurabilitySetting, Handle, PendingReply, Server};
+use tally_server::{
+    CallError, Config, DurabilitySetting, Handle, PendingBatch, PendingReply, Server,
+};
 
 fn raw_fdatasync_us(dir: &std::path::Path, samples: usize) -> Histogram<u64> {
     let path = dir.join("fdatasync-probe");
@@ -109,6 +111,76 @@ fn closed_loop(
         histogram.add(h).unwrap();
     }
     (histogram.len() as f64 / elapsed, histogram)
+}
+
+/// Closed loop for `duration`: `connections` callers each keep `window` batches of `size` usage
+/// events in flight (the shape of batch frames from a gateway).
+fn closed_loop_batched(
+    handle: &Handle,
+    wallets: usize,
+    connections: usize,
+    size: usize,
+    window: usize,
+    duration: Duration,
+    base: u128,
+) -> (f64, Histogram<u64>) {
+    let start = Instant::now();
+    let deadline = start + duration;
+    let results: Vec<(usize, Histogram<u64>)> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..connections)
+            .map(|c| {
+                let handle = handle.clone();
+                s.spawn(move || {
+                    let mut histogram = Histogram::<u64>::new(3).unwrap();
+                    let mut pending: VecDeque<(Instant, PendingBatch)> = VecDeque::new();
+                    let (mut next, mut events) = (0usize, 0usize);
+                    loop {
+                        let open = Instant::now() < deadline;
+                        if !open && pending.is_empty() {
+                            break;
+                        }
+                        if open && pending.len() < window {
+                            let requests = (0..size)
+                                .map(|k| {
+                                    let i = next + k;
+                                    let id = base + (c as u128) * 100_000_000 + i as u128;
+                                    usage_request(id, (c * 7919 + i * 104_729) % wallets)
+                                })
+                                .collect();
+                            match handle.submit_batch(requests) {
+                                Ok(p) => {
+                                    pending.push_back((Instant::now(), p));
+                                    next += size;
+                                }
+                                Err(e) => panic!("{e}"),
+                            }
+                            continue;
+                        }
+                        let (sent, p) = pending.pop_front().unwrap();
+                        for reply in p.wait() {
+                            match reply {
+                                Ok(r) => assert!(r.code.is_ok(), "{r:?}"),
+                                Err(CallError::Busy) => continue,
+                                Err(e) => panic!("{e}"),
+                            }
+                            events += 1;
+                        }
+                        histogram.record(sent.elapsed().as_micros() as u64).unwrap();
+                    }
+                    (events, histogram)
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let elapsed = start.elapsed().as_secs_f64();
+    let mut histogram = Histogram::<u64>::new(3).unwrap();
+    let mut events = 0;
+    for (n, h) in results {
+        events += n;
+        histogram.add(h).unwrap();
+    }
+    (events as f64 / elapsed, histogram)
 }
 
 /// Open loop at `rate` requests/s for `duration`: latency from the intended send time.
@@ -221,6 +293,14 @@ fn main() {
         base += 100_000_000_000;
         println!(
             "durable: closed loop connections={connections} in_flight_each={window}: {rate:.0} debits/s, ack {}",
+            show(&h)
+        );
+    }
+    for (connections, size, window) in [(4, 256, 4), (4, 2048, 2)] {
+        let (rate, h) = closed_loop_batched(&handle, wallets, connections, size, window, run, base);
+        base += 100_000_000_000;
+        println!(
+            "durable: batched connections={connections} events_per_batch={size} batches_in_flight_each={window}: {rate:.0} debits/s, batch ack {}",
             show(&h)
         );
     }

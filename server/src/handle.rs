@@ -32,14 +32,14 @@ impl PendingReply {
     }
 }
 
+/// What one shard answers for its part of a batch.
+type BatchAnswer = Result<Vec<Result<Reply, CallError>>, CallError>;
+
 /// The replies of a batch that will arrive once its requests are durable.
 #[derive(Debug)]
 pub struct PendingBatch {
     /// Per shard: the positions of its requests in the caller's batch, and its replies.
-    parts: Vec<(
-        Vec<usize>,
-        Receiver<Result<Vec<Result<Reply, CallError>>, CallError>>,
-    )>,
+    parts: Vec<(Vec<usize>, Receiver<BatchAnswer>)>,
     /// Replies already known (catalog commands, which are applied one by one).
     done: Vec<(usize, Result<Reply, CallError>)>,
     len: usize,
