@@ -325,11 +325,7 @@ impl Shard {
                 _ => &[],
             };
             for request in requests {
-                let record = LogRecord {
-                    at: now,
-                    entry: LogEntry::Request(request.clone()),
-                };
-                record::encode(&record, &mut self.buf);
+                record::encode_request(now, request, &mut self.buf);
                 let fit = self.buf.len() <= record_max;
                 if fit {
                     self.wal
