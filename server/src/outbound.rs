@@ -256,26 +256,36 @@ impl FileSinks {
 
 /// Flush after this many effects even while more keep coming.
 const FLUSH_EVERY: usize = 65_536;
+/// Flush at least this often while effects are waiting. The sinks' durability is not on the
+/// reply path (replay re-emits anything not yet written), so syncing them per batch would only
+/// spend the disk.
+const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Starts the outbound thread. It exits when every sender is dropped, after a final flush.
 pub fn spawn(mut sinks: FileSinks, receiver: Receiver<Message>) -> JoinHandle<Result<(), Error>> {
     std::thread::Builder::new()
         .name("tally-outbound".into())
         .spawn(move || {
-            while let Ok(message) = receiver.recv() {
-                match message {
-                    Message::Effects(effects) => {
+            let mut last_flush = std::time::Instant::now();
+            loop {
+                let wait = FLUSH_INTERVAL.saturating_sub(last_flush.elapsed());
+                match receiver.recv_timeout(wait) {
+                    Ok(Message::Effects(effects)) => {
                         for tagged in &effects {
                             sinks.write(tagged)?;
                         }
-                        if receiver.is_empty() || sinks.unflushed >= FLUSH_EVERY {
-                            sinks.flush()?;
-                        }
                     }
-                    Message::Flush(done) => {
+                    Ok(Message::Flush(done)) => {
                         sinks.flush()?;
+                        last_flush = std::time::Instant::now();
                         let _ = done.send(());
                     }
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+                }
+                if sinks.unflushed >= FLUSH_EVERY || last_flush.elapsed() >= FLUSH_INTERVAL {
+                    sinks.flush()?;
+                    last_flush = std::time::Instant::now();
                 }
             }
             sinks.flush()
