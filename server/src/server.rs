@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tally_engine::{Engine, State, Timestamp};
+use tally_engine::{Engine, Timestamp};
 use tally_wal::{Durability, FileStorage, Options, Wal};
 
 use crate::clock::{Clock, SystemClock};
@@ -45,9 +45,9 @@ impl std::fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
-/// The newest valid checkpoint as (LSN, state), if any, and a warning per newer file skipped as
-/// corrupt.
-pub type Loaded = (Option<(u64, State)>, Vec<String>);
+/// The newest usable checkpoint as (LSN, engine rebuilt from it), if any, and a warning per newer
+/// file skipped as corrupt or inconsistent.
+pub type Loaded = (Option<(u64, Engine)>, Vec<String>);
 
 /// Checkpoint storage: writing (through [`Checkpoints`]) and loading the newest valid one.
 pub trait Store: Checkpoints {
@@ -175,11 +175,7 @@ pub fn recover_shard(
         .load_newest(shard)
         .map_err(|e| Error(format!("shard {shard}: {e}")))?;
     let (checkpoint_lsn, mut engine) = match checkpoint {
-        Some((lsn, state)) => {
-            let engine = Engine::from_state(state)
-                .map_err(|e| Error(format!("shard {shard}: checkpoint at LSN {lsn}: {e}")))?;
-            (lsn, engine)
-        }
+        Some((lsn, engine)) => (lsn, engine),
         None => (0, Engine::new(config.engine())),
     };
     if until.lsn.is_some_and(|l| l < checkpoint_lsn)

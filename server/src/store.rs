@@ -210,11 +210,16 @@ impl Store for SnapshotStore {
                     format!("{} is not in {}", file.display(), self.dir.path().display())
                 })?;
             let state = self.dir.load(&info).map_err(|e| e.to_string())?;
-            return Ok((Some((info.lsn, state)), Vec::new()));
+            let engine =
+                Engine::from_state(state).map_err(|e| format!("{}: {e}", info.path.display()))?;
+            return Ok((Some((info.lsn, engine)), Vec::new()));
         }
-        let recovered = self.dir.load_newest(shard).map_err(|e| e.to_string())?;
-        let warnings = recovered.warnings.iter().map(ToString::to_string).collect();
-        if let Some((info, _)) = &recovered.newest {
+        // Newest first; a file that does not load, or whose state breaks the engine's
+        // invariants, is skipped with a warning naming it, and the next older one is tried.
+        let mut infos = self.dir.list_shard(shard).map_err(|e| e.to_string())?;
+        infos.sort_by_key(|i| i.lsn);
+        let mut warnings = Vec::new();
+        for info in infos.into_iter().rev() {
             if let Some(header) = info.header {
                 if header.shard_count != self.shard_count {
                     return Err(format!(
@@ -225,11 +230,20 @@ impl Store for SnapshotStore {
                     ));
                 }
             }
+            let loaded = self
+                .dir
+                .load(&info)
+                .map_err(|e| e.to_string())
+                .and_then(|state| Engine::from_state(state).map_err(|e| e.to_string()));
+            match loaded {
+                Ok(engine) => return Ok((Some((info.lsn, engine)), warnings)),
+                Err(why) => warnings.push(format!(
+                    "skipped unusable snapshot {}: {why}",
+                    info.path.display()
+                )),
+            }
         }
-        Ok((
-            recovered.newest.map(|(info, state)| (info.lsn, state)),
-            warnings,
-        ))
+        Ok((None, warnings))
     }
 
     fn clone_box(&self) -> Box<dyn Store> {

@@ -199,3 +199,38 @@ fn ops_commands_list_verify_inspect_create_and_restore() {
     let (ok, _, err) = tally(&["wal", "inspect", "--data-dir", missing.to_str().unwrap()]);
     assert!(!ok && err.contains("not a tally data directory"), "{err}");
 }
+
+#[test]
+fn a_checkpoint_that_decodes_but_breaks_invariants_is_skipped_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), 1);
+    let (digests, lsn) = {
+        let server =
+            Server::start(&config, Box::new(SnapshotStore::open(&config).unwrap())).unwrap();
+        let handle = server.handle();
+        setup(&handle, &["a".to_string(), "b".to_string()]);
+        handle.call(grant(1, "a", "5")).unwrap();
+        let lsn = handle.checkpoint().unwrap()[0].lsn;
+        (server.shutdown().unwrap(), lsn)
+    };
+    // A newer checkpoint whose state has the same wallet twice: checksums fine, state not.
+    let snapshots = tally_snapshots::SnapshotDir::open(dir.path().join("snapshots")).unwrap();
+    let newest = snapshots.list_shard(0).unwrap().pop().unwrap();
+    let mut state = snapshots.load(&newest).unwrap();
+    let twin = state.wallets[0].clone();
+    state.wallets.push(twin);
+    let bad = snapshots
+        .write(0, 1, lsn + 10, tally_engine::Timestamp(0), &state)
+        .unwrap();
+    let server = Server::start(&config, Box::new(SnapshotStore::open(&config).unwrap())).unwrap();
+    let report = &server.recovered()[0];
+    let shown = bad.path.display().to_string();
+    assert!(
+        report.warnings.iter().any(|w| w.contains(&shown)),
+        "{:?}",
+        report.warnings
+    );
+    assert_eq!(report.checkpoint_lsn, lsn);
+    assert_eq!(report.digest, digests[0]);
+    server.shutdown().unwrap();
+}

@@ -23,10 +23,14 @@ impl Checkpoints for MemoryStore {
 }
 
 impl Store for MemoryStore {
-    fn load_newest(&self, shard: u32) -> Result<(Option<(u64, State)>, Vec<String>), String> {
+    fn load_newest(&self, shard: u32) -> Result<tally_server::Loaded, String> {
         let all = self.0.lock().unwrap();
         let newest = all.iter().filter(|c| c.0 == shard).max_by_key(|c| c.1);
-        Ok((newest.map(|c| (c.1, c.2.clone())), Vec::new()))
+        let engine = |c: &(u32, u64, State)| Engine::from_state(c.2.clone()).map(|e| (c.1, e));
+        Ok((
+            newest.map(engine).transpose().map_err(|e| e.to_string())?,
+            Vec::new(),
+        ))
     }
     fn clone_box(&self) -> Box<dyn Store> {
         Box::new(self.clone())
