@@ -641,3 +641,48 @@ fn engine_answers_convert_at_the_edge() {
         vec![(2, message)]
     );
 }
+
+/// The usage example of docs/protocol.md §5.1, byte for byte.
+#[test]
+fn documented_usage_example_is_exact() {
+    let message = Message::Request(Request {
+        id: RequestId(7),
+        command: Command::Usage(UsageEvent {
+            wallet: name("w1"),
+            ..usage_event()
+        }),
+    });
+    let hex = "74 01 1a 00 61 00 00 00 01 00 00 00 00 00 00 00
+        07 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00
+        02 77 31 04 63 68 61 74 01 00
+        0c 69 6e 70 75 74 5f 74 6f 6b 65 6e 73
+        b0 04 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00
+        01 00 05 6d 6f 64 65 6c 06 67 70 74 2d 34 6f
+        1f 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 04
+        00 40 1e 18 24 0a 06 00 00";
+    let expected: Vec<u8> = hex
+        .split_whitespace()
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect();
+    assert_eq!(encode(&message, 1), expected);
+}
+
+/// docs/protocol.md lists every frame kind, result code and error code with its number.
+#[test]
+fn protocol_document_lists_every_number() {
+    let doc = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol.md"));
+    for kind in Kind::ALL {
+        let row = format!("| 0x{:02x} | {} |", *kind as u8, kind.name());
+        assert!(doc.contains(&row), "missing {row}");
+    }
+    for code in ResultCode::ALL {
+        let row = format!("| {} | {} |", *code as u16, code.name());
+        assert!(doc.contains(&row), "missing {row}");
+    }
+    for code in ErrorCode::ALL {
+        let row = format!("| {} | {} |", *code as u16, code.name());
+        assert!(doc.contains(&row), "missing {row}");
+    }
+    assert_eq!(FRAME_PAYLOAD_BYTES_MAX, 8_388_608);
+    assert!(doc.contains("8,388,608"));
+}
