@@ -91,6 +91,11 @@ pub enum EncodeError {
         /// The limit.
         max: u32,
     },
+    /// A value the format cannot express (an `Answer` refused with code `Ok`).
+    Invalid {
+        /// The field.
+        field: &'static str,
+    },
     /// A list or string is longer than its length prefix can say.
     TooLong {
         /// The field.
@@ -109,6 +114,7 @@ impl fmt::Display for EncodeError {
                     "payload of {length} bytes is over the frame limit of {max}"
                 )
             }
+            EncodeError::Invalid { field } => write!(f, "field `{field}` cannot be encoded"),
             EncodeError::TooLong { field, length } => {
                 write!(
                     f,

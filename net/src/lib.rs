@@ -33,4 +33,5 @@ pub use frame::{
 pub use message::{
     command_kind, query_kind, Answer, CheckpointInfo, ErrorFrame, HealthReport, Hello, HoldInfo,
     Message, Outcome, ReserveItem, Scope, WalletInfo, Welcome, API_KEY_BYTES_MAX, BATCH_ITEMS_MAX,
+    PROTOCOL_VERSIONS,
 };

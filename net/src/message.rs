@@ -20,7 +20,9 @@ use tally_engine::{
 
 use crate::codec::{BodyError, EncodeError, Problem, Reader, Writer};
 use crate::error::{ErrorCode, ERROR_CODE_MIN};
-use crate::frame::{encode_header, Frame, Kind, FRAME_PAYLOAD_BYTES_MAX, HEADER_BYTES};
+use crate::frame::{
+    encode_header, Frame, Kind, FRAME_PAYLOAD_BYTES_MAX, HEADER_BYTES, PROTOCOL_VERSION,
+};
 
 /// Most items in one batch frame (`UsageBatch`, `ReserveBatch`).
 pub const BATCH_ITEMS_MAX: usize = 8192;
@@ -49,6 +51,9 @@ impl Scope {
     }
 }
 
+/// The protocol versions this crate speaks.
+pub const PROTOCOL_VERSIONS: std::ops::RangeInclusive<u8> = PROTOCOL_VERSION..=PROTOCOL_VERSION;
+
 /// The client's opening frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hello {
@@ -60,6 +65,16 @@ pub struct Hello {
     pub frame_payload_max: u32,
     /// Free text naming the client, e.g. `tally-client/0.1.0` (for server logs).
     pub client: String,
+}
+
+impl Hello {
+    /// The version a server speaking `supported` should choose: the highest in both ranges, or
+    /// `None` (answer `UnsupportedVersion`).
+    pub fn choose_version(&self, supported: std::ops::RangeInclusive<u8>) -> Option<u8> {
+        let high = self.version_max.min(*supported.end());
+        let low = self.version_min.max(*supported.start());
+        (low <= high).then_some(high)
+    }
 }
 
 /// The server's answer to `Hello`.
@@ -282,7 +297,8 @@ pub enum Message {
     Reply(Reply),
     /// Kind `BatchReply`.
     BatchReply(Vec<Outcome>),
-    /// Kind `Answer`: the answer, or the result code that refused the query.
+    /// Kind `Answer`: the answer, or the result code that refused the query (never `Ok`, which
+    /// does not encode).
     Answer(Result<Answer, ResultCode>),
     /// Kind `KeyCreated`.
     KeyCreated {
@@ -297,6 +313,44 @@ pub enum Message {
     SnapshotTaken(Vec<CheckpointInfo>),
     /// Kind `HealthReport`.
     HealthReport(HealthReport),
+}
+
+impl From<Request> for Message {
+    fn from(request: Request) -> Message {
+        Message::Request(request)
+    }
+}
+
+impl From<Query> for Message {
+    fn from(query: Query) -> Message {
+        Message::Query(query)
+    }
+}
+
+impl From<Reply> for Message {
+    fn from(reply: Reply) -> Message {
+        Message::Reply(reply)
+    }
+}
+
+impl From<Result<QueryReply, ResultCode>> for Message {
+    /// The engine's query outcome as an `Answer` frame.
+    fn from(outcome: Result<QueryReply, ResultCode>) -> Message {
+        Message::Answer(outcome.as_ref().map(Answer::from).map_err(|code| *code))
+    }
+}
+
+impl TryFrom<Message> for Request {
+    type Error = Kind;
+
+    /// The engine request a command frame carries; a batch or any other kind is returned as
+    /// the error (batches convert item by item).
+    fn try_from(message: Message) -> Result<Request, Kind> {
+        match message {
+            Message::Request(request) => Ok(request),
+            other => Err(other.kind()),
+        }
+    }
 }
 
 /// The opcode of a command.
@@ -463,6 +517,11 @@ impl Message {
             Message::Answer(Ok(answer)) => {
                 w.u16(ResultCode::Ok as u16);
                 write_answer(w, answer)?;
+            }
+            Message::Answer(Err(ResultCode::Ok)) => {
+                return Err(EncodeError::Invalid {
+                    field: "answer.code",
+                })
             }
             Message::Answer(Err(code)) => w.u16(*code as u16),
             Message::KeyCreated { key_id, secret } => {

@@ -108,9 +108,17 @@ proptest! {
         }
     }
 
-    /// Arbitrary bytes never panic the decoder or the payload decoder.
+    /// Arbitrary bytes never panic the decoder or the payload decoder; half the cases start
+    /// with a valid magic and version so the rest of the header is exercised too.
     #[test]
-    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+    fn arbitrary_bytes_never_panic(
+        mut bytes in proptest::collection::vec(any::<u8>(), 2..512),
+        framed in any::<bool>(),
+    ) {
+        if framed {
+            bytes[0] = MAGIC;
+            bytes[1] = PROTOCOL_VERSION;
+        }
         let mut decoder = Decoder::default();
         decoder.feed(&bytes);
         while let Ok(Some(frame)) = decoder.next_frame() {
@@ -685,4 +693,39 @@ fn protocol_document_lists_every_number() {
     }
     assert_eq!(FRAME_PAYLOAD_BYTES_MAX, 8_388_608);
     assert!(doc.contains("8,388,608"));
+}
+
+#[test]
+fn version_negotiation_and_conversions() {
+    let hello = |version_min, version_max| Hello {
+        version_min,
+        version_max,
+        frame_payload_max: 0,
+        client: String::new(),
+    };
+    assert_eq!(hello(1, 1).choose_version(PROTOCOL_VERSIONS), Some(1));
+    assert_eq!(hello(1, 5).choose_version(PROTOCOL_VERSIONS), Some(1));
+    assert_eq!(hello(1, 5).choose_version(1..=3), Some(3));
+    assert_eq!(hello(2, 5).choose_version(PROTOCOL_VERSIONS), None);
+    assert_eq!(hello(0, 0).choose_version(PROTOCOL_VERSIONS), None);
+    assert_eq!(hello(3, 2).choose_version(1..=5), None);
+
+    let message = usage_request();
+    let request = Request::try_from(message.clone()).unwrap();
+    assert_eq!(Message::from(request), message);
+    assert_eq!(Request::try_from(Message::Health), Err(Kind::Health));
+    let refused: Result<QueryReply, ResultCode> = Err(ResultCode::UnknownWallet);
+    assert_eq!(
+        Message::from(refused),
+        Message::Answer(Err(ResultCode::UnknownWallet))
+    );
+    // An answer "refused with Ok" is not a message.
+    let mut buf = Vec::new();
+    assert_eq!(
+        Message::Answer(Err(ResultCode::Ok)).encode(1, &mut buf),
+        Err(EncodeError::Invalid {
+            field: "answer.code"
+        })
+    );
+    assert!(buf.is_empty());
 }
