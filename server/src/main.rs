@@ -93,12 +93,16 @@ struct InspectArgs {
 
 #[derive(Args, Debug)]
 struct RestoreArgs {
+    /// The new data directory to restore into (must not exist, or be empty).
     #[command(flatten)]
     ops: OpsArgs,
     /// A checkpoint file to start its shard from (`tally snapshot list` shows them); repeat
     /// for several shards. Shards without one start from their newest valid checkpoint.
     #[arg(long)]
     from: Vec<PathBuf>,
+    /// The data directory to restore from [default: the one holding the first --from file].
+    #[arg(long)]
+    source: Option<PathBuf>,
     /// Replay WAL records up to and including this LSN.
     #[arg(long)]
     until_lsn: Option<u64>,
@@ -106,9 +110,6 @@ struct RestoreArgs {
     /// 2026-11-24T18:00:00Z).
     #[arg(long)]
     until_time: Option<String>,
-    /// The new data directory to create.
-    #[arg(long)]
-    to: PathBuf,
 }
 
 #[derive(Subcommand, Debug)]
@@ -167,7 +168,22 @@ fn run(cli: Cli) -> Result<()> {
             ),
         }),
         Command::Restore(args) => {
-            let config = load_config(&args.ops.data, Overrides::default())?;
+            let target = load_config(&args.ops.data, Overrides::default())?;
+            let source = match (&args.source, args.from.first()) {
+                (Some(dir), _) => dir.clone(),
+                // <source>/snapshots/<file>
+                (None, Some(file)) => match file.parent().and_then(Path::parent) {
+                    Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+                    _ => PathBuf::from("."),
+                },
+                (None, None) => {
+                    bail!("say what to restore from: --from <checkpoint> or --source <data-dir>")
+                }
+            };
+            let config = Config {
+                data_dir: source,
+                ..target.clone()
+            };
             let until_time = match &args.until_time {
                 Some(text) => Some(tally_server::ops::parse_rfc3339(text).with_context(|| {
                     format!("--until-time {text:?} is not an RFC 3339 UTC time")
@@ -177,7 +193,7 @@ fn run(cli: Cli) -> Result<()> {
             tally_server::ops::restore(
                 &config,
                 &args.from,
-                &args.to,
+                &target.data_dir,
                 tally_server::Until {
                     lsn: args.until_lsn,
                     time: until_time,

@@ -37,34 +37,33 @@ fn print<T: Serialize>(json: bool, value: &T, text: impl FnOnce() -> String) -> 
     Ok(())
 }
 
-/// Locks an existing data directory (never creates one).
-fn lock_existing(config: &Config) -> Result<DataDirLock> {
-    if !config.data_dir.join("shards").is_file() {
+/// Locks an existing data directory (never creates one) and returns the configuration with its
+/// recorded shard count, which is what the ops commands work on.
+fn open_existing(config: &Config) -> Result<(DataDirLock, Config)> {
+    let path = config.data_dir.join("shards");
+    if !path.is_file() {
         bail!(
             "{} is not a tally data directory (it has no `shards` file)",
             config.data_dir.display()
         );
     }
-    Ok(DataDirLock::acquire(&config.data_dir)?)
-}
-
-fn shard_count(config: &Config) -> Result<u32> {
-    let path = config.data_dir.join("shards");
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "{} is not a tally data directory (no {})",
-            config.data_dir.display(),
-            path.display()
-        )
-    })?;
-    text.trim()
+    let lock = DataDirLock::acquire(&config.data_dir)?;
+    let shards = std::fs::read_to_string(&path)?
+        .trim()
         .parse()
-        .with_context(|| format!("{} does not hold a shard count", path.display()))
+        .with_context(|| format!("{} does not hold a shard count", path.display()))?;
+    Ok((
+        lock,
+        Config {
+            shards,
+            ..config.clone()
+        },
+    ))
 }
 
 /// `tally snapshot list | verify | inspect | create`.
 pub fn snapshot((config, json, action): (Config, bool, SnapshotAction)) -> Result<()> {
-    let _lock = lock_existing(&config)?;
+    let (_lock, config) = open_existing(&config)?;
     let store = SnapshotStore::open(&config)?;
     match action {
         SnapshotAction::List => {
@@ -122,7 +121,7 @@ pub fn snapshot((config, json, action): (Config, bool, SnapshotAction)) -> Resul
             })
         }
         SnapshotAction::Create => {
-            let count = shard_count(&config)?;
+            let count = config.shards;
             let mut written = Vec::new();
             for shard in 0..count {
                 let (engine, wal, report) =
@@ -148,17 +147,19 @@ pub fn snapshot((config, json, action): (Config, bool, SnapshotAction)) -> Resul
     }
 }
 
-/// `tally restore`: rebuilds each shard from a checkpoint and the WAL up to a point, and writes
-/// the result as the first checkpoint of a new data directory.
+/// `tally restore`: rebuilds each shard of the `source` data directory from a checkpoint (the
+/// `from` files, or each shard's newest valid one) and its WAL up to a point, and writes the
+/// result as the first checkpoint of the new data directory `to`.
 pub fn restore(
-    config: &Config,
+    source: &Config,
     from: &[PathBuf],
     to: &Path,
     until: Until,
     json: bool,
 ) -> Result<()> {
-    let _lock = lock_existing(config)?;
-    let count = shard_count(config)?;
+    let (_lock, source) = open_existing(source)?;
+    let config = &source;
+    let count = config.shards;
     if to.exists() && std::fs::read_dir(to)?.next().is_some() {
         bail!(
             "{} exists and is not empty: restore only into a new directory",
@@ -222,8 +223,9 @@ struct WalSummary {
 
 /// `tally wal inspect`.
 pub fn wal_inspect(config: &Config, json: bool) -> Result<()> {
-    let _lock = lock_existing(config)?;
-    let count = shard_count(config)?;
+    let (_lock, config) = open_existing(config)?;
+    let config = &config;
+    let count = config.shards;
     let mut summaries = Vec::new();
     for shard in 0..count {
         let dir = wal_dir(&config.data_dir, shard);

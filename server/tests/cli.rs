@@ -171,10 +171,15 @@ fn ops_commands_list_verify_inspect_create_and_restore() {
     let target = dir.path().join("restored");
     let t = target.to_str().unwrap();
     let until = first_lsns[0].to_string();
-    let (ok, out, err) = run(with(
-        &["restore"],
-        &["--to", t, "--until-lsn", &until, "--from", &file],
-    ));
+    let (ok, out, err) = tally(&[
+        "restore",
+        "--data-dir",
+        t,
+        "--from",
+        &file,
+        "--until-lsn",
+        &until,
+    ]);
     assert!(ok, "{err}");
     assert!(out.contains("tally serve --data-dir"), "{out}");
     let restored = Server::start(
@@ -188,13 +193,24 @@ fn ops_commands_list_verify_inspect_create_and_restore() {
     restored.shutdown().unwrap();
 
     // Errors are clear and non-zero.
-    let (ok, _, err) = run(with(&["restore"], &["--to", t]));
+    let (ok, _, err) = tally(&["restore", "--data-dir", t, "--source", d]);
     assert!(!ok && err.contains("not empty"), "{err}");
-    let (ok, _, err) = run(with(
-        &["restore"],
-        &["--to", "/tmp/x", "--until-time", "yesterday"],
-    ));
+    let bad_time = [
+        "restore",
+        "--data-dir",
+        "/tmp/x",
+        "--source",
+        d,
+        "--until-time",
+        "yesterday",
+    ];
+    let (ok, _, err) = tally(&bad_time);
     assert!(!ok && err.contains("RFC 3339"), "{err}");
+    let (ok, _, err) = tally(&["restore", "--data-dir", "/tmp/x"]);
+    assert!(!ok && err.contains("--from"), "{err}");
+    // Ops commands read the shard count from the directory; no --shards needed.
+    let (ok, _, err) = tally(&["snapshot", "verify", "--data-dir", d]);
+    assert!(!ok && err.contains("failed verification"), "{err}");
     let missing = dir.path().join("nothing");
     let (ok, _, err) = tally(&["wal", "inspect", "--data-dir", missing.to_str().unwrap()]);
     assert!(!ok && err.contains("not a tally data directory"), "{err}");
