@@ -543,9 +543,15 @@ impl Shard {
     ) -> Result<(), CallError> {
         let answer = match result {
             Ok((keep_from, digest)) => {
-                self.wal
+                let deleted = self
+                    .wal
                     .delete_below(keep_from)
                     .map_err(|e| CallError::Poisoned(e.to_string()))?;
+                eprintln!(
+                    "tally: shard {}: checkpoint at LSN {} written (loop stalled {} µs), {} WAL \
+                     segment(s) deleted",
+                    self.index, writing.lsn, writing.stall_us, deleted
+                );
                 Ok(CheckpointReport {
                     lsn: writing.lsn,
                     digest,
