@@ -187,13 +187,8 @@ fn expired_grants_leave_as_breakage() {
     // An expiry in the past is refused.
     h.rejects(
         Command::Grant(Grant {
-            wallet: w,
-            asset: usd(),
-            amount: d("1"),
-            priority: 0,
-            effective_at: None,
             expires_at: Some(h.now),
-            source: GrantSource::Promotion,
+            ..grant_of(w, "1")
         }),
         ResultCode::TimestampOutOfRange,
     );
@@ -206,13 +201,8 @@ fn future_grants_wait_for_their_time_then_pay_debt_first() {
     h.usage(w, "1000", "0", DebitMode::Record); // 1 USD of debt
     let starts = h.now.add_us(HOUR);
     h.ok(Command::Grant(Grant {
-        wallet: w,
-        asset: usd(),
-        amount: d("5"),
-        priority: 0,
         effective_at: Some(starts),
-        expires_at: None,
-        source: GrantSource::Promotion,
+        ..grant_of(w, "5")
     }));
     let b = h.balance(w);
     assert_eq!(
@@ -281,15 +271,7 @@ fn record_usage_creates_debt_which_blocks_strict_until_paid() {
         ResultCode::WalletInDebt,
     );
     // The next grant pays the debt first.
-    let value = h.ok(Command::Grant(Grant {
-        wallet: w,
-        asset: usd(),
-        amount: d("2"),
-        priority: 0,
-        effective_at: None,
-        expires_at: None,
-        source: GrantSource::Promotion,
-    }));
+    let value = h.ok(Command::Grant(grant_of(w, "2")));
     assert!(matches!(value, ReplyValue::Grant { debt_paid, .. } if debt_paid == d("0.5")));
     assert_eq!(h.balance(w).available, d("1.5"));
     assert_eq!(charged(h.usage(w, "1000", "0", DebitMode::Strict)), d("1"));
@@ -952,15 +934,10 @@ fn top_up_payments_are_idempotent_on_the_payment_id() {
     assert_eq!(h.balance(w).available, d("10"));
     h.rejects(
         Command::Grant(Grant {
-            wallet: w,
-            asset: usd(),
-            amount: d("11"),
-            priority: 0,
-            effective_at: None,
-            expires_at: None,
             source: GrantSource::TopUp {
                 payment_id: n("pi_1"),
             },
+            ..grant_of(w, "11")
         }),
         ResultCode::PaymentConflict,
     );
@@ -1007,17 +984,7 @@ fn adjustments_need_a_reason_and_may_create_debt() {
 fn amounts_are_exact_and_bounded() {
     let mut h = Harness::new();
     let w = h.wallet("acme");
-    let grant = |amount: &str| {
-        Command::Grant(Grant {
-            wallet: w,
-            asset: usd(),
-            amount: d(amount),
-            priority: 0,
-            effective_at: None,
-            expires_at: None,
-            source: GrantSource::Promotion,
-        })
-    };
+    let grant = |amount: &str| Command::Grant(grant_of(w, amount));
     h.rejects(grant("0"), ResultCode::InvalidAmount);
     h.rejects(grant("-5"), ResultCode::InvalidAmount);
     h.rejects(grant("1.0000001"), ResultCode::PrecisionExceedsScale);

@@ -31,6 +31,20 @@ pub struct Harness {
     pub log: Vec<(Timestamp, Request)>,
 }
 
+/// A promotion grant of `amount` USD at priority 0, effective now, never expiring; tests change
+/// fields with struct update syntax.
+pub fn grant_of(wallet: WalletId, amount: &str) -> Grant {
+    Grant {
+        wallet,
+        asset: asset("USD"),
+        amount: d(amount),
+        priority: 0,
+        effective_at: None,
+        expires_at: None,
+        source: GrantSource::Promotion,
+    }
+}
+
 pub fn per_unit(price: &str) -> PriceModel {
     PriceModel::PerUnit {
         unit_price: d(price),
@@ -191,13 +205,10 @@ impl Harness {
         source: GrantSource,
     ) -> GrantId {
         match self.ok(Command::Grant(Grant {
-            wallet,
-            asset: asset("USD"),
-            amount: d(amount),
             priority,
-            effective_at: None,
             expires_at,
             source,
+            ..grant_of(wallet, amount)
         })) {
             ReplyValue::Grant { grant, .. } => grant,
             other => panic!("grant replied {other:?}"),
