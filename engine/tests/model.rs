@@ -115,6 +115,19 @@ type OnOk = Box<
     ),
 >;
 
+/// Once the engine accepts a charge, the model remembers it (under the engine's request id) so
+/// refunds can refer to it.
+fn record_charge(wallet: usize, charged: Decimal) -> OnOk {
+    Box::new(move |_, _, _, charges, id| {
+        charges.push(ModelCharge {
+            wallet,
+            request: id,
+            charged,
+            refunded: Decimal::ZERO,
+        })
+    })
+}
+
 fn price(input: u32, output: u32) -> Decimal {
     Decimal::from(input) * d("0.001") + Decimal::from(output) * d("0.002")
 }
@@ -211,14 +224,7 @@ fn run(ops: Vec<Op>) {
                 expected_code = Some(code);
                 if code.is_ok() {
                     m.balance -= charge;
-                    on_ok = Box::new(move |_, _, _, charges, id| {
-                        charges.push(ModelCharge {
-                            wallet,
-                            request: id,
-                            charged: charge,
-                            refunded: Decimal::ZERO,
-                        })
-                    });
+                    on_ok = record_charge(wallet, charge);
                 }
             }
             Op::SpendAll { wallet } => {
@@ -232,14 +238,7 @@ fn run(ops: Vec<Op>) {
                 command = Command::Usage(h.event(wallets[wallet], &input, "0", DebitMode::Strict));
                 expected_code = Some(ResultCode::Ok);
                 m.balance -= available;
-                on_ok = Box::new(move |_, _, _, charges, id| {
-                    charges.push(ModelCharge {
-                        wallet,
-                        request: id,
-                        charged: available,
-                        refunded: Decimal::ZERO,
-                    })
-                });
+                on_ok = record_charge(wallet, available);
             }
             Op::Reserve { wallet, cents: c } => {
                 let amount = cents(c);
@@ -309,14 +308,7 @@ fn run(ops: Vec<Op>) {
                     model[x.wallet].held -= x.amount;
                     model[x.wallet].balance -= charge;
                     let wallet = x.wallet;
-                    on_ok = Box::new(move |_, _, _, charges, id| {
-                        charges.push(ModelCharge {
-                            wallet,
-                            request: id,
-                            charged: charge,
-                            refunded: Decimal::ZERO,
-                        })
-                    });
+                    on_ok = record_charge(wallet, charge);
                 } else {
                     expected_code = None;
                 }
