@@ -10,8 +10,9 @@
 //! Single-threaded and deterministic: a failing seed replays exactly
 //! (`TALLY_SIM_SEED=<seed> cargo test -p tally-server --test simulation`).
 
-use std::str::FromStr;
+mod common;
 
+use common::{catalog, d};
 use rust_decimal::Decimal;
 use tally_engine::*;
 use tally_server::record::{self, LogEntry};
@@ -35,43 +36,7 @@ impl Rng {
     }
 }
 
-fn d(s: &str) -> Decimal {
-    Decimal::from_str(s).unwrap()
-}
-
 const WALLETS: u64 = 5;
-
-fn catalog() -> Vec<Command> {
-    vec![
-        Command::DefineAsset {
-            code: asset("USD"),
-            scale: 6,
-            usd_value: d("1"),
-        },
-        Command::DefineProduct {
-            code: name("chat"),
-            dimensions: vec![name("tokens")],
-        },
-        Command::DraftPlan {
-            plan: name("std"),
-            custom_for: None,
-            asset: asset("USD"),
-            rules: vec![PriceRule {
-                product: name("chat"),
-                filters: vec![],
-                components: vec![Component {
-                    dimension: name("tokens"),
-                    price: PriceModel::PerUnit {
-                        unit_price: d("0.001"),
-                    },
-                }],
-                minimum_charge: None,
-                rounding: Rounding::Up,
-            }],
-        },
-        Command::PublishPlan { plan: name("std") },
-    ]
-}
 
 fn random_command(rng: &mut Rng, now: Timestamp) -> Command {
     let wallet = name(&format!("w{}", rng.below(WALLETS)));

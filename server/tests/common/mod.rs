@@ -23,6 +23,40 @@ pub fn config(dir: &std::path::Path, shards: u32) -> tally_server::Config {
     }
 }
 
+/// USD (scale 6), product `chat` with one dimension `tokens`, and plan `std` v1 at 0.001 USD per
+/// token.
+pub fn catalog() -> Vec<Command> {
+    vec![
+        Command::DefineAsset {
+            code: asset("USD"),
+            scale: 6,
+            usd_value: d("1"),
+        },
+        Command::DefineProduct {
+            code: name("chat"),
+            dimensions: vec![name("tokens")],
+        },
+        Command::DraftPlan {
+            plan: name("std"),
+            custom_for: None,
+            asset: asset("USD"),
+            rules: vec![PriceRule {
+                product: name("chat"),
+                filters: vec![],
+                components: vec![Component {
+                    dimension: name("tokens"),
+                    price: PriceModel::PerUnit {
+                        unit_price: d("0.001"),
+                    },
+                }],
+                minimum_charge: None,
+                rounding: Rounding::Up,
+            }],
+        },
+        Command::PublishPlan { plan: name("std") },
+    ]
+}
+
 /// Catalog and wallets; safe to run again after a restart (repeats are no-ops or
 /// `WalletExists`).
 pub fn setup(handle: &Handle, wallets: &[String]) {
@@ -40,33 +74,9 @@ pub fn setup(handle: &Handle, wallets: &[String]) {
             "setup: {reply:?}"
         );
     };
-    call(Command::DefineAsset {
-        code: asset("USD"),
-        scale: 6,
-        usd_value: d("1"),
-    });
-    call(Command::DefineProduct {
-        code: name("chat"),
-        dimensions: vec![name("tokens")],
-    });
-    call(Command::DraftPlan {
-        plan: name("std"),
-        custom_for: None,
-        asset: asset("USD"),
-        rules: vec![PriceRule {
-            product: name("chat"),
-            filters: vec![],
-            components: vec![Component {
-                dimension: name("tokens"),
-                price: PriceModel::PerUnit {
-                    unit_price: d("0.001"),
-                },
-            }],
-            minimum_charge: None,
-            rounding: Rounding::Up,
-        }],
-    });
-    call(Command::PublishPlan { plan: name("std") });
+    for command in catalog() {
+        call(command);
+    }
     for w in wallets {
         let wallet = name(w);
         call(Command::CreateWallet(CreateWallet {
