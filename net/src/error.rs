@@ -74,6 +74,16 @@ error_codes! {
     /// A frame that is valid but not allowed now (a second `Hello`, `Auth` before `Hello`, an
     /// answer kind sent by a client). The connection is closed.
     ProtocolViolation = 1013,
+    /// The server already has the most connections it allows; the connection is closed at once.
+    TooManyConnections = 1014,
+    /// `KeyRevoke` of an id that is not an active key.
+    UnknownKey = 1015,
+    /// `KeyRevoke` of the last active admin key (nobody could manage the server after it).
+    LastAdminKey = 1016,
+    /// The key file could not be written; no key changed.
+    KeyStoreFailed = 1017,
+    /// The answer is larger than the frame limit the client announced in `Hello`.
+    AnswerTooLarge = 1018,
 }
 
 impl fmt::Display for ErrorCode {

@@ -1,13 +1,17 @@
-//! tally-net: tally's wire protocol as a pure codec: frames, opcodes, payloads and their
-//! conversion to and from engine types. The byte layout is documented in `docs/protocol.md`.
+//! tally-net: tally's wire protocol and its QUIC server. The byte layout is documented in
+//! `docs/protocol.md`; the transport (streams, limits, keys, TLS) in its §10.
 //!
-//! The codec knows nothing about sockets, QUIC, TLS, threads or clocks: bytes go in through
+//! The transport layers:
+//!
+//! - [`server`]: the quinn listener (ALPN `tally/1`): handshake, authentication, scopes, limits,
+//!   backpressure, and the [`Backend`] trait the shards are reached through (implemented by
+//!   `tally-server`, which this crate does not depend on).
+//! - [`keys`]: API keys, stored hashed in `<data-dir>/keys.json`, with scopes and revocation.
+//! - [`tls`]: the server's certificate (configured or generated) and the client's pinning.
+//!
+//! The codec below them knows nothing about sockets, TLS, threads or clocks: bytes go in through
 //! [`Decoder::feed`] and frames come out of [`Decoder::next_frame`]; messages are appended to a
-//! caller-owned `Vec<u8>` by [`Message::encode`]. It also does not decide anything: whether a key
-//! is valid, which scope a request needs at run time, or how many requests may be in flight is
-//! the server's business (the QUIC server, authentication and the client are built on top).
-//!
-//! Layers, outermost first:
+//! caller-owned `Vec<u8>` by [`Message::encode`]. Its layers, outermost first:
 //!
 //! - [`frame`]: the 16-byte header, frame kinds (opcodes) and the streaming decoder. An error
 //!   here means the stream lost its framing and must be closed.
@@ -22,7 +26,10 @@
 pub mod codec;
 pub mod error;
 pub mod frame;
+pub mod keys;
 pub mod message;
+pub mod server;
+pub mod tls;
 
 pub use codec::{BodyError, EncodeError, Problem, DECIMAL_BYTES};
 pub use error::{ErrorCode, ERROR_CODE_MIN};
@@ -30,8 +37,11 @@ pub use frame::{
     DecodeError, Decoder, Frame, Header, Kind, FRAME_PAYLOAD_BYTES_MAX, HEADER_BYTES, MAGIC,
     PROTOCOL_VERSION,
 };
+pub use keys::{KeyStore, LiveKey};
 pub use message::{
     command_kind, query_kind, Answer, CheckpointInfo, ErrorFrame, HealthReport, Hello, HoldInfo,
     Message, Outcome, ReserveItem, Scope, WalletInfo, Welcome, API_KEY_BYTES_MAX, BATCH_ITEMS_MAX,
     PROTOCOL_VERSIONS,
 };
+pub use server::{Backend, BoxFuture, Limits, NetServer, StatsSnapshot};
+pub use tls::{TlsError, ALPN};

@@ -244,6 +244,14 @@ pub struct HealthReport {
     pub shards_running: u32,
     /// Microseconds since the server started.
     pub uptime_us: u64,
+    /// Connections open now.
+    pub connections_open: u64,
+    /// Requests refused because the connection had not authenticated (`Unauthenticated`).
+    pub rejected_unauthenticated: u64,
+    /// `Auth` frames with an unknown or revoked key, and requests on a revoked key (`InvalidKey`).
+    pub rejected_key: u64,
+    /// Requests outside the key's scope (`OutOfScope`).
+    pub rejected_scope: u64,
     /// Free text naming the server build, e.g. `tally/0.1.0`.
     pub server: String,
 }
@@ -541,6 +549,10 @@ impl Message {
                 w.u32(h.shards);
                 w.u32(h.shards_running);
                 w.u64(h.uptime_us);
+                w.u64(h.connections_open);
+                w.u64(h.rejected_unauthenticated);
+                w.u64(h.rejected_key);
+                w.u64(h.rejected_scope);
                 w.bytes16("health.server", h.server.as_bytes())?;
             }
         }
@@ -711,6 +723,10 @@ fn decode_payload(kind: Kind, r: &mut Reader<'_>) -> Result<Message, BodyError> 
             shards: r.u32("health.shards")?,
             shards_running: r.u32("health.shards_running")?,
             uptime_us: r.u64("health.uptime_us")?,
+            connections_open: r.u64("health.connections_open")?,
+            rejected_unauthenticated: r.u64("health.rejected_unauthenticated")?,
+            rejected_key: r.u64("health.rejected_key")?,
+            rejected_scope: r.u64("health.rejected_scope")?,
             server: text(r.bytes16("health.server")?, "health.server")?,
         }),
     })

@@ -41,6 +41,21 @@ pub struct Config {
     pub snapshots_keep: usize,
     /// Idempotency window, seconds.
     pub idempotency_retention_secs: u64,
+    /// Where the QUIC listener binds (`host:port`).
+    pub listen: String,
+    /// A PEM certificate chain to serve instead of the generated self-signed one (with
+    /// `tls_key`).
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Most client connections open at once.
+    pub connections_max: u32,
+    /// Most streams one connection may have open.
+    pub streams_max: u32,
+    /// Most requests one connection may have unanswered.
+    pub in_flight_max: u32,
+    /// Threads of the network runtime.
+    pub net_threads: usize,
 }
 
 impl Default for Config {
@@ -57,6 +72,13 @@ impl Default for Config {
             snapshot_every_secs: 600,
             snapshots_keep: 2,
             idempotency_retention_secs: 24 * 3600,
+            listen: "127.0.0.1:7400".into(),
+            tls_cert: None,
+            tls_key: None,
+            connections_max: 1024,
+            streams_max: 64,
+            in_flight_max: 4096,
+            net_threads: 2,
         }
     }
 }
@@ -87,6 +109,20 @@ pub struct Overrides {
     pub snapshots_keep: Option<usize>,
     /// See [`Config::idempotency_retention_secs`].
     pub idempotency_retention_secs: Option<u64>,
+    /// See [`Config::listen`].
+    pub listen: Option<String>,
+    /// See [`Config::tls_cert`].
+    pub tls_cert: Option<PathBuf>,
+    /// See [`Config::tls_key`].
+    pub tls_key: Option<PathBuf>,
+    /// See [`Config::connections_max`].
+    pub connections_max: Option<u32>,
+    /// See [`Config::streams_max`].
+    pub streams_max: Option<u32>,
+    /// See [`Config::in_flight_max`].
+    pub in_flight_max: Option<u32>,
+    /// See [`Config::net_threads`].
+    pub net_threads: Option<usize>,
 }
 
 /// A configuration problem, naming the setting and where it came from.
@@ -116,6 +152,13 @@ const ENV: &[(&str, &str)] = &[
         "TALLY_IDEMPOTENCY_RETENTION_SECS",
         "idempotency_retention_secs",
     ),
+    ("TALLY_LISTEN", "listen"),
+    ("TALLY_TLS_CERT", "tls_cert"),
+    ("TALLY_TLS_KEY", "tls_key"),
+    ("TALLY_CONNECTIONS_MAX", "connections_max"),
+    ("TALLY_STREAMS_MAX", "streams_max"),
+    ("TALLY_IN_FLIGHT_MAX", "in_flight_max"),
+    ("TALLY_NET_THREADS", "net_threads"),
 ];
 
 impl Overrides {
@@ -132,7 +175,9 @@ impl Overrides {
         for (var, key) in ENV {
             if let Some(value) = get(var) {
                 let parsed = match *key {
-                    "data_dir" | "durability" => toml::Value::String(value),
+                    "data_dir" | "durability" | "listen" | "tls_cert" | "tls_key" => {
+                        toml::Value::String(value)
+                    }
                     _ => value
                         .trim()
                         .parse::<i64>()
@@ -164,8 +209,19 @@ impl Overrides {
             snapshot_every_records,
             snapshot_every_secs,
             snapshots_keep,
-            idempotency_retention_secs
+            idempotency_retention_secs,
+            listen,
+            connections_max,
+            streams_max,
+            in_flight_max,
+            net_threads
         );
+        if self.tls_cert.is_some() {
+            config.tls_cert = self.tls_cert;
+        }
+        if self.tls_key.is_some() {
+            config.tls_key = self.tls_key;
+        }
     }
 }
 
@@ -190,6 +246,24 @@ impl Config {
         }
         if self.wal_segment_bytes < 64 * 1024 {
             return bad("wal_segment_bytes", "must be at least 64 KiB");
+        }
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return bad("listen", "must be an address like 127.0.0.1:7400");
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return bad("tls_cert", "tls_cert and tls_key must be set together");
+        }
+        if !(1..=1_000_000).contains(&self.connections_max) {
+            return bad("connections_max", "must be between 1 and 1000000");
+        }
+        if !(1..=10_000).contains(&self.streams_max) {
+            return bad("streams_max", "must be between 1 and 10000");
+        }
+        if !(1..=1_000_000).contains(&self.in_flight_max) {
+            return bad("in_flight_max", "must be between 1 and 1000000");
+        }
+        if !(1..=256).contains(&self.net_threads) {
+            return bad("net_threads", "must be between 1 and 256");
         }
         if !(1..=65_536).contains(&self.batch_max) {
             return bad("batch_max", "must be between 1 and 65536");

@@ -5,12 +5,18 @@
 //! shards see them in the same order and a usage event never meets a plan version its shard has
 //! not seen. A full inbound queue answers [`CallError::Busy`] instead of growing.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use crossbeam_channel::{Sender, TrySendError};
 use tally_engine::{
     shard_for, Margin, MarginScope, Query, QueryReply, Reply, Request, ResultCode, WalletId,
 };
+use tokio::sync::oneshot::{self, Receiver};
 
 use crate::shard::{CallError, CheckpointReport, Message};
 
@@ -19,6 +25,8 @@ use crate::shard::{CallError, CheckpointReport, Message};
 pub struct Handle {
     shards: Arc<[Sender<Message>]>,
     broadcast: Arc<Mutex<()>>,
+    /// Per shard: whether its loop is still running (cleared when the thread ends).
+    alive: Arc<[AtomicBool]>,
 }
 
 /// A reply that will arrive once the request's batch is durable.
@@ -26,9 +34,20 @@ pub struct Handle {
 pub struct PendingReply(Receiver<Result<Reply, CallError>>);
 
 impl PendingReply {
-    /// Waits for the reply.
+    /// Waits for the reply, blocking the thread (never call this inside an async task; await
+    /// the `PendingReply` instead).
     pub fn wait(self) -> Result<Reply, CallError> {
-        self.0.recv().unwrap_or(Err(CallError::Stopped))
+        self.0.blocking_recv().unwrap_or(Err(CallError::Stopped))
+    }
+}
+
+impl Future for PendingReply {
+    type Output = Result<Reply, CallError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(CallError::Stopped)))
     }
 }
 
@@ -46,27 +65,101 @@ pub struct PendingBatch {
 }
 
 impl PendingBatch {
-    /// Waits for every reply; they come back in the order of the submitted requests.
+    /// Waits for every reply, blocking the thread; they come back in the order of the submitted
+    /// requests.
     pub fn wait(self) -> Vec<Result<Reply, CallError>> {
+        let (mut replies, parts) = self.start();
+        for (positions, rx) in parts {
+            place(&mut replies, positions, rx.blocking_recv());
+        }
+        replies
+    }
+
+    /// Awaits every reply; they come back in the order of the submitted requests.
+    pub async fn recv(self) -> Vec<Result<Reply, CallError>> {
+        let (mut replies, parts) = self.start();
+        for (positions, rx) in parts {
+            place(&mut replies, positions, rx.await);
+        }
+        replies
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn start(
+        self,
+    ) -> (
+        Vec<Result<Reply, CallError>>,
+        Vec<(Vec<usize>, Receiver<BatchAnswer>)>,
+    ) {
         let mut replies: Vec<Result<Reply, CallError>> = vec![Err(CallError::Stopped); self.len];
         for (position, reply) in self.done {
             replies[position] = reply;
         }
-        for (positions, rx) in self.parts {
-            match rx.recv().unwrap_or(Err(CallError::Stopped)) {
-                Ok(part) => {
-                    for (position, reply) in positions.into_iter().zip(part) {
-                        replies[position] = reply;
-                    }
-                }
-                Err(error) => {
-                    for position in positions {
-                        replies[position] = Err(error.clone());
-                    }
-                }
+        (replies, self.parts)
+    }
+}
+
+/// Puts one shard's answer to its part of a batch in place.
+fn place<E>(
+    replies: &mut [Result<Reply, CallError>],
+    positions: Vec<usize>,
+    answer: Result<BatchAnswer, E>,
+) {
+    match answer.unwrap_or(Err(CallError::Stopped)) {
+        Ok(part) => {
+            for (position, reply) in positions.into_iter().zip(part) {
+                replies[position] = reply;
             }
         }
-        replies
+        Err(error) => {
+            for position in positions {
+                replies[position] = Err(error.clone());
+            }
+        }
+    }
+}
+
+/// What a query is answered with.
+pub type QueryAnswer = Result<Result<QueryReply, ResultCode>, CallError>;
+
+/// A query's answer that will arrive.
+#[derive(Debug)]
+pub struct PendingQuery {
+    parts: Vec<Receiver<QueryAnswer>>,
+    /// Whether the parts are per-shard margins to merge.
+    merge: bool,
+}
+
+impl PendingQuery {
+    /// Waits for the answer, blocking the thread.
+    pub fn wait(self) -> QueryAnswer {
+        let answers = self
+            .parts
+            .into_iter()
+            .map(|rx| rx.blocking_recv().unwrap_or(Err(CallError::Stopped)));
+        Self::combine(self.merge, answers)
+    }
+
+    /// Awaits the answer.
+    pub async fn recv(self) -> QueryAnswer {
+        let mut answers = Vec::with_capacity(self.parts.len());
+        for rx in self.parts {
+            answers.push(rx.await.unwrap_or(Err(CallError::Stopped)));
+        }
+        Self::combine(self.merge, answers.into_iter())
+    }
+
+    fn combine(merge: bool, mut answers: impl Iterator<Item = QueryAnswer>) -> QueryAnswer {
+        if !merge {
+            return answers.next().unwrap_or(Err(CallError::Stopped));
+        }
+        let mut total = Margin::default();
+        for answer in answers {
+            if let Err(code) = merge_margin(&mut total, answer?) {
+                return Ok(Err(code));
+            }
+        }
+        Ok(Ok(QueryReply::Margin(total.into())))
     }
 }
 
@@ -101,7 +194,7 @@ impl Handle {
             if requests.is_empty() {
                 continue;
             }
-            let (tx, rx) = crossbeam_channel::bounded(1);
+            let (tx, rx) = oneshot::channel();
             match self.shards[shard].try_send(Message::Batch(requests, tx)) {
                 Ok(()) => parts.push((positions, rx)),
                 Err(TrySendError::Full(_)) => {
@@ -115,11 +208,20 @@ impl Handle {
         Ok(PendingBatch { parts, done, len })
     }
 
-    pub(crate) fn new(shards: Vec<Sender<Message>>) -> Handle {
+    pub(crate) fn new(shards: Vec<Sender<Message>>, alive: Arc<[AtomicBool]>) -> Handle {
         Handle {
             shards: shards.into(),
             broadcast: Arc::new(Mutex::new(())),
+            alive,
         }
+    }
+
+    /// How many shard loops are running (a poisoned or stopped shard's loop has ended).
+    pub fn shards_running(&self) -> u32 {
+        self.alive
+            .iter()
+            .filter(|a| a.load(Ordering::Acquire))
+            .count() as u32
     }
 
     /// The number of shards.
@@ -135,11 +237,11 @@ impl Handle {
     pub fn submit(&self, request: Request) -> Result<PendingReply, CallError> {
         let Some(wallet) = request.command.wallet().copied() else {
             // Catalog commands take the ordered broadcast, which waits for every shard.
-            let (tx, rx) = crossbeam_channel::bounded(1);
+            let (tx, rx) = oneshot::channel();
             let _ = tx.send(self.call(request));
             return Ok(PendingReply(rx));
         };
-        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (tx, rx) = oneshot::channel();
         match self.shard(&wallet).try_send(Message::Request(request, tx)) {
             Ok(()) => Ok(PendingReply(rx)),
             Err(TrySendError::Full(_)) => Err(CallError::Busy),
@@ -156,7 +258,7 @@ impl Handle {
         let _order = self.broadcast.lock().unwrap_or_else(|e| e.into_inner());
         let mut waiting = Vec::with_capacity(self.shards.len());
         for shard in self.shards.iter() {
-            let (tx, rx) = crossbeam_channel::bounded(1);
+            let (tx, rx) = oneshot::channel();
             // Blocking send: a broadcast must reach every shard, or the catalogs would differ.
             shard
                 .send(Message::Request(request.clone(), tx))
@@ -165,7 +267,7 @@ impl Handle {
         }
         let mut first = None;
         for rx in waiting {
-            let reply = rx.recv().unwrap_or(Err(CallError::Stopped))?;
+            let reply = rx.blocking_recv().unwrap_or(Err(CallError::Stopped))?;
             match first {
                 None => first = Some(reply),
                 Some(f) => assert_eq!(f.code, reply.code, "shards disagree on a catalog command"),
@@ -174,56 +276,55 @@ impl Handle {
         first.ok_or(CallError::Stopped)
     }
 
-    /// Answers a query from the shard that owns its wallet (or shard 0 for catalog questions).
-    pub fn query(&self, query: Query) -> Result<Result<QueryReply, ResultCode>, CallError> {
-        let shard = match &query {
+    /// Answers a query from the shard that owns its wallet (or shard 0 for catalog questions;
+    /// shard-wide margins are merged over all shards), blocking the thread.
+    pub fn query(&self, query: Query) -> QueryAnswer {
+        self.submit_query(query)?.wait()
+    }
+
+    /// Queues a query now (so it sees every request queued before it) without waiting.
+    pub fn submit_query(&self, query: Query) -> Result<PendingQuery, CallError> {
+        match self.query_route(&query) {
+            Some(shard) => Ok(PendingQuery {
+                parts: vec![Self::ask(shard, query)?],
+                merge: false,
+            }),
+            None => Ok(PendingQuery {
+                parts: self
+                    .shards
+                    .iter()
+                    .map(|shard| Self::ask(shard, query.clone()))
+                    .collect::<Result<_, _>>()?,
+                merge: true,
+            }),
+        }
+    }
+
+    /// The shard that answers `query`, or `None` for shard-wide margins (merged over all).
+    fn query_route(&self, query: &Query) -> Option<&Sender<Message>> {
+        Some(match query {
             Query::Wallet { wallet } | Query::Balance { wallet, .. } => self.shard(wallet),
             Query::PricePreview(event) => self.shard(&event.wallet),
             Query::Margin(MarginScope::Wallet(wallet)) => self.shard(wallet),
-            Query::Margin(_) => return self.margin(query).map(|m| m.map(QueryReply::Margin)),
+            Query::Margin(_) => return None,
             Query::DraftTest { .. } => &self.shards[0],
-        };
-        Self::ask(shard, query)
+        })
     }
 
-    fn ask(
-        shard: &Sender<Message>,
-        query: Query,
-    ) -> Result<Result<QueryReply, ResultCode>, CallError> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
+    fn ask(shard: &Sender<Message>, query: Query) -> Result<Receiver<QueryAnswer>, CallError> {
+        let (tx, rx) = oneshot::channel();
         match shard.try_send(Message::Query(query, tx)) {
-            Ok(()) => rx.recv().unwrap_or(Err(CallError::Stopped)),
+            Ok(()) => Ok(rx),
             Err(TrySendError::Full(_)) => Err(CallError::Busy),
             Err(TrySendError::Disconnected(_)) => Err(CallError::Stopped),
         }
-    }
-
-    /// Shard-wide margin scopes, merged over all shards.
-    fn margin(
-        &self,
-        query: Query,
-    ) -> Result<Result<tally_engine::MarginView, ResultCode>, CallError> {
-        let mut total = Margin::default();
-        for shard in self.shards.iter() {
-            match Self::ask(shard, query.clone())? {
-                Ok(QueryReply::Margin(m)) => total.merge(&Margin {
-                    events: m.events,
-                    revenue_usd: m.revenue_usd,
-                    cost_usd: m.cost_usd,
-                    refunded_usd: m.refunded_usd,
-                }),
-                Ok(other) => unreachable!("a margin query answered {other:?}"),
-                Err(code) => return Ok(Err(code)),
-            }
-        }
-        Ok(Ok(total.into()))
     }
 
     /// Takes a checkpoint of every shard now and waits until each is written.
     pub fn checkpoint(&self) -> Result<Vec<CheckpointReport>, CallError> {
         let mut waiting = Vec::new();
         for shard in self.shards.iter() {
-            let (tx, rx) = crossbeam_channel::bounded(1);
+            let (tx, rx) = oneshot::channel();
             shard
                 .send(Message::Checkpoint(tx))
                 .map_err(|_| CallError::Stopped)?;
@@ -231,7 +332,7 @@ impl Handle {
         }
         waiting
             .into_iter()
-            .map(|rx| rx.recv().unwrap_or(Err(CallError::Stopped)))
+            .map(|rx| rx.blocking_recv().unwrap_or(Err(CallError::Stopped)))
             .collect()
     }
 
@@ -239,5 +340,24 @@ impl Handle {
         for shard in self.shards.iter() {
             let _ = shard.send(Message::Stop);
         }
+    }
+}
+
+/// Adds one shard's margin answer to `total`.
+fn merge_margin(
+    total: &mut Margin,
+    answer: Result<QueryReply, ResultCode>,
+) -> Result<(), ResultCode> {
+    match answer? {
+        QueryReply::Margin(m) => {
+            total.merge(&Margin {
+                events: m.events,
+                revenue_usd: m.revenue_usd,
+                cost_usd: m.cost_usd,
+                refunded_usd: m.refunded_usd,
+            });
+            Ok(())
+        }
+        other => unreachable!("a margin query answered {other:?}"),
     }
 }

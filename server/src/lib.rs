@@ -12,6 +12,7 @@
 pub mod clock;
 pub mod config;
 pub mod handle;
+pub mod net;
 pub mod ops;
 pub mod outbound;
 pub mod record;
@@ -21,7 +22,7 @@ pub mod store;
 
 pub use clock::{Clock, SystemClock};
 pub use config::{Config, ConfigError, DurabilitySetting, Overrides};
-pub use handle::{Handle, PendingBatch, PendingReply};
+pub use handle::{Handle, PendingBatch, PendingQuery, PendingReply, QueryAnswer};
 pub use server::{
     recover_shard, wal_dir, DataDirLock, Error, Loaded, Recovered, Server, Store, Until,
 };

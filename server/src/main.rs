@@ -60,6 +60,9 @@ struct ServeArgs {
     /// WAL durability: `sync` (default) or `none` (benchmarks only: loses data on power loss).
     #[arg(long, env = "TALLY_DURABILITY")]
     durability: Option<String>,
+    /// Where the QUIC listener binds [default: 127.0.0.1:7400].
+    #[arg(long, env = "TALLY_LISTEN")]
+    listen: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -218,6 +221,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         &args.data,
         Overrides {
             durability,
+            listen: args.listen.clone(),
             ..Overrides::default()
         },
     )?;
@@ -231,15 +235,28 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     let store = tally_server::store::SnapshotStore::open(&config)?;
     let server = Server::start(&config, Box::new(store))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.net_threads)
+        .thread_name("tally-net")
+        .enable_all()
+        .build()
+        .context("cannot start the network runtime")?;
+    let admin_key = std::env::var("TALLY_ADMIN_KEY").ok();
+    let network = {
+        let _entered = runtime.enter();
+        tally_server::net::start_network(&config, server.handle(), admin_key.as_deref())?
+    };
     eprintln!(
-        "tally: serving {} shards from {} (stop with SIGTERM or Ctrl-C)",
+        "tally: serving {} shards from {} on {} (QUIC, ALPN tally/1; stop with SIGTERM or Ctrl-C)",
         config.shards,
-        display(&config.data_dir)
+        display(&config.data_dir),
+        network.local_addr()
     );
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
     }
-    eprintln!("tally: stopping: draining queues and syncing");
+    eprintln!("tally: stopping: closing connections, draining queues and syncing");
+    runtime.block_on(network.shutdown());
     let digests = server.shutdown()?;
     for (shard, digest) in digests.iter().enumerate() {
         eprintln!("tally: shard {shard} stopped, digest {digest:016x}");

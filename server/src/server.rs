@@ -19,6 +19,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -297,6 +298,7 @@ impl Server {
         let mut senders = Vec::new();
         let mut threads = Vec::new();
         let mut recovered = Vec::new();
+        let alive: Arc<[AtomicBool]> = (0..count).map(|_| AtomicBool::new(true)).collect();
         let options = ShardOptions {
             batch_max: config.batch_max,
             snapshot_every_records: config.snapshot_every_records,
@@ -339,12 +341,19 @@ impl Server {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("tally-shard-{shard}"))
-                    .spawn(move || runner.run())
+                    .spawn({
+                        let alive = alive.clone();
+                        move || {
+                            let result = runner.run();
+                            alive[shard as usize].store(false, Ordering::Release);
+                            result
+                        }
+                    })
                     .map_err(|e| Error(format!("cannot start shard thread: {e}")))?,
             );
         }
         Ok(Server {
-            handle: Handle::new(senders),
+            handle: Handle::new(senders, alive),
             shards: threads,
             outbound: Some(outbound),
             outbound_tx: Some(outbound_tx),

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{select, Receiver, Sender};
 use tally_engine::{Engine, Query, QueryReply, Reply, Request, ResultCode, State, Timestamp};
 use tally_wal::{FileStorage, Wal};
+use tokio::sync::oneshot;
 
 use crate::clock::Clock;
 use crate::outbound::{self, Tagged};
@@ -57,18 +58,18 @@ impl std::fmt::Display for CallError {
 impl std::error::Error for CallError {}
 
 /// Where a reply goes.
-pub type ReplyTo = Sender<Result<Reply, CallError>>;
+pub type ReplyTo = oneshot::Sender<Result<Reply, CallError>>;
 /// Where the replies of a batch go, one per request, in order.
-pub type BatchReplyTo = Sender<Result<Vec<Result<Reply, CallError>>, CallError>>;
+pub type BatchReplyTo = oneshot::Sender<Result<Vec<Result<Reply, CallError>>, CallError>>;
 
 /// Most requests in one batch message.
 pub const BATCH_ITEMS_MAX: usize = 8192;
 
 /// Where a query answer goes.
-pub type AnswerTo = Sender<Result<Result<QueryReply, ResultCode>, CallError>>;
+pub type AnswerTo = oneshot::Sender<Result<Result<QueryReply, ResultCode>, CallError>>;
 
 /// A checkpoint request's answer.
-pub type CheckpointTo = Sender<Result<CheckpointReport, CallError>>;
+pub type CheckpointTo = oneshot::Sender<Result<CheckpointReport, CallError>>;
 
 /// A checkpoint that was written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

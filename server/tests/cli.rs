@@ -28,7 +28,15 @@ fn serve_stops_cleanly_on_sigterm_and_refuses_a_held_directory() {
     let data = dir.path().join("data");
     let data = data.to_str().unwrap();
     let mut child = Process::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["serve", "--data-dir", data, "--shards", "2"])
+        .args([
+            "serve",
+            "--data-dir",
+            data,
+            "--shards",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+        ])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();

@@ -596,13 +596,24 @@ pub fn message() -> impl Strategy<Value = Message> {
                 })
                 .collect()
         )),
-        (any::<u32>(), any::<u32>(), any::<u64>(), text()).prop_map(|(s, r, u, server)| {
-            Message::HealthReport(HealthReport {
-                shards: s,
-                shards_running: r,
-                uptime_us: u,
-                server,
-            })
-        }),
+        (
+            any::<u32>(),
+            any::<u32>(),
+            any::<u64>(),
+            any::<[u64; 4]>(),
+            text()
+        )
+            .prop_map(|(s, r, u, c, server)| {
+                Message::HealthReport(HealthReport {
+                    shards: s,
+                    shards_running: r,
+                    uptime_us: u,
+                    connections_open: c[0],
+                    rejected_unauthenticated: c[1],
+                    rejected_key: c[2],
+                    rejected_scope: c[3],
+                    server,
+                })
+            }),
     ]
 }

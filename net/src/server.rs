@@ -1,0 +1,717 @@
+//! The QUIC server: connections, streams, the handshake, authentication, limits, and the
+//! hand-off of decoded requests to a [`Backend`] (in `tally serve`, the shards).
+//!
+//! One task per connection accepts bidirectional streams; each stream has a reader task and a
+//! writer task joined by a bounded queue. The reader decodes frames and queues each request with
+//! the backend at once, in the order it arrived (so requests for one wallet keep their order),
+//! then hands the writer a future of its answer. The writer writes answers in request order,
+//! coalescing the ones already done into one write.
+//!
+//! Memory per connection is bounded. A connection may have `in_flight_max` requests unanswered
+//! (more are answered `TooManyInFlight` at once); each stream's queue holds at most
+//! `in_flight_max` answers. A client that stops reading fills its stream's flow-control window,
+//! the writer waits, the queue fills, the reader stops reading, and QUIC flow control stops the
+//! client's writes: nothing grows without bound. Catalog commands, key changes and snapshots are
+//! awaited by the reader before it reads on, so a stream never overtakes them.
+
+use std::future::{poll_fn, Future};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
+use tally_engine::{Command, Query, QueryReply, Reply, Request, ResultCode};
+use tokio::sync::mpsc;
+
+use crate::error::ErrorCode;
+use crate::frame::{DecodeError, Decoder, Frame, Kind, FRAME_PAYLOAD_BYTES_MAX};
+use crate::keys::{KeyError, KeyStore, LiveKey};
+use crate::message::{
+    Answer, CheckpointInfo, ErrorFrame, HealthReport, Message, Outcome, Scope, Welcome,
+    BATCH_ITEMS_MAX, PROTOCOL_VERSIONS,
+};
+use crate::tls::TlsError;
+
+/// A boxed future, as the [`Backend`] returns them.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// What the server hands requests to. Every method queues its work *before* it returns (the
+/// future only waits for the answer), so requests keep the order they arrived in.
+pub trait Backend: Send + Sync + 'static {
+    /// Queues one command; the future resolves once its reply is durable.
+    fn command(&self, request: Request) -> BoxFuture<Result<Reply, ErrorCode>>;
+    /// Queues many wallet commands (a batch frame); one outcome per request, in order.
+    fn batch(&self, requests: Vec<Request>) -> BoxFuture<Result<Vec<Outcome>, ErrorCode>>;
+    /// Queues a query.
+    fn query(&self, query: Query) -> BoxFuture<Result<Result<QueryReply, ResultCode>, ErrorCode>>;
+    /// Takes a checkpoint of every shard now.
+    fn snapshot(&self) -> BoxFuture<Result<Vec<CheckpointInfo>, String>>;
+    /// Shards configured, and shards whose loop is running.
+    fn shards(&self) -> (u32, u32);
+}
+
+/// The server's limits.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Most connections open at once; more are closed with `TooManyConnections`.
+    pub connections_max: u32,
+    /// Most bidirectional streams a connection may have open (QUIC stream credit: a client
+    /// cannot open more until one ends).
+    pub streams_max: u32,
+    /// Most requests a connection may have unanswered; more are answered `TooManyInFlight`.
+    pub in_flight_max: u32,
+    /// Largest frame payload accepted.
+    pub frame_payload_max: u32,
+    /// Most items in one batch frame.
+    pub batch_items_max: u32,
+    /// A connection with no traffic (not even keep-alives) for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            connections_max: 1024,
+            streams_max: 64,
+            in_flight_max: 4096,
+            frame_payload_max: FRAME_PAYLOAD_BYTES_MAX,
+            batch_items_max: BATCH_ITEMS_MAX as u32,
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Counters of what the server refused.
+#[derive(Debug, Default)]
+struct Stats {
+    connections_open: AtomicU64,
+    connections_refused: AtomicU64,
+    rejected_unauthenticated: AtomicU64,
+    rejected_key: AtomicU64,
+    rejected_scope: AtomicU64,
+    malformed: AtomicU64,
+}
+
+/// A copy of the server's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Connections open now.
+    pub connections_open: u64,
+    /// Connections closed at once because the limit was reached.
+    pub connections_refused: u64,
+    /// Requests before a successful `Auth`.
+    pub rejected_unauthenticated: u64,
+    /// Unknown or revoked keys.
+    pub rejected_key: u64,
+    /// Requests outside the key's scope.
+    pub rejected_scope: u64,
+    /// Frames whose payload did not decode, or that broke a stream's framing.
+    pub malformed: u64,
+}
+
+struct Shared {
+    backend: Arc<dyn Backend>,
+    keys: Arc<KeyStore>,
+    limits: Limits,
+    stats: Stats,
+    started: Instant,
+}
+
+/// A running QUIC listener.
+#[derive(Debug)]
+pub struct NetServer {
+    endpoint: Endpoint,
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+/// The name the server gives in `Welcome` and `HealthReport`.
+pub const SERVER_NAME: &str = concat!("tally/", env!("CARGO_PKG_VERSION"));
+
+impl NetServer {
+    /// Binds `listen` and starts accepting connections. Must be called inside a tokio runtime.
+    pub fn start(
+        listen: SocketAddr,
+        crypto: rustls::ServerConfig,
+        limits: Limits,
+        backend: Arc<dyn Backend>,
+        keys: Arc<KeyStore>,
+    ) -> Result<NetServer, TlsError> {
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
+            .map_err(|e| TlsError(format!("the TLS configuration cannot serve QUIC: {e}")))?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .max_concurrent_bidi_streams(VarInt::from_u32(limits.streams_max))
+            .max_concurrent_uni_streams(VarInt::from_u32(0))
+            // Per stream: room for a full frame plus pipelining; per connection: a few streams'
+            // worth. These bound what a client can make the server buffer.
+            .stream_receive_window(VarInt::from_u32(
+                (limits.frame_payload_max + 16).max(1 << 20),
+            ))
+            .receive_window(VarInt::from_u32(
+                (limits.frame_payload_max + 16)
+                    .max(1 << 20)
+                    .saturating_mul(2),
+            ))
+            .send_window(16 << 20)
+            .max_idle_timeout(Some(
+                limits
+                    .idle_timeout
+                    .try_into()
+                    .map_err(|_| TlsError("idle timeout out of range".into()))?,
+            ));
+        config.transport_config(Arc::new(transport));
+        let endpoint = Endpoint::server(config, listen)
+            .map_err(|e| TlsError(format!("cannot listen on {listen}: {e}")))?;
+        let addr = endpoint
+            .local_addr()
+            .map_err(|e| TlsError(format!("cannot read the listening address: {e}")))?;
+        let shared = Arc::new(Shared {
+            backend,
+            keys,
+            limits,
+            stats: Stats::default(),
+            started: Instant::now(),
+        });
+        let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
+        Ok(NetServer {
+            endpoint,
+            addr,
+            shared,
+            accept,
+        })
+    }
+
+    /// The address it listens on (with the port chosen, if `:0` was asked).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        let s = &self.shared.stats;
+        StatsSnapshot {
+            connections_open: s.connections_open.load(Ordering::Relaxed),
+            connections_refused: s.connections_refused.load(Ordering::Relaxed),
+            rejected_unauthenticated: s.rejected_unauthenticated.load(Ordering::Relaxed),
+            rejected_key: s.rejected_key.load(Ordering::Relaxed),
+            rejected_scope: s.rejected_scope.load(Ordering::Relaxed),
+            malformed: s.malformed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Closes every connection (code `Stopped`) and waits until the peers were told.
+    pub async fn shutdown(self) {
+        self.accept.abort();
+        self.endpoint.close(
+            VarInt::from_u32(ErrorCode::Stopped as u32),
+            b"the server is shutting down",
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+async fn accept_loop(endpoint: Endpoint, shared: Arc<Shared>) {
+    while let Some(incoming) = endpoint.accept().await {
+        tokio::spawn(serve_connection(incoming, shared.clone()));
+    }
+}
+
+/// Per-connection state shared by its streams.
+struct ConnState {
+    conn: Connection,
+    hello: AtomicBool,
+    key: OnceLock<Arc<LiveKey>>,
+    /// Largest answer payload the client accepts (from `Hello`).
+    peer_payload_max: AtomicU32,
+    in_flight: AtomicU32,
+}
+
+struct OpenGuard<'a>(&'a AtomicU64);
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn close(conn: &Connection, code: ErrorCode, reason: &str) {
+    conn.close(VarInt::from_u32(code as u32), reason.as_bytes());
+}
+
+async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
+    let Ok(conn) = incoming.await else { return };
+    let stats = &shared.stats;
+    let open = stats.connections_open.fetch_add(1, Ordering::Relaxed) + 1;
+    let _guard = OpenGuard(&stats.connections_open);
+    if open > u64::from(shared.limits.connections_max) {
+        stats.connections_refused.fetch_add(1, Ordering::Relaxed);
+        close(
+            &conn,
+            ErrorCode::TooManyConnections,
+            &format!(
+                "the server has its most connections open ({})",
+                shared.limits.connections_max
+            ),
+        );
+        return;
+    }
+    let state = Arc::new(ConnState {
+        conn: conn.clone(),
+        hello: AtomicBool::new(false),
+        key: OnceLock::new(),
+        peer_payload_max: AtomicU32::new(FRAME_PAYLOAD_BYTES_MAX),
+        in_flight: AtomicU32::new(0),
+    });
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        tokio::spawn(serve_stream(send, recv, state.clone(), shared.clone()));
+    }
+}
+
+/// What the writer gets: an answer now, or one to wait for.
+enum Out {
+    Now(u64, Message),
+    Later(u64, BoxFuture<Message>),
+    /// Write this error, then close the connection with its code.
+    Close(u64, ErrorFrame),
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> Message {
+    Message::Error(ErrorFrame {
+        code,
+        message: message.into(),
+    })
+}
+
+async fn serve_stream(
+    send: SendStream,
+    mut recv: RecvStream,
+    conn: Arc<ConnState>,
+    shared: Arc<Shared>,
+) {
+    let (tx, rx) = mpsc::channel::<Out>(shared.limits.in_flight_max.max(1) as usize);
+    let writer = tokio::spawn(write_answers(send, rx, conn.clone()));
+    let mut decoder = Decoder::new(shared.limits.frame_payload_max);
+    'read: loop {
+        let chunk = match recv.read_chunk(64 * 1024, true).await {
+            Ok(Some(chunk)) => chunk.bytes,
+            // Finished (a partial frame at the end is ignored), reset, or the connection ended.
+            Ok(None) | Err(_) => break,
+        };
+        decoder.feed(&chunk);
+        loop {
+            let out = match decoder.next_frame() {
+                Ok(Some(frame)) => step(&frame, &conn, &shared).await,
+                Ok(None) => break,
+                Err(e) => {
+                    shared.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                    let code = match e {
+                        DecodeError::UnknownKind(_) => ErrorCode::UnknownKind,
+                        DecodeError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
+                        DecodeError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+                        _ => ErrorCode::Malformed,
+                    };
+                    let _ = tx.send(Out::Now(0, error(code, e.to_string()))).await;
+                    // The framing is lost: stop reading; the writer finishes the stream.
+                    let _ = recv.stop(VarInt::from_u32(code as u32));
+                    break 'read;
+                }
+            };
+            let closing = matches!(out, Out::Close(..));
+            if tx.send(out).await.is_err() || closing {
+                break 'read;
+            }
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+/// Handles one frame: checks the phase, the key and its scope, decodes, and queues the work.
+async fn step(frame: &Frame<'_>, conn: &ConnState, shared: &Shared) -> Out {
+    let id = frame.header.request_id;
+    let kind = frame.header.kind;
+    let stats = &shared.stats;
+    let violation = |why: String| {
+        Out::Close(
+            id,
+            ErrorFrame {
+                code: ErrorCode::ProtocolViolation,
+                message: why,
+            },
+        )
+    };
+    match kind {
+        Kind::Hello => {
+            let Ok(Message::Hello(hello)) = Message::decode(frame) else {
+                stats.malformed.fetch_add(1, Ordering::Relaxed);
+                return violation("Hello does not decode".into());
+            };
+            if conn.hello.swap(true, Ordering::AcqRel) {
+                return violation("a second Hello".into());
+            }
+            let Some(version) = hello.choose_version(PROTOCOL_VERSIONS) else {
+                return Out::Close(
+                    id,
+                    ErrorFrame {
+                        code: ErrorCode::UnsupportedVersion,
+                        message: format!(
+                            "the client speaks versions {}..={}, the server {}..={}",
+                            hello.version_min,
+                            hello.version_max,
+                            PROTOCOL_VERSIONS.start(),
+                            PROTOCOL_VERSIONS.end()
+                        ),
+                    },
+                );
+            };
+            conn.peer_payload_max
+                .store(hello.frame_payload_max, Ordering::Relaxed);
+            Out::Now(
+                id,
+                Message::Welcome(Welcome {
+                    version,
+                    frame_payload_max: shared.limits.frame_payload_max,
+                    in_flight_max: shared.limits.in_flight_max,
+                    batch_items_max: shared.limits.batch_items_max,
+                    server: SERVER_NAME.into(),
+                }),
+            )
+        }
+        Kind::Auth => {
+            if !conn.hello.load(Ordering::Acquire) {
+                return violation("Auth before Hello".into());
+            }
+            if conn.key.get().is_some() {
+                return violation("a second Auth".into());
+            }
+            let Ok(Message::Auth { key }) = Message::decode(frame) else {
+                stats.malformed.fetch_add(1, Ordering::Relaxed);
+                return violation("Auth does not decode".into());
+            };
+            match shared.keys.authenticate(&key) {
+                Some(live) => {
+                    let answer = Message::AuthOk {
+                        key_id: live.id,
+                        scope: live.scope,
+                    };
+                    // Two streams racing to authenticate: the first wins; both were valid.
+                    let _ = conn.key.set(live);
+                    Out::Now(id, answer)
+                }
+                None => {
+                    stats.rejected_key.fetch_add(1, Ordering::Relaxed);
+                    Out::Close(
+                        id,
+                        ErrorFrame {
+                            code: ErrorCode::InvalidKey,
+                            message: "unknown or revoked API key".into(),
+                        },
+                    )
+                }
+            }
+        }
+        Kind::Welcome
+        | Kind::AuthOk
+        | Kind::Error
+        | Kind::Reply
+        | Kind::BatchReply
+        | Kind::Answer
+        | Kind::KeyCreated
+        | Kind::Done
+        | Kind::SnapshotTaken
+        | Kind::HealthReport => violation(format!("{kind} is a server-to-client kind")),
+        _ => request(id, frame, conn, shared).await,
+    }
+}
+
+async fn request(id: u64, frame: &Frame<'_>, conn: &ConnState, shared: &Shared) -> Out {
+    let stats = &shared.stats;
+    let kind = frame.header.kind;
+    let Some(key) = conn.key.get() else {
+        stats
+            .rejected_unauthenticated
+            .fetch_add(1, Ordering::Relaxed);
+        return Out::Now(
+            id,
+            error(
+                ErrorCode::Unauthenticated,
+                "send Hello and Auth before any request",
+            ),
+        );
+    };
+    if key.is_revoked() {
+        stats.rejected_key.fetch_add(1, Ordering::Relaxed);
+        return Out::Close(
+            id,
+            ErrorFrame {
+                code: ErrorCode::InvalidKey,
+                message: format!("API key {} was revoked", key.id),
+            },
+        );
+    }
+    if kind.admin_only() && key.scope != Scope::Admin {
+        stats.rejected_scope.fetch_add(1, Ordering::Relaxed);
+        return Out::Now(
+            id,
+            error(
+                ErrorCode::OutOfScope,
+                format!("{kind} needs an admin key; key {} is gateway", key.id),
+            ),
+        );
+    }
+    let message = match Message::decode(frame) {
+        Ok(message) => message,
+        Err(e) => {
+            stats.malformed.fetch_add(1, Ordering::Relaxed);
+            return Out::Now(id, error(ErrorCode::Malformed, e.to_string()));
+        }
+    };
+    let in_flight = conn.in_flight.fetch_add(1, Ordering::AcqRel);
+    if in_flight >= shared.limits.in_flight_max {
+        conn.in_flight.fetch_sub(1, Ordering::AcqRel);
+        return Out::Now(
+            id,
+            error(
+                ErrorCode::TooManyInFlight,
+                format!(
+                    "the connection has {} requests unanswered (the most allowed)",
+                    shared.limits.in_flight_max
+                ),
+            ),
+        );
+    }
+    // From here the writer releases the in-flight slot once the answer is written.
+    let backend = &shared.backend;
+    match message {
+        Message::Request(request) => {
+            let catalog = request.command.wallet().is_none();
+            let reply = backend.command(request);
+            let fut: BoxFuture<Message> = Box::pin(async move {
+                match reply.await {
+                    Ok(reply) => Message::Reply(reply),
+                    Err(code) => error(code, code.name()),
+                }
+            });
+            if catalog {
+                // Catalog commands reach every shard; later requests on this stream wait for it.
+                Out::Later(id, Box::pin(std::future::ready(fut.await)))
+            } else {
+                Out::Later(id, fut)
+            }
+        }
+        Message::UsageBatch(items) => batch(
+            id,
+            shared,
+            items
+                .into_iter()
+                .map(|(id, event)| Request {
+                    id,
+                    command: Command::Usage(event),
+                })
+                .collect(),
+        ),
+        Message::ReserveBatch(items) => {
+            batch(id, shared, items.into_iter().map(Request::from).collect())
+        }
+        Message::Query(query) => {
+            let answer = backend.query(query);
+            Out::Later(
+                id,
+                Box::pin(async move {
+                    match answer.await {
+                        Ok(Ok(reply)) => Message::Answer(Ok(Answer::from(&reply))),
+                        Ok(Err(code)) => Message::Answer(Err(code)),
+                        Err(code) => error(code, code.name()),
+                    }
+                }),
+            )
+        }
+        Message::KeyCreate { label, scope } => {
+            let keys = shared.keys.clone();
+            let made =
+                tokio::task::spawn_blocking(move || keys.create(label.as_str(), scope)).await;
+            let answer = match made {
+                Ok(Ok((key_id, secret))) => Message::KeyCreated { key_id, secret },
+                Ok(Err(e)) => key_error(e),
+                Err(e) => error(ErrorCode::KeyStoreFailed, e.to_string()),
+            };
+            Out::Later(id, Box::pin(std::future::ready(answer)))
+        }
+        Message::KeyRevoke { key_id } => {
+            let keys = shared.keys.clone();
+            let revoked = tokio::task::spawn_blocking(move || keys.revoke(key_id)).await;
+            let answer = match revoked {
+                Ok(Ok(())) => Message::Done,
+                Ok(Err(e)) => key_error(e),
+                Err(e) => error(ErrorCode::KeyStoreFailed, e.to_string()),
+            };
+            Out::Later(id, Box::pin(std::future::ready(answer)))
+        }
+        Message::Snapshot => {
+            let answer = match backend.snapshot().await {
+                Ok(infos) => Message::SnapshotTaken(infos),
+                Err(why) => error(ErrorCode::SnapshotFailed, why),
+            };
+            Out::Later(id, Box::pin(std::future::ready(answer)))
+        }
+        Message::Health => {
+            let (shards, shards_running) = backend.shards();
+            let s = &shared.stats;
+            let report = HealthReport {
+                shards,
+                shards_running,
+                uptime_us: shared.started.elapsed().as_micros() as u64,
+                connections_open: s.connections_open.load(Ordering::Relaxed),
+                rejected_unauthenticated: s.rejected_unauthenticated.load(Ordering::Relaxed),
+                rejected_key: s.rejected_key.load(Ordering::Relaxed),
+                rejected_scope: s.rejected_scope.load(Ordering::Relaxed),
+                server: SERVER_NAME.into(),
+            };
+            Out::Later(
+                id,
+                Box::pin(std::future::ready(Message::HealthReport(report))),
+            )
+        }
+        // Only request kinds reach here (the caller handled the rest), but never panic on it.
+        other => {
+            conn.in_flight.fetch_sub(1, Ordering::AcqRel);
+            Out::Now(
+                id,
+                error(
+                    ErrorCode::ProtocolViolation,
+                    format!("{} is not a request", other.kind()),
+                ),
+            )
+        }
+    }
+}
+
+fn batch(id: u64, shared: &Shared, requests: Vec<Request>) -> Out {
+    if requests.len() > shared.limits.batch_items_max as usize {
+        return Out::Later(
+            id,
+            Box::pin(std::future::ready(error(
+                ErrorCode::RequestTooLarge,
+                format!(
+                    "{} items; the most in one batch frame is {}",
+                    requests.len(),
+                    shared.limits.batch_items_max
+                ),
+            ))),
+        );
+    }
+    let outcomes = shared.backend.batch(requests);
+    Out::Later(
+        id,
+        Box::pin(async move {
+            match outcomes.await {
+                Ok(outcomes) => Message::BatchReply(outcomes),
+                Err(code) => error(code, code.name()),
+            }
+        }),
+    )
+}
+
+fn key_error(e: KeyError) -> Message {
+    let code = match e {
+        KeyError::Unknown(_) => ErrorCode::UnknownKey,
+        KeyError::LastAdmin(_) => ErrorCode::LastAdminKey,
+        KeyError::Storage(_) | KeyError::BadOperatorKey(_) => ErrorCode::KeyStoreFailed,
+    };
+    error(code, e.to_string())
+}
+
+/// Polls a future once, without waiting.
+async fn poll_once<T>(fut: &mut BoxFuture<T>) -> Poll<T> {
+    poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await
+}
+
+/// Writes answers in request order; answers already done are coalesced into one write.
+async fn write_answers(mut send: SendStream, mut rx: mpsc::Receiver<Out>, conn: Arc<ConnState>) {
+    const COALESCE_BYTES: usize = 64 * 1024;
+    let mut buf = Vec::with_capacity(COALESCE_BYTES);
+    let mut head: Option<Out> = None;
+    let mut closing: Option<ErrorFrame> = None;
+    'write: loop {
+        let item = match head.take() {
+            Some(item) => item,
+            None => match rx.recv().await {
+                Some(item) => item,
+                None => break,
+            },
+        };
+        let mut released = 0u32;
+        let mut next = Some(item);
+        while let Some(item) = next.take() {
+            match item {
+                Out::Now(id, message) => encode(&conn, id, &message, &mut buf),
+                Out::Later(id, mut fut) => {
+                    let message = if buf.is_empty() {
+                        fut.await
+                    } else {
+                        match poll_once(&mut fut).await {
+                            Poll::Ready(message) => message,
+                            Poll::Pending => {
+                                // Write what is done; wait for this one next round.
+                                head = Some(Out::Later(id, fut));
+                                break;
+                            }
+                        }
+                    };
+                    released += 1;
+                    encode(&conn, id, &message, &mut buf);
+                }
+                Out::Close(id, frame) => {
+                    encode(&conn, id, &Message::Error(frame.clone()), &mut buf);
+                    closing = Some(frame);
+                    break;
+                }
+            }
+            if buf.len() < COALESCE_BYTES {
+                next = rx.try_recv().ok();
+            }
+        }
+        let written = send.write_all(&buf).await;
+        buf.clear();
+        conn.in_flight.fetch_sub(released, Ordering::AcqRel);
+        if written.is_err() || closing.is_some() {
+            break 'write;
+        }
+    }
+    // Release the slots of answers that will never be written.
+    let mut unreleased = head.map_or(0, |h| u32::from(matches!(h, Out::Later(..))));
+    rx.close();
+    while let Ok(item) = rx.try_recv() {
+        unreleased += u32::from(matches!(item, Out::Later(..)));
+    }
+    conn.in_flight.fetch_sub(unreleased, Ordering::AcqRel);
+    let _ = send.finish();
+    if let Some(frame) = closing {
+        // Give the error frame a moment to reach the client, then close with its code.
+        let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
+        close(&conn.conn, frame.code, &frame.message);
+    }
+}
+
+fn encode(conn: &ConnState, id: u64, message: &Message, buf: &mut Vec<u8>) {
+    let max = conn.peer_payload_max.load(Ordering::Relaxed);
+    if let Err(e) = message.encode_limited(id, max, buf) {
+        let fallback = error(ErrorCode::AnswerTooLarge, e.to_string());
+        // An error frame with a short message always fits.
+        let _ = fallback.encode(id, buf);
+    }
+}

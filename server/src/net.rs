@@ -1,0 +1,174 @@
+//! The network front: `tally-net`'s QUIC server in front of this crate's [`Handle`].
+//!
+//! [`ShardBackend`] implements [`tally_net::Backend`]: wallet commands, batches and queries are
+//! queued on their shard at once and awaited without blocking a runtime thread; catalog commands
+//! (which wait for every shard in turn) and checkpoints run on the blocking pool.
+//! [`start_network`] sets up TLS (the configured pair, or `<data-dir>/tls/` generated on the first
+//! start), the API keys (`<data-dir>/keys.json`; the initial admin key from `TALLY_ADMIN_KEY` or
+//! generated, printed once and written to `<data-dir>/admin.key`), and starts listening.
+
+use std::future::ready;
+use std::sync::Arc;
+
+use tally_engine::{Query, QueryReply, Reply, Request, ResultCode};
+use tally_net::keys::{Bootstrap, KeyStore};
+use tally_net::message::CheckpointInfo;
+use tally_net::server::{Backend, BoxFuture, Limits, NetServer};
+use tally_net::{tls, ErrorCode, Outcome};
+
+use crate::config::Config;
+use crate::handle::Handle;
+use crate::server::Error;
+use crate::shard::CallError;
+
+/// The shards, as the network server sees them.
+#[derive(Clone, Debug)]
+pub struct ShardBackend {
+    handle: Handle,
+}
+
+impl ShardBackend {
+    /// A backend over `handle`.
+    pub fn new(handle: Handle) -> ShardBackend {
+        ShardBackend { handle }
+    }
+}
+
+/// The transport code for a shard call's failure.
+pub fn error_code(error: &CallError) -> ErrorCode {
+    match error {
+        CallError::Busy => ErrorCode::Busy,
+        CallError::Stopped => ErrorCode::Stopped,
+        CallError::Poisoned(_) => ErrorCode::Poisoned,
+        CallError::TooLarge => ErrorCode::RequestTooLarge,
+        CallError::Checkpoint(_) => ErrorCode::SnapshotFailed,
+    }
+}
+
+impl Backend for ShardBackend {
+    fn command(&self, request: Request) -> BoxFuture<Result<Reply, ErrorCode>> {
+        if request.command.wallet().is_none() {
+            let handle = self.handle.clone();
+            let task = tokio::task::spawn_blocking(move || handle.call(request));
+            return Box::pin(async move {
+                match task.await {
+                    Ok(result) => result.map_err(|e| error_code(&e)),
+                    Err(_) => Err(ErrorCode::Stopped),
+                }
+            });
+        }
+        match self.handle.submit(request) {
+            Ok(pending) => Box::pin(async move { pending.await.map_err(|e| error_code(&e)) }),
+            Err(e) => Box::pin(ready(Err(error_code(&e)))),
+        }
+    }
+
+    fn batch(&self, requests: Vec<Request>) -> BoxFuture<Result<Vec<Outcome>, ErrorCode>> {
+        match self.handle.submit_batch(requests) {
+            Ok(pending) => Box::pin(async move {
+                Ok(pending
+                    .recv()
+                    .await
+                    .into_iter()
+                    .map(|r| r.map_err(|e| error_code(&e)))
+                    .collect())
+            }),
+            Err(e) => Box::pin(ready(Err(error_code(&e)))),
+        }
+    }
+
+    fn query(&self, query: Query) -> BoxFuture<Result<Result<QueryReply, ResultCode>, ErrorCode>> {
+        match self.handle.submit_query(query) {
+            Ok(pending) => {
+                Box::pin(async move { pending.recv().await.map_err(|e| error_code(&e)) })
+            }
+            Err(e) => Box::pin(ready(Err(error_code(&e)))),
+        }
+    }
+
+    fn snapshot(&self) -> BoxFuture<Result<Vec<CheckpointInfo>, String>> {
+        let handle = self.handle.clone();
+        let task = tokio::task::spawn_blocking(move || handle.checkpoint());
+        Box::pin(async move {
+            match task.await {
+                Ok(Ok(reports)) => Ok(reports
+                    .into_iter()
+                    .enumerate()
+                    .map(|(shard, r)| CheckpointInfo {
+                        shard: shard as u32,
+                        lsn: r.lsn,
+                        digest: r.digest,
+                        stall_us: r.stall_us,
+                    })
+                    .collect()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(format!("the checkpoint task failed: {e}")),
+            }
+        })
+    }
+
+    fn shards(&self) -> (u32, u32) {
+        (self.handle.shard_count(), self.handle.shards_running())
+    }
+}
+
+/// The network limits a configuration asks for.
+pub fn limits(config: &Config) -> Limits {
+    Limits {
+        connections_max: config.connections_max,
+        streams_max: config.streams_max,
+        in_flight_max: config.in_flight_max,
+        ..Limits::default()
+    }
+}
+
+/// Sets up TLS and keys and starts the QUIC listener; call inside a tokio runtime. `admin_key`
+/// is the operator's `TALLY_ADMIN_KEY` (used only when the data directory has no keys yet).
+pub fn start_network(
+    config: &Config,
+    handle: Handle,
+    admin_key: Option<&str>,
+) -> Result<NetServer, Error> {
+    let identity = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            tls::load_identity(cert, key).map_err(|e| Error(format!("tls: {e}")))?
+        }
+        _ => {
+            let (identity, made) =
+                tls::self_signed(&config.data_dir).map_err(|e| Error(format!("tls: {e}")))?;
+            if made {
+                eprintln!(
+                    "tally: generated a self-signed TLS certificate: {} (clients pin this file)",
+                    tls::generated_paths(&config.data_dir).0.display()
+                );
+            }
+            identity
+        }
+    };
+    let crypto = tls::server_crypto(identity).map_err(|e| Error(format!("tls: {e}")))?;
+    let (keys, bootstrap) =
+        KeyStore::open(&config.data_dir, admin_key).map_err(|e| Error(e.to_string()))?;
+    match bootstrap {
+        Bootstrap::Existing => {}
+        Bootstrap::FromOperator => {
+            eprintln!("tally: the initial admin key is the one in TALLY_ADMIN_KEY (stored hashed)")
+        }
+        Bootstrap::Generated { key, file } => eprintln!(
+            "tally: generated the initial admin key (shown once; also in {}, mode 0600):\n{key}",
+            file.display()
+        ),
+    }
+    let listen = config
+        .listen
+        .parse()
+        .map_err(|_| Error(format!("listen: {:?} is not an address", config.listen)))?;
+    let server = NetServer::start(
+        listen,
+        crypto,
+        limits(config),
+        Arc::new(ShardBackend::new(handle)),
+        Arc::new(keys),
+    )
+    .map_err(|e| Error(e.to_string()))?;
+    Ok(server)
+}
