@@ -156,17 +156,12 @@ impl NetServer {
         transport
             .max_concurrent_bidi_streams(VarInt::from_u32(limits.streams_max))
             .max_concurrent_uni_streams(VarInt::from_u32(0))
-            // Per stream: room for a full frame plus pipelining; per connection: a few streams'
-            // worth. These bound what a client can make the server buffer.
-            .stream_receive_window(VarInt::from_u32(
-                (limits.frame_payload_max + 16).max(1 << 20),
-            ))
-            .receive_window(VarInt::from_u32(
-                (limits.frame_payload_max + 16)
-                    .max(1 << 20)
-                    .saturating_mul(2),
-            ))
-            .send_window(16 << 20)
+            // What a client can make the server buffer before flow control stops it: 1 MiB per
+            // stream, 4 MiB per connection (a large frame streams through these windows into
+            // the stream's decoder, which holds at most one frame).
+            .stream_receive_window(VarInt::from_u32(1 << 20))
+            .receive_window(VarInt::from_u32(4 << 20))
+            .send_window(4 << 20)
             .max_idle_timeout(Some(
                 limits
                     .idle_timeout

@@ -116,3 +116,477 @@ async fn health_over_quic_with_the_admin_key() {
     assert_eq!(health.connections_open, 1);
     running.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Raw connections: frames written by hand.
+
+struct Raw {
+    conn: quinn::Connection,
+    _endpoint: quinn::Endpoint,
+}
+
+struct RawStream {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    decoder: tally_net::Decoder,
+}
+
+async fn raw_connect(running: &Running) -> Raw {
+    let cert = tally_net::tls::load_certs(&running.cert())
+        .unwrap()
+        .remove(0);
+    let crypto = tally_net::tls::client_crypto(cert).unwrap();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let conn = endpoint
+        .connect(running.addr(), "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    Raw {
+        conn,
+        _endpoint: endpoint,
+    }
+}
+
+impl Raw {
+    async fn stream(&self) -> RawStream {
+        let (send, recv) = self.conn.open_bi().await.unwrap();
+        RawStream {
+            send,
+            recv,
+            decoder: tally_net::Decoder::default(),
+        }
+    }
+
+    /// A stream on which hello and auth were done.
+    async fn authed(&self, key: &str) -> RawStream {
+        let mut s = self.stream().await;
+        s.write(0, &hello(1, 1)).await;
+        assert!(matches!(s.read().await, Some((0, Message::Welcome(_)))));
+        s.write(
+            0,
+            &Message::Auth {
+                key: key.as_bytes().to_vec(),
+            },
+        )
+        .await;
+        assert!(matches!(s.read().await, Some((0, Message::AuthOk { .. }))));
+        s
+    }
+}
+
+fn hello(min: u8, max: u8) -> Message {
+    Message::Hello(tally_net::Hello {
+        version_min: min,
+        version_max: max,
+        frame_payload_max: tally_net::FRAME_PAYLOAD_BYTES_MAX,
+        client: "raw-test".into(),
+    })
+}
+
+impl RawStream {
+    async fn write(&mut self, id: u64, message: &Message) {
+        let mut buf = Vec::new();
+        message.encode(id, &mut buf).unwrap();
+        self.send.write_all(&buf).await.unwrap();
+    }
+
+    async fn write_bytes(&mut self, bytes: &[u8]) {
+        self.send.write_all(bytes).await.unwrap();
+    }
+
+    /// The next answer, or `None` when the stream or connection ended.
+    async fn read(&mut self) -> Option<(u64, Message)> {
+        loop {
+            if let Some(frame) = self.decoder.next_frame().unwrap() {
+                let message = Message::decode(&frame).unwrap();
+                return Some((frame.header.request_id, message));
+            }
+            match tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                self.recv.read_chunk(1 << 16, true),
+            )
+            .await
+            .expect("an answer within 10 s")
+            {
+                Ok(Some(chunk)) => self.decoder.feed(&chunk.bytes),
+                _ => return None,
+            }
+        }
+    }
+
+    async fn expect_error(&mut self, id: u64, code: ErrorCode) -> String {
+        match self.read().await {
+            Some((got, Message::Error(e))) if got == id && e.code == code => e.message,
+            other => panic!("expected Error {code} for id {id}, got {other:?}"),
+        }
+    }
+}
+
+/// The header of a frame, written by hand: magic, version, kind, flags, length, request id.
+fn header(version: u8, kind: u8, length: u32, id: u64) -> Vec<u8> {
+    let mut h = vec![tally_net::MAGIC, version, kind, 0];
+    h.extend_from_slice(&length.to_le_bytes());
+    h.extend_from_slice(&id.to_le_bytes());
+    h
+}
+
+use tally_net::{ErrorCode, Message};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_truncated_oversized_and_unknown_frames_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = Running::start(dir.path(), 2);
+    let raw = raw_connect(&running).await;
+
+    // A request before the handshake.
+    let mut s = raw.stream().await;
+    s.write(5, &Message::Health).await;
+    s.expect_error(5, ErrorCode::Unauthenticated).await;
+
+    let mut s = raw.authed(ADMIN_KEY).await;
+    // A payload that does not decode: the error names the field, the stream goes on.
+    let mut frame = header(1, 0x1a, 3, 7);
+    frame.extend_from_slice(&[1, 2, 3]);
+    s.write_bytes(&frame).await;
+    let why = s.expect_error(7, ErrorCode::Malformed).await;
+    assert!(why.contains("field"), "{why}");
+    s.write(8, &Message::Health).await;
+    assert!(matches!(
+        s.read().await,
+        Some((8, Message::HealthReport(_)))
+    ));
+
+    // An unknown opcode: error, then the server ends the stream.
+    let mut s = raw.stream().await;
+    s.write_bytes(&header(1, 0x7e, 0, 9)).await;
+    s.expect_error(0, ErrorCode::UnknownKind).await;
+    assert!(s.read().await.is_none(), "the stream is closed");
+
+    // An unknown header version.
+    let mut s = raw.stream().await;
+    s.write_bytes(&header(9, 0x53, 0, 10)).await;
+    s.expect_error(0, ErrorCode::UnsupportedVersion).await;
+
+    // An oversized frame is refused from its header, before any payload.
+    let mut s = raw.stream().await;
+    s.write_bytes(&header(1, 0x1a, 9 << 20, 11)).await;
+    s.expect_error(0, ErrorCode::FrameTooLarge).await;
+
+    // A truncated frame at the end of a stream is ignored; the connection stays usable.
+    let mut s = raw.stream().await;
+    let mut buf = Vec::new();
+    Message::Health.encode(12, &mut buf).unwrap();
+    s.write_bytes(&buf[..10]).await;
+    s.send.finish().unwrap();
+    assert!(s.read().await.is_none());
+    let mut s = raw.stream().await;
+    s.write(13, &Message::Health).await;
+    assert!(matches!(
+        s.read().await,
+        Some((13, Message::HealthReport(_)))
+    ));
+
+    // A server-to-client kind from a client closes the connection.
+    s.write(14, &Message::Done).await;
+    s.expect_error(14, ErrorCode::ProtocolViolation).await;
+    let reason = raw.conn.closed().await;
+    assert!(reason.to_string().contains("server-to-client"), "{reason}");
+
+    // No common version: refused, connection closed with the code.
+    let raw = raw_connect(&running).await;
+    let mut s = raw.stream().await;
+    s.write(0, &hello(5, 7)).await;
+    s.expect_error(0, ErrorCode::UnsupportedVersion).await;
+    // Auth before Hello.
+    let raw = raw_connect(&running).await;
+    let mut s = raw.stream().await;
+    s.write(
+        0,
+        &Message::Auth {
+            key: ADMIN_KEY.into(),
+        },
+    )
+    .await;
+    s.expect_error(0, ErrorCode::ProtocolViolation).await;
+
+    // The server is fine.
+    let client = running.client(ADMIN_KEY).await;
+    let health = client.health().await.unwrap();
+    assert_eq!(health.shards_running, 2);
+    assert!(health.rejected_unauthenticated >= 1);
+    running.stop().await;
+}
+
+fn transport_code(result: Result<impl std::fmt::Debug, Error>) -> ErrorCode {
+    match result {
+        Err(Error::Transport { code, .. }) => code,
+        other => panic!("expected a transport error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_scopes_and_revocation_on_open_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = Running::start(dir.path(), 2);
+    // A wrong key is refused at connect.
+    let wrong = Client::connect(running.client_config("not-a-key-at-all")).await;
+    assert_eq!(transport_code(wrong), ErrorCode::InvalidKey);
+
+    let admin = running.client(ADMIN_KEY).await;
+    setup_catalog(&admin, &["w1"]).await;
+    admin.command(grant(1, "w1", "10")).await.unwrap();
+    let (gw_id, gw_secret) = admin
+        .create_key(name("gateway-eu"), tally_net::Scope::Gateway)
+        .await
+        .unwrap();
+    let gateway = running.client(&gw_secret).await;
+    let session = gateway.session().await.unwrap();
+    assert_eq!(
+        (session.key_id, session.scope),
+        (gw_id, tally_net::Scope::Gateway)
+    );
+
+    // In scope: usage and balance reads.
+    let reply = gateway
+        .command(usage(2, "w1", 100, DebitMode::Strict))
+        .await
+        .unwrap();
+    assert_eq!(reply.code, ResultCode::Ok);
+    let balance = gateway.balance(name("w1"), asset("USD")).await.unwrap();
+    assert_eq!(balance.available, d("9.9"));
+    // Out of scope: grants, key management, snapshots; nothing changes.
+    assert_eq!(
+        transport_code(gateway.command(grant(3, "w1", "5")).await),
+        ErrorCode::OutOfScope
+    );
+    assert_eq!(
+        transport_code(gateway.create_key(name("x"), tally_net::Scope::Admin).await),
+        ErrorCode::OutOfScope
+    );
+    assert_eq!(
+        transport_code(gateway.snapshot().await),
+        ErrorCode::OutOfScope
+    );
+    assert_eq!(
+        admin
+            .balance(name("w1"), asset("USD"))
+            .await
+            .unwrap()
+            .available,
+        d("9.9")
+    );
+
+    // Key management errors.
+    assert_eq!(
+        transport_code(admin.revoke_key(999).await),
+        ErrorCode::UnknownKey
+    );
+    assert_eq!(
+        transport_code(admin.revoke_key(1).await),
+        ErrorCode::LastAdminKey
+    );
+
+    // Revocation reaches the open connection on its next request, and new connections.
+    admin.revoke_key(gw_id).await.unwrap();
+    let after = gateway
+        .command(usage(4, "w1", 100, DebitMode::Strict))
+        .await;
+    assert_eq!(transport_code(after), ErrorCode::InvalidKey);
+    let again = Client::connect(running.client_config(&gw_secret)).await;
+    assert_eq!(transport_code(again), ErrorCode::InvalidKey);
+    assert_eq!(
+        admin
+            .balance(name("w1"), asset("USD"))
+            .await
+            .unwrap()
+            .available,
+        d("9.9"),
+        "the refused usage changed nothing"
+    );
+
+    // Keys survive a restart; the counters saw every refusal.
+    let health = admin.health().await.unwrap();
+    assert!(health.rejected_key >= 3, "{health:?}");
+    assert!(health.rejected_scope >= 3, "{health:?}");
+    running.stop().await;
+    let running = Running::start(dir.path(), 2);
+    let admin = running.client(ADMIN_KEY).await;
+    assert!(admin.health().await.is_ok());
+    let revoked = Client::connect(running.client_config(&gw_secret)).await;
+    assert_eq!(transport_code(revoked), ErrorCode::InvalidKey);
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_different_certificate_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = Running::start(dir.path(), 1);
+    let other = tempfile::tempdir().unwrap();
+    let (identity, made) = tally_net::tls::self_signed(other.path()).unwrap();
+    assert!(made);
+    let config = ClientConfig::new(running.addr(), identity.certs[0].clone(), ADMIN_KEY);
+    match Client::connect(config).await {
+        Err(Error::Connect(why)) => assert!(why.contains("certificate"), "{why}"),
+        other => panic!("expected a refused certificate, got {other:?}"),
+    }
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_and_stream_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = Running::start_with(tally_server::Config {
+        connections_max: 2,
+        streams_max: 2,
+        ..common::config(dir.path(), 1)
+    });
+    let a = running.client(ADMIN_KEY).await;
+    let b = running.client(ADMIN_KEY).await;
+    let c = Client::connect(running.client_config(ADMIN_KEY)).await;
+    assert_eq!(transport_code(c), ErrorCode::TooManyConnections);
+    a.close().await;
+    // The slot frees once the server sees the close.
+    let mut connected = None;
+    for _ in 0..50 {
+        if let Ok(c) = Client::connect(running.client_config(ADMIN_KEY)).await {
+            connected = Some(c);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(connected.is_some(), "a closed connection frees its slot");
+    drop(b);
+
+    // Streams: a third concurrent stream waits for QUIC stream credit.
+    let raw = raw_connect_admin_only(&running).await;
+    let s1 = raw.authed(ADMIN_KEY).await;
+    let mut s2 = raw.stream().await;
+    s2.write(1, &Message::Health).await;
+    assert!(s2.read().await.is_some());
+    let third =
+        tokio::time::timeout(std::time::Duration::from_millis(300), raw.conn.open_bi()).await;
+    assert!(third.is_err(), "a third stream must wait");
+    drop(s1);
+    running.stop().await;
+}
+
+/// A raw connection when one client slot may be in use (retries while the server frees one).
+async fn raw_connect_admin_only(running: &Running) -> Raw {
+    raw_connect(running).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_gets_backpressure_not_server_buffers() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = Running::start_with(tally_server::Config {
+        in_flight_max: 64,
+        ..common::config(dir.path(), 1)
+    });
+    let raw = raw_connect(&running).await;
+    let mut slow = raw.authed(ADMIN_KEY).await;
+    // 64 MiB of requests, never reading an answer: the writes must stall.
+    let mut frame = Vec::new();
+    Message::Health.encode(1, &mut frame).unwrap();
+    let flood: Vec<u8> = frame.iter().copied().cycle().take(64 << 20).collect();
+    let stalled = tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        slow.send.write_all(&flood),
+    )
+    .await;
+    assert!(
+        stalled.is_err(),
+        "the server kept reading from a client that does not read"
+    );
+
+    // Other clients are served meanwhile.
+    let other = running.client(ADMIN_KEY).await;
+    let started = std::time::Instant::now();
+    other.health().await.unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+
+    // When the slow client reads, answers flow: the first 64 were in flight, the rest of what
+    // the server read meanwhile was refused with TooManyInFlight.
+    let mut answered = 0;
+    let mut refused = 0;
+    while answered + refused < 200 {
+        match slow.read().await {
+            Some((1, Message::HealthReport(_))) => answered += 1,
+            Some((1, Message::Error(e))) if e.code == ErrorCode::TooManyInFlight => refused += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(answered >= 64, "{answered}");
+    assert!(refused > 0, "{refused}");
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_event_is_applied_once_across_a_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = Running::start(dir.path(), 2);
+    let addr = running.addr();
+    let admin = running.client(ADMIN_KEY).await;
+    setup_catalog(&admin, &["w1"]).await;
+    admin.command(grant(1, "w1", "10")).await.unwrap();
+
+    // An event the server applies but whose answer the client never reads (a lost answer).
+    let lost = usage(777, "w1", 100, DebitMode::Strict);
+    let raw = raw_connect(&running).await;
+    let mut s = raw.authed(ADMIN_KEY).await;
+    s.write(1, &Message::Request(lost.clone())).await;
+    let mut applied = false;
+    for _ in 0..100 {
+        if admin
+            .balance(name("w1"), asset("USD"))
+            .await
+            .unwrap()
+            .available
+            == d("9.9")
+        {
+            applied = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(applied);
+    drop(s);
+    drop(raw);
+
+    // The server stops; a call made while it is down keeps retrying until it is back.
+    running.stop().await;
+    let during = usage(778, "w1", 100, DebitMode::Strict);
+    let retrying = tokio::spawn({
+        let admin = admin.clone();
+        let during = during.clone();
+        async move { admin.command(during).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!retrying.is_finished());
+    let running = Running::start_with(tally_server::Config {
+        listen: addr.to_string(),
+        ..common::config(dir.path(), 2)
+    });
+    let reply = retrying.await.unwrap().unwrap();
+    assert_eq!(reply.code, ResultCode::Ok);
+
+    // Retrying both events with their ids: the first answers come back, nothing is applied again.
+    let first = admin.command(lost).await.unwrap();
+    assert!(
+        matches!(first.value, ReplyValue::Charge { .. }),
+        "{first:?}"
+    );
+    let again = admin.command(during).await.unwrap();
+    assert_eq!(again, reply);
+    assert_eq!(
+        admin
+            .balance(name("w1"), asset("USD"))
+            .await
+            .unwrap()
+            .available,
+        d("9.8")
+    );
+    running.stop().await;
+}
