@@ -590,3 +590,361 @@ async fn a_retried_event_is_applied_once_across_a_server_restart() {
     );
     running.stop().await;
 }
+
+fn req(id: u128, command: Command) -> Request {
+    Request {
+        id: RequestId(id),
+        command,
+    }
+}
+
+fn charged(reply: &Reply) -> (rust_decimal::Decimal, rust_decimal::Decimal) {
+    match reply.value {
+        ReplyValue::Charge {
+            charged, available, ..
+        } => (charged, available),
+        other => panic!("expected a charge, got {other:?}"),
+    }
+}
+
+fn rejected(result: Result<Reply, Error>) -> ResultCode {
+    match result {
+        Err(Error::Rejected { code, .. }) => code,
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+fn later(seconds: i64) -> Timestamp {
+    use tally_server::Clock;
+    Timestamp(tally_server::SystemClock.now().0 + seconds * 1_000_000)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_operation_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = Running::start(dir.path(), 2);
+    let c = running.client(ADMIN_KEY).await;
+    // Catalog and wallets: DefineAsset, DefineProduct, DraftPlan, PublishPlan, CreateWallet,
+    // AssignPlan.
+    setup_catalog(&c, &["w1", "w2"]).await;
+    let w1 = name("w1");
+    let usd = asset("USD");
+    let ok = |r: Result<Reply, Error>| {
+        let r = r.unwrap();
+        assert_eq!(r.code, ResultCode::Ok);
+        r
+    };
+    ok(c.command(req(
+        1,
+        Command::SetOverdraft {
+            wallet: w1,
+            asset: usd,
+            limit: d("0"),
+        },
+    ))
+    .await);
+    let topup = ok(c
+        .command(req(
+            2,
+            Command::Grant(Grant {
+                wallet: w1,
+                asset: usd,
+                amount: d("10"),
+                priority: 0,
+                effective_at: None,
+                expires_at: None,
+                source: GrantSource::TopUp {
+                    payment_id: name("pi_1"),
+                },
+            }),
+        ))
+        .await);
+    let ReplyValue::Grant { grant: g1, .. } = topup.value else {
+        panic!("{topup:?}")
+    };
+    // Usage: 100 tokens at 0.001.
+    let used = ok(c.command(usage(10, "w1", 100, DebitMode::Strict)).await);
+    assert_eq!(charged(&used), (d("0.1"), d("9.9")));
+    // Reserve, settle.
+    let hold = ok(c
+        .reserve(tally_net::ReserveItem {
+            id: RequestId(11),
+            wallet: w1,
+            amount: ReserveAmount::Fixed {
+                asset: usd,
+                amount: d("1"),
+            },
+            deadline: later(60),
+        })
+        .await);
+    let ReplyValue::Hold {
+        hold: h1,
+        available,
+        ..
+    } = hold.value
+    else {
+        panic!("{hold:?}")
+    };
+    assert_eq!(available, d("8.9"));
+    let Command::Usage(actual) = usage(0, "w1", 50, DebitMode::Strict).command else {
+        unreachable!()
+    };
+    let settled = ok(c
+        .command(req(
+            12,
+            Command::Settle {
+                wallet: w1,
+                hold: h1,
+                usage: actual,
+            },
+        ))
+        .await);
+    assert_eq!(charged(&settled), (d("0.05"), d("9.85")));
+    // Reserve an estimate, release it.
+    let estimate = ok(c
+        .command(req(
+            13,
+            Command::Reserve {
+                wallet: w1,
+                amount: ReserveAmount::Estimate {
+                    product: name("chat"),
+                    quantities: vec![Quantity {
+                        dimension: name("tokens"),
+                        value: 200.into(),
+                    }],
+                    attributes: vec![],
+                },
+                deadline: later(60),
+            },
+        ))
+        .await);
+    let ReplyValue::Hold {
+        hold: h2, amount, ..
+    } = estimate.value
+    else {
+        panic!("{estimate:?}")
+    };
+    assert_eq!(amount, d("0.2"));
+    ok(c.command(req(
+        14,
+        Command::Release {
+            wallet: w1,
+            hold: h2,
+        },
+    ))
+    .await);
+    assert_eq!(c.balance(w1, usd).await.unwrap().available, d("9.85"));
+    // Refund the first usage, adjust.
+    ok(c.command(req(
+        15,
+        Command::Refund {
+            wallet: w1,
+            event: RequestId(10),
+            amount: None,
+        },
+    ))
+    .await);
+    ok(c.command(req(
+        16,
+        Command::Adjust {
+            wallet: w1,
+            asset: usd,
+            amount: d("1"),
+            reason: "goodwill".into(),
+        },
+    ))
+    .await);
+    assert_eq!(c.balance(w1, usd).await.unwrap().available, d("10.95"));
+    // Top-up rules and payment outcomes.
+    ok(c.command(req(
+        17,
+        Command::SetTopUpRule {
+            wallet: w1,
+            rule: TopUpRule {
+                asset: usd,
+                threshold: d("1"),
+                amount: TopUpAmount::Fixed(d("20")),
+                attempts_max: 3,
+                cooldown_us: 60_000_000,
+                daily_cap: None,
+                payment_method: name("pm_card"),
+            },
+        },
+    ))
+    .await);
+    ok(c.command(req(
+        18,
+        Command::RemoveTopUpRule {
+            wallet: w1,
+            asset: usd,
+        },
+    ))
+    .await);
+    // A payment's success adds a grant (idempotent on the payment id).
+    ok(c.command(req(
+        19,
+        Command::TopUpSucceeded {
+            wallet: w1,
+            asset: usd,
+            trigger: 42,
+            payment_id: name("pi_2"),
+            amount: d("20"),
+        },
+    ))
+    .await);
+    let failed_trigger = rejected(
+        c.command(req(
+            20,
+            Command::TopUpFailed {
+                wallet: w1,
+                asset: usd,
+                trigger: 42,
+            },
+        ))
+        .await,
+    );
+    assert_eq!(failed_trigger, ResultCode::StaleTopUp);
+    // Freeze blocks strict usage; unfreeze.
+    ok(c.command(req(21, Command::Freeze { wallet: w1 })).await);
+    let frozen = rejected(c.command(usage(22, "w1", 1, DebitMode::Strict)).await);
+    ok(c.command(req(23, Command::Unfreeze { wallet: w1 })).await);
+    assert_eq!(frozen, ResultCode::WalletFrozen);
+    // Dispute the top-up, then win it.
+    ok(c.command(req(
+        24,
+        Command::Dispute {
+            wallet: w1,
+            grant: g1,
+            freeze: false,
+        },
+    ))
+    .await);
+    ok(c.command(req(
+        25,
+        Command::DisputeWon {
+            wallet: w1,
+            grant: g1,
+        },
+    ))
+    .await);
+
+    // Batch frames, sent as such.
+    ok(c.command(grant(30, "w2", "5")).await);
+    let events: Vec<(RequestId, UsageEvent)> = (0..3)
+        .map(
+            |i| match usage(31 + i, "w2", 10, DebitMode::Strict).command {
+                Command::Usage(e) => (RequestId(31 + i), e),
+                _ => unreachable!(),
+            },
+        )
+        .collect();
+    let Message::BatchReply(outcomes) = c.send(Message::UsageBatch(events)).await.unwrap() else {
+        panic!("expected a batch reply")
+    };
+    assert_eq!(outcomes.len(), 3);
+    assert!(outcomes
+        .iter()
+        .all(|o| matches!(o, Ok(r) if r.code.is_ok())));
+    let reserves: Vec<tally_net::ReserveItem> = (0..2)
+        .map(|i| tally_net::ReserveItem {
+            id: RequestId(40 + i),
+            wallet: name("w2"),
+            amount: ReserveAmount::Fixed {
+                asset: usd,
+                amount: d("0.5"),
+            },
+            deadline: later(60),
+        })
+        .collect();
+    let Message::BatchReply(outcomes) = c.send(Message::ReserveBatch(reserves)).await.unwrap()
+    else {
+        panic!("expected a batch reply")
+    };
+    assert!(outcomes
+        .iter()
+        .all(|o| matches!(o, Ok(r) if r.code.is_ok())));
+    // Concurrent calls are batched by the client; each gets its own reply.
+    let calls: Vec<_> = (0..64u128)
+        .map(|i| {
+            let c = c.clone();
+            tokio::spawn(async move { c.command(usage(100 + i, "w2", 1, DebitMode::Strict)).await })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(charged(&call.await.unwrap().unwrap()).0, d("0.001"));
+    }
+    // 5 - 3 × 0.01 - 2 × 0.5 held - 64 × 0.001
+    assert_eq!(
+        c.balance(name("w2"), usd).await.unwrap().available,
+        d("3.906")
+    );
+
+    // Queries.
+    let info = c.wallet(w1).await.unwrap();
+    assert_eq!(info.wallet, w1);
+    assert!(!info.frozen);
+    assert_eq!(info.plans[0].0, name("std"));
+    let total = c.margin(MarginScope::Total).await.unwrap();
+    let by_wallet = c.margin(MarginScope::Wallet(name("w2"))).await.unwrap();
+    assert_eq!(by_wallet.events, 67);
+    assert!(total.events >= by_wallet.events + 2, "{total:?}");
+    let Command::Usage(preview) = usage(0, "w1", 100, DebitMode::Strict).command else {
+        unreachable!()
+    };
+    match c.query(Query::PricePreview(preview.clone())).await.unwrap() {
+        tally_net::Answer::Price(p) => assert_eq!((p.amount, p.version), (d("0.1"), 1)),
+        other => panic!("{other:?}"),
+    }
+    ok(c.command(req(
+        50,
+        Command::DraftPlan {
+            plan: name("std"),
+            custom_for: None,
+            asset: usd,
+            rules: vec![PriceRule {
+                product: name("chat"),
+                filters: vec![],
+                components: vec![Component {
+                    dimension: name("tokens"),
+                    price: PriceModel::PerUnit {
+                        unit_price: d("0.002"),
+                    },
+                }],
+                minimum_charge: None,
+                rounding: Rounding::Up,
+            }],
+        },
+    ))
+    .await);
+    match c
+        .query(Query::DraftTest {
+            plan: name("std"),
+            events: vec![preview],
+        })
+        .await
+        .unwrap()
+    {
+        tally_net::Answer::DraftTest(report) => {
+            assert_eq!(report.plan, name("std"));
+            assert_eq!(report.current_version, Some(1));
+        }
+        other => panic!("{other:?}"),
+    }
+    // A query the engine refuses comes back as a typed rejection.
+    let missing = c.balance(name("nobody"), usd).await;
+    assert!(
+        matches!(missing, Err(Error::Rejected { .. })),
+        "{missing:?}"
+    );
+
+    // Online snapshot and health.
+    let snapshot = c.snapshot().await.unwrap();
+    assert_eq!(
+        snapshot.iter().map(|s| s.shard).collect::<Vec<_>>(),
+        vec![0, 1]
+    );
+    assert!(snapshot.iter().all(|s| s.lsn > 0));
+    let health = c.health().await.unwrap();
+    assert_eq!(health.shards_running, 2);
+    running.stop().await;
+}
