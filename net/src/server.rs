@@ -278,10 +278,14 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
 
 /// What the writer gets: an answer now, or one to wait for.
 enum Out {
-    Now(u64, Message),
+    Now(u64, Box<Message>),
     Later(u64, BoxFuture<Message>),
     /// Write this error, then close the connection with its code.
     Close(u64, ErrorFrame),
+}
+
+fn now(id: u64, message: Message) -> Out {
+    Out::Now(id, Box::new(message))
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Message {
@@ -319,7 +323,7 @@ async fn serve_stream(
                         DecodeError::TooLarge { .. } => ErrorCode::FrameTooLarge,
                         _ => ErrorCode::Malformed,
                     };
-                    let _ = tx.send(Out::Now(0, error(code, e.to_string()))).await;
+                    let _ = tx.send(Out::Now(0, Box::new(error(code, e.to_string())))).await;
                     // The framing is lost: stop reading; the writer finishes the stream.
                     let _ = recv.stop(VarInt::from_u32(code as u32));
                     break 'read;
@@ -375,7 +379,7 @@ async fn step(frame: &Frame<'_>, conn: &ConnState, shared: &Shared) -> Out {
             };
             conn.peer_payload_max
                 .store(hello.frame_payload_max, Ordering::Relaxed);
-            Out::Now(
+            now(
                 id,
                 Message::Welcome(Welcome {
                     version,
@@ -405,7 +409,7 @@ async fn step(frame: &Frame<'_>, conn: &ConnState, shared: &Shared) -> Out {
                     };
                     // Two streams racing to authenticate: the first wins; both were valid.
                     let _ = conn.key.set(live);
-                    Out::Now(id, answer)
+                    now(id, answer)
                 }
                 None => {
                     stats.rejected_key.fetch_add(1, Ordering::Relaxed);
@@ -440,7 +444,7 @@ async fn request(id: u64, frame: &Frame<'_>, conn: &ConnState, shared: &Shared) 
         stats
             .rejected_unauthenticated
             .fetch_add(1, Ordering::Relaxed);
-        return Out::Now(
+        return now(
             id,
             error(
                 ErrorCode::Unauthenticated,
@@ -460,7 +464,7 @@ async fn request(id: u64, frame: &Frame<'_>, conn: &ConnState, shared: &Shared) 
     }
     if kind.admin_only() && key.scope != Scope::Admin {
         stats.rejected_scope.fetch_add(1, Ordering::Relaxed);
-        return Out::Now(
+        return now(
             id,
             error(
                 ErrorCode::OutOfScope,
@@ -472,13 +476,13 @@ async fn request(id: u64, frame: &Frame<'_>, conn: &ConnState, shared: &Shared) 
         Ok(message) => message,
         Err(e) => {
             stats.malformed.fetch_add(1, Ordering::Relaxed);
-            return Out::Now(id, error(ErrorCode::Malformed, e.to_string()));
+            return now(id, error(ErrorCode::Malformed, e.to_string()));
         }
     };
     let in_flight = conn.in_flight.fetch_add(1, Ordering::AcqRel);
     if in_flight >= shared.limits.in_flight_max {
         conn.in_flight.fetch_sub(1, Ordering::AcqRel);
-        return Out::Now(
+        return now(
             id,
             error(
                 ErrorCode::TooManyInFlight,
@@ -584,7 +588,7 @@ async fn request(id: u64, frame: &Frame<'_>, conn: &ConnState, shared: &Shared) 
         // Only request kinds reach here (the caller handled the rest), but never panic on it.
         other => {
             conn.in_flight.fetch_sub(1, Ordering::AcqRel);
-            Out::Now(
+            now(
                 id,
                 error(
                     ErrorCode::ProtocolViolation,
