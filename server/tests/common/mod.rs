@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod quic;
+
 use std::str::FromStr;
 
 use rust_decimal::Decimal;
