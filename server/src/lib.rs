@@ -16,6 +16,7 @@ pub mod net;
 pub mod ops;
 pub mod outbound;
 pub mod record;
+pub mod remote;
 pub mod server;
 pub mod shard;
 pub mod store;

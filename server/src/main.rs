@@ -2,8 +2,10 @@
 //!
 //! `tally serve` runs the server on a data directory (default `./tally-data`, one shard per
 //! core). The ops commands (`tally snapshot …`, `tally restore …`, `tally wal inspect`) work on
-//! a data directory that no server holds. Data goes to stdout (human-readable, or one JSON
-//! document with `--json`), diagnostics to stderr; any problem exits non-zero with a message.
+//! a data directory that no server holds. The client commands (`tally wallet …`, `tally grant`,
+//! `tally usage`, `tally key …`, …; [`tally_server::remote`]) talk to a running server over
+//! QUIC. Data goes to stdout (human-readable, or one JSON document with `--json`), diagnostics
+//! to stderr; any problem exits non-zero with a message.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,6 +14,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use rust_decimal::Decimal;
+use tally_engine::{AssetCode, Limit, Name, Quantity, Timestamp, WalletId};
+use tally_net::message::Scope;
+use tally_server::remote::{self, EventSpec, Op, Remote, SourceKind};
 use tally_server::{Config, DurabilitySetting, Overrides, Server};
 
 #[derive(Parser, Debug)]
@@ -29,7 +35,8 @@ struct Cli {
 enum Command {
     /// Run the server.
     Serve(ServeArgs),
-    /// Work with checkpoints (snapshots) of a data directory no server holds.
+    /// Work with checkpoints (snapshots) of a data directory no server holds (`create` also
+    /// online, with an API key).
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
     /// Point-in-time restore into a new data directory that `tally serve` can then run.
@@ -37,6 +44,494 @@ enum Command {
     /// Inspect the write-ahead logs of a data directory no server holds.
     #[command(subcommand)]
     Wal(WalCommand),
+    /// Define assets (admin; talks to a running server, like every command below).
+    #[command(subcommand)]
+    Asset(AssetCommand),
+    /// Define products (meters) (admin).
+    #[command(subcommand)]
+    Product(ProductCommand),
+    /// Create, show, freeze and unfreeze wallets.
+    #[command(subcommand)]
+    Wallet(WalletCommand),
+    /// Add a grant (credit) to a wallet (admin).
+    Grant(GrantArgs),
+    /// Report usage: priced under the wallet's plan, then debited (strict unless --record).
+    Usage(UsageArgs),
+    /// Preview the price of a usage event without applying it.
+    Price(PriceArgs),
+    /// Hold a fixed amount (--asset --amount) or a priced estimate (--product --qty).
+    Reserve(ReserveArgs),
+    /// Settle a hold with the actual usage.
+    Settle(SettleArgs),
+    /// Release a hold without charging.
+    Release(ReleaseArgs),
+    /// Refund part or all of a usage event (or settled hold) by its request id (admin).
+    Refund(RefundArgs),
+    /// Dispute (chargeback) a top-up grant, or record that the dispute was won (admin).
+    Dispute(DisputeArgs),
+    /// A manual correction: a positive amount credits, a negative one debits (admin).
+    Adjust(AdjustArgs),
+    /// Draft, publish, assign and test plans (admin).
+    #[command(subcommand)]
+    Plan(PlanCommand),
+    /// Set or remove a wallet's auto top-up rule (admin).
+    #[command(subcommand)]
+    TopupRule(TopUpRuleCommand),
+    /// One balance of one wallet.
+    Balance(BalanceArgs),
+    /// Margin aggregates: the total, or one wallet, product, plan version or time range (admin).
+    Margin(MarginArgs),
+    /// Create and revoke API keys (admin).
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// The running server's health.
+    Health(RemoteArgs),
+}
+
+/// How the client commands reach the server.
+#[derive(Args, Debug, Clone)]
+struct RemoteArgs {
+    /// The server's address.
+    #[arg(long, env = "TALLY_ADDR", default_value = "127.0.0.1:7400")]
+    addr: String,
+    /// The server's certificate (PEM); it is pinned: the only one trusted.
+    #[arg(long, env = "TALLY_CERT", default_value = "./tally-data/tls/cert.pem")]
+    cert: PathBuf,
+    /// The API key (admin, or gateway for usage, reserve, settle, release and reads).
+    #[arg(long, env = "TALLY_API_KEY", hide_env_values = true)]
+    api_key: String,
+    /// Print exactly one JSON document on stdout instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A client command that changes state.
+#[derive(Args, Debug, Clone)]
+struct MutateArgs {
+    #[command(flatten)]
+    remote: RemoteArgs,
+    /// The request's idempotency id (a u128) [default: a fresh random one, printed so that a
+    /// retry can reuse it].
+    #[arg(long, value_name = "N")]
+    id: Option<u128>,
+}
+
+#[derive(Subcommand, Debug)]
+enum AssetCommand {
+    /// Declare an asset; repeating it with identical values is a no-op.
+    Define {
+        #[command(flatten)]
+        common: MutateArgs,
+        /// The code, e.g. USD.
+        #[arg(value_parser = remote::parse_asset)]
+        code: AssetCode,
+        /// Decimal places balances keep (at most 18).
+        #[arg(long)]
+        scale: u32,
+        /// What one unit is worth in USD, for margin reporting.
+        #[arg(long, value_parser = remote::parse_decimal)]
+        usd_value: Decimal,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ProductCommand {
+    /// Declare a product (meter) and its quantity dimensions.
+    Define {
+        #[command(flatten)]
+        common: MutateArgs,
+        /// The code, e.g. chat.
+        #[arg(value_parser = remote::parse_name)]
+        code: Name,
+        /// A quantity dimension, e.g. input_tokens (repeat; at most 8).
+        #[arg(long = "dimension", value_name = "DIM", required = true, value_parser = remote::parse_name)]
+        dimensions: Vec<Name>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum WalletCommand {
+    /// Create a wallet (admin).
+    Create {
+        #[command(flatten)]
+        common: MutateArgs,
+        #[arg(value_parser = remote::parse_name)]
+        wallet: WalletId,
+        /// Metadata, key=value (repeat; at most 16).
+        #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = remote::parse_pair)]
+        meta: Vec<(Name, Name)>,
+        /// An overdraft limit, ASSET=AMOUNT (repeat).
+        #[arg(long, value_name = "ASSET=AMOUNT", value_parser = remote::parse_limit)]
+        overdraft: Vec<Limit>,
+    },
+    /// Show everything about a wallet: balances, grants, holds, plans, rules, margin.
+    Get {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[arg(value_parser = remote::parse_name)]
+        wallet: WalletId,
+    },
+    /// Freeze a wallet: strict usage and reserves are refused until it is unfrozen (admin).
+    Freeze {
+        #[command(flatten)]
+        common: MutateArgs,
+        #[arg(value_parser = remote::parse_name)]
+        wallet: WalletId,
+    },
+    /// Unfreeze a wallet (admin).
+    Unfreeze {
+        #[command(flatten)]
+        common: MutateArgs,
+        #[arg(value_parser = remote::parse_name)]
+        wallet: WalletId,
+    },
+    /// Set a wallet's overdraft limit in one asset (admin).
+    Overdraft {
+        #[command(flatten)]
+        common: MutateArgs,
+        #[arg(value_parser = remote::parse_name)]
+        wallet: WalletId,
+        #[arg(long, value_parser = remote::parse_asset)]
+        asset: AssetCode,
+        /// How far below zero strict usage may take available balance.
+        #[arg(long, value_parser = remote::parse_decimal)]
+        limit: Decimal,
+    },
+}
+
+#[derive(Args, Debug)]
+struct GrantArgs {
+    #[command(flatten)]
+    common: MutateArgs,
+    #[arg(value_parser = remote::parse_name)]
+    wallet: WalletId,
+    #[arg(long, value_parser = remote::parse_asset)]
+    asset: AssetCode,
+    #[arg(long, value_parser = remote::parse_decimal)]
+    amount: Decimal,
+    /// Consumption priority, lower first [default: 100 for top-ups, else 0].
+    #[arg(long)]
+    priority: Option<u32>,
+    /// Not usable before this time (RFC 3339 UTC).
+    #[arg(long, value_parser = remote::parse_time)]
+    effective_at: Option<Timestamp>,
+    /// The remainder leaves as breakage at this time (RFC 3339 UTC).
+    #[arg(long, value_parser = remote::parse_time)]
+    expires_at: Option<Timestamp>,
+    /// topup (alias purchase; needs --payment-id), promotion, refund or adjustment.
+    #[arg(long, default_value = "promotion", value_parser = remote::parse_source)]
+    source: SourceKind,
+    /// The payment processor's id of a top-up (makes the grant idempotent on it).
+    #[arg(long, value_parser = remote::parse_name)]
+    payment_id: Option<Name>,
+}
+
+/// A usage event's shape.
+#[derive(Args, Debug)]
+struct EventArgs {
+    /// The product (meter).
+    #[arg(long, value_parser = remote::parse_name)]
+    product: Name,
+    /// A quantity, dimension=value (repeat per dimension).
+    #[arg(long = "qty", value_name = "DIM=VALUE", required = true, value_parser = remote::parse_quantity)]
+    qty: Vec<Quantity>,
+    /// An attribute rules filter on, key=value (repeat).
+    #[arg(long = "attr", value_name = "KEY=VALUE", value_parser = remote::parse_pair)]
+    attr: Vec<(Name, Name)>,
+    /// When the usage happened (RFC 3339 UTC) [default: now].
+    #[arg(long, value_parser = remote::parse_time)]
+    occurred_at: Option<Timestamp>,
+}
+
+impl EventArgs {
+    fn spec(self) -> EventSpec {
+        EventSpec {
+            product: self.product,
+            quantities: self.qty,
+            attributes: self.attr,
+            occurred_at: self.occurred_at,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct UsageArgs {
+    #[command(flatten)]
+    common: MutateArgs,
+    #[arg(value_parser = remote::parse_name)]
+    wallet: WalletId,
+    #[command(flatten)]
+    event: EventArgs,
+    /// What the event cost the seller, in USD.
+    #[arg(long, default_value = "0", value_parser = remote::parse_decimal)]
+    cost_usd: Decimal,
+    /// Record mode (already served: always applied, a shortfall becomes debt) instead of strict.
+    #[arg(long)]
+    record: bool,
+}
+
+#[derive(Args, Debug)]
+struct PriceArgs {
+    #[command(flatten)]
+    remote: RemoteArgs,
+    #[arg(value_parser = remote::parse_name)]
+    wallet: WalletId,
+    #[command(flatten)]
+    event: EventArgs,
+}
+
+#[derive(Args, Debug)]
+struct ReserveArgs {
+    #[command(flatten)]
+    common: MutateArgs,
+    #[arg(value_parser = remote::parse_name)]
+    wallet: WalletId,
+    /// Fixed amount: the asset.
+    #[arg(long, value_parser = remote::parse_asset, requires = "amount", conflicts_with = "product")]
+    asset: Option<AssetCode>,
+    /// Fixed amount: the amount.
+    #[arg(long, value_parser = remote::parse_decimal, requires = "asset")]
+    amount: Option<Decimal>,
+    /// Estimate: the product whose priced usage shape is held.
+    #[arg(long, value_parser = remote::parse_name, required_unless_present = "asset")]
+    product: Option<Name>,
+    /// Estimate: a quantity, dimension=value (repeat).
+    #[arg(long = "qty", value_name = "DIM=VALUE", requires = "product", value_parser = remote::parse_quantity)]
+    qty: Vec<Quantity>,
+    /// Estimate: an attribute, key=value (repeat).
+    #[arg(long = "attr", value_name = "KEY=VALUE", requires = "product", value_parser = remote::parse_pair)]
+    attr: Vec<(Name, Name)>,
+    /// When the hold expires (RFC 3339 UTC) [default: now + --ttl].
+    #[arg(long, value_parser = remote::parse_time, conflicts_with = "ttl")]
+    deadline: Option<Timestamp>,
+    /// Seconds until the hold expires (at most 7 days).
+    #[arg(long, default_value_t = 600)]
+    ttl: u64,
+}
+
+#[derive(Args, Debug)]
+struct SettleArgs {
+    #[command(flatten)]
+    common: MutateArgs,
+    #[arg(value_parser = remote::parse_name)]
+    wallet: WalletId,
+    /// The hold's id (from `tally reserve`).
+    #[arg(long)]
+    hold: u64,
+    #[command(flatten)]
+    event: EventArgs,
+    /// What the usage cost the seller, in USD.
+    #[arg(long, default_value = "0", value_parser = remote::parse_decimal)]
+    cost_usd: Decimal,
+}
+
+#[derive(Args, Debug)]
+struct ReleaseArgs {
+    #[command(flatten)]
+    common: MutateArgs,
+    #[arg(value_parser = remote::parse_name)]
+    wallet: WalletId,
+    /// The hold's id.
+    #[arg(long)]
+    hold: u64,
+}
+
+#[derive(Args, Debug)]
+struct RefundArgs {
+    #[command(flatten)]
+    common: MutateArgs,
+    #[arg(value_parser = remote::parse_name)]
+    wallet: WalletId,
+    /// The request id of the usage or settle to refund.
+    #[arg(long, value_name = "REQUEST_ID")]
+    event: u128,
+    /// The amount [default: whatever is left to refund].
+    #[arg(long, value_parser = remote::parse_decimal)]
+    amount: Option<Decimal>,
+}
+
+#[derive(Args, Debug)]
+struct DisputeArgs {
+    #[command(flatten)]
+    common: MutateArgs,
+    #[arg(value_parser = remote::parse_name)]
+    wallet: WalletId,
+    /// The top-up grant's id.
+    #[arg(long)]
+    grant: u64,
+    /// Also freeze the wallet.
+    #[arg(long)]
+    freeze: bool,
+    /// The dispute was won: credit the grant's amount again.
+    #[arg(long, conflicts_with = "freeze")]
+    won: bool,
+}
+
+#[derive(Args, Debug)]
+struct AdjustArgs {
+    #[command(flatten)]
+    common: MutateArgs,
+    #[arg(value_parser = remote::parse_name)]
+    wallet: WalletId,
+    #[arg(long, value_parser = remote::parse_asset)]
+    asset: AssetCode,
+    /// Signed amount: positive credits, negative debits (e.g. --amount -2.50).
+    #[arg(long, allow_hyphen_values = true, value_parser = remote::parse_decimal)]
+    amount: Decimal,
+    /// Why (required, at most 256 bytes; goes to the journal).
+    #[arg(long)]
+    reason: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum PlanCommand {
+    /// Write (replace) a plan's draft from a JSON file holding a list of price rules.
+    Draft {
+        #[command(flatten)]
+        common: MutateArgs,
+        #[arg(value_parser = remote::parse_name)]
+        plan: Name,
+        /// JSON: a list of `tally_engine::PriceRule` (docs/operations.md has an example).
+        #[arg(long)]
+        file: PathBuf,
+        /// The asset the plan's prices are in.
+        #[arg(long, default_value = "USD", value_parser = remote::parse_asset)]
+        asset: AssetCode,
+        /// For a new plan: the wallet it is the custom plan of.
+        #[arg(long, value_parser = remote::parse_name)]
+        custom_for: Option<WalletId>,
+    },
+    /// Publish a plan's draft as its next version.
+    Publish {
+        #[command(flatten)]
+        common: MutateArgs,
+        #[arg(value_parser = remote::parse_name)]
+        plan: Name,
+    },
+    /// Put a wallet on a published plan version.
+    Assign {
+        #[command(flatten)]
+        common: MutateArgs,
+        #[arg(value_parser = remote::parse_name)]
+        wallet: WalletId,
+        #[arg(value_parser = remote::parse_name)]
+        plan: Name,
+        /// The published version.
+        #[arg(long)]
+        version: u32,
+        /// Events at or after this time (RFC 3339 UTC) are priced by it [default: now].
+        #[arg(long, value_parser = remote::parse_time)]
+        from: Option<Timestamp>,
+    },
+    /// Price recorded events under the draft and under the latest published version.
+    Test {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[arg(value_parser = remote::parse_name)]
+        plan: Name,
+        /// JSON: a list of `tally_engine::UsageEvent`.
+        #[arg(long)]
+        events: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TopUpRuleCommand {
+    /// Set (replace) a wallet's auto top-up rule for one asset.
+    Set {
+        #[command(flatten)]
+        common: MutateArgs,
+        #[arg(value_parser = remote::parse_name)]
+        wallet: WalletId,
+        #[arg(long, value_parser = remote::parse_asset)]
+        asset: AssetCode,
+        /// A top-up is requested when available drops below this.
+        #[arg(long, value_parser = remote::parse_decimal)]
+        threshold: Decimal,
+        /// Charge this fixed amount.
+        #[arg(long, value_parser = remote::parse_decimal, required_unless_present = "target", conflicts_with = "target")]
+        amount: Option<Decimal>,
+        /// Charge enough to bring available up to this balance.
+        #[arg(long, value_parser = remote::parse_decimal)]
+        target: Option<Decimal>,
+        /// The saved payment method to charge.
+        #[arg(long, value_parser = remote::parse_name)]
+        payment_method: Name,
+        /// Failed attempts in a row after which the wallet is flagged.
+        #[arg(long, default_value_t = 3)]
+        attempts_max: u32,
+        /// Least seconds between two requests.
+        #[arg(long, default_value_t = 60)]
+        cooldown: u64,
+        /// Most that may be requested per UTC day.
+        #[arg(long, value_parser = remote::parse_decimal)]
+        daily_cap: Option<Decimal>,
+    },
+    /// Remove a wallet's auto top-up rule for one asset.
+    Remove {
+        #[command(flatten)]
+        common: MutateArgs,
+        #[arg(value_parser = remote::parse_name)]
+        wallet: WalletId,
+        #[arg(long, value_parser = remote::parse_asset)]
+        asset: AssetCode,
+    },
+}
+
+#[derive(Args, Debug)]
+struct BalanceArgs {
+    #[command(flatten)]
+    remote: RemoteArgs,
+    #[arg(value_parser = remote::parse_name)]
+    wallet: WalletId,
+    #[arg(long, value_parser = remote::parse_asset)]
+    asset: AssetCode,
+}
+
+#[derive(Args, Debug)]
+struct MarginArgs {
+    #[command(flatten)]
+    remote: RemoteArgs,
+    /// One wallet.
+    #[arg(long, value_parser = remote::parse_name, conflicts_with_all = ["product", "plan", "from"])]
+    wallet: Option<WalletId>,
+    /// One product.
+    #[arg(long, value_parser = remote::parse_name, conflicts_with_all = ["plan", "from"])]
+    product: Option<Name>,
+    /// One plan version (with --version).
+    #[arg(long, value_parser = remote::parse_name, requires = "version", conflicts_with = "from")]
+    plan: Option<Name>,
+    /// The plan's version.
+    #[arg(long, requires = "plan")]
+    version: Option<u32>,
+    /// Events from this time's UTC hour (RFC 3339; with --to).
+    #[arg(long, value_parser = remote::parse_time, requires = "to")]
+    from: Option<Timestamp>,
+    /// … to this time (RFC 3339).
+    #[arg(long, value_parser = remote::parse_time, requires = "from")]
+    to: Option<Timestamp>,
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyCommand {
+    /// Create an API key; its secret is printed once (the server keeps only its hash).
+    Create {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// A label, e.g. which gateway uses the key.
+        #[arg(long, value_parser = remote::parse_name)]
+        label: Name,
+        /// gateway (usage, reserve, settle, release, reads) or admin (everything).
+        #[arg(long, value_parser = remote::parse_scope)]
+        scope: Scope,
+    },
+    /// Revoke an API key by id.
+    Revoke {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// The key's id.
+        key_id: u64,
+    },
 }
 
 /// Settings shared by every command that opens a data directory.
@@ -73,8 +568,26 @@ enum SnapshotCommand {
     Verify(OpsArgs),
     /// Show what one checkpoint holds.
     Inspect(InspectArgs),
-    /// Load the newest checkpoints, replay the WAL, and write a fresh checkpoint.
-    Create(OpsArgs),
+    /// Write a fresh checkpoint of every shard. With an API key (--api-key or TALLY_API_KEY,
+    /// admin) it goes ONLINE: the running server at --addr takes the snapshot. Without one it
+    /// works offline on a data directory no server holds: load the newest checkpoints, replay the
+    /// WAL, and write a fresh checkpoint.
+    Create(SnapshotCreateArgs),
+}
+
+#[derive(Args, Debug)]
+struct SnapshotCreateArgs {
+    #[command(flatten)]
+    ops: OpsArgs,
+    /// Online: the server's address.
+    #[arg(long, env = "TALLY_ADDR", default_value = "127.0.0.1:7400")]
+    addr: String,
+    /// Online: the server's certificate (PEM), pinned.
+    #[arg(long, env = "TALLY_CERT", default_value = "./tally-data/tls/cert.pem")]
+    cert: PathBuf,
+    /// An admin API key: when given, snapshot the running server instead of a data directory.
+    #[arg(long, env = "TALLY_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -139,15 +652,29 @@ fn load_config(data: &DataArgs, extra: Overrides) -> Result<Config> {
 
 fn main() {
     let cli = Cli::parse();
-    if let Err(error) = run(cli) {
-        eprintln!("tally: error: {error:#}");
-        std::process::exit(1);
+    match run(cli) {
+        Ok(0) => {}
+        Ok(status) => std::process::exit(status),
+        Err(error) => {
+            eprintln!("tally: error: {error:#}");
+            std::process::exit(1);
+        }
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// Runs a command; returns the exit status.
+fn run(cli: Cli) -> Result<i32> {
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(args).map(|()| 0),
+        Command::Snapshot(SnapshotCommand::Create(args)) if args.api_key.is_some() => {
+            let remote = Remote {
+                addr: args.addr,
+                cert: args.cert,
+                api_key: args.api_key.unwrap_or_default(),
+                json: args.ops.json,
+            };
+            Ok(remote::run(&remote, None, Op::Snapshot))
+        }
         Command::Snapshot(command) => tally_server::ops::snapshot(match &command {
             SnapshotCommand::List(o) => (
                 load_config(&o.data, Overrides::default())?,
@@ -159,9 +686,9 @@ fn run(cli: Cli) -> Result<()> {
                 o.json,
                 tally_server::ops::SnapshotAction::Verify,
             ),
-            SnapshotCommand::Create(o) => (
-                load_config(&o.data, Overrides::default())?,
-                o.json,
+            SnapshotCommand::Create(c) => (
+                load_config(&c.ops.data, Overrides::default())?,
+                c.ops.json,
                 tally_server::ops::SnapshotAction::Create,
             ),
             SnapshotCommand::Inspect(i) => (
@@ -169,7 +696,8 @@ fn run(cli: Cli) -> Result<()> {
                 i.ops.json,
                 tally_server::ops::SnapshotAction::Inspect(i.file.clone()),
             ),
-        }),
+        })
+        .map(|()| 0),
         Command::Restore(args) => {
             let target = load_config(&args.ops.data, Overrides::default())?;
             let source = match (&args.source, args.from.first()) {
@@ -203,11 +731,272 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 args.ops.json,
             )
+            .map(|()| 0)
         }
         Command::Wal(WalCommand::Inspect(o)) => {
             tally_server::ops::wal_inspect(&load_config(&o.data, Overrides::default())?, o.json)
+                .map(|()| 0)
+        }
+        client => {
+            let (remote, id, op) = client_op(client);
+            Ok(remote::run(&remote, id, op))
         }
     }
+}
+
+impl From<RemoteArgs> for Remote {
+    fn from(r: RemoteArgs) -> Remote {
+        Remote {
+            addr: r.addr,
+            cert: r.cert,
+            api_key: r.api_key,
+            json: r.json,
+        }
+    }
+}
+
+/// A client command's connection, `--id` and operation.
+fn client_op(command: Command) -> (Remote, Option<u128>, Op) {
+    let read = |r: RemoteArgs| (Remote::from(r), None);
+    let write = |m: MutateArgs| (Remote::from(m.remote), m.id);
+    let ((remote, id), op) = match command {
+        Command::Serve(_) | Command::Snapshot(_) | Command::Restore(_) | Command::Wal(_) => {
+            unreachable!("not a client command")
+        }
+        Command::Asset(AssetCommand::Define {
+            common,
+            code,
+            scale,
+            usd_value,
+        }) => (
+            write(common),
+            Op::DefineAsset {
+                code,
+                scale,
+                usd_value,
+            },
+        ),
+        Command::Product(ProductCommand::Define {
+            common,
+            code,
+            dimensions,
+        }) => (write(common), Op::DefineProduct { code, dimensions }),
+        Command::Wallet(WalletCommand::Create {
+            common,
+            wallet,
+            meta,
+            overdraft,
+        }) => (
+            write(common),
+            Op::WalletCreate {
+                wallet,
+                metadata: meta,
+                overdraft,
+            },
+        ),
+        Command::Wallet(WalletCommand::Get { remote, wallet }) => {
+            (read(remote), Op::WalletGet { wallet })
+        }
+        Command::Wallet(WalletCommand::Freeze { common, wallet }) => {
+            (write(common), Op::Freeze { wallet })
+        }
+        Command::Wallet(WalletCommand::Unfreeze { common, wallet }) => {
+            (write(common), Op::Unfreeze { wallet })
+        }
+        Command::Wallet(WalletCommand::Overdraft {
+            common,
+            wallet,
+            asset,
+            limit,
+        }) => (
+            write(common),
+            Op::SetOverdraft {
+                wallet,
+                asset,
+                limit,
+            },
+        ),
+        Command::Grant(a) => (
+            write(a.common),
+            Op::Grant {
+                wallet: a.wallet,
+                asset: a.asset,
+                amount: a.amount,
+                priority: a.priority,
+                effective_at: a.effective_at,
+                expires_at: a.expires_at,
+                source: a.source,
+                payment_id: a.payment_id,
+            },
+        ),
+        Command::Usage(a) => (
+            write(a.common),
+            Op::Usage {
+                wallet: a.wallet,
+                event: a.event.spec(),
+                cost_usd: a.cost_usd,
+                record: a.record,
+            },
+        ),
+        Command::Price(a) => (
+            read(a.remote),
+            Op::Price {
+                wallet: a.wallet,
+                event: a.event.spec(),
+            },
+        ),
+        Command::Reserve(a) => (
+            write(a.common),
+            Op::Reserve {
+                wallet: a.wallet,
+                asset: a.asset,
+                amount: a.amount,
+                product: a.product,
+                quantities: a.qty,
+                attributes: a.attr,
+                deadline: a.deadline,
+                ttl_secs: a.ttl,
+            },
+        ),
+        Command::Settle(a) => (
+            write(a.common),
+            Op::Settle {
+                wallet: a.wallet,
+                hold: a.hold,
+                event: a.event.spec(),
+                cost_usd: a.cost_usd,
+            },
+        ),
+        Command::Release(a) => (
+            write(a.common),
+            Op::Release {
+                wallet: a.wallet,
+                hold: a.hold,
+            },
+        ),
+        Command::Refund(a) => (
+            write(a.common),
+            Op::Refund {
+                wallet: a.wallet,
+                event: a.event,
+                amount: a.amount,
+            },
+        ),
+        Command::Dispute(a) => (
+            write(a.common),
+            Op::Dispute {
+                wallet: a.wallet,
+                grant: a.grant,
+                freeze: a.freeze,
+                won: a.won,
+            },
+        ),
+        Command::Adjust(a) => (
+            write(a.common),
+            Op::Adjust {
+                wallet: a.wallet,
+                asset: a.asset,
+                amount: a.amount,
+                reason: a.reason,
+            },
+        ),
+        Command::Plan(PlanCommand::Draft {
+            common,
+            plan,
+            file,
+            asset,
+            custom_for,
+        }) => (
+            write(common),
+            Op::PlanDraft {
+                plan,
+                file,
+                asset,
+                custom_for,
+            },
+        ),
+        Command::Plan(PlanCommand::Publish { common, plan }) => {
+            (write(common), Op::PlanPublish { plan })
+        }
+        Command::Plan(PlanCommand::Assign {
+            common,
+            wallet,
+            plan,
+            version,
+            from,
+        }) => (
+            write(common),
+            Op::PlanAssign {
+                wallet,
+                plan,
+                version,
+                from,
+            },
+        ),
+        Command::Plan(PlanCommand::Test {
+            remote,
+            plan,
+            events,
+        }) => (read(remote), Op::PlanTest { plan, events }),
+        Command::TopupRule(TopUpRuleCommand::Set {
+            common,
+            wallet,
+            asset,
+            threshold,
+            amount,
+            target,
+            payment_method,
+            attempts_max,
+            cooldown,
+            daily_cap,
+        }) => (
+            write(common),
+            Op::TopUpSet {
+                wallet,
+                asset,
+                threshold,
+                fixed: amount,
+                target,
+                payment_method,
+                attempts_max,
+                cooldown_secs: cooldown,
+                daily_cap,
+            },
+        ),
+        Command::TopupRule(TopUpRuleCommand::Remove {
+            common,
+            wallet,
+            asset,
+        }) => (write(common), Op::TopUpRemove { wallet, asset }),
+        Command::Balance(a) => (
+            read(a.remote),
+            Op::Balance {
+                wallet: a.wallet,
+                asset: a.asset,
+            },
+        ),
+        Command::Margin(a) => (
+            read(a.remote),
+            Op::Margin {
+                wallet: a.wallet,
+                product: a.product,
+                plan: a.plan,
+                version: a.version,
+                from: a.from,
+                to: a.to,
+            },
+        ),
+        Command::Key(KeyCommand::Create {
+            remote,
+            label,
+            scope,
+        }) => (read(remote), Op::KeyCreate { label, scope }),
+        Command::Key(KeyCommand::Revoke { remote, key_id }) => {
+            (read(remote), Op::KeyRevoke { key_id })
+        }
+        Command::Health(remote) => (read(remote), Op::Health),
+    };
+    (remote, id, op)
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
