@@ -267,10 +267,14 @@ impl Client {
         Ok(self.connection().await?.session)
     }
 
-    /// Closes the connection; later calls connect again.
+    /// Closes the connection and waits (briefly) until the server was told; later calls
+    /// connect again.
     pub async fn close(&self) {
         if let Some(conn) = self.inner.conn.lock().await.take() {
             conn.connection.close(0u32.into(), b"client closed");
+            let _ =
+                tokio::time::timeout(Duration::from_millis(250), self.inner.endpoint.wait_idle())
+                    .await;
         }
     }
 

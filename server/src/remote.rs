@@ -17,7 +17,7 @@
 use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use rust_decimal::Decimal;
 use serde_json::{json, Map, Value};
@@ -948,9 +948,8 @@ pub fn run(remote: &Remote, id: Option<u128>, op: Op) -> i32 {
     let result = runtime.block_on(async {
         let client = Client::connect(config).await?;
         let outcome = execute(&client, &call).await;
+        // Waits until the close reached the server, so it frees the connection at once.
         client.close().await;
-        // Let the connection's driver send the close before the runtime goes away.
-        tokio::time::sleep(Duration::from_millis(5)).await;
         outcome
     });
     match result {
