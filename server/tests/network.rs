@@ -284,9 +284,15 @@ async fn connection_and_stream_limits() {
     }
     assert!(connected.is_some(), "a closed connection frees its slot");
     drop(b);
+    running.stop().await;
 
-    // Streams: a third concurrent stream waits for QUIC stream credit.
-    let raw = raw_connect_admin_only(&running).await;
+    // Streams (on a server of its own): a third concurrent stream waits for QUIC stream credit.
+    let dir = tempfile::tempdir().unwrap();
+    let running = Running::start_with(tally_server::Config {
+        streams_max: 2,
+        ..common::config(dir.path(), 1)
+    });
+    let raw = raw_connect(&running).await;
     let s1 = raw.authed(ADMIN_KEY).await;
     let mut s2 = raw.stream().await;
     s2.write(1, &Message::Health).await;
@@ -296,11 +302,6 @@ async fn connection_and_stream_limits() {
     assert!(third.is_err(), "a third stream must wait");
     drop(s1);
     running.stop().await;
-}
-
-/// A raw connection when one client slot may be in use (retries while the server frees one).
-async fn raw_connect_admin_only(running: &Running) -> Raw {
-    raw_connect(running).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
