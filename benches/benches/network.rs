@@ -80,7 +80,12 @@ async fn pipelined(raw: &Raw, window: usize, duration: Duration) -> f64 {
     let (mut send, mut recv) = raw.conn.open_bi().await.unwrap();
     let frame = health_frame();
     let mut decoder = Decoder::default();
-    let batch: Vec<u8> = frame.iter().copied().cycle().take(frame.len() * window).collect();
+    let batch: Vec<u8> = frame
+        .iter()
+        .copied()
+        .cycle()
+        .take(frame.len() * window)
+        .collect();
     send.write_all(&batch).await.unwrap();
     let started = Instant::now();
     let mut answered = 0u64;
@@ -197,11 +202,10 @@ fn main() {
                 one / per
             );
         }
-        let client = Client::connect(
-            ClientConfig::from_files(&addr.to_string(), &cert, ADMIN_KEY).unwrap(),
-        )
-        .await
-        .unwrap();
+        let client =
+            Client::connect(ClientConfig::from_files(&addr.to_string(), &cert, ADMIN_KEY).unwrap())
+                .await
+                .unwrap();
         let next_id = Arc::new(AtomicU64::new(1 << 40));
         for callers in [1usize, 64, 1024] {
             let (rate, h) = debits(&client, callers, wallets, duration, &next_id).await;

@@ -323,7 +323,9 @@ async fn serve_stream(
                         DecodeError::TooLarge { .. } => ErrorCode::FrameTooLarge,
                         _ => ErrorCode::Malformed,
                     };
-                    let _ = tx.send(Out::Now(0, Box::new(error(code, e.to_string())))).await;
+                    let _ = tx
+                        .send(Out::Now(0, Box::new(error(code, e.to_string()))))
+                        .await;
                     // The framing is lost: stop reading; the writer finishes the stream.
                     let _ = recv.stop(VarInt::from_u32(code as u32));
                     break 'read;
