@@ -309,3 +309,70 @@ impl Workload {
         reply.code
     }
 }
+
+/// What [`wallet_engine`] built.
+#[derive(Debug)]
+pub struct Built {
+    /// The engine (one shard).
+    pub engine: Engine,
+    /// The time of the last command applied.
+    pub now: Timestamp,
+    /// Commands applied: the catalog, then four per wallet. Request ids `1..=commands` are
+    /// used, so the next free id is `commands + 1`.
+    pub commands: u64,
+}
+
+/// An engine (one shard) with the benchmark [`catalog`] and wallets `0..wallets`, each made by
+/// [`wallet_commands`] (created, on plan `std`, a priority-0 grant expiring between one year
+/// and one year and a day from `start`, and a priority-5 grant without expiry), built by
+/// applying the commands one by one as a shard does and draining their effects.
+///
+/// The clock starts at `start` and advances `step_us` before each wallet, so with a short
+/// idempotency window the setup request ids age out as the build goes (with 0, every one stays
+/// remembered).
+pub fn wallet_engine(config: Config, wallets: usize, start: Timestamp, step_us: i64) -> Built {
+    let mut engine = Engine::new(config);
+    let mut now = start;
+    let mut commands = 0u64;
+    let mut apply = |engine: &mut Engine, now: Timestamp, command: Command| {
+        commands += 1;
+        let request = Request {
+            id: RequestId(u128::from(commands)),
+            command,
+        };
+        let reply = engine.handle_request(now, &request);
+        assert_eq!(
+            reply.code,
+            ResultCode::Ok,
+            "setup command {:?} failed",
+            request.command
+        );
+        while engine.poll_effect().is_some() {}
+    };
+    for command in catalog() {
+        apply(&mut engine, now, command);
+    }
+    let year = start.add_us(365 * Timestamp::DAY_US);
+    for i in 0..wallets {
+        now = now.add_us(step_us);
+        let expires = year.add_us((i % 86_400) as i64 * Timestamp::SECOND_US);
+        for command in wallet_commands(i, expires) {
+            apply(&mut engine, now, command);
+        }
+    }
+    Built {
+        engine,
+        now,
+        commands,
+    }
+}
+
+/// A strict priced usage request like [`usage_request`], but occurring at `at` instead of the
+/// wall clock (for logs replayed at simulated times).
+pub fn usage_request_at(id: u128, wallet: usize, at: Timestamp) -> Request {
+    let mut request = usage_request(id, wallet);
+    if let Command::Usage(event) = &mut request.command {
+        event.occurred_at = at;
+    }
+    request
+}
