@@ -187,6 +187,7 @@ fn credit(balance: &mut Balance, mut grant: GrantState) -> Decimal {
         balance.active += grant.remaining;
         let key = grant.order_key();
         let at = balance.grants.partition_point(|g| g.order_key() < key);
+        crate::state::grow_tight(&mut balance.grants);
         balance.grants.insert(at, grant);
     }
     paid
@@ -685,6 +686,7 @@ impl Engine {
             }
             let mut balance = Balance::new(limit.asset);
             balance.overdraft = limit.amount;
+            crate::state::grow_tight(&mut balances);
             balances.push(balance);
         }
         self.index
@@ -750,7 +752,10 @@ impl Engine {
             Err(_) if plans.len() >= ASSIGNMENTS_MAX => {
                 return Err(ResultCode::LimitExceeded.into())
             }
-            Err(i) => plans.insert(i, assignment),
+            Err(i) => {
+                crate::state::grow_tight(plans);
+                plans.insert(i, assignment)
+            }
         }
         Ok(ReplyValue::None)
     }
@@ -851,6 +856,7 @@ impl Engine {
             Some(id),
         );
         if let GrantSource::TopUp { payment_id } = source {
+            crate::state::grow_tight(&mut wallet.payments);
             wallet.payments.push(Payment {
                 payment_id,
                 grant: id,

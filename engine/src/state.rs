@@ -179,6 +179,15 @@ pub struct Wallet {
     pub margin: Margin,
 }
 
+/// Makes room for one more element, doubling from one instead of starting at four: most wallets
+/// hold one balance and a few grants, and `Vec`'s default first allocation of four slots was
+/// most of a wallet's memory.
+pub(crate) fn grow_tight<T>(v: &mut Vec<T>) {
+    if v.len() == v.capacity() {
+        v.reserve_exact(v.len().max(1));
+    }
+}
+
 /// Closed holds remembered per wallet.
 pub const CLOSED_HOLDS_KEPT: usize = 64;
 
@@ -193,6 +202,7 @@ impl Wallet {
         match self.balances.iter().position(|b| b.asset == *asset) {
             Some(i) => &mut self.balances[i],
             None => {
+                grow_tight(&mut self.balances);
                 self.balances.push(Balance::new(*asset));
                 self.balances.last_mut().expect("just pushed")
             }
