@@ -307,10 +307,19 @@ impl Server {
         let shared: Arc<dyn Store> = Arc::from(store.clone_box());
         let checkpoints: Arc<dyn Checkpoints> = shared;
         for shard in 0..count {
+            // Replayed effects go to the outbound thread in chunks as replay runs (it skips the
+            // ones it already wrote), instead of piling up: 10 M records make ~20 M effects.
+            const CHUNK: usize = 65_536;
             let mut replayed = Vec::new();
+            let mut outbound_gone = false;
             let (engine, wal, report) =
                 recover_shard(config, store.as_ref(), shard, Until::default(), &mut |t| {
-                    replayed.push(t)
+                    replayed.push(t);
+                    if replayed.len() >= CHUNK {
+                        let chunk = std::mem::replace(&mut replayed, Vec::with_capacity(CHUNK));
+                        outbound_gone |=
+                            outbound_tx.send(outbound::Message::Effects(chunk)).is_err();
+                    }
                 })?;
             for warning in &report.warnings {
                 eprintln!("tally: warning: {warning}");
@@ -321,9 +330,12 @@ impl Server {
                 report.checkpoint_lsn, report.replayed, report.lsn, report.digest
             );
             if !replayed.is_empty() {
-                outbound_tx
+                outbound_gone |= outbound_tx
                     .send(outbound::Message::Effects(replayed))
-                    .map_err(|_| Error("the outbound thread stopped during recovery".into()))?;
+                    .is_err();
+            }
+            if outbound_gone {
+                return Err(Error("the outbound thread stopped during recovery".into()));
             }
             recovered.push(report);
             let (tx, rx) = crossbeam_channel::bounded(config.queue_depth);
