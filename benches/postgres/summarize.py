@@ -14,11 +14,27 @@ PREFIX.PID and PREFIX.PID.N):
 
     client_id transaction_no time script_no time_epoch time_us [schedule_lag ...]
 
-The 3rd column is the latency in microseconds, or "failed" / "skipped". With
---rate, pgbench measures that latency from the transaction's *scheduled* start,
-so it includes the schedule lag: when the server falls behind, the waiting
-shows up in the figures instead of silently lowering the offered load (no
-coordinated omission). That is the figure we want for the open-loop case.
+The 3rd column is the latency in microseconds, or "failed" / "skipped";
+time_epoch.time_us is when the transaction finished. With --rate, pgbench
+measures the latency from the transaction's *scheduled* start, so it includes
+the schedule lag: when the server falls behind, the waiting shows up in the
+figures instead of silently lowering the offered load (no coordinated
+omission). That is the figure we want for the open-loop case.
+
+Each case is ONE pgbench run of warm-up + measured + cool-down seconds, on
+the same connections. The measured transactions are those that *started*
+(for --rate: were scheduled) in the window from --warmup seconds after the
+first transaction's start to --cooldown seconds before the last completion;
+throughput is their count over the window's length, and the percentiles are
+over their full latencies (selecting by start time does not favour fast
+transactions at the edges). The cuts remove what a service with open
+connections would not see:
+  - at the start, connection set-up (with --rate, pgbench's schedule starts
+    before all 64 connections are open, which alone puts a few hundred ms of
+    lag on the first transactions), plpgsql compilation and statement
+    preparation in each new session, cold caches;
+  - at the end, the teardown: as clients stop, 64 backends exit at once and
+    the last in-flight debits take 30-100 ms.
 """
 
 import argparse
@@ -37,25 +53,26 @@ def percentile(sorted_values, p):
     return sorted_values[rank - 1]
 
 
-def read_latencies(prefix):
-    files = sorted(glob.glob(glob.escape(prefix) + ".*"))
-    latencies = []
-    failed = 0
-    skipped = 0
+def read_log(prefix):
+    """All transactions of one run: (end_us, latency_us or None if failed or
+    skipped, status) sorted by end time, and the files read."""
+    # PREFIX.PID for the first thread, PREFIX.PID.N for the others.
+    files = sorted(p for p in glob.glob(glob.escape(prefix) + ".*")
+                   if re.fullmatch(r"\.\d+(\.\d+)?", p[len(prefix):]))
+    txs = []
     for path in files:
         with open(path, encoding="utf-8") as f:
             for line in f:
                 cols = line.split()
-                if len(cols) < 3:
+                if len(cols) < 6:
                     continue
-                if cols[2] == "failed":
-                    failed += 1
-                elif cols[2] == "skipped":
-                    skipped += 1
+                end_us = int(cols[4]) * 1_000_000 + int(cols[5])
+                if cols[2] in ("failed", "skipped"):
+                    txs.append((end_us, None, cols[2]))
                 else:
-                    latencies.append(int(cols[2]))
-    latencies.sort()
-    return files, latencies, failed, skipped
+                    txs.append((end_us, int(cols[2]), "done"))
+    txs.sort()
+    return files, txs
 
 
 def parse_pgbench_output(text):
@@ -80,18 +97,32 @@ def parse_pgbench_output(text):
 def cmd_case(args):
     with open(args.pgbench_out, encoding="utf-8", errors="replace") as f:
         out = parse_pgbench_output(f.read())
-    files, lat, log_failed, log_skipped = read_latencies(args.log_prefix)
-    if not files:
-        sys.exit(f"summarize.py: no pgbench log files match {args.log_prefix}.*")
+    files, txs = read_log(args.log_prefix)
+    if not files or not txs:
+        sys.exit(f"summarize.py: no pgbench log lines in {args.log_prefix}.*")
 
-    processed = out["processed"] if out["processed"] is not None else len(lat)
-    failed = out["failed"] if out["failed"] is not None else log_failed
-    # Every 'ok' leaves exactly one ledger row and nothing else does, so the
-    # debits that returned something else ('duplicate', 'insufficient') are
-    # the completed transactions that left no row. A transaction still in
-    # flight when pgbench's timer expired may finish on the server without
-    # being counted by pgbench, which can make ok > processed by a few: hence
-    # the clamp at zero (the raw counts are kept in the JSON).
+    # The measured window, by (scheduled) start time: see the module doc.
+    first_start = min(end - (lat or 0) for end, lat, _ in txs)
+    w_from = first_start + args.warmup * 1_000_000
+    w_to = txs[-1][0] - args.cooldown * 1_000_000
+    window_s = (w_to - w_from) / 1e6
+    if window_s <= 0:
+        sys.exit(f"summarize.py: {args.name}: the run is shorter than warm-up + cool-down")
+    lat = sorted(l for end, l, _ in txs if l is not None and w_from <= end - l < w_to)
+    achieved = round(len(lat) / window_s, 1)
+
+    # Errors over the whole run, warm-up included (run.sh counts the ledger
+    # around the whole pgbench run). Every 'ok' leaves exactly one ledger row
+    # and nothing else does, so the debits that returned something else
+    # ('duplicate', 'insufficient') are the completed transactions that left
+    # no row. A transaction in flight when pgbench's timer expired could
+    # finish on the server uncounted by pgbench, making rows > transactions:
+    # hence the clamp at zero (the raw counts are kept in the JSON).
+    all_done = sum(1 for t in txs if t[1] is not None)
+    processed = out["processed"] if out["processed"] is not None else all_done
+    log_failed = sum(1 for t in txs if t[2] == "failed")
+    log_skipped = sum(1 for t in txs if t[2] == "skipped")
+    failed = max(out["failed"] or 0, log_failed)
     not_ok = max(0, processed - args.ledger_delta)
     errors = failed + log_skipped + not_ok + out["aborted_clients"]
     if args.exit_code != 0 and errors == 0:
@@ -102,7 +133,7 @@ def cmd_case(args):
         "clients": args.clients,
         "mix": args.mix,
         "offered_rate": args.rate if args.rate and args.rate > 0 else None,
-        "achieved_rate": round(out["tps"], 1) if out["tps"] is not None else None,
+        "achieved_rate": achieved,
         "errors": errors,
         "latency_us": {
             "p50": percentile(lat, 50),
@@ -113,14 +144,18 @@ def cmd_case(args):
         },
         # Raw material behind the figures above.
         "seconds": args.seconds,
-        "transactions": processed,
-        "logged_transactions": len(lat),
+        "warmup_seconds": args.warmup,
+        "cooldown_seconds": args.cooldown,
+        "measured_window_s": round(window_s, 3),
+        "measured_transactions": len(lat),
+        "transactions_with_warmup": processed,
         "failed_transactions": failed,
         "skipped_transactions": log_skipped,
         "not_ok_results": not_ok,
         "ledger_rows_added": args.ledger_delta,
         "debit_calls_started": args.calls_delta,
-        "schedule_lag_avg_ms": out["schedule_lag_avg_ms"],
+        "pgbench_tps_with_warmup": out["tps"],
+        "pgbench_schedule_lag_avg_ms": out["schedule_lag_avg_ms"],
         "pgbench_exit_code": args.exit_code,
         "pgbench_aborted_clients": out["aborted_clients"],
     }
@@ -205,7 +240,11 @@ def main():
     c.add_argument("--clients", type=int, required=True)
     c.add_argument("--mix", choices=["uniform", "hot"], required=True)
     c.add_argument("--rate", type=int, default=0, help="offered rate, 0 = closed loop")
-    c.add_argument("--seconds", type=int, required=True)
+    c.add_argument("--seconds", type=int, required=True, help="measured seconds")
+    c.add_argument("--warmup", type=int, default=0,
+                   help="seconds at the start of the log to leave out")
+    c.add_argument("--cooldown", type=float, default=0,
+                   help="seconds at the end of the log to leave out")
     c.add_argument("--log-prefix", required=True)
     c.add_argument("--pgbench-out", required=True)
     c.add_argument("--exit-code", type=int, default=0)
