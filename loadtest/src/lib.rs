@@ -707,20 +707,32 @@ pub async fn run(clients: &[Client], options: &Options) -> Report {
             }
         }
         Some(rate) => {
-            // One scheduler; each operation its own task, latency from its intended time.
+            // One scheduler; each operation its own task, latency from its intended time. The
+            // schedule is kept by an OS thread: tokio's timer rounds sleeps up to the next
+            // millisecond, which would add up to 1 ms of the generator's own delay to every
+            // request at low rates (`std::thread::sleep` overshoots by tens of microseconds).
             let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
+            let (due_tx, mut due) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
+            let scheduler = std::thread::spawn(move || {
+                let mut i: u64 = 0;
+                loop {
+                    let intended = started + interval.mul_f64(i as f64);
+                    if intended >= end {
+                        break;
+                    }
+                    let now = Instant::now();
+                    if intended > now {
+                        std::thread::sleep(intended - now);
+                    }
+                    if due_tx.send((i, intended)).is_err() {
+                        break;
+                    }
+                    i += 1;
+                }
+            });
             let mut rng = Rng::new(options.seed);
-            let mut i: u64 = 0;
             let outstanding = Arc::new(AtomicU64::new(0));
-            loop {
-                let intended = started + interval.mul_f64(i as f64);
-                if intended >= end {
-                    break;
-                }
-                let now = Instant::now();
-                if intended > now {
-                    tokio::time::sleep_until(intended.into()).await;
-                }
+            while let Some((i, intended)) = due.recv().await {
                 let op = options.mix.pick(rng.next_u64());
                 let wallet = picker.pick(&mut rng);
                 let client = clients[(i as usize) % clients.len()].clone();
@@ -740,8 +752,8 @@ pub async fn run(clients: &[Client], options: &Options) -> Report {
                         .record(op, intended, done, outcome);
                     outstanding.fetch_sub(1, Ordering::Relaxed);
                 });
-                i += 1;
             }
+            let _ = scheduler.join();
             // Wait for the stragglers (bounded: the client's retry budget).
             let deadline = Instant::now() + Duration::from_secs(30);
             while outstanding.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
