@@ -28,10 +28,8 @@ struct Raw {
 
 async fn raw_connect(addr: std::net::SocketAddr, cert: &std::path::Path) -> Raw {
     let cert = tally_net::tls::load_certs(cert).unwrap().remove(0);
-    let crypto = tally_net::tls::client_crypto(cert).unwrap();
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    endpoint.set_default_client_config(tally_net::tls::quic_client_config(cert).unwrap());
     let conn = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
     // Authenticate the connection on a first stream, kept open.
     let (mut send, mut recv) = conn.open_bi().await.unwrap();

@@ -235,11 +235,8 @@ impl Client {
     /// Connects (QUIC, TLS with the pinned certificate, hello, auth). Fails at once on a wrong
     /// key or certificate.
     pub async fn connect(config: ClientConfig) -> Result<Client, Error> {
-        let crypto = tally_net::tls::client_crypto(config.cert.clone())
+        let mut quic = tally_net::tls::quic_client_config(config.cert.clone())
             .map_err(|e| Error::Config(e.to_string()))?;
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
-            .map_err(|e| Error::Config(e.to_string()))?;
-        let mut quic = quinn::ClientConfig::new(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
         transport.keep_alive_interval(Some(Duration::from_secs(5)));
         quic.transport_config(Arc::new(transport));

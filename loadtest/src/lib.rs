@@ -657,6 +657,24 @@ async fn operate(
     }
 }
 
+/// Runs one operation (kind, wallet, events per frame) and records it against `intended`, the
+/// time it was meant to start.
+async fn measure(
+    client: &Client,
+    (op, wallet, per_frame): (Op, usize, usize),
+    picker: &Picker,
+    rng: &mut Rng,
+    tally: &Mutex<Tally>,
+    intended: Instant,
+) {
+    let outcome = operate(client, op, wallet, per_frame, picker, rng).await;
+    let done = Instant::now();
+    tally
+        .lock()
+        .expect("not poisoned")
+        .record(op, intended, done, outcome);
+}
+
 /// Runs the load against already-connected clients (one per connection).
 pub async fn run(clients: &[Client], options: &Options) -> Report {
     let started = Instant::now();
@@ -694,13 +712,8 @@ pub async fn run(clients: &[Client], options: &Options) -> Report {
                             let op = mix.pick(rng.next_u64());
                             let wallet = picker.pick(&mut rng);
                             let sent = Instant::now();
-                            let outcome =
-                                operate(&client, op, wallet, per_frame, &picker, &mut rng).await;
-                            let done = Instant::now();
-                            tally
-                                .lock()
-                                .expect("not poisoned")
-                                .record(op, sent, done, outcome);
+                            let job = (op, wallet, per_frame);
+                            measure(&client, job, &picker, &mut rng, &tally, sent).await;
                         }
                     }));
                 }
@@ -743,13 +756,8 @@ pub async fn run(clients: &[Client], options: &Options) -> Report {
                 let outstanding = outstanding.clone();
                 outstanding.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
-                    let outcome =
-                        operate(&client, op, wallet, per_frame, &picker, &mut task_rng).await;
-                    let done = Instant::now();
-                    tally
-                        .lock()
-                        .expect("not poisoned")
-                        .record(op, intended, done, outcome);
+                    let job = (op, wallet, per_frame);
+                    measure(&client, job, &picker, &mut task_rng, &tally, intended).await;
                     outstanding.fetch_sub(1, Ordering::Relaxed);
                 });
             }

@@ -146,6 +146,15 @@ pub fn client_crypto(pinned: CertificateDer<'static>) -> Result<rustls::ClientCo
     Ok(config)
 }
 
+/// The quinn client configuration that trusts exactly `pinned` ([`client_crypto`] over QUIC).
+pub fn quic_client_config(
+    pinned: CertificateDer<'static>,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client_crypto(pinned)?)
+        .map_err(|e| TlsError(format!("the TLS configuration cannot serve QUIC: {e}")))?;
+    Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+}
+
 /// Trusts one certificate, byte for byte, and checks the handshake was signed by its key.
 #[derive(Debug)]
 struct PinnedCert {

@@ -2,7 +2,6 @@
 //! hand, for the network tests.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use tally_client::{Client, ClientConfig};
 use tally_net::{Message, NetServer};
@@ -78,10 +77,8 @@ pub async fn raw_connect(running: &Running) -> Raw {
     let cert = tally_net::tls::load_certs(&running.cert())
         .unwrap()
         .remove(0);
-    let crypto = tally_net::tls::client_crypto(cert).unwrap();
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    endpoint.set_default_client_config(tally_net::tls::quic_client_config(cert).unwrap());
     let conn = endpoint
         .connect(running.addr(), "localhost")
         .unwrap()
