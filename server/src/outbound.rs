@@ -61,6 +61,20 @@ pub enum Message {
     Flush(Sender<()>),
 }
 
+/// Waits until every effect queued on `outbound` before this call is durable in the sinks.
+///
+/// This is the barrier a checkpoint at LSN L passes before it is written: recovery re-derives
+/// effects only from the WAL above L, so the sinks must hold everything at or below it first.
+pub fn flush(outbound: &Sender<Message>) -> Result<(), String> {
+    let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+    outbound
+        .send(Message::Flush(done_tx))
+        .map_err(|_| "the outbound thread stopped before the sinks were flushed".to_string())?;
+    done_rx
+        .recv()
+        .map_err(|_| "the outbound thread stopped while flushing the sinks".to_string())
+}
+
 /// Checkpoint of a sink: bytes of each stream file known to be whole and the last tag per shard.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 struct Progress {

@@ -514,13 +514,19 @@ impl Shard {
         let stall_us = started.elapsed().as_micros() as u64;
         let (tx, rx) = crossbeam_channel::bounded(1);
         let checkpoints = Arc::clone(&self.checkpoints);
+        let outbound = self.outbound.clone();
         let shard = self.index;
         std::thread::Builder::new()
             .name(format!("tally-checkpoint-{shard}"))
             .spawn(move || {
                 let digest = tally_engine::digest_state(&state);
-                let result = checkpoints
-                    .write(shard, lsn, at, &state)
+                // Recovery replays only above the checkpoint, so every effect at or below `lsn`
+                // must be durable in the sinks before the checkpoint is: every such effect was
+                // queued for the outbound thread before this thread started (the shard releases
+                // effects in LSN order and only checkpoints with nothing parked), so one flush
+                // behind them is the barrier.
+                let result = outbound::flush(&outbound)
+                    .and_then(|()| checkpoints.write(shard, lsn, at, &state))
                     .map(|keep| (keep, digest));
                 let _ = tx.send(result);
             })

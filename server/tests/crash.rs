@@ -5,6 +5,11 @@
 //!
 //! `TALLY_CRASH_CYCLES` sets the number of kill cycles (20 by default, as in CI; set 1000 for a
 //! long run). `TALLY_CRASH_SEED` replays a run's kill timings (the seed is printed).
+//! A second scenario kills the child right after a checkpoint it asked for returned, under
+//! light load, and then drops whatever the export files hold beyond their recorded progress (a
+//! power loss that loses unsynced writes): a checkpoint must never be durable before the effects
+//! it covers are, since recovery re-derives effects only from the WAL above it.
+//!
 //! This is a `harness = false` test: the same binary is the parent and, with
 //! `TALLY_CRASH_CHILD` set, the child.
 
@@ -81,18 +86,76 @@ fn child(dir: PathBuf, cycle: u128) {
     }
 }
 
-fn run_child(exe: &Path, dir: &Path, cycle: u64) -> std::process::Child {
+/// The checkpoint scenario's child: a few acknowledged events, a checkpoint, then it waits to be
+/// killed.
+fn child_checkpoint(dir: PathBuf, cycle: u128) {
+    let config = crash_config(&dir);
+    let server = Server::start(&config, Box::new(SnapshotStore::open(&config).unwrap())).unwrap();
+    let handle = server.handle();
+    setup(&handle, &wallets());
+    for (i, w) in wallets().iter().enumerate() {
+        assert!(handle
+            .call(grant(i as u128 + 1, w, "1000000"))
+            .unwrap()
+            .code
+            .is_ok());
+    }
+    let mut acks = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("acks.log"))
+        .unwrap();
+    for i in 0..40u128 {
+        let id = (cycle + 1) * 10_000_000 + i;
+        let wallet = &wallets()[i as usize % WALLETS];
+        let reply = handle
+            .call(usage(id, wallet, 3, DebitMode::Strict))
+            .unwrap();
+        assert!(reply.code.is_ok(), "{reply:?}");
+        acks.write_all(format!("{id}\n").as_bytes()).unwrap();
+    }
+    handle.checkpoint().unwrap();
+    println!("checkpointed");
+    std::io::stdout().flush().unwrap();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+fn run_child(
+    exe: &Path,
+    dir: &Path,
+    cycle: u64,
+    scenario: &str,
+    first: &str,
+) -> std::process::Child {
     let mut child = Process::new(exe)
         .env("TALLY_CRASH_CHILD", dir)
         .env("TALLY_CRASH_CYCLE", cycle.to_string())
+        .env("TALLY_CRASH_SCENARIO", scenario)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "ready", "child {cycle} did not start");
+    assert_eq!(line.trim(), first, "child {cycle} did not start");
     child
+}
+
+/// A power loss on the export files: everything beyond the offsets their progress file vouches
+/// for is dropped (at least every unsynced write).
+fn drop_unsynced_exports(dir: &Path) {
+    let outbound = dir.join("outbound");
+    let progress: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(outbound.join("progress.json")).unwrap()).unwrap();
+    for (stream, offset) in progress["offsets"].as_object().unwrap() {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(outbound.join(format!("{stream}.jsonl")))
+            .unwrap();
+        file.set_len(offset.as_u64().unwrap()).unwrap();
+    }
 }
 
 fn decimal(v: &serde_json::Value) -> Decimal {
@@ -102,9 +165,33 @@ fn decimal(v: &serde_json::Value) -> Decimal {
 fn main() {
     if let Ok(dir) = std::env::var("TALLY_CRASH_CHILD") {
         let cycle = std::env::var("TALLY_CRASH_CYCLE").unwrap().parse().unwrap();
-        child(PathBuf::from(dir), cycle);
+        match std::env::var("TALLY_CRASH_SCENARIO").as_deref() {
+            Ok("checkpoint") => child_checkpoint(PathBuf::from(dir), cycle),
+            _ => child(PathBuf::from(dir), cycle),
+        }
         return;
     }
+    kill_after_checkpoint();
+    kill_at_random();
+    println!("2 passed, 0 failed");
+}
+
+/// Kills the child right after each checkpoint it asked for, with a power loss on the exports.
+fn kill_after_checkpoint() {
+    let exe = std::env::current_exe().unwrap();
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().to_path_buf();
+    for cycle in 0..5 {
+        let mut child = run_child(&exe, &dir, cycle, "checkpoint", "checkpointed");
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        drop_unsynced_exports(&dir);
+    }
+    verify(&dir, "kill after checkpoint");
+}
+
+/// Kills the child under load at random moments.
+fn kill_at_random() {
     let cycles: u64 = std::env::var("TALLY_CRASH_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -118,7 +205,7 @@ fn main() {
     let temp = tempfile::tempdir().unwrap();
     let dir = temp.path().to_path_buf();
     for cycle in 0..cycles {
-        let mut child = run_child(&exe, &dir, cycle);
+        let mut child = run_child(&exe, &dir, cycle, "load", "ready");
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
@@ -126,7 +213,13 @@ fn main() {
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
     }
+    verify(&dir, "kill at random");
+}
 
+/// Recovers `dir` and checks that every acknowledged event was exported exactly once and that the
+/// exported journal agrees with every wallet.
+fn verify(dir: &Path, scenario: &str) {
+    let dir = dir.to_path_buf();
     // Recover in-process, then stop cleanly so the outbound sinks catch up with the replay.
     let config = crash_config(&dir);
     let server = Server::start(&config, Box::new(SnapshotStore::open(&config).unwrap())).unwrap();
@@ -192,10 +285,10 @@ fn main() {
         );
     }
     println!(
-        "crash test: {} acknowledged usage events, {} exported, {} journal entries, all present once",
+        "crash test ({scenario}): {} acknowledged usage events, {} exported, {} journal entries, \
+         all present once",
         acked.len(),
         exported_ids.len(),
         journal.len()
     );
-    println!("1 passed, 0 failed");
 }
