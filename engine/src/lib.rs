@@ -90,7 +90,7 @@ pub use output::{Account, Effect, EntryKind, JournalEntry, MarginRecord, TopUpRe
 pub use pricing::{Component, PriceModel, PriceRule, Quantity, Tier};
 pub use query::{
     BalanceView, DraftTestReport, DraftTestRow, GrantView, MarginScope, MarginView, PriceView,
-    Query, QueryReply, WalletView,
+    Query, QueryReply, WalletFilter, WalletPage, WalletView, WALLET_PAGE_MAX, WALLET_SCAN_MAX,
 };
 pub use state::{Config, Margin, State};
 pub use types::{

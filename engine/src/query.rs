@@ -19,6 +19,12 @@ use crate::types::{AssetCode, GrantId, HoldId, Name, Timestamp, WalletId};
 /// Events one draft test may price.
 pub const DRAFT_TEST_EVENTS_MAX: usize = 100_000;
 
+/// Most wallets one [`Engine::list_wallets`] call looks at, matching or not.
+pub const WALLET_SCAN_MAX: usize = 4096;
+
+/// Most wallets one [`Engine::list_wallets`] call returns.
+pub const WALLET_PAGE_MAX: usize = 1000;
+
 /// A question.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Query {
@@ -110,6 +116,30 @@ pub struct WalletView {
     pub topup_rules: Vec<TopUpRule>,
     /// Margin of its usage.
     pub margin: MarginView,
+}
+
+/// Which wallets [`Engine::list_wallets`] returns: every condition given must hold (the default
+/// matches every wallet).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WalletFilter {
+    /// Only wallets that are (`Some(true)`) or are not (`Some(false)`) frozen.
+    pub frozen: Option<bool>,
+    /// Only wallets that have (`Some(true)`) or have not (`Some(false)`) debt > 0 in some
+    /// balance.
+    pub in_debt: Option<bool>,
+    /// Only wallets whose metadata holds every one of these key-value pairs.
+    pub metadata: Vec<(Name, Name)>,
+}
+
+/// One page of a wallet listing of one shard.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WalletPage {
+    /// The matching wallets, in creation order, as [`Query::Wallet`] shows them.
+    pub wallets: Vec<WalletView>,
+    /// The position to continue from, or `None` when the shard has no wallets left at or after
+    /// it. A page may be short, even empty, while `next` is set: a call looks at no more than
+    /// [`WALLET_SCAN_MAX`] wallets.
+    pub next: Option<u32>,
 }
 
 /// A balance.
@@ -361,8 +391,56 @@ impl Engine {
         self.asset_index(asset).map(drop)
     }
 
+    /// Lists this shard's wallets in creation order, starting at position `from` (an index into
+    /// [`crate::State::wallets`]; 0 for the first page, then the previous page's `next`).
+    ///
+    /// Looks at no more than [`WALLET_SCAN_MAX`] wallets and returns at most
+    /// `limit.min(WALLET_PAGE_MAX)` of those that match `filter` (a `limit` of 0 counts as 1),
+    /// so one call costs a bounded amount of work however few wallets match. `next` is the
+    /// position after the last wallet looked at, or `None` when no wallet is left at or after
+    /// it; a `from` past the end is an empty last page.
+    pub fn list_wallets(&self, from: u32, limit: usize, filter: &WalletFilter) -> WalletPage {
+        let wallets = &self.state().wallets;
+        let limit = limit.clamp(1, WALLET_PAGE_MAX);
+        let start = (from as usize).min(wallets.len());
+        let end = start.saturating_add(WALLET_SCAN_MAX).min(wallets.len());
+        // A wallet's metadata has at most `METADATA_MAX` pairs with distinct keys, so a filter
+        // with more distinct pairs matches nothing; deduplicating also bounds the work per wallet.
+        let mut wanted = filter.metadata.clone();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let possible = wanted.len() <= crate::engine::METADATA_MAX;
+        let mut page = Vec::new();
+        let mut next = end;
+        if possible {
+            for (position, w) in wallets.iter().enumerate().take(end).skip(start) {
+                if filter.frozen.is_some_and(|f| w.frozen != f)
+                    || filter
+                        .in_debt
+                        .is_some_and(|d| w.balances.iter().any(|b| b.debt > Decimal::ZERO) != d)
+                    || !wanted.iter().all(|pair| w.metadata.contains(pair))
+                {
+                    continue;
+                }
+                page.push(self.view_of(w));
+                if page.len() == limit {
+                    next = position + 1;
+                    break;
+                }
+            }
+        }
+        WalletPage {
+            wallets: page,
+            // Wallet positions are `u32` (see `wallet_index`), so this fits.
+            next: (next < wallets.len()).then_some(next as u32),
+        }
+    }
+
     fn wallet_view(&self, wallet: &WalletId) -> Result<WalletView, ResultCode> {
-        let w = self.wallet(wallet)?;
+        self.wallet(wallet).map(|w| self.view_of(w))
+    }
+
+    fn view_of(&self, w: &crate::state::Wallet) -> WalletView {
         let state = self.state();
         let mut grants = Vec::new();
         for b in &w.balances {
@@ -373,7 +451,7 @@ impl Engine {
                     .map(|g| GrantView::of(b.asset, g)),
             );
         }
-        Ok(WalletView {
+        WalletView {
             wallet: w.id,
             frozen: w.frozen,
             topup_flagged: w
@@ -402,7 +480,7 @@ impl Engine {
                 .collect(),
             topup_rules: w.topups.iter().filter_map(|t| t.rule).collect(),
             margin: w.margin.into(),
-        })
+        }
     }
 
     fn margin(&self, scope: &MarginScope) -> Result<Margin, ResultCode> {

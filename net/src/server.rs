@@ -47,6 +47,20 @@ pub trait Backend: Send + Sync + 'static {
     fn batch(&self, requests: Vec<Request>) -> BoxFuture<Result<Vec<Outcome>, ErrorCode>>;
     /// Queues a query.
     fn query(&self, query: Query) -> BoxFuture<Result<Result<QueryReply, ResultCode>, ErrorCode>>;
+    /// Queues a listing of one page of one shard's wallets, in creation order, from position
+    /// `from` (0 for the first page, then the previous page's `next`), of at most `limit`
+    /// wallets matching `filter` (see `tally_engine::Engine::list_wallets`: `limit` is capped at
+    /// `WALLET_PAGE_MAX`, 0 counts as 1, and one call looks at no more than `WALLET_SCAN_MAX`
+    /// wallets, so a page may be short or empty while `next` is still set). Like a query, it
+    /// sees every request queued before it and resolves once those are durable. A `shard` not
+    /// below the shard count (see [`Backend::shards`]) is answered [`ErrorCode::Malformed`].
+    fn list_wallets(
+        &self,
+        shard: u32,
+        from: u32,
+        limit: u32,
+        filter: tally_engine::WalletFilter,
+    ) -> BoxFuture<Result<tally_engine::WalletPage, ErrorCode>>;
     /// Takes a checkpoint of every shard now.
     fn snapshot(&self) -> BoxFuture<Result<Vec<CheckpointInfo>, String>>;
     /// Shards configured, and shards whose loop is running.

@@ -14,7 +14,8 @@ use std::task::{Context, Poll};
 
 use crossbeam_channel::{Sender, TrySendError};
 use tally_engine::{
-    shard_for, Margin, MarginScope, Query, QueryReply, Reply, Request, ResultCode, WalletId,
+    shard_for, Margin, MarginScope, Query, QueryReply, Reply, Request, ResultCode, WalletFilter,
+    WalletId, WalletPage,
 };
 use tokio::sync::oneshot::{self, Receiver};
 
@@ -314,6 +315,42 @@ impl Handle {
     fn ask(shard: &Sender<Message>, query: Query) -> Result<Receiver<QueryAnswer>, CallError> {
         let (tx, rx) = oneshot::channel();
         match shard.try_send(Message::Query(query, tx)) {
+            Ok(()) => Ok(rx),
+            Err(TrySendError::Full(_)) => Err(CallError::Busy),
+            Err(TrySendError::Disconnected(_)) => Err(CallError::Stopped),
+        }
+    }
+
+    /// Queues a listing of one page of `shard`'s wallets (see `tally_engine::Engine::list_wallets`)
+    /// without waiting: it sees every request queued before it and is answered, like a query,
+    /// only once the writes before it are durable. A full queue is [`CallError::Busy`], a
+    /// stopped shard [`CallError::Stopped`].
+    ///
+    /// `shard` must be below [`Handle::shard_count`]; callers taking it from outside validate it
+    /// first (the network backend answers `Malformed`). A shard that does not exist has no
+    /// wallets: it gets an empty last page (`next` is `None`) at once, rather than a panic.
+    pub fn submit_list_wallets(
+        &self,
+        shard: u32,
+        from: u32,
+        limit: u32,
+        filter: WalletFilter,
+    ) -> Result<Receiver<Result<WalletPage, CallError>>, CallError> {
+        let (to, rx) = oneshot::channel();
+        let Some(shard) = self.shards.get(shard as usize) else {
+            let _ = to.send(Ok(WalletPage {
+                wallets: Vec::new(),
+                next: None,
+            }));
+            return Ok(rx);
+        };
+        let message = Message::ListWallets {
+            from,
+            limit,
+            filter,
+            to,
+        };
+        match shard.try_send(message) {
             Ok(()) => Ok(rx),
             Err(TrySendError::Full(_)) => Err(CallError::Busy),
             Err(TrySendError::Disconnected(_)) => Err(CallError::Stopped),

@@ -10,7 +10,7 @@
 use std::future::ready;
 use std::sync::Arc;
 
-use tally_engine::{Query, QueryReply, Reply, Request, ResultCode};
+use tally_engine::{Query, QueryReply, Reply, Request, ResultCode, WalletFilter, WalletPage};
 use tally_net::keys::{Bootstrap, KeyStore};
 use tally_net::message::CheckpointInfo;
 use tally_net::server::{Backend, BoxFuture, Limits, NetServer};
@@ -82,6 +82,26 @@ impl Backend for ShardBackend {
             Ok(pending) => {
                 Box::pin(async move { pending.recv().await.map_err(|e| error_code(&e)) })
             }
+            Err(e) => Box::pin(ready(Err(error_code(&e)))),
+        }
+    }
+
+    fn list_wallets(
+        &self,
+        shard: u32,
+        from: u32,
+        limit: u32,
+        filter: WalletFilter,
+    ) -> BoxFuture<Result<WalletPage, ErrorCode>> {
+        if shard >= self.handle.shard_count() {
+            return Box::pin(ready(Err(ErrorCode::Malformed)));
+        }
+        match self.handle.submit_list_wallets(shard, from, limit, filter) {
+            Ok(rx) => Box::pin(async move {
+                rx.await
+                    .unwrap_or(Err(CallError::Stopped))
+                    .map_err(|e| error_code(&e))
+            }),
             Err(e) => Box::pin(ready(Err(error_code(&e)))),
         }
     }

@@ -18,7 +18,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver, Sender};
-use tally_engine::{Engine, Query, QueryReply, Reply, Request, ResultCode, State, Timestamp};
+use tally_engine::{
+    Engine, Query, QueryReply, Reply, Request, ResultCode, State, Timestamp, WalletFilter,
+    WalletPage,
+};
 use tally_wal::{FileStorage, Wal};
 use tokio::sync::oneshot;
 
@@ -68,6 +71,9 @@ pub const BATCH_ITEMS_MAX: usize = 8192;
 /// Where a query answer goes.
 pub type AnswerTo = oneshot::Sender<Result<Result<QueryReply, ResultCode>, CallError>>;
 
+/// Where a wallet listing's page goes.
+pub type ListTo = oneshot::Sender<Result<WalletPage, CallError>>;
+
 /// A checkpoint request's answer.
 pub type CheckpointTo = oneshot::Sender<Result<CheckpointReport, CallError>>;
 
@@ -93,6 +99,17 @@ pub enum Message {
     Batch(Vec<Request>, BatchReplyTo),
     /// Answer a query.
     Query(Query, AnswerTo),
+    /// List a page of this shard's wallets ([`Engine::list_wallets`]), answered like a query.
+    ListWallets {
+        /// Position to start at (0, then the previous page's `next`).
+        from: u32,
+        /// Most wallets to return (capped at `WALLET_PAGE_MAX`; 0 counts as 1).
+        limit: u32,
+        /// Which wallets.
+        filter: WalletFilter,
+        /// Where the page goes.
+        to: ListTo,
+    },
     /// Take a checkpoint now and answer with its LSN and digest.
     Checkpoint(CheckpointTo),
     /// Finish what is queued, then stop.
@@ -110,6 +127,7 @@ enum Ready {
     Reply(ReplyTo, Reply),
     Batch(BatchReplyTo, Vec<Result<Reply, CallError>>),
     Answer(AnswerTo, Box<Result<QueryReply, ResultCode>>),
+    Page(ListTo, WalletPage),
 }
 
 struct Pending {
@@ -384,6 +402,15 @@ impl Shard {
                         Box::new(self.engine.query(&query)),
                     ));
                 }
+                Message::ListWallets {
+                    from,
+                    limit,
+                    filter,
+                    to,
+                } => {
+                    let page = self.engine.list_wallets(from, limit as usize, &filter);
+                    ready.push(Ready::Page(to, page));
+                }
                 Message::Checkpoint(to) => checkpoint_requests.push(to),
                 Message::Stop => stop = true,
             }
@@ -479,6 +506,9 @@ impl Shard {
                     }
                     Ready::Answer(to, answer) => {
                         let _ = to.send(Ok(*answer));
+                    }
+                    Ready::Page(to, page) => {
+                        let _ = to.send(Ok(page));
                     }
                 }
             }
@@ -600,6 +630,9 @@ impl Shard {
                     Ready::Answer(to, _) => {
                         let _ = to.send(Err(error.clone()));
                     }
+                    Ready::Page(to, _) => {
+                        let _ = to.send(Err(error.clone()));
+                    }
                 }
             }
         }
@@ -612,6 +645,9 @@ impl Shard {
                     let _ = to.send(Err(error.clone()));
                 }
                 Message::Query(_, to) => {
+                    let _ = to.send(Err(error.clone()));
+                }
+                Message::ListWallets { to, .. } => {
                     let _ = to.send(Err(error.clone()));
                 }
                 Message::Checkpoint(to) => {

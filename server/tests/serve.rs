@@ -219,3 +219,87 @@ fn batches_are_applied_durably_and_answered_in_order() {
     assert_eq!(recovered, digests);
     server.shutdown().unwrap();
 }
+
+#[test]
+fn wallets_are_listed_per_shard_after_the_writes_queued_before() {
+    use tally_net::server::Backend;
+    use tally_net::ErrorCode;
+    use tally_server::net::ShardBackend;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&config(dir.path(), 2), Box::new(MemoryStore::default())).unwrap();
+    let handle = server.handle();
+    let wallets: Vec<String> = (0..40).map(|i| format!("l{i}")).collect();
+    setup(&handle, &wallets);
+    // A wallet created without waiting is listed by a listing queued after it.
+    let late = handle
+        .submit(Request {
+            id: RequestId(880_000),
+            command: Command::CreateWallet(CreateWallet {
+                wallet: name("late"),
+                overdraft: vec![],
+                metadata: vec![],
+            }),
+        })
+        .unwrap();
+    let mut listed = Vec::new();
+    for shard in 0..handle.shard_count() {
+        let mut from = 0;
+        loop {
+            let page = handle
+                .submit_list_wallets(shard, from, 7, WalletFilter::default())
+                .unwrap()
+                .blocking_recv()
+                .unwrap()
+                .unwrap();
+            assert!(page.wallets.len() <= 7);
+            for view in &page.wallets {
+                assert_eq!(shard_for(&view.wallet, 2), shard);
+                listed.push(view.wallet);
+            }
+            match page.next {
+                Some(next) => from = next,
+                None => break,
+            }
+        }
+    }
+    assert_eq!(late.wait().unwrap().code, ResultCode::Ok);
+    let mut expected: Vec<WalletId> = wallets.iter().map(|w| name(w)).collect();
+    expected.push(name("late"));
+    expected.sort();
+    listed.sort();
+    assert_eq!(listed, expected);
+
+    // A shard that does not exist: an empty last page from the handle, `Malformed` from the
+    // network backend; never a panic.
+    let page = handle
+        .submit_list_wallets(2, 0, 10, WalletFilter::default())
+        .unwrap()
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+    assert_eq!(page.wallets, vec![]);
+    assert_eq!(page.next, None);
+    let backend = ShardBackend::new(handle.clone());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let frozen = WalletFilter {
+        frozen: Some(true),
+        ..WalletFilter::default()
+    };
+    assert_eq!(
+        runtime.block_on(backend.list_wallets(2, 0, 10, frozen.clone())),
+        Err(ErrorCode::Malformed)
+    );
+    assert_eq!(
+        runtime.block_on(backend.list_wallets(u32::MAX, 0, 10, frozen.clone())),
+        Err(ErrorCode::Malformed)
+    );
+    let page = runtime
+        .block_on(backend.list_wallets(0, 0, 10, frozen))
+        .unwrap();
+    assert_eq!(page.wallets, vec![]);
+    assert_eq!(page.next, None);
+    server.shutdown().unwrap();
+}
