@@ -172,6 +172,99 @@ impl Timestamp {
     pub fn day(self) -> i64 {
         self.0.div_euclid(Self::DAY_US)
     }
+
+    /// Parses an RFC 3339 UTC time (`2026-11-24T18:00:00Z`, an optional fraction of up to 9
+    /// digits of which the first 6 count, `Z` or `+00:00`). Other offsets are refused rather
+    /// than converted, so a time is always read as the caller wrote it.
+    pub fn parse_rfc3339(text: &str) -> Result<Timestamp, String> {
+        let text = text.trim();
+        let body = text
+            .strip_suffix('Z')
+            .or_else(|| text.strip_suffix('z'))
+            .or_else(|| text.strip_suffix("+00:00"))
+            .ok_or("only UTC times (ending in Z or +00:00) are accepted")?;
+        let (date, time) = body
+            .split_once(['T', 't'])
+            .ok_or("expected a T between date and time")?;
+        let num = |s: &str| -> Result<i64, String> {
+            if s.is_empty() || s.len() > 4 || !s.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(format!("{s:?} is not a number"));
+            }
+            s.parse::<i64>()
+                .map_err(|_| format!("{s:?} is not a number"))
+        };
+        let mut d = date.split('-');
+        let (year, month, day) = match (d.next(), d.next(), d.next(), d.next()) {
+            (Some(y), Some(m), Some(d), None) if y.len() == 4 => (num(y)?, num(m)?, num(d)?),
+            _ => return Err("expected YYYY-MM-DD".into()),
+        };
+        let (hms, fraction) = time
+            .split_once('.')
+            .map_or((time, None), |(a, b)| (a, Some(b)));
+        let mut t = hms.split(':');
+        let (hour, minute, second) = match (t.next(), t.next(), t.next(), t.next()) {
+            (Some(h), Some(m), Some(s), None) => (num(h)?, num(m)?, num(s)?),
+            _ => return Err("expected HH:MM:SS".into()),
+        };
+        let days_in_month = match month {
+            2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
+            2 => 28,
+            4 | 6 | 9 | 11 => 30,
+            _ => 31,
+        };
+        if !(1..=12).contains(&month)
+            || !(1..=days_in_month).contains(&day)
+            || hour > 23
+            || minute > 59
+            || second > 60
+        {
+            return Err("a field is out of range".into());
+        }
+        let micros = match fraction {
+            None => 0,
+            Some(f) if !f.is_empty() && f.len() <= 9 && f.bytes().all(|b| b.is_ascii_digit()) => {
+                format!("{f:0<6}")[..6]
+                    .parse::<i64>()
+                    .map_err(|e| e.to_string())?
+            }
+            Some(_) => return Err("bad fractional seconds".into()),
+        };
+        // Days from civil (Howard Hinnant's algorithm).
+        let y = if month <= 2 { year - 1 } else { year };
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let mp = (month + 9) % 12;
+        let doy = (153 * mp + 2) / 5 + day - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        let days = era * 146_097 + doe - 719_468;
+        let seconds = days * 86_400 + hour * 3600 + minute * 60 + second;
+        Ok(Timestamp(seconds * Self::SECOND_US + micros))
+    }
+
+    /// Formats as RFC 3339 UTC with microseconds when there are any
+    /// (`2023-11-14T22:13:20Z`, `2023-11-14T22:13:20.500000Z`).
+    pub fn to_rfc3339(self) -> String {
+        let days = self.0.div_euclid(Self::DAY_US);
+        let in_day = self.0.rem_euclid(Self::DAY_US);
+        // Civil from days (Howard Hinnant's algorithm).
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z - era * 146_097;
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        let seconds = in_day / Self::SECOND_US;
+        let micros = in_day % Self::SECOND_US;
+        let (h, m, s) = (seconds / 3600, seconds / 60 % 60, seconds % 60);
+        if micros == 0 {
+            format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}Z")
+        } else {
+            format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{micros:06}Z")
+        }
+    }
 }
 
 /// A client-chosen request id (e.g. a UUID). Every mutating command carries one; it is the
@@ -190,6 +283,40 @@ pub struct HoldId(pub u64);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339() {
+        let parse = Timestamp::parse_rfc3339;
+        assert_eq!(parse("1970-01-01T00:00:00Z").unwrap(), Timestamp(0));
+        assert_eq!(
+            parse("2023-11-14T22:13:20Z").unwrap(),
+            Timestamp(1_700_000_000_000_000)
+        );
+        assert_eq!(
+            parse("2023-11-14T22:13:20.5+00:00").unwrap(),
+            Timestamp(1_700_000_000_500_000)
+        );
+        assert!(parse("2023-11-14T22:13:20+02:00").is_err());
+        assert!(parse("2023-13-14T22:13:20Z").is_err());
+        assert!(parse("2023-02-29T00:00:00Z").is_err());
+        assert!(parse("2024-02-29T00:00:00Z").is_ok());
+        assert!(parse("+2023-01-01T00:00:00Z").is_err());
+        assert!(parse("yesterday").is_err());
+        for t in [
+            0,
+            1_700_000_000_000_000,
+            1_700_000_000_500_000,
+            -1,
+            951_782_400_000_001,
+        ] {
+            let text = Timestamp(t).to_rfc3339();
+            assert_eq!(parse(&text), Ok(Timestamp(t)), "{text}");
+        }
+        assert_eq!(
+            Timestamp(1_700_000_000_500_000).to_rfc3339(),
+            "2023-11-14T22:13:20.500000Z"
+        );
+    }
 
     #[test]
     fn inline_str_limits() {

@@ -84,6 +84,24 @@ error_codes! {
     KeyStoreFailed = 1017,
     /// The answer is larger than the frame limit the client announced in `Hello`.
     AnswerTooLarge = 1018,
+
+    // 1100-1199: HTTP only.
+    /// The request body or a parameter is not valid JSON of the documented shape (a wrong type,
+    /// an unknown or missing field, a bad decimal or time); the message names the field.
+    InvalidBody = 1100,
+    /// A mutating HTTP request has no `Idempotency-Key` header, or the key is empty, longer than
+    /// 255 bytes or not printable ASCII.
+    IdempotencyKeyRequired = 1101,
+    /// The request body is over the size limit.
+    BodyTooLarge = 1102,
+    /// No route has this path.
+    NotFound = 1103,
+    /// The route does not take this method.
+    MethodNotAllowed = 1104,
+    /// The server is still recovering (or its shards are not all running); retry shortly.
+    NotReady = 1105,
+    /// The body is not `application/json`.
+    UnsupportedMediaType = 1106,
 }
 
 impl fmt::Display for ErrorCode {

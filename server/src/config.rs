@@ -56,6 +56,10 @@ pub struct Config {
     pub in_flight_max: u32,
     /// Threads of the network runtime.
     pub net_threads: usize,
+    /// Where the HTTP/JSON API binds (`host:port`).
+    pub http_listen: String,
+    /// Serve the HTTP API over TLS with the QUIC certificate.
+    pub http_tls: bool,
 }
 
 impl Default for Config {
@@ -79,6 +83,8 @@ impl Default for Config {
             streams_max: 64,
             in_flight_max: 4096,
             net_threads: 2,
+            http_listen: "127.0.0.1:7480".into(),
+            http_tls: false,
         }
     }
 }
@@ -111,6 +117,10 @@ pub struct Overrides {
     pub idempotency_retention_secs: Option<u64>,
     /// See [`Config::listen`].
     pub listen: Option<String>,
+    /// See [`Config::http_listen`].
+    pub http_listen: Option<String>,
+    /// See [`Config::http_tls`].
+    pub http_tls: Option<bool>,
     /// See [`Config::tls_cert`].
     pub tls_cert: Option<PathBuf>,
     /// See [`Config::tls_key`].
@@ -153,6 +163,8 @@ const ENV: &[(&str, &str)] = &[
         "idempotency_retention_secs",
     ),
     ("TALLY_LISTEN", "listen"),
+    ("TALLY_HTTP_LISTEN", "http_listen"),
+    ("TALLY_HTTP_TLS", "http_tls"),
     ("TALLY_TLS_CERT", "tls_cert"),
     ("TALLY_TLS_KEY", "tls_key"),
     ("TALLY_CONNECTIONS_MAX", "connections_max"),
@@ -175,9 +187,17 @@ impl Overrides {
         for (var, key) in ENV {
             if let Some(value) = get(var) {
                 let parsed = match *key {
-                    "data_dir" | "durability" | "listen" | "tls_cert" | "tls_key" => {
-                        toml::Value::String(value)
-                    }
+                    "data_dir" | "durability" | "listen" | "http_listen" | "tls_cert"
+                    | "tls_key" => toml::Value::String(value),
+                    "http_tls" => match value.trim() {
+                        "1" | "true" => toml::Value::Boolean(true),
+                        "0" | "false" => toml::Value::Boolean(false),
+                        _ => {
+                            return Err(ConfigError(format!(
+                                "{var}={value:?} is not true or false"
+                            )))
+                        }
+                    },
                     _ => value
                         .trim()
                         .parse::<i64>()
@@ -211,6 +231,8 @@ impl Overrides {
             snapshots_keep,
             idempotency_retention_secs,
             listen,
+            http_listen,
+            http_tls,
             connections_max,
             streams_max,
             in_flight_max,
@@ -249,6 +271,9 @@ impl Config {
         }
         if self.listen.parse::<std::net::SocketAddr>().is_err() {
             return bad("listen", "must be an address like 127.0.0.1:7400");
+        }
+        if self.http_listen.parse::<std::net::SocketAddr>().is_err() {
+            return bad("http_listen", "must be an address like 127.0.0.1:7480");
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return bad("tls_cert", "tls_cert and tls_key must be set together");

@@ -12,6 +12,8 @@
 pub mod clock;
 pub mod config;
 pub mod handle;
+pub mod http;
+pub mod logging;
 pub mod net;
 pub mod ops;
 pub mod outbound;

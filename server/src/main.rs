@@ -558,6 +558,15 @@ struct ServeArgs {
     /// Where the QUIC listener binds [default: 127.0.0.1:7400].
     #[arg(long, env = "TALLY_LISTEN")]
     listen: Option<String>,
+    /// Where the HTTP/JSON API binds [default: 127.0.0.1:7480].
+    #[arg(long, env = "TALLY_HTTP_LISTEN")]
+    http_listen: Option<String>,
+    /// Serve the HTTP API over TLS with the QUIC certificate (for anything beyond loopback).
+    #[arg(long)]
+    http_tls: bool,
+    /// Log lines as `text` (default) or `json`; levels from TALLY_LOG (or RUST_LOG).
+    #[arg(long, env = "TALLY_LOG_FORMAT", default_value = "text")]
+    log_format: tally_server::logging::LogFormat,
 }
 
 #[derive(Subcommand, Debug)]
@@ -1000,6 +1009,7 @@ fn client_op(command: Command) -> (Remote, Option<u128>, Op) {
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
+    tally_server::logging::init(args.log_format).map_err(anyhow::Error::msg)?;
     let durability = match args.durability.as_deref() {
         None => None,
         Some("sync") => Some(DurabilitySetting::Sync),
@@ -1011,44 +1021,65 @@ fn serve(args: ServeArgs) -> Result<()> {
         Overrides {
             durability,
             listen: args.listen.clone(),
+            http_listen: args.http_listen.clone(),
+            http_tls: args.http_tls.then_some(true),
             ..Overrides::default()
         },
     )?;
     if config.durability == DurabilitySetting::None {
-        eprintln!("tally: warning: durability = none: acknowledged writes are lost on power loss");
+        tracing::warn!("durability = none: acknowledged writes are lost on power loss");
     }
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&stop))
             .context("cannot install the signal handler")?;
     }
-    let store = tally_server::store::SnapshotStore::open(&config)?;
-    let server = Server::start(&config, Box::new(store))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.net_threads)
         .thread_name("tally-net")
         .enable_all()
         .build()
         .context("cannot start the network runtime")?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create {}", display(&config.data_dir)))?;
+    let crypto = tally_server::net::tls_crypto(&config)?;
     let admin_key = std::env::var("TALLY_ADMIN_KEY").ok();
+    let keys = tally_server::net::open_keys(&config, admin_key.as_deref())?;
+    // HTTP first: /healthz answers and /readyz says "recovering" while the shards replay.
+    let (api, http) = runtime.block_on(tally_server::http::start_http(
+        &config,
+        Arc::clone(&keys),
+        Some(crypto.clone()),
+    ))?;
+    let store = tally_server::store::SnapshotStore::open(&config)?;
+    let server = Server::start(&config, Box::new(store))?;
+    tally_server::http::ready(&api, server.handle());
     let network = {
         let _entered = runtime.enter();
-        tally_server::net::start_network(&config, server.handle(), admin_key.as_deref())?
+        tally_server::net::start_quic(&config, server.handle(), keys, crypto)?
     };
-    eprintln!(
-        "tally: serving {} shards from {} on {} (QUIC, ALPN tally/1; stop with SIGTERM or Ctrl-C)",
+    tracing::info!(
+        shards = config.shards,
+        data_dir = %config.data_dir.display(),
+        quic = %network.local_addr(),
+        http = %http.local_addr(),
+        http_tls = config.http_tls,
+        "serving {} shards (QUIC ALPN tally/1 on {}, HTTP on {}); stop with SIGTERM or Ctrl-C",
         config.shards,
-        display(&config.data_dir),
-        network.local_addr()
+        network.local_addr(),
+        http.local_addr()
     );
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
     }
-    eprintln!("tally: stopping: closing connections, draining queues and syncing");
-    runtime.block_on(network.shutdown());
+    tracing::info!("stopping: closing connections, draining queues and syncing");
+    runtime.block_on(async {
+        http.shutdown().await;
+        network.shutdown().await;
+    });
     let digests = server.shutdown()?;
     for (shard, digest) in digests.iter().enumerate() {
-        eprintln!("tally: shard {shard} stopped, digest {digest:016x}");
+        tracing::info!(shard, digest = %format!("{digest:016x}"), "shard stopped");
     }
     Ok(())
 }

@@ -3,9 +3,10 @@
 //! [`ShardBackend`] implements [`tally_net::Backend`]: wallet commands, batches and queries are
 //! queued on their shard at once and awaited without blocking a runtime thread; catalog commands
 //! (which wait for every shard in turn) and checkpoints run on the blocking pool.
-//! [`start_network`] sets up TLS (the configured pair, or `<data-dir>/tls/` generated on the first
-//! start), the API keys (`<data-dir>/keys.json`; the initial admin key from `TALLY_ADMIN_KEY` or
-//! generated, printed once and written to `<data-dir>/admin.key`), and starts listening.
+//! [`tls_crypto`] loads the TLS identity (the configured pair, or `<data-dir>/tls/` generated on
+//! the first start), [`open_keys`] the API keys (`<data-dir>/keys.json`; the initial admin key
+//! from `TALLY_ADMIN_KEY` or generated into `<data-dir>/admin.key`, never logged), and
+//! [`start_quic`] starts listening; [`start_network`] does all three.
 
 use std::future::ready;
 use std::sync::Arc;
@@ -142,13 +143,9 @@ pub fn limits(config: &Config) -> Limits {
     }
 }
 
-/// Sets up TLS and keys and starts the QUIC listener; call inside a tokio runtime. `admin_key`
-/// is the operator's `TALLY_ADMIN_KEY` (used only when the data directory has no keys yet).
-pub fn start_network(
-    config: &Config,
-    handle: Handle,
-    admin_key: Option<&str>,
-) -> Result<NetServer, Error> {
+/// The TLS identity: the configured pair, or the one generated in `<data-dir>/tls/` on the first
+/// start. QUIC and (with `http_tls`) HTTP serve the same certificate.
+pub fn tls_crypto(config: &Config) -> Result<rustls::ServerConfig, Error> {
     let identity = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => {
             tls::load_identity(cert, key).map_err(|e| Error(format!("tls: {e}")))?
@@ -157,38 +154,65 @@ pub fn start_network(
             let (identity, made) =
                 tls::self_signed(&config.data_dir).map_err(|e| Error(format!("tls: {e}")))?;
             if made {
-                eprintln!(
-                    "tally: generated a self-signed TLS certificate: {} (clients pin this file)",
-                    tls::generated_paths(&config.data_dir).0.display()
+                tracing::info!(
+                    cert = %tls::generated_paths(&config.data_dir).0.display(),
+                    "generated a self-signed TLS certificate (clients pin this file)"
                 );
             }
             identity
         }
     };
-    let crypto = tls::server_crypto(identity).map_err(|e| Error(format!("tls: {e}")))?;
+    tls::server_crypto(identity).map_err(|e| Error(format!("tls: {e}")))
+}
+
+/// Opens the API keys shared by QUIC and HTTP. `admin_key` is the operator's `TALLY_ADMIN_KEY`
+/// (used only when the data directory has no keys yet). A generated key is never logged: the log
+/// says which file holds it.
+pub fn open_keys(config: &Config, admin_key: Option<&str>) -> Result<Arc<KeyStore>, Error> {
     let (keys, bootstrap) =
         KeyStore::open(&config.data_dir, admin_key).map_err(|e| Error(e.to_string()))?;
     match bootstrap {
         Bootstrap::Existing => {}
         Bootstrap::FromOperator => {
-            eprintln!("tally: the initial admin key is the one in TALLY_ADMIN_KEY (stored hashed)")
+            tracing::info!("the initial admin key is the one in TALLY_ADMIN_KEY (stored hashed)")
         }
-        Bootstrap::Generated { key, file } => eprintln!(
-            "tally: generated the initial admin key (shown once; also in {}, mode 0600):\n{key}",
-            file.display()
+        Bootstrap::Generated { file, .. } => tracing::warn!(
+            file = %file.display(),
+            "generated the initial admin key; it is in this file (mode 0600) and nowhere else"
         ),
     }
+    Ok(Arc::new(keys))
+}
+
+/// Sets up TLS and keys and starts the QUIC listener; call inside a tokio runtime. `admin_key`
+/// is the operator's `TALLY_ADMIN_KEY` (used only when the data directory has no keys yet).
+pub fn start_network(
+    config: &Config,
+    handle: Handle,
+    admin_key: Option<&str>,
+) -> Result<NetServer, Error> {
+    let crypto = tls_crypto(config)?;
+    let keys = open_keys(config, admin_key)?;
+    start_quic(config, handle, keys, crypto)
+}
+
+/// Starts the QUIC listener on `crypto` and `keys`; call inside a tokio runtime.
+pub fn start_quic(
+    config: &Config,
+    handle: Handle,
+    keys: Arc<KeyStore>,
+    crypto: rustls::ServerConfig,
+) -> Result<NetServer, Error> {
     let listen = config
         .listen
         .parse()
         .map_err(|_| Error(format!("listen: {:?} is not an address", config.listen)))?;
-    let server = NetServer::start(
+    NetServer::start(
         listen,
         crypto,
         limits(config),
         Arc::new(ShardBackend::new(handle)),
-        Arc::new(keys),
+        keys,
     )
-    .map_err(|e| Error(e.to_string()))?;
-    Ok(server)
+    .map_err(|e| Error(e.to_string()))
 }

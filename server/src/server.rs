@@ -322,12 +322,15 @@ impl Server {
                     }
                 })?;
             for warning in &report.warnings {
-                eprintln!("tally: warning: {warning}");
+                tracing::warn!(shard, "{warning}");
             }
-            eprintln!(
-                "tally: shard {shard} recovered: checkpoint LSN {}, {} WAL records replayed, \
-                 LSN {}, digest {:016x}",
-                report.checkpoint_lsn, report.replayed, report.lsn, report.digest
+            tracing::info!(
+                shard,
+                checkpoint_lsn = report.checkpoint_lsn,
+                replayed = report.replayed,
+                lsn = report.lsn,
+                digest = %format!("{:016x}", report.digest),
+                "shard recovered"
             );
             if !replayed.is_empty() {
                 outbound_gone |= outbound_tx

@@ -173,6 +173,7 @@ struct Writing {
     done: Receiver<Result<(u64, u64), String>>,
     lsn: u64,
     stall_us: u64,
+    started: Instant,
     waiters: Vec<CheckpointTo>,
 }
 
@@ -567,6 +568,7 @@ impl Shard {
             done: rx,
             lsn,
             stall_us,
+            started,
             waiters,
         });
     }
@@ -584,11 +586,19 @@ impl Shard {
                     .wal
                     .delete_below(keep_from)
                     .map_err(|e| CallError::Poisoned(e.to_string()))?;
-                eprintln!(
-                    "tally: shard {}: checkpoint at LSN {} written (loop stalled {} µs), {} WAL \
-                     segment(s) deleted",
-                    self.index, writing.lsn, writing.stall_us, deleted
+                tracing::info!(
+                    shard = self.index,
+                    lsn = writing.lsn,
+                    stall_us = writing.stall_us,
+                    wal_segments_deleted = deleted,
+                    "checkpoint written"
                 );
+                metrics::gauge!("tally_checkpoint_last_timestamp_seconds", "shard" => self.index.to_string())
+                    .set(std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0.0, |d| d.as_secs_f64()));
+                metrics::histogram!("tally_checkpoint_duration_seconds", "shard" => self.index.to_string())
+                    .record(writing.started.elapsed().as_secs_f64());
                 Ok(CheckpointReport {
                     lsn: writing.lsn,
                     digest,
@@ -596,9 +606,10 @@ impl Shard {
                 })
             }
             Err(why) => {
-                eprintln!(
-                    "tally: shard {}: checkpoint at LSN {} failed: {why}",
-                    self.index, writing.lsn
+                tracing::error!(
+                    shard = self.index,
+                    lsn = writing.lsn,
+                    "checkpoint failed: {why}"
                 );
                 Err(CallError::Checkpoint(why))
             }

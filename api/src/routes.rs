@@ -1,0 +1,1199 @@
+//! The routes: extractors for the caller, the idempotency key and JSON bodies, and one thin
+//! handler per operation (parse, check scope, call the backend, map the answer).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Path, RawQuery, Request, State};
+use axum::http::{header, request::Parts, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use tally_engine::{
+    Command, MarginScope, Query, QueryReply, Reply, ReplyValue, Request as EngineRequest,
+    RequestId, Timestamp, WalletFilter,
+};
+use tally_net::message::{command_kind, query_kind, Scope as WireScope};
+use tally_net::{ErrorCode, Kind, LiveKey, Outcome};
+
+use crate::error::{result_status, ApiError, CodeOf, ErrorBody};
+use crate::idempotency;
+use crate::json::{asset, name};
+use crate::model::*;
+use crate::{ApiState, BODY_BYTES_MAX, PAGE_LIMIT_MAX};
+
+type AppState = State<Arc<ApiState>>;
+
+pub(crate) fn router(state: Arc<ApiState>) -> Router {
+    let v1 = Router::new()
+        .route("/assets", post(define_asset))
+        .route("/products", post(define_product))
+        .route("/plans/{plan}/draft", put(draft_plan))
+        .route("/plans/{plan}/draft/test", post(test_draft))
+        .route("/plans/{plan}/publish", post(publish_plan))
+        .route("/wallets", post(create_wallet).get(list_wallets))
+        .route("/wallets/{wallet}", get(get_wallet))
+        .route("/wallets/{wallet}/freeze", post(freeze))
+        .route("/wallets/{wallet}/unfreeze", post(unfreeze))
+        .route("/wallets/{wallet}/overdraft", put(set_overdraft))
+        .route("/wallets/{wallet}/plan", put(assign_plan))
+        .route("/wallets/{wallet}/grants", post(create_grant))
+        .route("/wallets/{wallet}/balances/{asset}", get(get_balance))
+        .route("/wallets/{wallet}/margin", get(wallet_margin))
+        .route("/wallets/{wallet}/holds", post(create_hold))
+        .route("/wallets/{wallet}/holds/{hold}/settle", post(settle_hold))
+        .route("/wallets/{wallet}/holds/{hold}/release", post(release_hold))
+        .route("/wallets/{wallet}/refunds", post(create_refund))
+        .route("/wallets/{wallet}/disputes", post(create_dispute))
+        .route("/wallets/{wallet}/disputes/{grant}/won", post(dispute_won))
+        .route("/wallets/{wallet}/adjustments", post(create_adjustment))
+        .route(
+            "/wallets/{wallet}/topup-rules/{asset}",
+            put(set_topup_rule).delete(remove_topup_rule),
+        )
+        .route("/usage", post(report_usage))
+        .route("/usage/batch", post(report_usage_batch))
+        .route("/price-preview", post(price_preview))
+        .route("/margin", get(margin))
+        .route("/keys", post(create_key).get(list_keys))
+        .route("/keys/{id}", axum::routing::delete(revoke_key))
+        .route("/health", get(health))
+        .route("/snapshots", post(snapshot))
+        .route("/openapi.json", get(openapi_document));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(observe))
+        .with_state(state)
+}
+
+// ----- extractors -----------------------------------------------------------------------------
+
+/// The authenticated caller.
+pub(crate) struct Caller(Arc<LiveKey>);
+
+impl FromRequestParts<Arc<ApiState>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<ApiState>,
+    ) -> Result<Caller, ApiError> {
+        let failed = |reason: &'static str, code: ErrorCode| {
+            metrics::counter!("tally_auth_failures_total", "transport" => "http", "reason" => reason)
+                .increment(1);
+            ApiError::from_code(code)
+        };
+        let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
+            return Err(failed("missing", ErrorCode::Unauthenticated));
+        };
+        let Some(key) = value.to_str().ok().and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        }) else {
+            return Err(failed("malformed", ErrorCode::Unauthenticated));
+        };
+        match state.keys.authenticate(key.trim().as_bytes()) {
+            Some(live) if !live.is_revoked() => Ok(Caller(live)),
+            _ => Err(failed("invalid_key", ErrorCode::InvalidKey)),
+        }
+    }
+}
+
+impl Caller {
+    fn allow(&self, kind: Kind) -> Result<(), ApiError> {
+        if kind.admin_only() && self.0.scope != WireScope::Admin {
+            metrics::counter!("tally_auth_failures_total", "transport" => "http", "reason" => "scope")
+                .increment(1);
+            return Err(ApiError::from_code(ErrorCode::OutOfScope));
+        }
+        Ok(())
+    }
+
+    fn admin(&self) -> Result<(), ApiError> {
+        self.allow(Kind::KeyCreate)
+    }
+}
+
+/// The `Idempotency-Key` of a mutating request.
+pub(crate) struct Idem {
+    key: String,
+    id: RequestId,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Idem {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Idem, ApiError> {
+        let Some(value) = parts.headers.get("idempotency-key") else {
+            return Err(ApiError::transport(
+                ErrorCode::IdempotencyKeyRequired,
+                "this request changes state: send an Idempotency-Key header (e.g. a UUID) so a \
+                 retry cannot apply it twice",
+            ));
+        };
+        let key = value.to_str().map_err(|_| {
+            ApiError::transport(
+                ErrorCode::IdempotencyKeyRequired,
+                "the Idempotency-Key must be printable ASCII",
+            )
+        })?;
+        Ok(Idem {
+            key: key.to_string(),
+            id: idempotency::request_id(key)?,
+        })
+    }
+}
+
+/// A JSON body of type `T`, with errors in the API's shape.
+pub(crate) struct Body<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Body<T>, ApiError> {
+        if let Some(kind) = request.headers().get(header::CONTENT_TYPE) {
+            let kind = kind.to_str().unwrap_or("");
+            let essence = kind.split(';').next().unwrap_or("").trim();
+            if !essence.eq_ignore_ascii_case("application/json") {
+                return Err(ApiError::transport(
+                    ErrorCode::UnsupportedMediaType,
+                    format!("the body must be application/json, not {kind:?}"),
+                ));
+            }
+        }
+        let bytes = Bytes::from_request(request, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::transport(
+                    ErrorCode::BodyTooLarge,
+                    format!("the body is over the limit of {BODY_BYTES_MAX} bytes"),
+                )
+            } else {
+                ApiError::invalid(format!("cannot read the body: {e}"))
+            }
+        })?;
+        if bytes.len() > BODY_BYTES_MAX {
+            return Err(ApiError::transport(
+                ErrorCode::BodyTooLarge,
+                format!("the body is over the limit of {BODY_BYTES_MAX} bytes"),
+            ));
+        }
+        serde_json::from_slice(&bytes)
+            .map(Body)
+            .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+    }
+}
+
+fn wallet_id(text: &str) -> Result<tally_engine::WalletId, ApiError> {
+    name("wallet", text)
+}
+
+// ----- calling the backend --------------------------------------------------------------------
+
+/// The error answer of a rejected reply, with its details.
+fn rejection(id: RequestId, reply: &Reply) -> ApiError {
+    let mut error = ApiError::rejected(reply.code).with("request_id", request_id_hex(id));
+    if let ReplyValue::Shortfall {
+        asset,
+        spendable,
+        required,
+    } = reply.value
+    {
+        error = error
+            .with("asset", asset.as_str())
+            .with("spendable", spendable.to_string())
+            .with("required", required.to_string());
+    }
+    error
+}
+
+async fn command(
+    state: &ApiState,
+    caller: &Caller,
+    id: RequestId,
+    command: Command,
+) -> Result<Json<CommandResult>, ApiError> {
+    caller.allow(command_kind(&command))?;
+    let backend = state.backend()?;
+    let reply = backend
+        .command(EngineRequest { id, command })
+        .await
+        .map_err(ApiError::from_code)?;
+    if reply.code.is_ok() {
+        Ok(Json(CommandResult::of(id, &reply)))
+    } else {
+        Err(rejection(id, &reply))
+    }
+}
+
+async fn query(state: &ApiState, caller: &Caller, query: Query) -> Result<QueryReply, ApiError> {
+    caller.allow(query_kind(&query))?;
+    let backend = state.backend()?;
+    backend
+        .query(query)
+        .await
+        .map_err(ApiError::from_code)?
+        .map_err(ApiError::rejected)
+}
+
+fn unexpected(answer: QueryReply) -> ApiError {
+    tracing::error!(
+        ?answer,
+        "http: the backend answered a query with the wrong kind"
+    );
+    ApiError::transport(
+        ErrorCode::Malformed,
+        "the server answered with the wrong kind",
+    )
+}
+
+// ----- handlers -------------------------------------------------------------------------------
+
+/// Declare an asset.
+#[utoipa::path(post, path = "/v1/assets", tag = "catalog", request_body = DefineAsset,
+    params(("Idempotency-Key" = String, Header, description = "Makes retries safe (see the docs)")),
+    responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn define_asset(
+    State(state): AppState,
+    caller: Caller,
+    idem: Idem,
+    Body(body): Body<DefineAsset>,
+) -> Result<Json<CommandResult>, ApiError> {
+    command(&state, &caller, idem.id, body.command()?).await
+}
+
+/// Declare a product (meter) and its dimensions.
+#[utoipa::path(post, path = "/v1/products", tag = "catalog", request_body = DefineProduct,
+    params(("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn define_product(
+    State(state): AppState,
+    caller: Caller,
+    idem: Idem,
+    Body(body): Body<DefineProduct>,
+) -> Result<Json<CommandResult>, ApiError> {
+    command(&state, &caller, idem.id, body.command()?).await
+}
+
+/// Write (replace) a plan's draft; creates the plan if needed.
+#[utoipa::path(put, path = "/v1/plans/{plan}/draft", tag = "plans", request_body = DraftPlan,
+    params(("plan" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn draft_plan(
+    State(state): AppState,
+    caller: Caller,
+    Path(plan): Path<String>,
+    idem: Idem,
+    Body(body): Body<DraftPlan>,
+) -> Result<Json<CommandResult>, ApiError> {
+    command(&state, &caller, idem.id, body.command(&plan)?).await
+}
+
+/// Publish a plan's draft as its next version (which never changes afterwards).
+#[utoipa::path(post, path = "/v1/plans/{plan}/publish", tag = "plans",
+    params(("plan" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn publish_plan(
+    State(state): AppState,
+    caller: Caller,
+    Path(plan): Path<String>,
+    idem: Idem,
+) -> Result<Json<CommandResult>, ApiError> {
+    let plan = name("plan", &plan)?;
+    command(&state, &caller, idem.id, Command::PublishPlan { plan }).await
+}
+
+/// Price recorded events under a plan's draft and its latest version (changes nothing).
+#[utoipa::path(post, path = "/v1/plans/{plan}/draft/test", tag = "plans", request_body = DraftTest,
+    params(("plan" = String, Path)),
+    responses((status = 200, body = DraftTestReport), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn test_draft(
+    State(state): AppState,
+    caller: Caller,
+    Path(plan): Path<String>,
+    Body(body): Body<DraftTest>,
+) -> Result<Json<DraftTestReport>, ApiError> {
+    let plan = name("plan", &plan)?;
+    let events = body
+        .events
+        .iter()
+        .map(UsageEvent::to_engine)
+        .collect::<Result<_, _>>()?;
+    match query(&state, &caller, Query::DraftTest { plan, events }).await? {
+        QueryReply::DraftTest(r) => Ok(Json(DraftTestReport::of(&r))),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Create a wallet.
+#[utoipa::path(post, path = "/v1/wallets", tag = "wallets", request_body = CreateWallet,
+    params(("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn create_wallet(
+    State(state): AppState,
+    caller: Caller,
+    idem: Idem,
+    Body(body): Body<CreateWallet>,
+) -> Result<Json<CommandResult>, ApiError> {
+    command(&state, &caller, idem.id, body.command()?).await
+}
+
+/// List wallets, a page at a time, optionally filtered.
+///
+/// Filters: `frozen=true|false`, `in_debt=true|false`, and `metadata[KEY]=VALUE` (repeatable; all
+/// must match). Pages follow shard order, then creation order. Each call looks at a bounded
+/// number of wallets, so with a selective filter a page may hold fewer than `limit` wallets (even
+/// none) while `has_more` is true: keep following `next_cursor`.
+#[utoipa::path(get, path = "/v1/wallets", tag = "wallets",
+    params(
+        ("limit" = Option<u32>, Query, description = "1 to 100 (default 20)"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+        ("frozen" = Option<bool>, Query),
+        ("in_debt" = Option<bool>, Query),
+        ("metadata" = Option<std::collections::BTreeMap<String, String>>, Query, style = DeepObject, explode, description = "metadata[KEY]=VALUE"),
+    ),
+    responses((status = 200, body = WalletList), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn list_wallets(
+    State(state): AppState,
+    caller: Caller,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<WalletList>, ApiError> {
+    caller.admin()?;
+    let mut limit = 20u32;
+    let mut cursor = (0u32, 0u32);
+    let mut filter = WalletFilter::default();
+    let flag = |key: &str, value: &str| match value {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(ApiError::invalid(format!(
+            "{key}: {value:?} is not true or false"
+        ))),
+    };
+    for (key, value) in parse_query(raw.as_deref().unwrap_or(""))? {
+        match key.as_str() {
+            "limit" => {
+                limit = value
+                    .parse()
+                    .ok()
+                    .filter(|l| (1..=PAGE_LIMIT_MAX).contains(l))
+                    .ok_or_else(|| {
+                        ApiError::invalid(format!("limit: {value:?} is not 1 to {PAGE_LIMIT_MAX}"))
+                    })?
+            }
+            "cursor" => cursor = parse_cursor(&value)?,
+            "frozen" => filter.frozen = Some(flag("frozen", &value)?),
+            "in_debt" => filter.in_debt = Some(flag("in_debt", &value)?),
+            other => match other
+                .strip_prefix("metadata[")
+                .and_then(|k| k.strip_suffix(']'))
+            {
+                Some(k) => {
+                    if filter.metadata.len() >= 16 {
+                        return Err(ApiError::invalid("at most 16 metadata filters"));
+                    }
+                    filter
+                        .metadata
+                        .push((name("metadata", k)?, name("metadata", &value)?))
+                }
+                None => {
+                    return Err(ApiError::invalid(format!(
+                        "unknown query parameter {other:?} (limit, cursor, frozen, in_debt, \
+                         metadata[KEY])"
+                    )))
+                }
+            },
+        }
+    }
+    let backend = state.backend()?;
+    let (shards, _) = backend.shards();
+    let (mut shard, mut from) = cursor;
+    if shard >= shards {
+        return Err(ApiError::invalid("cursor: not a cursor of this server"));
+    }
+    let mut data = Vec::new();
+    // A bounded number of shard calls per page.
+    for _ in 0..(2 * shards).max(4) {
+        let page = backend
+            .list_wallets(shard, from, limit - data.len() as u32, filter.clone())
+            .await
+            .map_err(ApiError::from_code)?;
+        data.extend(page.wallets.iter().map(Wallet::of));
+        match page.next {
+            Some(next) => from = next,
+            None => {
+                shard += 1;
+                from = 0;
+            }
+        }
+        if shard >= shards || data.len() as u32 >= limit {
+            break;
+        }
+    }
+    let has_more = shard < shards;
+    Ok(Json(WalletList {
+        data,
+        has_more,
+        next_cursor: has_more.then(|| format!("w{shard}.{from}")),
+    }))
+}
+
+fn parse_cursor(text: &str) -> Result<(u32, u32), ApiError> {
+    text.strip_prefix('w')
+        .and_then(|t| t.split_once('.'))
+        .and_then(|(s, p)| Some((s.parse().ok()?, p.parse().ok()?)))
+        .ok_or_else(|| ApiError::invalid(format!("cursor: {text:?} is not a cursor")))
+}
+
+/// `key=value` pairs of a query string, percent-decoded.
+fn parse_query(raw: &str) -> Result<Vec<(String, String)>, ApiError> {
+    let decode = |s: &str| -> Result<String, ApiError> {
+        let s = s.replace('+', " ");
+        let bytes = s.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%' {
+                let hex = s
+                    .get(i + 1..i + 3)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| ApiError::invalid("query: bad percent-encoding"))?;
+                out.push(hex);
+                i += 3;
+            } else {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+        String::from_utf8(out).map_err(|_| ApiError::invalid("query: not UTF-8"))
+    };
+    raw.split('&')
+        .filter(|p| !p.is_empty())
+        .take(64)
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            Ok((decode(k)?, decode(v)?))
+        })
+        .collect()
+}
+
+/// Everything about one wallet.
+#[utoipa::path(get, path = "/v1/wallets/{wallet}", tag = "wallets",
+    params(("wallet" = String, Path)),
+    responses((status = 200, body = Wallet), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn get_wallet(
+    State(state): AppState,
+    caller: Caller,
+    Path(wallet): Path<String>,
+) -> Result<Json<Wallet>, ApiError> {
+    let wallet = wallet_id(&wallet)?;
+    match query(&state, &caller, Query::Wallet { wallet }).await? {
+        QueryReply::Wallet(w) => Ok(Json(Wallet::of(&w))),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Freeze a wallet: strict usage and reserves are refused until it is unfrozen.
+#[utoipa::path(post, path = "/v1/wallets/{wallet}/freeze", tag = "wallets",
+    params(("wallet" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn freeze(
+    State(state): AppState,
+    caller: Caller,
+    Path(wallet): Path<String>,
+    idem: Idem,
+) -> Result<Json<CommandResult>, ApiError> {
+    let wallet = wallet_id(&wallet)?;
+    command(&state, &caller, idem.id, Command::Freeze { wallet }).await
+}
+
+/// Unfreeze a wallet.
+#[utoipa::path(post, path = "/v1/wallets/{wallet}/unfreeze", tag = "wallets",
+    params(("wallet" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn unfreeze(
+    State(state): AppState,
+    caller: Caller,
+    Path(wallet): Path<String>,
+    idem: Idem,
+) -> Result<Json<CommandResult>, ApiError> {
+    let wallet = wallet_id(&wallet)?;
+    command(&state, &caller, idem.id, Command::Unfreeze { wallet }).await
+}
+
+/// Set a wallet's overdraft limit in one asset.
+#[utoipa::path(put, path = "/v1/wallets/{wallet}/overdraft", tag = "wallets", request_body = SetOverdraft,
+    params(("wallet" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn set_overdraft(
+    State(state): AppState,
+    caller: Caller,
+    Path(wallet): Path<String>,
+    idem: Idem,
+    Body(body): Body<SetOverdraft>,
+) -> Result<Json<CommandResult>, ApiError> {
+    let c = Command::SetOverdraft {
+        wallet: wallet_id(&wallet)?,
+        asset: asset("asset", &body.asset)?,
+        limit: body.limit,
+    };
+    command(&state, &caller, idem.id, c).await
+}
+
+/// Put a wallet on a published plan version from a given time on.
+#[utoipa::path(put, path = "/v1/wallets/{wallet}/plan", tag = "plans", request_body = AssignPlan,
+    params(("wallet" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn assign_plan(
+    State(state): AppState,
+    caller: Caller,
+    Path(wallet): Path<String>,
+    idem: Idem,
+    Body(body): Body<AssignPlan>,
+) -> Result<Json<CommandResult>, ApiError> {
+    let c = Command::AssignPlan {
+        wallet: wallet_id(&wallet)?,
+        plan: name("plan", &body.plan)?,
+        version: body.version,
+        effective_from: body.effective_from.unwrap_or(Timestamp(0)),
+    };
+    command(&state, &caller, idem.id, c).await
+}
+
+/// Add a grant (credit) to a wallet.
+#[utoipa::path(post, path = "/v1/wallets/{wallet}/grants", tag = "wallets", request_body = CreateGrant,
+    params(("wallet" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn create_grant(
+    State(state): AppState,
+    caller: Caller,
+    Path(wallet): Path<String>,
+    idem: Idem,
+    Body(body): Body<CreateGrant>,
+) -> Result<Json<CommandResult>, ApiError> {
+    let c = body.command(wallet_id(&wallet)?)?;
+    command(&state, &caller, idem.id, c).await
+}
+
+/// One balance of one wallet.
+#[utoipa::path(get, path = "/v1/wallets/{wallet}/balances/{asset}", tag = "wallets",
+    params(("wallet" = String, Path), ("asset" = String, Path)),
+    responses((status = 200, body = Balance), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn get_balance(
+    State(state): AppState,
+    caller: Caller,
+    Path((wallet, asset_code)): Path<(String, String)>,
+) -> Result<Json<Balance>, ApiError> {
+    let q = Query::Balance {
+        wallet: wallet_id(&wallet)?,
+        asset: asset("asset", &asset_code)?,
+    };
+    match query(&state, &caller, q).await? {
+        QueryReply::Balance(b) => Ok(Json(Balance::of(&b))),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// The margin of one wallet's usage.
+#[utoipa::path(get, path = "/v1/wallets/{wallet}/margin", tag = "margin",
+    params(("wallet" = String, Path)),
+    responses((status = 200, body = Margin), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn wallet_margin(
+    State(state): AppState,
+    caller: Caller,
+    Path(wallet): Path<String>,
+) -> Result<Json<Margin>, ApiError> {
+    let scope = MarginScope::Wallet(wallet_id(&wallet)?);
+    margin_of(&state, &caller, scope).await
+}
+
+async fn margin_of(
+    state: &ApiState,
+    caller: &Caller,
+    scope: MarginScope,
+) -> Result<Json<Margin>, ApiError> {
+    match query(state, caller, Query::Margin(scope)).await? {
+        QueryReply::Margin(m) => Ok(Json(Margin::of(&m))),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Margin aggregates: all usage, or one product, plan version or time range.
+///
+/// Give at most one of: `product`; `plan` with `version`; `from` with `to` (RFC 3339, whole UTC
+/// hours). The figures are the shards' live aggregates, current as of the request.
+#[utoipa::path(get, path = "/v1/margin", tag = "margin",
+    params(
+        ("product" = Option<String>, Query),
+        ("plan" = Option<String>, Query),
+        ("version" = Option<u32>, Query),
+        ("from" = Option<String>, Query, format = DateTime),
+        ("to" = Option<String>, Query, format = DateTime),
+    ),
+    responses((status = 200, body = Margin), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn margin(
+    State(state): AppState,
+    caller: Caller,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Margin>, ApiError> {
+    let (mut product, mut plan, mut version, mut from, mut to) = (None, None, None, None, None);
+    for (key, value) in parse_query(raw.as_deref().unwrap_or(""))? {
+        let time = |v: &str| {
+            Timestamp::parse_rfc3339(v).map_err(|e| {
+                ApiError::invalid(format!("{key}: {v:?} is not an RFC 3339 time: {e}"))
+            })
+        };
+        match key.as_str() {
+            "product" => product = Some(name("product", &value)?),
+            "plan" => plan = Some(name("plan", &value)?),
+            "version" => {
+                version = Some(value.parse::<u32>().map_err(|_| {
+                    ApiError::invalid(format!("version: {value:?} is not a number"))
+                })?)
+            }
+            "from" => from = Some(time(&value)?),
+            "to" => to = Some(time(&value)?),
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "unknown query parameter {other:?} (product, plan, version, from, to)"
+                )))
+            }
+        }
+    }
+    let scope = match (product, plan, version, from, to) {
+        (None, None, None, None, None) => MarginScope::Total,
+        (Some(p), None, None, None, None) => MarginScope::Product(p),
+        (None, Some(plan), Some(version), None, None) => MarginScope::PlanVersion { plan, version },
+        (None, None, None, Some(from), Some(to)) => MarginScope::Hours { from, to },
+        _ => {
+            return Err(ApiError::invalid(
+                "give at most one of: product; plan with version; from with to",
+            ))
+        }
+    };
+    margin_of(&state, &caller, scope).await
+}
+
+/// Hold an amount, or a priced estimate, until it is settled, released or its deadline passes.
+#[utoipa::path(post, path = "/v1/wallets/{wallet}/holds", tag = "holds", request_body = CreateHold,
+    params(("wallet" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn create_hold(
+    State(state): AppState,
+    caller: Caller,
+    Path(wallet): Path<String>,
+    idem: Idem,
+    Body(body): Body<CreateHold>,
+) -> Result<Json<CommandResult>, ApiError> {
+    let c = body.command(wallet_id(&wallet)?)?;
+    command(&state, &caller, idem.id, c).await
+}
+
+/// Settle a hold with the actual usage (an overrun is charged as in record mode).
+#[utoipa::path(post, path = "/v1/wallets/{wallet}/holds/{hold}/settle", tag = "holds", request_body = Settle,
+    params(("wallet" = String, Path), ("hold" = u64, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn settle_hold(
+    State(state): AppState,
+    caller: Caller,
+    Path((wallet, hold)): Path<(String, u64)>,
+    idem: Idem,
+    Body(body): Body<Settle>,
+) -> Result<Json<CommandResult>, ApiError> {
+    let wallet = wallet_id(&wallet)?;
+    let c = Command::Settle {
+        wallet,
+        hold: tally_engine::HoldId(hold),
+        usage: body.to_engine(wallet)?,
+    };
+    command(&state, &caller, idem.id, c).await
+}
+
+/// Release a hold without charging.
+#[utoipa::path(post, path = "/v1/wallets/{wallet}/holds/{hold}/release", tag = "holds",
+    params(("wallet" = String, Path), ("hold" = u64, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn release_hold(
+    State(state): AppState,
+    caller: Caller,
+    Path((wallet, hold)): Path<(String, u64)>,
+    idem: Idem,
+) -> Result<Json<CommandResult>, ApiError> {
+    let c = Command::Release {
+        wallet: wallet_id(&wallet)?,
+        hold: tally_engine::HoldId(hold),
+    };
+    command(&state, &caller, idem.id, c).await
+}
+
+/// Refund part or all of a usage event (or settled hold).
+#[utoipa::path(post, path = "/v1/wallets/{wallet}/refunds", tag = "adjustments", request_body = CreateRefund,
+    params(("wallet" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn create_refund(
+    State(state): AppState,
+    caller: Caller,
+    Path(wallet): Path<String>,
+    idem: Idem,
+    Body(body): Body<CreateRefund>,
+) -> Result<Json<CommandResult>, ApiError> {
+    let event = idempotency::request_id(&body.event)
+        .map_err(|_| ApiError::invalid("event: not an idempotency key or request id"))?;
+    let c = Command::Refund {
+        wallet: wallet_id(&wallet)?,
+        event,
+        amount: body.amount,
+    };
+    command(&state, &caller, idem.id, c).await
+}
+
+/// Dispute (charge back) a top-up grant: its remainder is clawed back, the spent part is debt.
+#[utoipa::path(post, path = "/v1/wallets/{wallet}/disputes", tag = "adjustments", request_body = CreateDispute,
+    params(("wallet" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn create_dispute(
+    State(state): AppState,
+    caller: Caller,
+    Path(wallet): Path<String>,
+    idem: Idem,
+    Body(body): Body<CreateDispute>,
+) -> Result<Json<CommandResult>, ApiError> {
+    let c = Command::Dispute {
+        wallet: wallet_id(&wallet)?,
+        grant: tally_engine::GrantId(body.grant),
+        freeze: body.freeze,
+    };
+    command(&state, &caller, idem.id, c).await
+}
+
+/// Record that a dispute was won: the grant's amount is credited again.
+#[utoipa::path(post, path = "/v1/wallets/{wallet}/disputes/{grant}/won", tag = "adjustments",
+    params(("wallet" = String, Path), ("grant" = u64, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn dispute_won(
+    State(state): AppState,
+    caller: Caller,
+    Path((wallet, grant)): Path<(String, u64)>,
+    idem: Idem,
+) -> Result<Json<CommandResult>, ApiError> {
+    let c = Command::DisputeWon {
+        wallet: wallet_id(&wallet)?,
+        grant: tally_engine::GrantId(grant),
+    };
+    command(&state, &caller, idem.id, c).await
+}
+
+/// A manual correction with a reason.
+#[utoipa::path(post, path = "/v1/wallets/{wallet}/adjustments", tag = "adjustments", request_body = CreateAdjustment,
+    params(("wallet" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn create_adjustment(
+    State(state): AppState,
+    caller: Caller,
+    Path(wallet): Path<String>,
+    idem: Idem,
+    Body(body): Body<CreateAdjustment>,
+) -> Result<Json<CommandResult>, ApiError> {
+    let c = Command::Adjust {
+        wallet: wallet_id(&wallet)?,
+        asset: asset("asset", &body.asset)?,
+        amount: body.amount,
+        reason: body.reason,
+    };
+    command(&state, &caller, idem.id, c).await
+}
+
+/// Set (replace) a wallet's auto top-up rule for one asset.
+#[utoipa::path(put, path = "/v1/wallets/{wallet}/topup-rules/{asset}", tag = "top-ups", request_body = SetTopUpRule,
+    params(("wallet" = String, Path), ("asset" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn set_topup_rule(
+    State(state): AppState,
+    caller: Caller,
+    Path((wallet, asset_code)): Path<(String, String)>,
+    idem: Idem,
+    Body(body): Body<SetTopUpRule>,
+) -> Result<Json<CommandResult>, ApiError> {
+    let c = body.command(wallet_id(&wallet)?, &asset_code)?;
+    command(&state, &caller, idem.id, c).await
+}
+
+/// Remove a wallet's auto top-up rule for one asset.
+#[utoipa::path(delete, path = "/v1/wallets/{wallet}/topup-rules/{asset}", tag = "top-ups",
+    params(("wallet" = String, Path), ("asset" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn remove_topup_rule(
+    State(state): AppState,
+    caller: Caller,
+    Path((wallet, asset_code)): Path<(String, String)>,
+    idem: Idem,
+) -> Result<Json<CommandResult>, ApiError> {
+    let c = Command::RemoveTopUpRule {
+        wallet: wallet_id(&wallet)?,
+        asset: asset("asset", &asset_code)?,
+    };
+    command(&state, &caller, idem.id, c).await
+}
+
+/// Report one usage event: priced under the wallet's plan, then debited.
+#[utoipa::path(post, path = "/v1/usage", tag = "usage", request_body = UsageEvent,
+    params(("Idempotency-Key" = String, Header, description = "Makes retries safe; refunds refer to the event by it")),
+    responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn report_usage(
+    State(state): AppState,
+    caller: Caller,
+    idem: Idem,
+    Body(body): Body<UsageEvent>,
+) -> Result<Json<CommandResult>, ApiError> {
+    if body.idempotency_key.is_some() {
+        return Err(ApiError::invalid(
+            "idempotency_key: only events inside a batch take one; send the Idempotency-Key header",
+        ));
+    }
+    let c = Command::Usage(body.to_engine()?);
+    command(&state, &caller, idem.id, c).await
+}
+
+/// Report many usage events in one call (one group commit per shard); each is answered.
+#[utoipa::path(post, path = "/v1/usage/batch", tag = "usage", request_body = UsageBatch,
+    params(("Idempotency-Key" = String, Header, description = "Event i without its own key gets the key \"<this key>/<i>\"")),
+    responses((status = 200, body = BatchResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn report_usage_batch(
+    State(state): AppState,
+    caller: Caller,
+    idem: Idem,
+    Body(body): Body<UsageBatch>,
+) -> Result<Json<BatchResult>, ApiError> {
+    caller.allow(Kind::UsageBatch)?;
+    let items_max = tally_net::message::BATCH_ITEMS_MAX;
+    if body.events.is_empty() || body.events.len() > items_max {
+        return Err(ApiError::invalid(format!(
+            "events: give 1 to {items_max} events"
+        )));
+    }
+    let mut requests = Vec::with_capacity(body.events.len());
+    for (i, event) in body.events.iter().enumerate() {
+        let key = match &event.idempotency_key {
+            Some(k) => k.clone(),
+            None => idempotency::batch_item_key(&idem.key, i),
+        };
+        let id = idempotency::request_id(&key).map_err(|e| {
+            ApiError::invalid(format!("events[{i}].idempotency_key: {}", e.body.message))
+        })?;
+        let usage = event
+            .to_engine()
+            .map_err(|e| ApiError::invalid(format!("events[{i}]: {}", e.body.message)))?;
+        requests.push(EngineRequest {
+            id,
+            command: Command::Usage(usage),
+        });
+    }
+    let ids: Vec<RequestId> = requests.iter().map(|r| r.id).collect();
+    let backend = state.backend()?;
+    let outcomes = backend.batch(requests).await.map_err(ApiError::from_code)?;
+    let items = ids
+        .into_iter()
+        .zip(outcomes)
+        .map(|(id, outcome)| batch_item(id, outcome))
+        .collect();
+    Ok(Json(BatchResult { items }))
+}
+
+fn batch_item(id: RequestId, outcome: Outcome) -> BatchItem {
+    let failed = |e: ApiError| BatchItem {
+        request_id: request_id_hex(id),
+        status: e.status.as_u16(),
+        result: None,
+        error: Some(e.body),
+    };
+    match outcome {
+        Ok(reply) if reply.code.is_ok() => BatchItem {
+            request_id: request_id_hex(id),
+            status: result_status(reply.code).as_u16(),
+            result: Some(CommandResult::of(id, &reply)),
+            error: None,
+        },
+        Ok(reply) => failed(rejection(id, &reply)),
+        Err(code) => failed(ApiError::from_code(code)),
+    }
+}
+
+/// The price an event would be charged, without applying it.
+#[utoipa::path(post, path = "/v1/price-preview", tag = "usage", request_body = UsageEvent,
+    responses((status = 200, body = PricePreview), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn price_preview(
+    State(state): AppState,
+    caller: Caller,
+    Body(body): Body<UsageEvent>,
+) -> Result<Json<PricePreview>, ApiError> {
+    match query(&state, &caller, Query::PricePreview(body.to_engine()?)).await? {
+        QueryReply::Price(p) => Ok(Json(PricePreview {
+            asset: p.asset.as_str().into(),
+            amount: p.amount,
+            plan: p.plan.as_str().into(),
+            version: p.version,
+            rule: p.rule,
+        })),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn scope_of(scope: WireScope) -> Scope {
+    match scope {
+        WireScope::Gateway => Scope::Gateway,
+        WireScope::Admin => Scope::Admin,
+    }
+}
+
+fn key_error(e: tally_net::keys::KeyError) -> ApiError {
+    use tally_net::keys::KeyError;
+    let code = match &e {
+        KeyError::Unknown(_) => ErrorCode::UnknownKey,
+        KeyError::LastAdmin(_) => ErrorCode::LastAdminKey,
+        KeyError::Storage(_) | KeyError::BadOperatorKey(_) => ErrorCode::KeyStoreFailed,
+    };
+    ApiError::transport(code, e.to_string())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(ApiError::transport(ErrorCode::Stopped, e.to_string())))
+}
+
+/// Create an API key. The secret is in this answer only.
+#[utoipa::path(post, path = "/v1/keys", tag = "keys", request_body = CreateKey,
+    params(("Idempotency-Key" = String, Header, description = "Required like every mutating call (a key is created per call; the header is not remembered for keys)")),
+    responses((status = 200, body = CreatedKey), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn create_key(
+    State(state): AppState,
+    caller: Caller,
+    _idem: Idem,
+    Body(body): Body<CreateKey>,
+) -> Result<Json<CreatedKey>, ApiError> {
+    caller.admin()?;
+    if body.label.is_empty() || body.label.len() > 64 || body.label.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            "label: 1 to 64 bytes without control characters",
+        ));
+    }
+    let scope = match body.scope {
+        Scope::Gateway => WireScope::Gateway,
+        Scope::Admin => WireScope::Admin,
+    };
+    let keys = Arc::clone(&state.keys);
+    let (id, key) = blocking(move || keys.create(&body.label, scope).map_err(key_error)).await?;
+    tracing::info!(key_id = id, scope = ?body.scope, "http: API key created");
+    Ok(Json(CreatedKey { id, key }))
+}
+
+/// List API keys (no secrets).
+#[utoipa::path(get, path = "/v1/keys", tag = "keys",
+    responses((status = 200, body = KeyList), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn list_keys(
+    State(state): AppState,
+    caller: Caller,
+) -> Result<Json<KeyList>, ApiError> {
+    caller.admin()?;
+    let data = state
+        .keys
+        .list()
+        .into_iter()
+        .map(|k| KeyInfo {
+            id: k.id,
+            label: k.label,
+            scope: scope_of(k.scope),
+            revoked: k.revoked,
+        })
+        .collect();
+    Ok(Json(KeyList { data }))
+}
+
+/// Revoke an API key; connections using it are refused from their next request.
+#[utoipa::path(delete, path = "/v1/keys/{id}", tag = "keys",
+    params(("id" = u64, Path), ("Idempotency-Key" = String, Header, description = "Required like every mutating call")),
+    responses((status = 200, body = KeyInfo), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn revoke_key(
+    State(state): AppState,
+    caller: Caller,
+    Path(id): Path<u64>,
+    _idem: Idem,
+) -> Result<Json<KeyInfo>, ApiError> {
+    caller.admin()?;
+    let keys = Arc::clone(&state.keys);
+    blocking(move || keys.revoke(id).map_err(key_error)).await?;
+    tracing::info!(key_id = id, "http: API key revoked");
+    let info = state
+        .keys
+        .list()
+        .into_iter()
+        .find(|k| k.id == id)
+        .ok_or_else(|| ApiError::from_code(ErrorCode::UnknownKey))?;
+    Ok(Json(KeyInfo {
+        id: info.id,
+        label: info.label,
+        scope: scope_of(info.scope),
+        revoked: info.revoked,
+    }))
+}
+
+/// Shards configured and running.
+#[utoipa::path(get, path = "/v1/health", tag = "operations",
+    responses((status = 200, body = Health), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn health(
+    State(state): AppState,
+    caller: Caller,
+) -> Result<Json<Health>, ApiError> {
+    caller.allow(Kind::Health)?;
+    let (shards, running) = state.backend()?.shards();
+    Ok(Json(Health {
+        shards,
+        shards_running: running,
+        status: if shards == running { "ok" } else { "degraded" }.into(),
+    }))
+}
+
+/// Take a checkpoint of every shard now (online snapshot).
+#[utoipa::path(post, path = "/v1/snapshots", tag = "operations",
+    params(("Idempotency-Key" = String, Header, description = "Required like every mutating call (each call takes a checkpoint)")),
+    responses((status = 200, body = Snapshot), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn snapshot(
+    State(state): AppState,
+    caller: Caller,
+    _idem: Idem,
+) -> Result<Json<Snapshot>, ApiError> {
+    caller.allow(Kind::Snapshot)?;
+    let taken = state
+        .backend()?
+        .snapshot()
+        .await
+        .map_err(|why| ApiError::transport(ErrorCode::SnapshotFailed, why))?;
+    Ok(Json(Snapshot {
+        checkpoints: taken
+            .into_iter()
+            .map(|c| Checkpoint {
+                shard: c.shard,
+                lsn: c.lsn,
+                digest: format!("{:016x}", c.digest),
+                stall_us: c.stall_us,
+            })
+            .collect(),
+    }))
+}
+
+/// This document.
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json")))]
+pub(crate) async fn openapi_document() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        crate::openapi::document(),
+    )
+        .into_response()
+}
+
+async fn metrics_text(State(state): AppState) -> Response {
+    match &state.metrics {
+        Some(handle) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => ApiError::transport(ErrorCode::NotFound, "metrics are not enabled").into_response(),
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): AppState) -> Response {
+    match state.backend.get() {
+        Some(backend) => {
+            let (shards, running) = backend.shards();
+            if shards == running {
+                "ready\n".into_response()
+            } else {
+                ApiError::transport(
+                    ErrorCode::NotReady,
+                    format!("{running} of {shards} shards are running"),
+                )
+                .into_response()
+            }
+        }
+        None => ApiError::from_code(ErrorCode::NotReady).into_response(),
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::transport(ErrorCode::NotFound, "no such route; see /v1/openapi.json")
+}
+
+async fn method_not_allowed(method: Method) -> ApiError {
+    ApiError::transport(
+        ErrorCode::MethodNotAllowed,
+        format!("this route does not take {method}"),
+    )
+}
+
+/// Counts every request by route, method and code, and logs it.
+async fn observe(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched".to_string(), |p| p.as_str().to_string());
+    let method = request.method().clone();
+    let response = next.run(request).await;
+    let code = response.extensions().get::<CodeOf>().map_or(0, |c| c.0);
+    let status = response.status().as_u16();
+    let seconds = started.elapsed().as_secs_f64();
+    let operation = format!("{method} {route}");
+    metrics::counter!("tally_requests_total", "transport" => "http", "operation" => operation.clone(), "code" => code.to_string())
+        .increment(1);
+    metrics::histogram!("tally_request_duration_seconds", "transport" => "http", "operation" => operation.clone())
+        .record(seconds);
+    tracing::debug!(%method, %route, status, code, micros = (seconds * 1e6) as u64, "http request");
+    response
+}

@@ -1,0 +1,67 @@
+//! The HTTP front: `tally-api` over the same [`ShardBackend`] as QUIC, and the process's
+//! Prometheus recorder.
+//!
+//! The API server starts before recovery so that `/healthz` answers and `/readyz` says
+//! "recovering" while the shards replay their WALs; [`ready`] hands it the backend afterwards.
+
+use std::sync::{Arc, OnceLock};
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tally_api::{ApiConfig, ApiServer, ApiState};
+use tally_net::KeyStore;
+
+use crate::config::Config;
+use crate::handle::Handle;
+use crate::net::ShardBackend;
+use crate::server::Error;
+
+/// The process-wide Prometheus recorder, installed on first use. `None` if another recorder was
+/// installed first (then `/metrics` answers 404).
+pub fn metrics_handle() -> Option<PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
+                    0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ])
+                .ok()?
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok()?;
+            Some(handle)
+        })
+        .clone()
+}
+
+/// Starts the HTTP API on `config.http_listen` (TLS with `crypto` when `config.http_tls`); call
+/// inside a tokio runtime. Until [`ready`], every `/v1` route answers `503 NotReady`.
+pub async fn start_http(
+    config: &Config,
+    keys: Arc<KeyStore>,
+    crypto: Option<rustls::ServerConfig>,
+) -> Result<(Arc<ApiState>, ApiServer), Error> {
+    let listen = config.http_listen.parse().map_err(|_| {
+        Error(format!(
+            "http_listen: {:?} is not an address",
+            config.http_listen
+        ))
+    })?;
+    let mut api = ApiConfig::plain(listen);
+    if config.http_tls {
+        let crypto = crypto.ok_or_else(|| Error("http_tls needs a TLS identity".into()))?;
+        api.tls = Some(tally_api::tls_config(crypto));
+    }
+    api.connections_max = config.connections_max as usize;
+    let state = ApiState::new(keys, metrics_handle());
+    let server = ApiServer::start(api, Arc::clone(&state))
+        .await
+        .map_err(|e| Error(format!("http_listen {}: {e}", config.http_listen)))?;
+    Ok((state, server))
+}
+
+/// Recovery is done: the API serves from `handle`.
+pub fn ready(state: &ApiState, handle: Handle) {
+    state.set_backend(Arc::new(ShardBackend::new(handle)));
+}
