@@ -1059,15 +1059,13 @@ fn serve(args: ServeArgs) -> Result<()> {
         tally_server::net::start_quic(&config, server.handle(), keys, crypto)?
     };
     tracing::info!(
-        shards = config.shards,
-        data_dir = %config.data_dir.display(),
-        quic = %network.local_addr(),
-        http = %http.local_addr(),
-        http_tls = config.http_tls,
-        "serving {} shards (QUIC ALPN tally/1 on {}, HTTP on {}); stop with SIGTERM or Ctrl-C",
+        "serving {} shards from {}: QUIC on {} (ALPN tally/1), HTTP on {}{}; stop with SIGTERM \
+         or Ctrl-C",
         config.shards,
+        config.data_dir.display(),
         network.local_addr(),
-        http.local_addr()
+        http.local_addr(),
+        if config.http_tls { " (TLS)" } else { "" },
     );
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
@@ -1079,7 +1077,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     });
     let digests = server.shutdown()?;
     for (shard, digest) in digests.iter().enumerate() {
-        tracing::info!(shard, digest = %format!("{digest:016x}"), "shard stopped");
+        tracing::info!("shard {shard} stopped, digest {digest:016x}");
     }
     Ok(())
 }

@@ -36,6 +36,8 @@ fn serve_stops_cleanly_on_sigterm_and_refuses_a_held_directory() {
             "2",
             "--listen",
             "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
         ])
         .stderr(Stdio::piped())
         .spawn()

@@ -24,6 +24,7 @@ impl Server {
             .args(["serve", "--data-dir"])
             .arg(data)
             .args(["--shards", "2", "--listen", "127.0.0.1:0"])
+            .args(["--http-listen", "127.0.0.1:0"])
             .env("TALLY_ADMIN_KEY", ADMIN_KEY)
             .env_remove("TALLY_API_KEY")
             .stderr(Stdio::piped())
@@ -38,8 +39,8 @@ impl Server {
                 "serve exited before serving"
             );
             if line.contains("serving") {
-                // "... on 127.0.0.1:PORT (QUIC, ..."
-                let rest = line.split(" on ").last().unwrap();
+                // "... QUIC on 127.0.0.1:PORT (ALPN ..."
+                let rest = line.split("QUIC on ").nth(1).unwrap();
                 break rest.split_whitespace().next().unwrap().to_string();
             }
         };
