@@ -3,7 +3,9 @@
 //!
 //! Decimals are strings so no JSON parser on the way rounds them through a float: an optional
 //! `-`, digits, an optional `.` and digits, at most 28 significant digits. `1e3`, `1_000`,
-//! `+1`, ` 1` and JSON numbers are refused with a message that says so.
+//! `+1`, ` 1` and JSON numbers are refused with a message that says so. Answers write every
+//! amount exactly and without trailing zeros (`8.5`, `10`, `0.0000025`), whatever scale the
+//! computation that produced it carried, so equal amounts always read the same.
 
 use std::str::FromStr;
 
@@ -33,9 +35,9 @@ pub fn parse_decimal(text: &str) -> Result<Decimal, String> {
 pub mod decimal {
     use super::*;
 
-    /// Writes the decimal as a string, keeping its scale (`1.10` stays `1.10`).
+    /// Writes the decimal as a string without trailing zeros (`1.10` is written `1.1`).
     pub fn serialize<S: Serializer>(value: &Decimal, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(value)
+        serializer.collect_str(&value.normalize())
     }
 
     /// Reads a decimal string (see [`parse_decimal`]).
@@ -55,7 +57,7 @@ pub mod decimal {
             serializer: S,
         ) -> Result<S::Ok, S::Error> {
             match value {
-                Some(v) => serializer.collect_str(v),
+                Some(v) => serializer.collect_str(&v.normalize()),
                 None => serializer.serialize_none(),
             }
         }

@@ -208,8 +208,8 @@ fn rejection(id: RequestId, reply: &Reply) -> ApiError {
     {
         error = error
             .with("asset", asset.as_str())
-            .with("spendable", spendable.to_string())
-            .with("required", required.to_string());
+            .with("spendable", spendable.normalize().to_string())
+            .with("required", required.normalize().to_string());
     }
     error
 }
@@ -258,7 +258,7 @@ fn unexpected(answer: QueryReply) -> ApiError {
 
 /// Declare an asset.
 #[utoipa::path(post, path = "/v1/assets", tag = "catalog", request_body = DefineAsset,
-    params(("Idempotency-Key" = String, Header, description = "Makes retries safe (see the docs)")),
+    params(("Idempotency-Key" = String, Header, description = "Makes retries safe (see the docs)", pattern = "^[!-~]{1,255}$")),
     responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn define_asset(
@@ -272,7 +272,7 @@ pub(crate) async fn define_asset(
 
 /// Declare a product (meter) and its dimensions.
 #[utoipa::path(post, path = "/v1/products", tag = "catalog", request_body = DefineProduct,
-    params(("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    params(("Idempotency-Key" = String, Header, description = "Makes retries safe", pattern = "^[!-~]{1,255}$")),
     responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn define_product(
@@ -286,7 +286,7 @@ pub(crate) async fn define_product(
 
 /// Write (replace) a plan's draft; creates the plan if needed.
 #[utoipa::path(put, path = "/v1/plans/{plan}/draft", tag = "plans", request_body = DraftPlan,
-    params(("plan" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    params(("plan" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe", pattern = "^[!-~]{1,255}$")),
     responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn draft_plan(
@@ -301,7 +301,7 @@ pub(crate) async fn draft_plan(
 
 /// Publish a plan's draft as its next version (which never changes afterwards).
 #[utoipa::path(post, path = "/v1/plans/{plan}/publish", tag = "plans",
-    params(("plan" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    params(("plan" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe", pattern = "^[!-~]{1,255}$")),
     responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn publish_plan(
@@ -339,7 +339,7 @@ pub(crate) async fn test_draft(
 
 /// Create a wallet.
 #[utoipa::path(post, path = "/v1/wallets", tag = "wallets", request_body = CreateWallet,
-    params(("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    params(("Idempotency-Key" = String, Header, description = "Makes retries safe", pattern = "^[!-~]{1,255}$")),
     responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn create_wallet(
@@ -509,7 +509,7 @@ pub(crate) async fn get_wallet(
 
 /// Freeze a wallet: strict usage and reserves are refused until it is unfrozen.
 #[utoipa::path(post, path = "/v1/wallets/{wallet}/freeze", tag = "wallets",
-    params(("wallet" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    params(("wallet" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe", pattern = "^[!-~]{1,255}$")),
     responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn freeze(
@@ -524,7 +524,7 @@ pub(crate) async fn freeze(
 
 /// Unfreeze a wallet.
 #[utoipa::path(post, path = "/v1/wallets/{wallet}/unfreeze", tag = "wallets",
-    params(("wallet" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    params(("wallet" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe", pattern = "^[!-~]{1,255}$")),
     responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn unfreeze(
@@ -539,7 +539,7 @@ pub(crate) async fn unfreeze(
 
 /// Set a wallet's overdraft limit in one asset.
 #[utoipa::path(put, path = "/v1/wallets/{wallet}/overdraft", tag = "wallets", request_body = SetOverdraft,
-    params(("wallet" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    params(("wallet" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe", pattern = "^[!-~]{1,255}$")),
     responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn set_overdraft(
@@ -559,7 +559,7 @@ pub(crate) async fn set_overdraft(
 
 /// Put a wallet on a published plan version from a given time on.
 #[utoipa::path(put, path = "/v1/wallets/{wallet}/plan", tag = "plans", request_body = AssignPlan,
-    params(("wallet" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    params(("wallet" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe", pattern = "^[!-~]{1,255}$")),
     responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn assign_plan(
@@ -580,7 +580,7 @@ pub(crate) async fn assign_plan(
 
 /// Add a grant (credit) to a wallet.
 #[utoipa::path(post, path = "/v1/wallets/{wallet}/grants", tag = "wallets", request_body = CreateGrant,
-    params(("wallet" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    params(("wallet" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe", pattern = "^[!-~]{1,255}$")),
     responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn create_grant(
@@ -698,7 +698,7 @@ pub(crate) async fn margin(
 
 /// Hold an amount, or a priced estimate, until it is settled, released or its deadline passes.
 #[utoipa::path(post, path = "/v1/wallets/{wallet}/holds", tag = "holds", request_body = CreateHold,
-    params(("wallet" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    params(("wallet" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe", pattern = "^[!-~]{1,255}$")),
     responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn create_hold(
@@ -714,7 +714,7 @@ pub(crate) async fn create_hold(
 
 /// Settle a hold with the actual usage (an overrun is charged as in record mode).
 #[utoipa::path(post, path = "/v1/wallets/{wallet}/holds/{hold}/settle", tag = "holds", request_body = Settle,
-    params(("wallet" = String, Path), ("hold" = u64, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    params(("wallet" = String, Path), ("hold" = u64, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe", pattern = "^[!-~]{1,255}$")),
     responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn settle_hold(
@@ -735,7 +735,7 @@ pub(crate) async fn settle_hold(
 
 /// Release a hold without charging.
 #[utoipa::path(post, path = "/v1/wallets/{wallet}/holds/{hold}/release", tag = "holds",
-    params(("wallet" = String, Path), ("hold" = u64, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    params(("wallet" = String, Path), ("hold" = u64, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe", pattern = "^[!-~]{1,255}$")),
     responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn release_hold(
@@ -753,7 +753,7 @@ pub(crate) async fn release_hold(
 
 /// Refund part or all of a usage event (or settled hold).
 #[utoipa::path(post, path = "/v1/wallets/{wallet}/refunds", tag = "adjustments", request_body = CreateRefund,
-    params(("wallet" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    params(("wallet" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe", pattern = "^[!-~]{1,255}$")),
     responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn create_refund(
@@ -775,7 +775,7 @@ pub(crate) async fn create_refund(
 
 /// Dispute (charge back) a top-up grant: its remainder is clawed back, the spent part is debt.
 #[utoipa::path(post, path = "/v1/wallets/{wallet}/disputes", tag = "adjustments", request_body = CreateDispute,
-    params(("wallet" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    params(("wallet" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe", pattern = "^[!-~]{1,255}$")),
     responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn create_dispute(
@@ -795,7 +795,7 @@ pub(crate) async fn create_dispute(
 
 /// Record that a dispute was won: the grant's amount is credited again.
 #[utoipa::path(post, path = "/v1/wallets/{wallet}/disputes/{grant}/won", tag = "adjustments",
-    params(("wallet" = String, Path), ("grant" = u64, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    params(("wallet" = String, Path), ("grant" = u64, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe", pattern = "^[!-~]{1,255}$")),
     responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn dispute_won(
@@ -813,7 +813,7 @@ pub(crate) async fn dispute_won(
 
 /// A manual correction with a reason.
 #[utoipa::path(post, path = "/v1/wallets/{wallet}/adjustments", tag = "adjustments", request_body = CreateAdjustment,
-    params(("wallet" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    params(("wallet" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe", pattern = "^[!-~]{1,255}$")),
     responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn create_adjustment(
@@ -834,7 +834,7 @@ pub(crate) async fn create_adjustment(
 
 /// Set (replace) a wallet's auto top-up rule for one asset.
 #[utoipa::path(put, path = "/v1/wallets/{wallet}/topup-rules/{asset}", tag = "top-ups", request_body = SetTopUpRule,
-    params(("wallet" = String, Path), ("asset" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    params(("wallet" = String, Path), ("asset" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe", pattern = "^[!-~]{1,255}$")),
     responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn set_topup_rule(
@@ -850,7 +850,7 @@ pub(crate) async fn set_topup_rule(
 
 /// Remove a wallet's auto top-up rule for one asset.
 #[utoipa::path(delete, path = "/v1/wallets/{wallet}/topup-rules/{asset}", tag = "top-ups",
-    params(("wallet" = String, Path), ("asset" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe")),
+    params(("wallet" = String, Path), ("asset" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe", pattern = "^[!-~]{1,255}$")),
     responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn remove_topup_rule(
@@ -868,7 +868,7 @@ pub(crate) async fn remove_topup_rule(
 
 /// Report one usage event: priced under the wallet's plan, then debited.
 #[utoipa::path(post, path = "/v1/usage", tag = "usage", request_body = UsageEvent,
-    params(("Idempotency-Key" = String, Header, description = "Makes retries safe; refunds refer to the event by it")),
+    params(("Idempotency-Key" = String, Header, description = "Makes retries safe; refunds refer to the event by it", pattern = "^[!-~]{1,255}$")),
     responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn report_usage(
@@ -888,7 +888,7 @@ pub(crate) async fn report_usage(
 
 /// Report many usage events in one call (one group commit per shard); each is answered.
 #[utoipa::path(post, path = "/v1/usage/batch", tag = "usage", request_body = UsageBatch,
-    params(("Idempotency-Key" = String, Header, description = "Event i without its own key gets the key \"<this key>/<i>\"")),
+    params(("Idempotency-Key" = String, Header, description = "Event i without its own key gets the key \"<this key>/<i>\"", pattern = "^[!-~]{1,255}$")),
     responses((status = 200, body = BatchResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn report_usage_batch(
@@ -999,7 +999,7 @@ async fn blocking<T: Send + 'static>(
 
 /// Create an API key. The secret is in this answer only.
 #[utoipa::path(post, path = "/v1/keys", tag = "keys", request_body = CreateKey,
-    params(("Idempotency-Key" = String, Header, description = "Required like every mutating call (a key is created per call; the header is not remembered for keys)")),
+    params(("Idempotency-Key" = String, Header, description = "Required like every mutating call (a key is created per call; the header is not remembered for keys)", pattern = "^[!-~]{1,255}$")),
     responses((status = 200, body = CreatedKey), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn create_key(
@@ -1049,7 +1049,7 @@ pub(crate) async fn list_keys(
 
 /// Revoke an API key; connections using it are refused from their next request.
 #[utoipa::path(delete, path = "/v1/keys/{id}", tag = "keys",
-    params(("id" = u64, Path), ("Idempotency-Key" = String, Header, description = "Required like every mutating call")),
+    params(("id" = u64, Path), ("Idempotency-Key" = String, Header, description = "Required like every mutating call", pattern = "^[!-~]{1,255}$")),
     responses((status = 200, body = KeyInfo), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn revoke_key(
@@ -1095,7 +1095,7 @@ pub(crate) async fn health(
 
 /// Take a checkpoint of every shard now (online snapshot).
 #[utoipa::path(post, path = "/v1/snapshots", tag = "operations",
-    params(("Idempotency-Key" = String, Header, description = "Required like every mutating call (each call takes a checkpoint)")),
+    params(("Idempotency-Key" = String, Header, description = "Required like every mutating call (each call takes a checkpoint)", pattern = "^[!-~]{1,255}$")),
     responses((status = 200, body = Snapshot), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn snapshot(
