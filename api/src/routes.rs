@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Path, RawQuery, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, RawQuery, Request, State};
 use axum::http::{header, request::Parts, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -119,6 +119,20 @@ impl Caller {
 
     fn admin(&self) -> Result<(), ApiError> {
         self.allow(Kind::KeyCreate)
+    }
+}
+
+/// Path parameters, with errors in the API's shape (`/v1/keys/-1` is a 422 naming the value).
+pub(crate) struct Path<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Path<T>, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| Path(p.0))
+            .map_err(|e| ApiError::invalid(format!("path: {}", e.body_text())))
     }
 }
 

@@ -870,6 +870,15 @@ async fn bad_requests_get_a_clear_4xx_and_change_nothing() {
     http.get("/v1/nowhere").await.error(404, "NotFound");
     http.send(
         reqwest::Method::DELETE,
+        "/v1/keys/-1",
+        Some(ADMIN),
+        Some("k"),
+        None,
+    )
+    .await
+    .error(422, "InvalidBody");
+    http.send(
+        reqwest::Method::DELETE,
         "/v1/usage",
         Some(ADMIN),
         Some("x"),
