@@ -1191,7 +1191,8 @@ async fn method_not_allowed(method: Method) -> ApiError {
     )
 }
 
-/// Counts every request by route, method and code, and logs it.
+/// Counts every HTTP request by method, route and code (`tally_http_requests_total`), and logs
+/// it. What reaches the engine is also counted by transport and operation in the server.
 async fn observe(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let route = request
@@ -1203,10 +1204,10 @@ async fn observe(request: Request, next: Next) -> Response {
     let code = response.extensions().get::<CodeOf>().map_or(0, |c| c.0);
     let status = response.status().as_u16();
     let seconds = started.elapsed().as_secs_f64();
-    let operation = format!("{method} {route}");
-    metrics::counter!("tally_requests_total", "transport" => "http", "operation" => operation.clone(), "code" => code.to_string())
+    let route_label = format!("{method} {route}");
+    metrics::counter!("tally_http_requests_total", "route" => route_label.clone(), "code" => code.to_string())
         .increment(1);
-    metrics::histogram!("tally_request_duration_seconds", "transport" => "http", "operation" => operation.clone())
+    metrics::histogram!("tally_http_request_duration_seconds", "route" => route_label)
         .record(seconds);
     tracing::debug!(%method, %route, status, code, micros = (seconds * 1e6) as u64, "http request");
     response

@@ -83,6 +83,8 @@ struct Index {
     plans: Map<Name, u32>,
     requests: Map<RequestId, u64>,
     timers: BTreeSet<Timer>,
+    /// Open holds over all wallets (for the server's metrics).
+    holds_open: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -310,7 +312,18 @@ impl Engine {
         restore(state)
     }
 
+    /// Open holds over every wallet of this shard, kept as they open and close (O(1)).
+    pub fn holds_open(&self) -> u64 {
+        self.index.holds_open
+    }
+
     pub(crate) fn rebuild_timers(&mut self) {
+        self.index.holds_open = self
+            .state
+            .wallets
+            .iter()
+            .map(|w| w.holds.len() as u64)
+            .sum();
         let mut timers = BTreeSet::new();
         for (w, wallet) in self.state.wallets.iter().enumerate() {
             let wallet_index = w as u32;
@@ -1135,6 +1148,7 @@ impl Engine {
             deadline,
             created_at: now,
         });
+        self.index.holds_open += 1;
         let balance = wallet.balance_mut(&asset);
         balance.held += amount;
         let available = balance.available();
@@ -1174,6 +1188,7 @@ impl Engine {
         let now = self.state.now;
         let wallet = wallet_mut(&mut self.state.wallets, w);
         let hold = wallet.holds.swap_remove(i);
+        self.index.holds_open -= 1;
         wallet.balance_mut(&hold.asset).held -= hold.amount;
         if wallet.closed_holds.len() == CLOSED_HOLDS_KEPT {
             wallet.closed_holds.pop_front();

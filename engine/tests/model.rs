@@ -403,6 +403,20 @@ fn run(ops: Vec<Op>) {
     replay.handle_timeout(h.now);
     assert_eq!(replay.digest(), h.engine.digest(), "replay diverged");
 
+    // The open-hold count kept as holds open and close is the count in the state, and a restored
+    // engine derives the same.
+    let held: u64 = h
+        .engine
+        .state()
+        .wallets
+        .iter()
+        .map(|w| w.holds.len() as u64)
+        .sum();
+    assert_eq!(h.engine.holds_open(), held);
+    assert_eq!(replay.holds_open(), held);
+    let restored = Engine::from_state(h.engine.state().clone()).unwrap();
+    assert_eq!(restored.holds_open(), held);
+
     // Snapshot → restore keeps the digest.
     h.snapshot_round_trip();
 

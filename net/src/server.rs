@@ -254,7 +254,13 @@ struct OpenGuard<'a>(&'a AtomicU64);
 impl Drop for OpenGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!("tally_connections_open", "transport" => "quic").decrement(1.0);
     }
+}
+
+fn auth_failure(reason: &'static str) {
+    metrics::counter!("tally_auth_failures_total", "transport" => "quic", "reason" => reason)
+        .increment(1);
 }
 
 fn close(conn: &Connection, code: ErrorCode, reason: &str) {
@@ -265,9 +271,11 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
     let Ok(conn) = incoming.await else { return };
     let stats = &shared.stats;
     let open = stats.connections_open.fetch_add(1, Ordering::Relaxed) + 1;
+    metrics::gauge!("tally_connections_open", "transport" => "quic").increment(1.0);
     let _guard = OpenGuard(&stats.connections_open);
     if open > u64::from(shared.limits.connections_max) {
         stats.connections_refused.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("tally_connections_refused_total", "transport" => "quic").increment(1);
         close(
             &conn,
             ErrorCode::TooManyConnections,
@@ -429,6 +437,8 @@ async fn step(frame: &Frame<'_>, conn: &ConnState, shared: &Shared) -> Out {
                 }
                 None => {
                     stats.rejected_key.fetch_add(1, Ordering::Relaxed);
+                    auth_failure("invalid_key");
+                    auth_failure("invalid_key");
                     Out::Close(
                         id,
                         ErrorFrame {
@@ -460,6 +470,7 @@ async fn request(id: u64, frame: &Frame<'_>, conn: &ConnState, shared: &Shared) 
         stats
             .rejected_unauthenticated
             .fetch_add(1, Ordering::Relaxed);
+        auth_failure("missing");
         return now(
             id,
             error(
@@ -470,6 +481,7 @@ async fn request(id: u64, frame: &Frame<'_>, conn: &ConnState, shared: &Shared) 
     };
     if key.is_revoked() {
         stats.rejected_key.fetch_add(1, Ordering::Relaxed);
+        auth_failure("invalid_key");
         return Out::Close(
             id,
             ErrorFrame {
@@ -480,6 +492,7 @@ async fn request(id: u64, frame: &Frame<'_>, conn: &ConnState, shared: &Shared) 
     }
     if kind.admin_only() && key.scope != Scope::Admin {
         stats.rejected_scope.fetch_add(1, Ordering::Relaxed);
+        auth_failure("scope");
         return now(
             id,
             error(

@@ -63,5 +63,6 @@ pub async fn start_http(
 
 /// Recovery is done: the API serves from `handle`.
 pub fn ready(state: &ApiState, handle: Handle) {
-    state.set_backend(Arc::new(ShardBackend::new(handle)));
+    let backend = Arc::new(ShardBackend::new(handle));
+    state.set_backend(Arc::new(crate::observe::Counted::new(backend, "http")));
 }

@@ -15,6 +15,7 @@ pub mod handle;
 pub mod http;
 pub mod logging;
 pub mod net;
+pub mod observe;
 pub mod ops;
 pub mod outbound;
 pub mod record;

@@ -207,11 +207,12 @@ pub fn start_quic(
         .listen
         .parse()
         .map_err(|_| Error(format!("listen: {:?} is not an address", config.listen)))?;
+    let backend = Arc::new(ShardBackend::new(handle));
     NetServer::start(
         listen,
         crypto,
         limits(config),
-        Arc::new(ShardBackend::new(handle)),
+        Arc::new(crate::observe::Counted::new(backend, "quic")),
         keys,
     )
     .map_err(|e| Error(e.to_string()))

@@ -206,15 +206,15 @@ impl FileSinks {
             .collect()
     }
 
-    /// Writes one effect unless its stream already has it.
-    pub fn write(&mut self, tagged: &Tagged) -> Result<(), Error> {
+    /// Writes one effect unless its stream already has it; true if it was written now.
+    pub fn write(&mut self, tagged: &Tagged) -> Result<bool, Error> {
         let stream = &mut self.streams[stream_of(&tagged.effect)];
         if stream
             .last
             .get(&tagged.shard)
             .is_some_and(|&p| tagged.position() <= p)
         {
-            return Ok(());
+            return Ok(false);
         }
         let mut line = serde_json::to_vec(tagged).map_err(|e| Error(format!("encode: {e}")))?;
         line.push(b'\n');
@@ -225,7 +225,7 @@ impl FileSinks {
         stream.offset += line.len() as u64;
         stream.last.insert(tagged.shard, tagged.position());
         self.unflushed += 1;
-        Ok(())
+        Ok(true)
     }
 
     /// Makes everything written durable and records the progress.
@@ -281,12 +281,17 @@ pub fn spawn(mut sinks: FileSinks, receiver: Receiver<Message>) -> JoinHandle<Re
         .name("tally-outbound".into())
         .spawn(move || {
             let mut last_flush = std::time::Instant::now();
+            let queued = metrics::gauge!("tally_outbound_queue_depth");
+            let unflushed = metrics::gauge!("tally_outbound_unflushed_effects", "sink" => "jsonl");
+            let lag = metrics::gauge!("tally_outbound_lag_seconds", "sink" => "jsonl");
             loop {
                 let wait = FLUSH_INTERVAL.saturating_sub(last_flush.elapsed());
                 match receiver.recv_timeout(wait) {
                     Ok(Message::Effects(effects)) => {
                         for tagged in &effects {
-                            sinks.write(tagged)?;
+                            if sinks.write(tagged)? {
+                                crate::observe::effect_written(&tagged.effect);
+                            }
                         }
                     }
                     Ok(Message::Flush(done)) => {
@@ -301,6 +306,14 @@ pub fn spawn(mut sinks: FileSinks, receiver: Receiver<Message>) -> JoinHandle<Re
                     sinks.flush()?;
                     last_flush = std::time::Instant::now();
                 }
+                queued.set(receiver.len() as f64);
+                unflushed.set(sinks.unflushed as f64);
+                // How long the oldest effect not yet durable in the sink has waited (at most).
+                lag.set(if sinks.unflushed == 0 && receiver.is_empty() {
+                    0.0
+                } else {
+                    last_flush.elapsed().as_secs_f64()
+                });
             }
             sinks.flush()
         })

@@ -26,6 +26,7 @@ use tally_wal::{FileStorage, Wal};
 use tokio::sync::oneshot;
 
 use crate::clock::Clock;
+use crate::observe::ShardMetrics;
 use crate::outbound::{self, Tagged};
 use crate::record::{self, LogEntry, LogRecord};
 
@@ -166,6 +167,7 @@ pub struct Shard {
     buf: Vec<u8>,
     records_since_checkpoint: u64,
     last_checkpoint: Instant,
+    metrics: ShardMetrics,
 }
 
 /// A checkpoint being written on its own thread.
@@ -217,6 +219,7 @@ impl Shard {
             buf: Vec::with_capacity(4096),
             records_since_checkpoint: 0,
             last_checkpoint: Instant::now(),
+            metrics: ShardMetrics::new(index),
         }
     }
 
@@ -230,13 +233,16 @@ impl Shard {
     /// the WAL fails. Returns the final state's digest.
     pub fn run(mut self) -> Result<u64, CallError> {
         let syncer = self.wal.syncer();
+        let sync_seconds = self.metrics.sync_seconds.clone();
         let (sync_tx, sync_rx) = crossbeam_channel::bounded::<()>(1);
         let (synced_tx, synced_rx) = crossbeam_channel::bounded::<Result<u64, String>>(1);
         let sync_thread = std::thread::Builder::new()
             .name(format!("tally-sync-{}", self.index))
             .spawn(move || {
                 while sync_rx.recv().is_ok() {
+                    let started = Instant::now();
                     let result = syncer.sync().map_err(|e| e.to_string());
+                    sync_seconds.record(started.elapsed().as_secs_f64());
                     let failed = result.is_err();
                     if synced_tx.send(result).is_err() || failed {
                         break;
@@ -332,6 +338,8 @@ impl Shard {
     /// Logs, seals and applies one batch. Returns true if it contained `Stop`.
     fn apply_batch(&mut self, batch: &mut Vec<Message>) -> Result<bool, CallError> {
         let now = self.now();
+        self.metrics.batch_size.record(batch.len() as f64);
+        self.metrics.queue_depth.set(self.inbound.len() as f64);
         let mut stop = false;
         let record_max = tally_wal::RECORD_PAYLOAD_MAX;
         // Log first: every request of the batch, then one seal. A request too large for a record
@@ -419,6 +427,8 @@ impl Shard {
         debug_assert_eq!(lsn, end_lsn);
         self.applied_lsn = end_lsn;
         self.records_since_checkpoint += logged;
+        self.metrics.records.increment(logged);
+        self.metrics.holds_open.set(self.engine.holds_open() as f64);
         self.park(end_lsn, ready, effects);
         if !checkpoint_requests.is_empty() {
             // A checkpoint needs a durable state: wait for this batch first.
@@ -450,6 +460,7 @@ impl Shard {
             .seal()
             .map_err(|e| CallError::Poisoned(e.to_string()))?;
         self.engine.handle_timeout(now);
+        self.metrics.holds_open.set(self.engine.holds_open() as f64);
         let mut effects = Vec::new();
         self.drain_effects(lsn, &mut effects);
         self.applied_lsn = lsn;
@@ -490,6 +501,7 @@ impl Shard {
 
     /// Releases every parked batch that is now durable.
     fn release(&mut self, durable: u64) -> Result<(), CallError> {
+        self.metrics.durable_lsn.set(durable as f64);
         while self.pending.front().is_some_and(|p| p.end_lsn <= durable) {
             let Pending { ready, effects, .. } = self.pending.pop_front().expect("checked");
             if !effects.is_empty() {

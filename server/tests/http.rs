@@ -552,6 +552,15 @@ async fn every_route_end_to_end_with_exact_balances() {
     assert_eq!(snapshot.ok()["checkpoints"].as_array().unwrap().len(), 2);
 
     // Operator endpoints.
+    http.send(
+        reqwest::Method::GET,
+        "/v1/health",
+        Some("wrong-key"),
+        None,
+        None,
+    )
+    .await
+    .error(401, "InvalidKey");
     let ready = http
         .client
         .get(format!("{}/readyz", http.base))
@@ -569,12 +578,25 @@ async fn every_route_end_to_end_with_exact_balances() {
         .await
         .unwrap();
     assert!(
-        metrics.contains(
-            r#"tally_requests_total{transport="http",operation="POST /v1/usage",code="0"}"#
-        ),
+        metrics.contains(r#"tally_http_requests_total{route="POST /v1/usage",code="0"}"#),
         "{metrics}"
     );
-    assert!(metrics.contains(r#"code="40""#), "{metrics}");
+    assert!(
+        metrics.contains(r#"tally_requests_total{transport="http",operation="Usage",code="40"}"#),
+        "{metrics}"
+    );
+    for name in [
+        "tally_shard_queue_depth",
+        "tally_shard_batch_size",
+        "tally_wal_sync_duration_seconds",
+        "tally_wal_durable_lsn",
+        "tally_holds_open",
+        "tally_checkpoint_duration_seconds",
+        "tally_auth_failures_total",
+        "tally_connections_open",
+    ] {
+        assert!(metrics.contains(name), "{name} is missing from /metrics");
+    }
     http.stop().await;
 }
 
