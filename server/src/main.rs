@@ -129,7 +129,7 @@ enum AssetCommand {
         #[arg(long)]
         scale: u32,
         /// What one unit is worth in USD, for margin reporting.
-        #[arg(long, value_parser = remote::parse_decimal)]
+        #[arg(long, allow_hyphen_values = true, value_parser = remote::parse_decimal)]
         usd_value: Decimal,
     },
 }
@@ -155,6 +155,7 @@ enum WalletCommand {
     Create {
         #[command(flatten)]
         common: MutateArgs,
+        /// The wallet's id.
         #[arg(value_parser = remote::parse_name)]
         wallet: WalletId,
         /// Metadata, key=value (repeat; at most 16).
@@ -168,6 +169,7 @@ enum WalletCommand {
     Get {
         #[command(flatten)]
         remote: RemoteArgs,
+        /// The wallet's id.
         #[arg(value_parser = remote::parse_name)]
         wallet: WalletId,
     },
@@ -175,6 +177,7 @@ enum WalletCommand {
     Freeze {
         #[command(flatten)]
         common: MutateArgs,
+        /// The wallet's id.
         #[arg(value_parser = remote::parse_name)]
         wallet: WalletId,
     },
@@ -182,6 +185,7 @@ enum WalletCommand {
     Unfreeze {
         #[command(flatten)]
         common: MutateArgs,
+        /// The wallet's id.
         #[arg(value_parser = remote::parse_name)]
         wallet: WalletId,
     },
@@ -189,12 +193,14 @@ enum WalletCommand {
     Overdraft {
         #[command(flatten)]
         common: MutateArgs,
+        /// The wallet's id.
         #[arg(value_parser = remote::parse_name)]
         wallet: WalletId,
+        /// The asset, e.g. USD.
         #[arg(long, value_parser = remote::parse_asset)]
         asset: AssetCode,
         /// How far below zero strict usage may take available balance.
-        #[arg(long, value_parser = remote::parse_decimal)]
+        #[arg(long, allow_hyphen_values = true, value_parser = remote::parse_decimal)]
         limit: Decimal,
     },
 }
@@ -203,11 +209,14 @@ enum WalletCommand {
 struct GrantArgs {
     #[command(flatten)]
     common: MutateArgs,
+    /// The wallet's id.
     #[arg(value_parser = remote::parse_name)]
     wallet: WalletId,
+    /// The asset, e.g. USD.
     #[arg(long, value_parser = remote::parse_asset)]
     asset: AssetCode,
-    #[arg(long, value_parser = remote::parse_decimal)]
+    /// The amount, a decimal such as 25.00.
+    #[arg(long, allow_hyphen_values = true, value_parser = remote::parse_decimal)]
     amount: Decimal,
     /// Consumption priority, lower first [default: 100 for top-ups, else 0].
     #[arg(long)]
@@ -258,12 +267,13 @@ impl EventArgs {
 struct UsageArgs {
     #[command(flatten)]
     common: MutateArgs,
+    /// The wallet's id.
     #[arg(value_parser = remote::parse_name)]
     wallet: WalletId,
     #[command(flatten)]
     event: EventArgs,
     /// What the event cost the seller, in USD.
-    #[arg(long, default_value = "0", value_parser = remote::parse_decimal)]
+    #[arg(long, allow_hyphen_values = true, default_value = "0", value_parser = remote::parse_decimal)]
     cost_usd: Decimal,
     /// Record mode (already served: always applied, a shortfall becomes debt) instead of strict.
     #[arg(long)]
@@ -274,6 +284,7 @@ struct UsageArgs {
 struct PriceArgs {
     #[command(flatten)]
     remote: RemoteArgs,
+    /// The wallet's id.
     #[arg(value_parser = remote::parse_name)]
     wallet: WalletId,
     #[command(flatten)]
@@ -284,13 +295,14 @@ struct PriceArgs {
 struct ReserveArgs {
     #[command(flatten)]
     common: MutateArgs,
+    /// The wallet's id.
     #[arg(value_parser = remote::parse_name)]
     wallet: WalletId,
     /// Fixed amount: the asset.
     #[arg(long, value_parser = remote::parse_asset, requires = "amount", conflicts_with = "product")]
     asset: Option<AssetCode>,
     /// Fixed amount: the amount.
-    #[arg(long, value_parser = remote::parse_decimal, requires = "asset")]
+    #[arg(long, allow_hyphen_values = true, value_parser = remote::parse_decimal, requires = "asset")]
     amount: Option<Decimal>,
     /// Estimate: the product whose priced usage shape is held.
     #[arg(long, value_parser = remote::parse_name, required_unless_present = "asset")]
@@ -313,6 +325,7 @@ struct ReserveArgs {
 struct SettleArgs {
     #[command(flatten)]
     common: MutateArgs,
+    /// The wallet's id.
     #[arg(value_parser = remote::parse_name)]
     wallet: WalletId,
     /// The hold's id (from `tally reserve`).
@@ -321,7 +334,7 @@ struct SettleArgs {
     #[command(flatten)]
     event: EventArgs,
     /// What the usage cost the seller, in USD.
-    #[arg(long, default_value = "0", value_parser = remote::parse_decimal)]
+    #[arg(long, allow_hyphen_values = true, default_value = "0", value_parser = remote::parse_decimal)]
     cost_usd: Decimal,
 }
 
@@ -329,6 +342,7 @@ struct SettleArgs {
 struct ReleaseArgs {
     #[command(flatten)]
     common: MutateArgs,
+    /// The wallet's id.
     #[arg(value_parser = remote::parse_name)]
     wallet: WalletId,
     /// The hold's id.
@@ -340,13 +354,14 @@ struct ReleaseArgs {
 struct RefundArgs {
     #[command(flatten)]
     common: MutateArgs,
+    /// The wallet's id.
     #[arg(value_parser = remote::parse_name)]
     wallet: WalletId,
     /// The request id of the usage or settle to refund.
     #[arg(long, value_name = "REQUEST_ID")]
     event: u128,
     /// The amount [default: whatever is left to refund].
-    #[arg(long, value_parser = remote::parse_decimal)]
+    #[arg(long, allow_hyphen_values = true, value_parser = remote::parse_decimal)]
     amount: Option<Decimal>,
 }
 
@@ -354,6 +369,7 @@ struct RefundArgs {
 struct DisputeArgs {
     #[command(flatten)]
     common: MutateArgs,
+    /// The wallet's id.
     #[arg(value_parser = remote::parse_name)]
     wallet: WalletId,
     /// The top-up grant's id.
@@ -371,8 +387,10 @@ struct DisputeArgs {
 struct AdjustArgs {
     #[command(flatten)]
     common: MutateArgs,
+    /// The wallet's id.
     #[arg(value_parser = remote::parse_name)]
     wallet: WalletId,
+    /// The asset, e.g. USD.
     #[arg(long, value_parser = remote::parse_asset)]
     asset: AssetCode,
     /// Signed amount: positive credits, negative debits (e.g. --amount -2.50).
@@ -389,6 +407,7 @@ enum PlanCommand {
     Draft {
         #[command(flatten)]
         common: MutateArgs,
+        /// The plan.
         #[arg(value_parser = remote::parse_name)]
         plan: Name,
         /// JSON: a list of `tally_engine::PriceRule` (docs/operations.md has an example).
@@ -405,6 +424,7 @@ enum PlanCommand {
     Publish {
         #[command(flatten)]
         common: MutateArgs,
+        /// The plan.
         #[arg(value_parser = remote::parse_name)]
         plan: Name,
     },
@@ -412,8 +432,10 @@ enum PlanCommand {
     Assign {
         #[command(flatten)]
         common: MutateArgs,
+        /// The wallet's id.
         #[arg(value_parser = remote::parse_name)]
         wallet: WalletId,
+        /// The plan.
         #[arg(value_parser = remote::parse_name)]
         plan: Name,
         /// The published version.
@@ -427,6 +449,7 @@ enum PlanCommand {
     Test {
         #[command(flatten)]
         remote: RemoteArgs,
+        /// The plan.
         #[arg(value_parser = remote::parse_name)]
         plan: Name,
         /// JSON: a list of `tally_engine::UsageEvent`.
@@ -441,18 +464,20 @@ enum TopUpRuleCommand {
     Set {
         #[command(flatten)]
         common: MutateArgs,
+        /// The wallet's id.
         #[arg(value_parser = remote::parse_name)]
         wallet: WalletId,
+        /// The asset, e.g. USD.
         #[arg(long, value_parser = remote::parse_asset)]
         asset: AssetCode,
         /// A top-up is requested when available drops below this.
-        #[arg(long, value_parser = remote::parse_decimal)]
+        #[arg(long, allow_hyphen_values = true, value_parser = remote::parse_decimal)]
         threshold: Decimal,
         /// Charge this fixed amount.
-        #[arg(long, value_parser = remote::parse_decimal, required_unless_present = "target", conflicts_with = "target")]
+        #[arg(long, allow_hyphen_values = true, value_parser = remote::parse_decimal, required_unless_present = "target", conflicts_with = "target")]
         amount: Option<Decimal>,
         /// Charge enough to bring available up to this balance.
-        #[arg(long, value_parser = remote::parse_decimal)]
+        #[arg(long, allow_hyphen_values = true, value_parser = remote::parse_decimal)]
         target: Option<Decimal>,
         /// The saved payment method to charge.
         #[arg(long, value_parser = remote::parse_name)]
@@ -464,15 +489,17 @@ enum TopUpRuleCommand {
         #[arg(long, default_value_t = 60)]
         cooldown: u64,
         /// Most that may be requested per UTC day.
-        #[arg(long, value_parser = remote::parse_decimal)]
+        #[arg(long, allow_hyphen_values = true, value_parser = remote::parse_decimal)]
         daily_cap: Option<Decimal>,
     },
     /// Remove a wallet's auto top-up rule for one asset.
     Remove {
         #[command(flatten)]
         common: MutateArgs,
+        /// The wallet's id.
         #[arg(value_parser = remote::parse_name)]
         wallet: WalletId,
+        /// The asset, e.g. USD.
         #[arg(long, value_parser = remote::parse_asset)]
         asset: AssetCode,
     },
@@ -482,8 +509,10 @@ enum TopUpRuleCommand {
 struct BalanceArgs {
     #[command(flatten)]
     remote: RemoteArgs,
+    /// The wallet's id.
     #[arg(value_parser = remote::parse_name)]
     wallet: WalletId,
+    /// The asset, e.g. USD.
     #[arg(long, value_parser = remote::parse_asset)]
     asset: AssetCode,
 }

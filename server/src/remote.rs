@@ -489,31 +489,7 @@ pub fn now() -> Timestamp {
 
 /// A time as RFC 3339 UTC (`2026-11-24T18:00:00Z`, with microseconds when there are any).
 pub fn format_rfc3339(t: Timestamp) -> String {
-    let secs = t.0.div_euclid(1_000_000);
-    let micros = t.0.rem_euclid(1_000_000);
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400);
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let fraction = if micros == 0 {
-        String::new()
-    } else {
-        format!(".{micros:06}")
-    };
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}{fraction}Z",
-        sod / 3600,
-        sod / 60 % 60,
-        sod % 60
-    )
+    t.to_rfc3339()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1096,13 +1072,12 @@ fn charge_text(
     debt_added: Decimal,
     available: Decimal,
 ) -> String {
-    let mut text = format!(
-        "charged {}, remaining {}",
-        amount(charged, asset),
-        amount(available, asset)
-    );
+    let [charged, available, debt_added_text] =
+        <[String; 3]>::try_from(same_scale(&[charged, available, debt_added]))
+            .expect("three amounts");
+    let mut text = format!("charged {charged} {asset}, remaining {available} {asset}");
     if !debt_added.is_zero() {
-        text += &format!(", debt added {}", amount(debt_added, asset));
+        text += &format!(", debt added {debt_added_text} {asset}");
     }
     text
 }
@@ -1378,22 +1353,46 @@ const BALANCE_HEADER: [&str; 7] = [
     "overdraft",
 ];
 
+/// Amounts written with as many decimal places as the most precise of them, so that a zero reads
+/// `0.00` beside `0.98` (the engine keeps exact values, whose scale depends on how they were
+/// computed).
+fn same_scale(values: &[Decimal]) -> Vec<String> {
+    let scale = values.iter().map(|v| v.scale()).max().unwrap_or(0);
+    values
+        .iter()
+        .map(|v| {
+            let mut v = *v;
+            v.rescale(scale);
+            v.to_string()
+        })
+        .collect()
+}
+
 fn balance_row(b: &BalanceView) -> Vec<String> {
-    vec![
-        b.asset.to_string(),
-        b.available.to_string(),
-        b.ledger.to_string(),
-        b.held.to_string(),
-        b.debt.to_string(),
-        b.pending.to_string(),
-        b.overdraft.to_string(),
-    ]
+    let mut row = vec![b.asset.to_string()];
+    row.extend(same_scale(&[
+        b.available,
+        b.ledger,
+        b.held,
+        b.debt,
+        b.pending,
+        b.overdraft,
+    ]));
+    row
 }
 
 fn margin_text(m: &MarginView) -> String {
+    let [revenue, cost, refunded, margin] = <[String; 4]>::try_from(same_scale(&[
+        m.revenue_usd,
+        m.cost_usd,
+        m.refunded_usd,
+        m.margin_usd,
+    ]))
+    .expect("four amounts");
     format!(
-        "margin: {} events, revenue {} USD, cost {} USD, refunded {} USD, margin {} USD",
-        m.events, m.revenue_usd, m.cost_usd, m.refunded_usd, m.margin_usd
+        "margin: {} events, revenue {revenue} USD, cost {cost} USD, refunded {refunded} USD, \
+         margin {margin} USD",
+        m.events
     )
 }
 
@@ -1626,6 +1625,16 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn amounts_of_one_line_share_a_scale() {
+        let d = |s: &str| s.parse::<Decimal>().unwrap();
+        assert_eq!(
+            same_scale(&[d("0"), d("0.98"), d("12.5")]),
+            ["0.00", "0.98", "12.50"]
+        );
+        assert_eq!(same_scale(&[d("3"), d("0")]), ["3", "0"]);
+    }
 
     #[test]
     fn decimals_are_exact_and_refuse_floats_and_junk() {

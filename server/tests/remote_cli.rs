@@ -518,6 +518,33 @@ fn cli_client_drives_a_running_server() {
     }
     assert_eq!(available(&server), "9.00");
 
+    // A negative amount is an amount, not a flag: the server refuses it with its code.
+    for negative in [
+        &["grant", "w1", "--asset", "USD", "--amount", "-1.00"][..],
+        &["reserve", "w1", "--asset", "USD", "--amount", "-1.00"][..],
+    ] {
+        let out = admin(&server, negative);
+        assert_eq!(out.code, 1, "{negative:?}: {}", out.stderr);
+        assert!(
+            out.stderr.contains("InvalidAmount") || out.stderr.contains("InvalidDeadline"),
+            "{negative:?}: {}",
+            out.stderr
+        );
+    }
+    assert_eq!(available(&server), "9.00");
+    // Every flag of `grant` has a help line.
+    let help = admin(&server, &["grant", "--help"]).ok().stdout.clone();
+    for (flag, says) in [
+        ("--asset <ASSET>", "The asset"),
+        ("--amount <AMOUNT>", "The amount"),
+    ] {
+        let line = help
+            .lines()
+            .find(|l| l.trim_start().starts_with(flag))
+            .unwrap_or_default();
+        assert!(line.contains(says), "{flag:?} has no help line: {help}");
+    }
+
     // A gateway key: usage works, a grant is out of scope.
     let doc = admin(
         &server,
