@@ -86,6 +86,12 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, axum::Json(self.body.clone())).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer realm=\"tally\""),
+            );
+        }
         // Handlers' metrics read the code back from here.
         response.extensions_mut().insert(CodeOf(self.body.code));
         response

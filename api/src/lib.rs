@@ -56,8 +56,9 @@ impl std::fmt::Debug for ApiState {
 }
 
 impl ApiState {
-    /// A state with no backend yet: until [`ApiState::set_backend`], `/healthz` answers and every
-    /// other route is `503 NotReady`.
+    /// A state with no backend yet: until [`ApiState::set_backend`], `/healthz` answers, the key
+    /// routes work (keys do not live in the shards), and every route that needs the shards is
+    /// `503 NotReady`.
     pub fn new(keys: Arc<KeyStore>, metrics: Option<PrometheusHandle>) -> Arc<ApiState> {
         Arc::new(ApiState {
             backend: OnceLock::new(),

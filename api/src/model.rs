@@ -983,7 +983,7 @@ pub struct Balance {
 }
 
 impl Balance {
-    /// From the engine's view, each amount at its asset's scale.
+    /// From the engine's view.
     pub fn of(b: &engine::BalanceView) -> Balance {
         Balance {
             asset: b.asset.as_str().into(),

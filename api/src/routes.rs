@@ -494,9 +494,12 @@ fn parse_query(raw: &str) -> Result<Vec<(String, String)>, ApiError> {
         }
         String::from_utf8(out).map_err(|_| ApiError::invalid("query: not UTF-8"))
     };
-    raw.split('&')
-        .filter(|p| !p.is_empty())
-        .take(64)
+    let pairs: Vec<&str> = raw.split('&').filter(|p| !p.is_empty()).collect();
+    if pairs.len() > 64 {
+        return Err(ApiError::invalid("query: more than 64 parameters"));
+    }
+    pairs
+        .into_iter()
         .map(|pair| {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             Ok((decode(k)?, decode(v)?))
@@ -1180,6 +1183,19 @@ async fn readyz(State(state): AppState) -> Response {
     }
 }
 
+fn standard_method(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
 async fn not_found() -> ApiError {
     ApiError::transport(ErrorCode::NotFound, "no such route; see /v1/openapi.json")
 }
@@ -1198,16 +1214,21 @@ async fn observe(request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
-        .map_or("unmatched".to_string(), |p| p.as_str().to_string());
+        .map(|p| p.as_str().to_string());
+    // Labels come only from the route table and the standard methods, so a client cannot make
+    // new series.
     let method = request.method().clone();
+    let route = match &route {
+        Some(r) => format!("{} {r}", standard_method(&method)),
+        None => "unmatched".to_string(),
+    };
     let response = next.run(request).await;
     let code = response.extensions().get::<CodeOf>().map_or(0, |c| c.0);
     let status = response.status().as_u16();
     let seconds = started.elapsed().as_secs_f64();
-    let route_label = format!("{method} {route}");
-    metrics::counter!("tally_http_requests_total", "route" => route_label.clone(), "code" => code.to_string())
+    metrics::counter!("tally_http_requests_total", "route" => route.clone(), "code" => code.to_string())
         .increment(1);
-    metrics::histogram!("tally_http_request_duration_seconds", "route" => route_label)
+    metrics::histogram!("tally_http_request_duration_seconds", "route" => route.clone())
         .record(seconds);
     tracing::debug!(%method, %route, status, code, micros = (seconds * 1e6) as u64, "http request");
     response

@@ -438,7 +438,6 @@ async fn step(frame: &Frame<'_>, conn: &ConnState, shared: &Shared) -> Out {
                 None => {
                     stats.rejected_key.fetch_add(1, Ordering::Relaxed);
                     auth_failure("invalid_key");
-                    auth_failure("invalid_key");
                     Out::Close(
                         id,
                         ErrorFrame {

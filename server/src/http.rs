@@ -6,7 +6,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tally_api::{ApiConfig, ApiServer, ApiState};
 use tally_net::KeyStore;
 
@@ -26,6 +26,14 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
                     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
                     0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 ])
+                .ok()?
+                .set_buckets_for_metric(
+                    Matcher::Full("tally_shard_batch_size".into()),
+                    &[
+                        1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
+                        4096.0,
+                    ],
+                )
                 .ok()?
                 .build_recorder();
             let handle = recorder.handle();
@@ -49,6 +57,12 @@ pub async fn start_http(
         ))
     })?;
     let mut api = ApiConfig::plain(listen);
+    if !config.http_tls && !std::net::SocketAddr::ip(&listen).is_loopback() {
+        tracing::warn!(
+            "the HTTP API listens on {listen} without TLS: API keys and amounts cross the network \
+             in clear; use --http-tls (or a TLS proxy in front) beyond loopback"
+        );
+    }
     if config.http_tls {
         let crypto = crypto.ok_or_else(|| Error("http_tls needs a TLS identity".into()))?;
         api.tls = Some(tally_api::tls_config(crypto));
