@@ -60,6 +60,10 @@ pub struct Config {
     pub http_listen: String,
     /// Serve the HTTP API over TLS with the QUIC certificate.
     pub http_tls: bool,
+    /// Also write every effect to JSON-lines files in `<data-dir>/outbound/`.
+    pub export_jsonl: bool,
+    /// Delete history rows older than this many days (0: keep everything).
+    pub history_retention_days: u64,
 }
 
 impl Default for Config {
@@ -85,6 +89,8 @@ impl Default for Config {
             net_threads: 2,
             http_listen: "127.0.0.1:7480".into(),
             http_tls: false,
+            export_jsonl: false,
+            history_retention_days: 0,
         }
     }
 }
@@ -121,6 +127,10 @@ pub struct Overrides {
     pub http_listen: Option<String>,
     /// See [`Config::http_tls`].
     pub http_tls: Option<bool>,
+    /// See [`Config::export_jsonl`].
+    pub export_jsonl: Option<bool>,
+    /// See [`Config::history_retention_days`].
+    pub history_retention_days: Option<u64>,
     /// See [`Config::tls_cert`].
     pub tls_cert: Option<PathBuf>,
     /// See [`Config::tls_key`].
@@ -165,6 +175,8 @@ const ENV: &[(&str, &str)] = &[
     ("TALLY_LISTEN", "listen"),
     ("TALLY_HTTP_LISTEN", "http_listen"),
     ("TALLY_HTTP_TLS", "http_tls"),
+    ("TALLY_EXPORT_JSONL", "export_jsonl"),
+    ("TALLY_HISTORY_RETENTION_DAYS", "history_retention_days"),
     ("TALLY_TLS_CERT", "tls_cert"),
     ("TALLY_TLS_KEY", "tls_key"),
     ("TALLY_CONNECTIONS_MAX", "connections_max"),
@@ -189,7 +201,7 @@ impl Overrides {
                 let parsed = match *key {
                     "data_dir" | "durability" | "listen" | "http_listen" | "tls_cert"
                     | "tls_key" => toml::Value::String(value),
-                    "http_tls" => match value.trim() {
+                    "http_tls" | "export_jsonl" => match value.trim() {
                         "1" | "true" => toml::Value::Boolean(true),
                         "0" | "false" => toml::Value::Boolean(false),
                         _ => {
@@ -233,6 +245,8 @@ impl Overrides {
             listen,
             http_listen,
             http_tls,
+            export_jsonl,
+            history_retention_days,
             connections_max,
             streams_max,
             in_flight_max,

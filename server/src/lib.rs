@@ -16,8 +16,9 @@ pub mod http;
 pub mod logging;
 pub mod net;
 pub mod observe;
+/// The effect sinks (re-exported from `tally-outbound`).
+pub use tally_outbound as outbound;
 pub mod ops;
-pub mod outbound;
 pub mod record;
 pub mod remote;
 pub mod server;

@@ -7,7 +7,7 @@
 //! - [`ShardMetrics`] holds one shard loop's handles, registered once (recording is an atomic
 //!   operation, nothing is allocated per batch): inbound queue depth, batch size, WAL sync
 //!   latency, durable LSN, open holds.
-//! - The outbound thread counts what its sinks newly wrote ([`effect_written`]): debits and
+//! - The outbound thread (`tally-outbound`) counts what its sinks newly wrote: debits and
 //!   amounts by asset, top-ups requested, journal entries, and its own lag.
 //!
 //! Names follow Prometheus conventions: `_total` counters, `_seconds` and `_bytes` units.
@@ -16,10 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use metrics::{Counter, Gauge, Histogram};
-use rust_decimal::prelude::ToPrimitive;
-use tally_engine::{
-    Effect, Query, QueryReply, Reply, Request, ResultCode, WalletFilter, WalletPage,
-};
+use tally_engine::{Query, QueryReply, Reply, Request, ResultCode, WalletFilter, WalletPage};
 use tally_net::message::{command_kind, query_kind, CheckpointInfo};
 use tally_net::{Backend, BoxFuture, ErrorCode, Outcome};
 
@@ -171,33 +168,4 @@ impl ShardMetrics {
             records: metrics::counter!("tally_wal_records_total", "shard" => s),
         }
     }
-}
-
-/// Counts an effect a sink wrote for the first time (replayed duplicates are not counted).
-pub fn effect_written(effect: &Effect) {
-    match effect {
-        Effect::Margin(m) => {
-            let asset = m.asset.as_str().to_string();
-            metrics::counter!("tally_debits_total", "asset" => asset.clone()).increment(1);
-            // Volume for dashboards, in millionths of the asset (the ledger is the exact record).
-            metrics::counter!("tally_debited_micros_total", "asset" => asset)
-                .increment(micros(m.charged));
-            metrics::counter!("tally_revenue_usd_micros_total").increment(micros(m.revenue_usd));
-            metrics::counter!("tally_cost_usd_micros_total").increment(micros(m.cost_usd));
-        }
-        Effect::Journal(_) => metrics::counter!("tally_journal_entries_total").increment(1),
-        Effect::TopUpRequested(_) => {
-            metrics::counter!("tally_topups_total", "outcome" => "requested").increment(1)
-        }
-        Effect::TopUpExhausted { .. } => {
-            metrics::counter!("tally_topups_total", "outcome" => "exhausted").increment(1)
-        }
-    }
-}
-
-fn micros(amount: rust_decimal::Decimal) -> u64 {
-    amount
-        .checked_mul(rust_decimal::Decimal::from(1_000_000))
-        .and_then(|m| m.trunc().to_u64())
-        .unwrap_or(0)
 }

@@ -125,19 +125,21 @@ pub fn snapshot((config, json, action): (Config, bool, SnapshotAction)) -> Resul
             let mut written = Vec::new();
             // The replayed effects reach the sinks (which skip what they hold) before the
             // checkpoint that makes the WAL below it unnecessary is written: nothing is lost.
-            let mut sinks = crate::outbound::FileSinks::open(&config.data_dir.join("outbound"))?;
+            let mut sinks = crate::server::open_sinks(&config)?;
             for shard in 0..count {
                 let mut failed = None;
                 let (engine, wal, report) =
                     recover_shard(&config, &store, shard, Until::default(), &mut |t| {
                         if failed.is_none() {
-                            failed = sinks.write(&t).err();
+                            failed = crate::outbound::write_all(&mut sinks, &t).err();
                         }
                     })?;
                 if let Some(e) = failed {
                     return Err(e.into());
                 }
-                sinks.flush()?;
+                for sink in sinks.iter_mut() {
+                    sink.flush()?;
+                }
                 let now = engine.state().now;
                 crate::shard::Checkpoints::write(&store, shard, report.lsn, now, engine.state())
                     .map_err(anyhow::Error::msg)?;

@@ -30,7 +30,7 @@ use tally_wal::{Durability, FileStorage, Options, Wal};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, DurabilitySetting};
 use crate::handle::Handle;
-use crate::outbound::{self, FileSinks, Tagged};
+use crate::outbound::{self, FileSinks, Sink, SqliteSink, Tagged};
 use crate::record::{self, LogEntry};
 use crate::shard::{CallError, Checkpoints, Shard, ShardOptions};
 
@@ -217,19 +217,25 @@ pub fn recover_shard(
             if until.stops_before(r.lsn, decoded.at) {
                 break;
             }
-            match decoded.entry {
+            let cause = match decoded.entry {
                 LogEntry::Request(request) => {
                     engine.handle_request(decoded.at, &request);
+                    Some(Arc::new(request))
                 }
-                LogEntry::Tick => engine.handle_timeout(decoded.at),
-            }
+                LogEntry::Tick => {
+                    engine.handle_timeout(decoded.at);
+                    None
+                }
+            };
             let mut index = 0;
             while let Some(effect) = engine.poll_effect() {
                 effects(Tagged {
                     shard,
                     lsn: r.lsn,
                     index,
+                    applied_at: decoded.at,
                     effect,
+                    cause: cause.clone(),
                 });
                 index += 1;
             }
@@ -264,6 +270,23 @@ impl Until {
     }
 }
 
+/// The sinks a configuration asks for: the SQLite history store always, JSON lines optionally.
+pub fn open_sinks(config: &Config) -> Result<Vec<Box<dyn Sink>>, Error> {
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| Error(format!("cannot create {}: {e}", config.data_dir.display())))?;
+    let retention = (config.history_retention_days > 0)
+        .then(|| Duration::from_secs(config.history_retention_days * 86_400));
+    let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(
+        SqliteSink::open(&config.data_dir, retention).map_err(|e| Error(e.to_string()))?,
+    )];
+    if config.export_jsonl {
+        sinks.push(Box::new(
+            FileSinks::open(&config.data_dir.join("outbound")).map_err(|e| Error(e.to_string()))?,
+        ));
+    }
+    Ok(sinks)
+}
+
 /// A running server.
 #[derive(Debug)]
 pub struct Server {
@@ -291,8 +314,7 @@ impl Server {
         config.validate().map_err(|e| Error(e.to_string()))?;
         let lock = DataDirLock::acquire(&config.data_dir)?;
         let count = shard_count(&config.data_dir, config.shards)?;
-        let sinks =
-            FileSinks::open(&config.data_dir.join("outbound")).map_err(|e| Error(e.to_string()))?;
+        let sinks = open_sinks(config)?;
         let (outbound_tx, outbound_rx) = crossbeam_channel::bounded(config.outbound_queue_depth);
         let outbound = outbound::spawn(sinks, outbound_rx);
         let mut senders = Vec::new();

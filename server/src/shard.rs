@@ -387,7 +387,7 @@ impl Shard {
                     requests += 1;
                     lsn += 1;
                     let reply = self.engine.handle_request(now, &request);
-                    self.drain_effects(lsn, &mut effects);
+                    self.drain_effects(lsn, now, Some(request), &mut effects);
                     ready.push(Ready::Reply(reply_to, reply));
                 }
                 Message::Batch(batch_requests, reply_to) => {
@@ -401,7 +401,7 @@ impl Shard {
                         requests += 1;
                         lsn += 1;
                         replies.push(Ok(self.engine.handle_request(now, &request)));
-                        self.drain_effects(lsn, &mut effects);
+                        self.drain_effects(lsn, now, Some(request), &mut effects);
                     }
                     ready.push(Ready::Batch(reply_to, replies));
                 }
@@ -462,21 +462,36 @@ impl Shard {
         self.engine.handle_timeout(now);
         self.metrics.holds_open.set(self.engine.holds_open() as f64);
         let mut effects = Vec::new();
-        self.drain_effects(lsn, &mut effects);
+        self.drain_effects(lsn, now, None, &mut effects);
         self.applied_lsn = lsn;
         self.records_since_checkpoint += 1;
         self.park(lsn, Vec::new(), effects);
         Ok(())
     }
 
-    fn drain_effects(&mut self, lsn: u64, effects: &mut Vec<Tagged>) {
+    /// Tags the effects of the input at `lsn`; they share its request (moved into one `Arc`,
+    /// only if there is an effect) for the sinks that need what effects do not carry.
+    fn drain_effects(
+        &mut self,
+        lsn: u64,
+        at: Timestamp,
+        request: Option<Request>,
+        effects: &mut Vec<Tagged>,
+    ) {
         let mut index = 0;
+        let mut request = request;
+        let mut cause: Option<Arc<Request>> = None;
         while let Some(effect) = self.engine.poll_effect() {
+            if cause.is_none() {
+                cause = request.take().map(Arc::new);
+            }
             effects.push(Tagged {
                 shard: self.index,
                 lsn,
                 index,
+                applied_at: at,
                 effect,
+                cause: cause.clone(),
             });
             index += 1;
         }

@@ -284,6 +284,59 @@ fn verify(dir: &Path, scenario: &str) {
             "wallet {w}"
         );
     }
+    // The SQLite history store holds the same, exactly once: every acknowledged event, and a
+    // journal that gives every wallet its balance.
+    let reader = tally_server::outbound::sqlite::Reader::open(&dir).unwrap();
+    let mut stored = BTreeMap::<String, u32>::new();
+    for w in wallets() {
+        let mut filter = tally_server::outbound::sqlite::Filter {
+            wallet: w.clone(),
+            limit: 1000,
+            ..Default::default()
+        };
+        loop {
+            let page = reader.usage(&filter).unwrap();
+            for row in &page.rows {
+                *stored.entry(row.request_id.clone()).or_default() += 1;
+            }
+            match page.next {
+                Some(next) => filter.cursor = Some(next),
+                None => break,
+            }
+        }
+        let mut balance = Decimal::ZERO;
+        let mut filter = tally_server::outbound::sqlite::Filter {
+            wallet: w.clone(),
+            limit: 1000,
+            ..Default::default()
+        };
+        loop {
+            let page = reader.transactions(&filter).unwrap();
+            for row in &page.rows {
+                if row.from == "wallet" {
+                    balance -= row.amount;
+                }
+                if row.to == "wallet" {
+                    balance += row.amount;
+                }
+            }
+            match page.next {
+                Some(next) => filter.cursor = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(balance, ledger[&w], "wallet {w} in the history store");
+    }
+    assert!(stored.values().all(|n| *n == 1), "usage stored twice");
+    for id in &acked {
+        assert!(
+            stored.contains_key(&format!("{id:032x}")),
+            "acknowledged event {id} is not in the history store"
+        );
+    }
+    let (usage_rows, journal_rows, _) = reader.counts().unwrap();
+    assert_eq!(usage_rows as usize, exported_ids.len());
+    assert_eq!(journal_rows as usize, journal.len());
     println!(
         "crash test ({scenario}): {} acknowledged usage events, {} exported, {} journal entries, \
          all present once",

@@ -21,6 +21,8 @@ pub fn config(dir: &std::path::Path, shards: u32) -> tally_server::Config {
         wal_segment_bytes: 1 << 20,
         snapshot_every_records: 0,
         snapshot_every_secs: 0,
+        // The tests read the exports back from the JSON-lines files too.
+        export_jsonl: true,
         ..tally_server::Config::default()
     }
 }

@@ -1,44 +1,17 @@
-//! The outbound queue: effects leave the shard threads here and are written by sinks on a thread
-//! of their own.
-//!
-//! Every effect is tagged with the shard, the LSN of the input that produced it and its index
-//! among that input's effects. That tag is deterministic (replay produces the same effects with
-//! the same tags), so a sink records, per shard, the last tag it has made durable and skips
-//! anything at or below it: after a restart nothing is lost (replay re-emits what was not
-//! written) and nothing is written twice.
-//!
-//! The sink for now is a JSON-lines file per stream (`journal`, `margin`, `topups`, `alerts`) in
+//! The JSON-lines sink: one file per stream (`journal`, `margin`, `topups`, `alerts`) in
 //! `<data-dir>/outbound/`. Its progress is the file itself: at start the sink reads the tags of
-//! the lines after the last checkpointed offset (in `progress.json`) and drops a torn last line.
+//! the lines after the last checkpointed offset (in `progress.json`) and drops a torn last line,
+//! so a line is never written twice and a torn write is never kept.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::thread::JoinHandle;
 
-use crossbeam_channel::{Receiver, Sender};
 use serde::{Deserialize, Serialize};
 use tally_engine::Effect;
 
-/// An effect with its deterministic position.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Tagged {
-    /// The shard.
-    pub shard: u32,
-    /// LSN of the input that produced it.
-    pub lsn: u64,
-    /// Index among that input's effects.
-    pub index: u32,
-    /// The effect.
-    pub effect: Effect,
-}
-
-impl Tagged {
-    fn position(&self) -> (u64, u32) {
-        (self.lsn, self.index)
-    }
-}
+use crate::{Error, Sink, Tagged};
 
 /// The streams, one file each.
 pub const STREAMS: [&str; 4] = ["journal", "margin", "topups", "alerts"];
@@ -50,29 +23,6 @@ fn stream_of(effect: &Effect) -> usize {
         Effect::TopUpRequested(_) => 2,
         Effect::TopUpExhausted { .. } => 3,
     }
-}
-
-/// Messages to the outbound thread.
-#[derive(Debug)]
-pub enum Message {
-    /// Effects to write.
-    Effects(Vec<Tagged>),
-    /// Make everything so far durable and reply.
-    Flush(Sender<()>),
-}
-
-/// Waits until every effect queued on `outbound` before this call is durable in the sinks.
-///
-/// This is the barrier a checkpoint at LSN L passes before it is written: recovery re-derives
-/// effects only from the WAL above L, so the sinks must hold everything at or below it first.
-pub fn flush(outbound: &Sender<Message>) -> Result<(), String> {
-    let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-    outbound
-        .send(Message::Flush(done_tx))
-        .map_err(|_| "the outbound thread stopped before the sinks were flushed".to_string())?;
-    done_rx
-        .recv()
-        .map_err(|_| "the outbound thread stopped while flushing the sinks".to_string())
 }
 
 /// Checkpoint of a sink: bytes of each stream file known to be whole and the last tag per shard.
@@ -103,18 +53,6 @@ impl std::fmt::Debug for FileSinks {
             .finish_non_exhaustive()
     }
 }
-
-/// An outbound failure: the server cannot export and must stop.
-#[derive(Debug)]
-pub struct Error(pub String);
-
-impl std::fmt::Display for Error {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "outbound: {}", self.0)
-    }
-}
-
-impl std::error::Error for Error {}
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
     Error(format!("cannot {what} {}: {e}", path.display()))
@@ -206,8 +144,7 @@ impl FileSinks {
             .collect()
     }
 
-    /// Writes one effect unless its stream already has it; true if it was written now.
-    pub fn write(&mut self, tagged: &Tagged) -> Result<bool, Error> {
+    fn write_line(&mut self, tagged: &Tagged) -> Result<bool, Error> {
         let stream = &mut self.streams[stream_of(&tagged.effect)];
         if stream
             .last
@@ -228,8 +165,7 @@ impl FileSinks {
         Ok(true)
     }
 
-    /// Makes everything written durable and records the progress.
-    pub fn flush(&mut self) -> Result<(), Error> {
+    fn flush_files(&mut self) -> Result<(), Error> {
         if self.unflushed == 0 {
             return Ok(());
         }
@@ -268,54 +204,20 @@ impl FileSinks {
     }
 }
 
-/// Flush after this many effects even while more keep coming.
-const FLUSH_EVERY: usize = 65_536;
-/// Flush at least this often while effects are waiting. The sinks' durability is not on the
-/// reply path (replay re-emits anything not yet written), so syncing them per batch would only
-/// spend the disk.
-const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+impl Sink for FileSinks {
+    fn name(&self) -> &'static str {
+        "jsonl"
+    }
 
-/// Starts the outbound thread. It exits when every sender is dropped, after a final flush.
-pub fn spawn(mut sinks: FileSinks, receiver: Receiver<Message>) -> JoinHandle<Result<(), Error>> {
-    std::thread::Builder::new()
-        .name("tally-outbound".into())
-        .spawn(move || {
-            let mut last_flush = std::time::Instant::now();
-            let queued = metrics::gauge!("tally_outbound_queue_depth");
-            let unflushed = metrics::gauge!("tally_outbound_unflushed_effects", "sink" => "jsonl");
-            let lag = metrics::gauge!("tally_outbound_lag_seconds", "sink" => "jsonl");
-            loop {
-                let wait = FLUSH_INTERVAL.saturating_sub(last_flush.elapsed());
-                match receiver.recv_timeout(wait) {
-                    Ok(Message::Effects(effects)) => {
-                        for tagged in &effects {
-                            if sinks.write(tagged)? {
-                                crate::observe::effect_written(&tagged.effect);
-                            }
-                        }
-                    }
-                    Ok(Message::Flush(done)) => {
-                        sinks.flush()?;
-                        last_flush = std::time::Instant::now();
-                        let _ = done.send(());
-                    }
-                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
-                }
-                if sinks.unflushed >= FLUSH_EVERY || last_flush.elapsed() >= FLUSH_INTERVAL {
-                    sinks.flush()?;
-                    last_flush = std::time::Instant::now();
-                }
-                queued.set(receiver.len() as f64);
-                unflushed.set(sinks.unflushed as f64);
-                // How long the oldest effect not yet durable in the sink has waited (at most).
-                lag.set(if sinks.unflushed == 0 && receiver.is_empty() {
-                    0.0
-                } else {
-                    last_flush.elapsed().as_secs_f64()
-                });
-            }
-            sinks.flush()
-        })
-        .expect("spawning the outbound thread")
+    fn write(&mut self, tagged: &Tagged) -> Result<bool, Error> {
+        self.write_line(tagged)
+    }
+
+    fn flush(&mut self) -> Result<(), Error> {
+        self.flush_files()
+    }
+
+    fn unflushed(&self) -> usize {
+        self.unflushed
+    }
 }

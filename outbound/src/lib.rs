@@ -1,0 +1,224 @@
+//! Workers on engine effects, off the shard threads: the history sinks (SQLite by default, JSON
+//! lines optionally) that every effect is written to exactly once.
+//!
+//! Every effect is tagged with the shard, the LSN of the input that produced it and its index
+//! among that input's effects. That tag is deterministic (replay produces the same effects with
+//! the same tags), so a sink keeps, durably and with the effects themselves, what it holds per
+//! shard and skips anything it already has: after a restart nothing is lost (replay re-emits
+//! what was not written) and nothing is written twice.
+//!
+//! **The exactly-once mechanism.** Recovery replays the WAL only above the newest checkpoint, so a
+//! checkpoint at LSN L may be written only once every sink holds every effect at or below L
+//! durably. The shard queues its effects in LSN order before it starts a checkpoint, and the
+//! checkpoint writer calls [`flush`] first: a flush request queued behind those effects, answered
+//! when every sink has synced them. So at any moment an effect is either durable in every sink
+//! or re-derivable from the WAL, across `kill -9`, a checkpoint, or a power loss (sinks sync with
+//! `fdatasync` / SQLite `synchronous=FULL` before they answer).
+//!
+//! What this crate deliberately does not know: WALs, checkpoints and shard threads. The server
+//! owns the thread this runs on ([`spawn`]) and decides when to flush.
+
+pub mod jsonl;
+pub mod sqlite;
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use rust_decimal::prelude::ToPrimitive;
+use serde::{Deserialize, Serialize};
+use tally_engine::{Effect, Request, Timestamp};
+
+pub use jsonl::FileSinks;
+pub use sqlite::SqliteSink;
+
+/// An effect with its deterministic position and what caused it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tagged {
+    /// The shard.
+    pub shard: u32,
+    /// LSN of the input that produced it.
+    pub lsn: u64,
+    /// Index among that input's effects.
+    pub index: u32,
+    /// When the shard applied the input.
+    #[serde(default)]
+    pub applied_at: Timestamp,
+    /// The effect.
+    pub effect: Effect,
+    /// The request that produced it (`None` for timers), shared by all its effects; sinks take
+    /// what effects do not carry from it (a usage event's quantities and attributes, the event a
+    /// refund refers to).
+    #[serde(skip)]
+    pub cause: Option<Arc<Request>>,
+}
+
+impl Tagged {
+    /// `(lsn, index)`: the order of effects within a shard.
+    pub fn position(&self) -> (u64, u32) {
+        (self.lsn, self.index)
+    }
+}
+
+/// An outbound failure: the server cannot export and must stop (nothing is lost: the WAL and
+/// the last checkpoint that waited for the sinks still hold everything not yet written).
+#[derive(Debug)]
+pub struct Error(pub String);
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "outbound: {}", self.0)
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// A destination for effects.
+pub trait Sink: Send {
+    /// A short name for logs and metrics (`sqlite`, `jsonl`).
+    fn name(&self) -> &'static str;
+    /// Buffers one effect unless the sink already holds it; true if it is new.
+    fn write(&mut self, tagged: &Tagged) -> Result<bool, Error>;
+    /// Makes everything written so far durable, with the sink's record of what it holds.
+    fn flush(&mut self) -> Result<(), Error>;
+    /// Effects written but not yet flushed.
+    fn unflushed(&self) -> usize;
+}
+
+/// Messages to the outbound thread.
+#[derive(Debug)]
+pub enum Message {
+    /// Effects to write.
+    Effects(Vec<Tagged>),
+    /// Make everything so far durable and reply.
+    Flush(Sender<()>),
+}
+
+/// Waits until every effect queued on `outbound` before this call is durable in every sink.
+///
+/// This is the barrier a checkpoint at LSN L passes before it is written (see the crate docs).
+pub fn flush(outbound: &Sender<Message>) -> Result<(), String> {
+    let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+    outbound
+        .send(Message::Flush(done_tx))
+        .map_err(|_| "the outbound thread stopped before the sinks were flushed".to_string())?;
+    done_rx
+        .recv()
+        .map_err(|_| "the outbound thread stopped while flushing the sinks".to_string())
+}
+
+/// Writes `tagged` to every sink; counts it once if any sink found it new.
+pub fn write_all(sinks: &mut [Box<dyn Sink>], tagged: &Tagged) -> Result<(), Error> {
+    let mut new = false;
+    for sink in sinks.iter_mut() {
+        new |= sink.write(tagged)?;
+    }
+    if new {
+        effect_written(&tagged.effect);
+    }
+    Ok(())
+}
+
+fn flush_all(sinks: &mut [Box<dyn Sink>]) -> Result<(), Error> {
+    for sink in sinks.iter_mut() {
+        let started = Instant::now();
+        sink.flush()?;
+        metrics::histogram!("tally_outbound_flush_duration_seconds", "sink" => sink.name())
+            .record(started.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+/// Flush after this many effects even while more keep coming.
+const FLUSH_EVERY: usize = 65_536;
+/// Flush at least this often while effects are waiting. The sinks' durability is not on the
+/// reply path (replay re-emits anything not yet written), so syncing them per batch would only
+/// spend the disk.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Starts the outbound thread over `sinks`. It exits when every sender is dropped, after a final
+/// flush, or at the first sink error.
+pub fn spawn(
+    mut sinks: Vec<Box<dyn Sink>>,
+    receiver: Receiver<Message>,
+) -> JoinHandle<Result<(), Error>> {
+    std::thread::Builder::new()
+        .name("tally-outbound".into())
+        .spawn(move || {
+            let mut last_flush = Instant::now();
+            let queued = metrics::gauge!("tally_outbound_queue_depth");
+            let lag = metrics::gauge!("tally_outbound_lag_seconds");
+            let unflushed_gauges: Vec<_> = sinks
+                .iter()
+                .map(|s| metrics::gauge!("tally_outbound_unflushed_effects", "sink" => s.name()))
+                .collect();
+            let unflushed = |sinks: &[Box<dyn Sink>]| sinks.iter().map(|s| s.unflushed()).max();
+            loop {
+                let wait = FLUSH_INTERVAL.saturating_sub(last_flush.elapsed());
+                match receiver.recv_timeout(wait) {
+                    Ok(Message::Effects(effects)) => {
+                        for tagged in &effects {
+                            write_all(&mut sinks, tagged)?;
+                        }
+                    }
+                    Ok(Message::Flush(done)) => {
+                        flush_all(&mut sinks)?;
+                        last_flush = Instant::now();
+                        let _ = done.send(());
+                    }
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+                }
+                let waiting = unflushed(&sinks).unwrap_or(0);
+                if waiting >= FLUSH_EVERY || (waiting > 0 && last_flush.elapsed() >= FLUSH_INTERVAL)
+                {
+                    flush_all(&mut sinks)?;
+                    last_flush = Instant::now();
+                }
+                queued.set(receiver.len() as f64);
+                for (gauge, sink) in unflushed_gauges.iter().zip(&sinks) {
+                    gauge.set(sink.unflushed() as f64);
+                }
+                // How long the oldest effect not yet durable in the sinks has waited (at most).
+                lag.set(
+                    if unflushed(&sinks).unwrap_or(0) == 0 && receiver.is_empty() {
+                        0.0
+                    } else {
+                        last_flush.elapsed().as_secs_f64()
+                    },
+                );
+            }
+            flush_all(&mut sinks)
+        })
+        .expect("spawning the outbound thread")
+}
+
+/// Counts an effect a sink wrote for the first time (replayed duplicates are not counted).
+fn effect_written(effect: &Effect) {
+    match effect {
+        Effect::Margin(m) => {
+            let asset = m.asset.as_str().to_string();
+            metrics::counter!("tally_debits_total", "asset" => asset.clone()).increment(1);
+            // Volume for dashboards, in millionths of the asset (the ledger is the exact record).
+            metrics::counter!("tally_debited_micros_total", "asset" => asset)
+                .increment(micros(m.charged));
+            metrics::counter!("tally_revenue_usd_micros_total").increment(micros(m.revenue_usd));
+            metrics::counter!("tally_cost_usd_micros_total").increment(micros(m.cost_usd));
+        }
+        Effect::Journal(_) => metrics::counter!("tally_journal_entries_total").increment(1),
+        Effect::TopUpRequested(_) => {
+            metrics::counter!("tally_topups_total", "outcome" => "requested").increment(1)
+        }
+        Effect::TopUpExhausted { .. } => {
+            metrics::counter!("tally_topups_total", "outcome" => "exhausted").increment(1)
+        }
+    }
+}
+
+fn micros(amount: rust_decimal::Decimal) -> u64 {
+    amount
+        .checked_mul(rust_decimal::Decimal::from(1_000_000))
+        .and_then(|m| m.trunc().to_u64())
+        .unwrap_or(0)
+}

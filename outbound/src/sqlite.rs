@@ -1,0 +1,742 @@
+//! The embedded history store: one SQLite file (`<data-dir>/history.sqlite3`) with every usage
+//! event, journal entry and top-up request, written by [`SqliteSink`] and read by [`Reader`].
+//!
+//! Writes: each effect is one `INSERT OR IGNORE` keyed by its tag `(shard, lsn, idx)` inside a
+//! transaction that [`Sink::flush`] commits, with `journal_mode=WAL` and `synchronous=FULL`, so a
+//! commit is durable when flush returns and a replayed effect is ignored: exactly once. A refund's
+//! journal entry also adds its amount to the refunded usage event's `refunded` column, only when
+//! that entry is new. Amounts are exact decimal TEXT; times are microseconds since the epoch (UTC).
+//!
+//! Retention: rows older than `retention` (by the time they happened) are deleted at most once an
+//! hour, in the flush transaction. The schema is in `docs/history.md`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use tally_engine::{Account, Command, Effect, EntryKind, Request, Timestamp};
+
+use crate::{Error, Sink, Tagged};
+
+/// The file name in the data directory.
+pub const FILE: &str = "history.sqlite3";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS usage_events (
+    shard INTEGER NOT NULL, lsn INTEGER NOT NULL, idx INTEGER NOT NULL,
+    request_id TEXT NOT NULL,
+    wallet TEXT NOT NULL, product TEXT NOT NULL, plan TEXT NOT NULL, plan_version INTEGER NOT NULL,
+    asset TEXT NOT NULL, charged TEXT NOT NULL, revenue_usd TEXT NOT NULL, cost_usd TEXT NOT NULL,
+    quantities TEXT NOT NULL, attributes TEXT NOT NULL, model TEXT,
+    occurred_at INTEGER NOT NULL, applied_at INTEGER NOT NULL,
+    refunded TEXT NOT NULL DEFAULT '0',
+    PRIMARY KEY (shard, lsn, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS usage_by_wallet ON usage_events (wallet, occurred_at, shard, lsn, idx);
+CREATE INDEX IF NOT EXISTS usage_by_request ON usage_events (request_id);
+CREATE INDEX IF NOT EXISTS usage_by_time ON usage_events (occurred_at);
+CREATE TABLE IF NOT EXISTS journal (
+    shard INTEGER NOT NULL, lsn INTEGER NOT NULL, idx INTEGER NOT NULL,
+    seq INTEGER NOT NULL, at INTEGER NOT NULL, request_id TEXT, kind TEXT NOT NULL,
+    asset TEXT NOT NULL, amount TEXT NOT NULL,
+    from_account TEXT NOT NULL, to_account TEXT NOT NULL, wallet TEXT, grant_id INTEGER,
+    PRIMARY KEY (shard, lsn, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS journal_by_wallet ON journal (wallet, at, shard, lsn, idx);
+CREATE TABLE IF NOT EXISTS topups (
+    shard INTEGER NOT NULL, lsn INTEGER NOT NULL, idx INTEGER NOT NULL,
+    event TEXT NOT NULL, wallet TEXT NOT NULL, asset TEXT NOT NULL, amount TEXT,
+    trigger_seq INTEGER, payment_method TEXT, idempotency_key TEXT, at INTEGER NOT NULL,
+    PRIMARY KEY (shard, lsn, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS topups_by_wallet ON topups (wallet, at, shard, lsn, idx);
+";
+
+/// How often retention runs.
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+
+fn sql(what: &str, e: rusqlite::Error) -> Error {
+    Error(format!("history store: {what}: {e}"))
+}
+
+fn open(path: &Path) -> Result<Connection, Error> {
+    let conn = Connection::open(path).map_err(|e| sql(&format!("open {}", path.display()), e))?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(|e| sql("busy timeout", e))?;
+    Ok(conn)
+}
+
+/// The writer.
+pub struct SqliteSink {
+    conn: Connection,
+    in_transaction: bool,
+    unflushed: usize,
+    retention: Option<Duration>,
+    last_retention: Instant,
+}
+
+impl std::fmt::Debug for SqliteSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteSink").finish_non_exhaustive()
+    }
+}
+
+/// The request id as 32 lowercase hex digits (as the HTTP API shows it).
+pub fn request_hex(id: tally_engine::RequestId) -> String {
+    format!("{:032x}", id.0)
+}
+
+fn account(a: &Account) -> (&'static str, Option<String>) {
+    match a {
+        Account::Wallet(w) => ("wallet", Some(w.as_str().to_string())),
+        Account::Revenue => ("revenue", None),
+        Account::TopUpClearing => ("topup_clearing", None),
+        Account::Promotion => ("promotion", None),
+        Account::Breakage => ("breakage", None),
+        Account::Refund => ("refund", None),
+        Account::Dispute => ("dispute", None),
+        Account::Adjustment => ("adjustment", None),
+    }
+}
+
+fn kind(k: EntryKind) -> &'static str {
+    match k {
+        EntryKind::Grant => "grant",
+        EntryKind::Debit => "debit",
+        EntryKind::Debt => "debt",
+        EntryKind::Breakage => "breakage",
+        EntryKind::Refund => "refund",
+        EntryKind::Dispute => "dispute",
+        EntryKind::DisputeWon => "dispute_won",
+    }
+}
+
+fn usage_of(cause: Option<&Request>) -> Option<&tally_engine::UsageEvent> {
+    match &cause?.command {
+        Command::Usage(u) => Some(u),
+        Command::Settle { usage, .. } => Some(usage),
+        _ => None,
+    }
+}
+
+impl SqliteSink {
+    /// Opens (creating) the store in `data_dir`. `retention`: delete rows older than this.
+    pub fn open(data_dir: &Path, retention: Option<Duration>) -> Result<SqliteSink, Error> {
+        let conn = open(&data_dir.join(FILE))?;
+        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
+            .map_err(|e| sql("pragmas", e))?;
+        conn.execute_batch(SCHEMA).map_err(|e| sql("schema", e))?;
+        Ok(SqliteSink {
+            conn,
+            in_transaction: false,
+            unflushed: 0,
+            retention,
+            last_retention: Instant::now(),
+        })
+    }
+
+    fn begin(&mut self) -> Result<(), Error> {
+        if !self.in_transaction {
+            self.conn
+                .execute_batch("BEGIN IMMEDIATE")
+                .map_err(|e| sql("begin", e))?;
+            self.in_transaction = true;
+        }
+        Ok(())
+    }
+
+    fn insert(&mut self, t: &Tagged) -> Result<bool, Error> {
+        let (shard, lsn, idx) = (t.shard, t.lsn as i64, t.index);
+        let changed = match &t.effect {
+            Effect::Margin(m) => {
+                let usage = usage_of(t.cause.as_deref());
+                let quantities: BTreeMap<&str, String> = usage
+                    .map(|u| {
+                        u.quantities
+                            .iter()
+                            .map(|q| (q.dimension.as_str(), q.value.to_string()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let attributes: BTreeMap<&str, &str> = usage
+                    .map(|u| {
+                        u.attributes
+                            .iter()
+                            .map(|(k, v)| (k.as_str(), v.as_str()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let model = attributes.get("model").map(|m| m.to_string());
+                self.conn
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO usage_events (shard, lsn, idx, request_id, wallet, \
+                         product, plan, plan_version, asset, charged, revenue_usd, cost_usd, \
+                         quantities, attributes, model, occurred_at, applied_at) VALUES \
+                         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                    )
+                    .and_then(|mut s| {
+                        s.execute(params![
+                            shard,
+                            lsn,
+                            idx,
+                            request_hex(m.request),
+                            m.wallet.as_str(),
+                            m.product.as_str(),
+                            m.plan.as_str(),
+                            m.version,
+                            m.asset.as_str(),
+                            m.charged.to_string(),
+                            m.revenue_usd.to_string(),
+                            m.cost_usd.to_string(),
+                            serde_json::to_string(&quantities).unwrap_or_default(),
+                            serde_json::to_string(&attributes).unwrap_or_default(),
+                            model,
+                            m.occurred_at.0,
+                            t.applied_at.0,
+                        ])
+                    })
+                    .map_err(|e| sql("insert usage", e))?
+            }
+            Effect::Journal(j) => {
+                let (from, from_wallet) = account(&j.from);
+                let (to, to_wallet) = account(&j.to);
+                let wallet = from_wallet.or(to_wallet);
+                let n = self
+                    .conn
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO journal (shard, lsn, idx, seq, at, request_id, kind, \
+                         asset, amount, from_account, to_account, wallet, grant_id) VALUES \
+                         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                    )
+                    .and_then(|mut s| {
+                        s.execute(params![
+                            shard,
+                            lsn,
+                            idx,
+                            j.seq as i64,
+                            j.at.0,
+                            j.request.map(request_hex),
+                            kind(j.kind),
+                            j.asset.as_str(),
+                            j.amount.to_string(),
+                            from,
+                            to,
+                            wallet,
+                            j.grant.map(|g| g.0 as i64),
+                        ])
+                    })
+                    .map_err(|e| sql("insert journal", e))?;
+                if n == 1 && j.from == Account::Refund {
+                    if let Some(Command::Refund { event, .. }) =
+                        t.cause.as_deref().map(|c| &c.command)
+                    {
+                        self.add_refunded(&request_hex(*event), j.amount)?;
+                    }
+                }
+                n
+            }
+            Effect::TopUpRequested(r) => self
+                .conn
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO topups (shard, lsn, idx, event, wallet, asset, amount, \
+                     trigger_seq, payment_method, idempotency_key, at) VALUES \
+                     (?1, ?2, ?3, 'requested', ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        shard,
+                        lsn,
+                        idx,
+                        r.wallet.as_str(),
+                        r.asset.as_str(),
+                        r.amount.to_string(),
+                        r.trigger as i64,
+                        r.payment_method.as_str(),
+                        r.idempotency_key(),
+                        r.at.0,
+                    ])
+                })
+                .map_err(|e| sql("insert top-up", e))?,
+            Effect::TopUpExhausted { wallet, asset } => self
+                .conn
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO topups (shard, lsn, idx, event, wallet, asset, at) \
+                     VALUES (?1, ?2, ?3, 'exhausted', ?4, ?5, ?6)",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        shard,
+                        lsn,
+                        idx,
+                        wallet.as_str(),
+                        asset.as_str(),
+                        t.applied_at.0
+                    ])
+                })
+                .map_err(|e| sql("insert top-up", e))?,
+        };
+        Ok(changed == 1)
+    }
+
+    fn add_refunded(&mut self, request: &str, amount: Decimal) -> Result<(), Error> {
+        let current: Option<String> = self
+            .conn
+            .prepare_cached("SELECT refunded FROM usage_events WHERE request_id = ?1")
+            .and_then(|mut s| s.query_row([request], |r| r.get(0)).optional())
+            .map_err(|e| sql("read refunded", e))?;
+        // The event may be older than the retention: then there is nothing to update.
+        if let Some(current) = current {
+            let current = Decimal::from_str(&current)
+                .map_err(|e| Error(format!("history store: refunded {current:?}: {e}")))?;
+            let total = current
+                .checked_add(amount)
+                .ok_or_else(|| Error("history store: refunded total overflows".into()))?;
+            self.conn
+                .prepare_cached("UPDATE usage_events SET refunded = ?1 WHERE request_id = ?2")
+                .and_then(|mut s| s.execute(params![total.to_string(), request]))
+                .map_err(|e| sql("update refunded", e))?;
+        }
+        Ok(())
+    }
+
+    fn retain(&mut self) -> Result<(), Error> {
+        let Some(retention) = self.retention else {
+            return Ok(());
+        };
+        if self.last_retention.elapsed() < RETENTION_EVERY {
+            return Ok(());
+        }
+        self.last_retention = Instant::now();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as i64);
+        let cutoff = now - retention.as_micros() as i64;
+        for (table, column) in [
+            ("usage_events", "occurred_at"),
+            ("journal", "at"),
+            ("topups", "at"),
+        ] {
+            self.conn
+                .execute(
+                    &format!("DELETE FROM {table} WHERE {column} < ?1"),
+                    [cutoff],
+                )
+                .map_err(|e| sql("retention", e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Sink for SqliteSink {
+    fn name(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn write(&mut self, tagged: &Tagged) -> Result<bool, Error> {
+        self.begin()?;
+        let new = self.insert(tagged)?;
+        self.unflushed += usize::from(new);
+        Ok(new)
+    }
+
+    fn flush(&mut self) -> Result<(), Error> {
+        if !self.in_transaction {
+            return Ok(());
+        }
+        self.retain()?;
+        self.conn
+            .execute_batch("COMMIT")
+            .map_err(|e| sql("commit", e))?;
+        self.in_transaction = false;
+        self.unflushed = 0;
+        Ok(())
+    }
+
+    fn unflushed(&self) -> usize {
+        self.unflushed
+    }
+}
+
+/// Decimals are written as exact strings without trailing zeros, like the HTTP API's.
+fn normalized<S: serde::Serializer>(d: &Decimal, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&d.normalize())
+}
+
+fn normalized_option<S: serde::Serializer>(d: &Option<Decimal>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.collect_str(&d.normalize()),
+        None => s.serialize_none(),
+    }
+}
+
+// ----- reading --------------------------------------------------------------------------------
+
+/// A usage event as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct UsageRow {
+    /// The request id of the usage or settle (32 hex digits).
+    pub request_id: String,
+    /// The wallet.
+    pub wallet: String,
+    /// The product.
+    pub product: String,
+    /// The plan that priced it.
+    pub plan: String,
+    /// Its version.
+    pub plan_version: u32,
+    /// The asset charged.
+    pub asset: String,
+    /// The charge, in the asset.
+    #[serde(serialize_with = "normalized")]
+    #[schema(value_type = String)]
+    pub charged: Decimal,
+    /// The charge in USD.
+    #[serde(serialize_with = "normalized")]
+    #[schema(value_type = String)]
+    pub revenue_usd: Decimal,
+    /// What it cost the seller, in USD.
+    #[serde(serialize_with = "normalized")]
+    #[schema(value_type = String)]
+    pub cost_usd: Decimal,
+    /// Refunded so far, in the asset.
+    #[serde(serialize_with = "normalized")]
+    #[schema(value_type = String)]
+    pub refunded: Decimal,
+    /// Quantities per dimension.
+    #[schema(value_type = BTreeMap<String, String>)]
+    pub quantities: BTreeMap<String, String>,
+    /// Attributes.
+    pub attributes: BTreeMap<String, String>,
+    /// When it happened (RFC 3339).
+    pub occurred_at: String,
+    /// When tally applied it (RFC 3339).
+    pub applied_at: String,
+}
+
+/// A journal entry of a wallet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct TransactionRow {
+    /// Shard-local sequence number.
+    pub seq: u64,
+    /// When (RFC 3339).
+    pub at: String,
+    /// The request that caused it (absent for expiries).
+    pub request_id: Option<String>,
+    /// grant, debit, debt, breakage, refund, dispute or dispute_won.
+    pub kind: String,
+    /// The asset.
+    pub asset: String,
+    /// The amount moved (positive).
+    #[serde(serialize_with = "normalized")]
+    #[schema(value_type = String)]
+    pub amount: Decimal,
+    /// The account that lost it (`wallet` is the wallet itself).
+    pub from: String,
+    /// The account that gained it.
+    pub to: String,
+    /// The grant concerned.
+    pub grant_id: Option<u64>,
+}
+
+/// A top-up request of a wallet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct TopUpRow {
+    /// `requested`, or `exhausted` (the rule gave up after its attempts).
+    pub event: String,
+    /// The asset.
+    pub asset: String,
+    /// The amount requested.
+    #[serde(serialize_with = "normalized_option")]
+    #[schema(value_type = Option<String>)]
+    pub amount: Option<Decimal>,
+    /// The trigger's sequence number.
+    pub trigger: Option<u64>,
+    /// The payment method.
+    pub payment_method: Option<String>,
+    /// The payment processor's idempotency key.
+    pub idempotency_key: Option<String>,
+    /// When (RFC 3339).
+    pub at: String,
+}
+
+/// What a history page asks for.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// The wallet.
+    pub wallet: String,
+    /// At or after.
+    pub from: Option<Timestamp>,
+    /// Before.
+    pub to: Option<Timestamp>,
+    /// Usage only: the product.
+    pub product: Option<String>,
+    /// Usage only: the `model` attribute.
+    pub model: Option<String>,
+    /// Continue after this cursor (from the previous page).
+    pub cursor: Option<Cursor>,
+    /// Most rows.
+    pub limit: u32,
+}
+
+/// A position in a newest-first listing: the row's time and tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    /// The time.
+    pub at: i64,
+    /// The shard.
+    pub shard: u32,
+    /// The LSN.
+    pub lsn: i64,
+    /// The index.
+    pub idx: u32,
+}
+
+impl Cursor {
+    /// The opaque text form.
+    pub fn encode(&self) -> String {
+        format!("h{}.{}.{}.{}", self.at, self.shard, self.lsn, self.idx)
+    }
+
+    /// Parses [`Cursor::encode`]'s form.
+    pub fn decode(text: &str) -> Option<Cursor> {
+        let mut parts = text.strip_prefix('h')?.split('.');
+        let cursor = Cursor {
+            at: parts.next()?.parse().ok()?,
+            shard: parts.next()?.parse().ok()?,
+            lsn: parts.next()?.parse().ok()?,
+            idx: parts.next()?.parse().ok()?,
+        };
+        parts.next().is_none().then_some(cursor)
+    }
+}
+
+/// A page of rows, newest first.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    /// The rows.
+    pub rows: Vec<T>,
+    /// The cursor of the next page, if there may be more.
+    pub next: Option<Cursor>,
+}
+
+/// Reads the store (its own connection; SQLite's WAL mode lets it read while the sink writes).
+pub struct Reader {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reader").field("path", &self.path).finish()
+    }
+}
+
+fn decimal(text: String) -> rusqlite::Result<Decimal> {
+    Decimal::from_str(&text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn time(us: i64) -> String {
+    Timestamp(us).to_rfc3339()
+}
+
+/// `AND`-ed conditions and their parameters for a page query over `table` keyed by `at_column`.
+fn page_conditions(filter: &Filter, at_column: &str) -> (String, Vec<Box<dyn rusqlite::ToSql>>) {
+    let mut sql = String::from("wallet = ?");
+    let mut values: Vec<Box<dyn rusqlite::ToSql>> = vec![Box::new(filter.wallet.clone())];
+    if let Some(from) = filter.from {
+        sql += &format!(" AND {at_column} >= ?");
+        values.push(Box::new(from.0));
+    }
+    if let Some(to) = filter.to {
+        sql += &format!(" AND {at_column} < ?");
+        values.push(Box::new(to.0));
+    }
+    if let Some(c) = filter.cursor {
+        sql += &format!(" AND ({at_column}, shard, lsn, idx) < (?, ?, ?, ?)");
+        values.push(Box::new(c.at));
+        values.push(Box::new(c.shard));
+        values.push(Box::new(c.lsn));
+        values.push(Box::new(c.idx));
+    }
+    (sql, values)
+}
+
+impl Reader {
+    /// Opens the store of `data_dir` for reading (creating the schema if the sink has not yet).
+    pub fn open(data_dir: &Path) -> Result<Reader, Error> {
+        let path = data_dir.join(FILE);
+        let conn = open(&path)?;
+        conn.execute_batch("PRAGMA journal_mode=WAL;")
+            .map_err(|e| sql("pragmas", e))?;
+        conn.execute_batch(SCHEMA).map_err(|e| sql("schema", e))?;
+        Ok(Reader {
+            conn: Mutex::new(conn),
+            path,
+        })
+    }
+
+    fn query<T>(
+        &self,
+        table: &str,
+        columns: &str,
+        at_column: &str,
+        extra: Option<(String, Vec<Box<dyn rusqlite::ToSql>>)>,
+        filter: &Filter,
+        row: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Page<T>, Error> {
+        let (mut conditions, mut values) = page_conditions(filter, at_column);
+        if let Some((more, more_values)) = extra {
+            conditions += &more;
+            values.extend(more_values);
+        }
+        let limit = filter.limit.clamp(1, 1000);
+        let text = format!(
+            "SELECT {columns}, {at_column}, shard, lsn, idx FROM {table} WHERE {conditions} \
+             ORDER BY {at_column} DESC, shard DESC, lsn DESC, idx DESC LIMIT {}",
+            limit + 1
+        );
+        let conn = self
+            .conn
+            .lock()
+            .map_err(|_| Error("history store: a reader panicked".into()))?;
+        let mut statement = conn.prepare_cached(&text).map_err(|e| sql("prepare", e))?;
+        let n = columns.split(',').count();
+        let mut rows = Vec::new();
+        let mut last = None;
+        let mut result = statement
+            .query(rusqlite::params_from_iter(values.iter()))
+            .map_err(|e| sql("query", e))?;
+        while let Some(r) = result.next().map_err(|e| sql("query", e))? {
+            if rows.len() == limit as usize {
+                return Ok(Page { rows, next: last });
+            }
+            rows.push(row(r).map_err(|e| sql("read row", e))?);
+            last = Some(Cursor {
+                at: r.get(n).map_err(|e| sql("read row", e))?,
+                shard: r.get(n + 1).map_err(|e| sql("read row", e))?,
+                lsn: r.get(n + 2).map_err(|e| sql("read row", e))?,
+                idx: r.get(n + 3).map_err(|e| sql("read row", e))?,
+            });
+        }
+        Ok(Page { rows, next: None })
+    }
+
+    /// A wallet's usage events, newest first.
+    pub fn usage(&self, filter: &Filter) -> Result<Page<UsageRow>, Error> {
+        let mut extra = String::new();
+        let mut values: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
+        if let Some(p) = &filter.product {
+            extra += " AND product = ?";
+            values.push(Box::new(p.clone()));
+        }
+        if let Some(m) = &filter.model {
+            extra += " AND model = ?";
+            values.push(Box::new(m.clone()));
+        }
+        self.query(
+            "usage_events",
+            "request_id, wallet, product, plan, plan_version, asset, charged, revenue_usd, \
+             cost_usd, refunded, quantities, attributes, applied_at",
+            "occurred_at",
+            Some((extra, values)),
+            filter,
+            |r| {
+                let json = |i: usize| -> rusqlite::Result<BTreeMap<String, String>> {
+                    let text: String = r.get(i)?;
+                    serde_json::from_str(&text).map_err(|e| {
+                        rusqlite::Error::FromSqlConversionFailure(
+                            i,
+                            rusqlite::types::Type::Text,
+                            Box::new(e),
+                        )
+                    })
+                };
+                Ok(UsageRow {
+                    request_id: r.get(0)?,
+                    wallet: r.get(1)?,
+                    product: r.get(2)?,
+                    plan: r.get(3)?,
+                    plan_version: r.get(4)?,
+                    asset: r.get(5)?,
+                    charged: decimal(r.get(6)?)?,
+                    revenue_usd: decimal(r.get(7)?)?,
+                    cost_usd: decimal(r.get(8)?)?,
+                    refunded: decimal(r.get(9)?)?,
+                    quantities: json(10)?,
+                    attributes: json(11)?,
+                    applied_at: time(r.get(12)?),
+                    occurred_at: time(r.get(13)?),
+                })
+            },
+        )
+    }
+
+    /// A wallet's journal entries, newest first.
+    pub fn transactions(&self, filter: &Filter) -> Result<Page<TransactionRow>, Error> {
+        self.query(
+            "journal",
+            "seq, request_id, kind, asset, amount, from_account, to_account, grant_id",
+            "at",
+            None,
+            filter,
+            |r| {
+                Ok(TransactionRow {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    request_id: r.get(1)?,
+                    kind: r.get(2)?,
+                    asset: r.get(3)?,
+                    amount: decimal(r.get(4)?)?,
+                    from: r.get(5)?,
+                    to: r.get(6)?,
+                    grant_id: r.get::<_, Option<i64>>(7)?.map(|g| g as u64),
+                    at: time(r.get(8)?),
+                })
+            },
+        )
+    }
+
+    /// A wallet's top-up requests, newest first.
+    pub fn topups(&self, filter: &Filter) -> Result<Page<TopUpRow>, Error> {
+        self.query(
+            "topups",
+            "event, asset, amount, trigger_seq, payment_method, idempotency_key",
+            "at",
+            None,
+            filter,
+            |r| {
+                Ok(TopUpRow {
+                    event: r.get(0)?,
+                    asset: r.get(1)?,
+                    amount: r.get::<_, Option<String>>(2)?.map(decimal).transpose()?,
+                    trigger: r.get::<_, Option<i64>>(3)?.map(|t| t as u64),
+                    payment_method: r.get(4)?,
+                    idempotency_key: r.get(5)?,
+                    at: time(r.get(6)?),
+                })
+            },
+        )
+    }
+
+    /// Counts per table (for tests and `tally health`).
+    pub fn counts(&self) -> Result<(u64, u64, u64), Error> {
+        let conn = self
+            .conn
+            .lock()
+            .map_err(|_| Error("history store: a reader panicked".into()))?;
+        let count = |table: &str| -> Result<u64, Error> {
+            conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| n as u64)
+            .map_err(|e| sql("count", e))
+        };
+        Ok((count("usage_events")?, count("journal")?, count("topups")?))
+    }
+}
