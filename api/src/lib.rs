@@ -43,6 +43,7 @@ pub const PAGE_LIMIT_MAX: u32 = 100;
 /// What the API serves from: the backend (set once recovery is done), the keys, the metrics.
 pub struct ApiState {
     backend: OnceLock<Arc<dyn Backend>>,
+    history: OnceLock<Arc<tally_outbound::sqlite::Reader>>,
     keys: Arc<KeyStore>,
     metrics: Option<PrometheusHandle>,
 }
@@ -62,6 +63,7 @@ impl ApiState {
     pub fn new(keys: Arc<KeyStore>, metrics: Option<PrometheusHandle>) -> Arc<ApiState> {
         Arc::new(ApiState {
             backend: OnceLock::new(),
+            history: OnceLock::new(),
             keys,
             metrics,
         })
@@ -70,6 +72,20 @@ impl ApiState {
     /// Sets the backend once recovery is done. A second call is ignored.
     pub fn set_backend(&self, backend: Arc<dyn Backend>) {
         let _ = self.backend.set(backend);
+    }
+
+    /// Sets the history store's reader. A second call is ignored.
+    pub fn set_history(&self, reader: Arc<tally_outbound::sqlite::Reader>) {
+        let _ = self.history.set(reader);
+    }
+
+    fn history(&self) -> Result<&Arc<tally_outbound::sqlite::Reader>, ApiError> {
+        self.history.get().ok_or_else(|| {
+            ApiError::transport(
+                tally_net::ErrorCode::NotFound,
+                "this server keeps no history store",
+            )
+        })
     }
 
     fn backend(&self) -> Result<&Arc<dyn Backend>, ApiError> {

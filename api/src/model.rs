@@ -1323,3 +1323,43 @@ impl DraftTestReport {
         }
     }
 }
+
+/// A page of a wallet's usage events.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsagePage {
+    /// Newest first.
+    pub data: Vec<tally_outbound::sqlite::UsageRow>,
+    /// Whether there are more: pass `next_cursor` as `cursor`.
+    pub has_more: bool,
+    /// The cursor of the next page.
+    pub next_cursor: Option<String>,
+}
+
+/// A page of a wallet's journal entries.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TransactionPage {
+    /// Newest first.
+    pub data: Vec<tally_outbound::sqlite::TransactionRow>,
+    /// Whether there are more.
+    pub has_more: bool,
+    /// The cursor of the next page.
+    pub next_cursor: Option<String>,
+}
+
+/// A page of a wallet's top-up requests.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TopUpPage {
+    /// Newest first.
+    pub data: Vec<tally_outbound::sqlite::TopUpRow>,
+    /// Whether there are more.
+    pub has_more: bool,
+    /// The cursor of the next page.
+    pub next_cursor: Option<String>,
+}
+
+/// Margin per group.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MarginAnalytics {
+    /// The groups, in the order asked for.
+    pub data: Vec<tally_outbound::sqlite::MarginGroup>,
+}

@@ -26,6 +26,8 @@ use crate::routes;
         routes::set_topup_rule, routes::remove_topup_rule, routes::report_usage,
         routes::report_usage_batch, routes::price_preview, routes::create_key, routes::list_keys,
         routes::revoke_key, routes::health, routes::snapshot, routes::openapi_document,
+        routes::wallet_usage, routes::wallet_transactions, routes::wallet_topups,
+        routes::margin_analytics,
     ),
     components(schemas(ErrorBody)),
     modifiers(&Bearer),

@@ -43,6 +43,10 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         .route("/wallets/{wallet}/grants", post(create_grant))
         .route("/wallets/{wallet}/balances/{asset}", get(get_balance))
         .route("/wallets/{wallet}/margin", get(wallet_margin))
+        .route("/wallets/{wallet}/usage", get(wallet_usage))
+        .route("/wallets/{wallet}/transactions", get(wallet_transactions))
+        .route("/wallets/{wallet}/topups", get(wallet_topups))
+        .route("/analytics/margin", get(margin_analytics))
         .route("/wallets/{wallet}/holds", post(create_hold))
         .route("/wallets/{wallet}/holds/{hold}/settle", post(settle_hold))
         .route("/wallets/{wallet}/holds/{hold}/release", post(release_hold))
@@ -505,6 +509,213 @@ fn parse_query(raw: &str) -> Result<Vec<(String, String)>, ApiError> {
             Ok((decode(k)?, decode(v)?))
         })
         .collect()
+}
+
+/// The filters of a history page: `from`, `to` (RFC 3339), `limit` (1 to 1000, default 50),
+/// `cursor`, and for usage `product` and `model`.
+fn history_filter(
+    wallet: &str,
+    raw: Option<&str>,
+    usage: bool,
+) -> Result<tally_outbound::sqlite::Filter, ApiError> {
+    let mut filter = tally_outbound::sqlite::Filter {
+        wallet: wallet_id(wallet)?.as_str().to_string(),
+        limit: 50,
+        ..Default::default()
+    };
+    for (key, value) in parse_query(raw.unwrap_or(""))? {
+        let time = |v: &str| {
+            Timestamp::parse_rfc3339(v).map_err(|e| {
+                ApiError::invalid(format!("{key}: {v:?} is not an RFC 3339 time: {e}"))
+            })
+        };
+        match key.as_str() {
+            "from" => filter.from = Some(time(&value)?),
+            "to" => filter.to = Some(time(&value)?),
+            "limit" => {
+                filter.limit = value
+                    .parse()
+                    .ok()
+                    .filter(|l| (1..=1000).contains(l))
+                    .ok_or_else(|| {
+                        ApiError::invalid(format!("limit: {value:?} is not 1 to 1000"))
+                    })?
+            }
+            "cursor" => {
+                filter.cursor = Some(tally_outbound::sqlite::Cursor::decode(&value).ok_or_else(
+                    || ApiError::invalid(format!("cursor: {value:?} is not a cursor")),
+                )?)
+            }
+            "product" if usage => filter.product = Some(name("product", &value)?.as_str().into()),
+            "model" if usage => filter.model = Some(name("model", &value)?.as_str().into()),
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "unknown query parameter {other:?} (from, to, limit, cursor{})",
+                    if usage { ", product, model" } else { "" }
+                )))
+            }
+        }
+    }
+    Ok(filter)
+}
+
+fn history_error(e: tally_outbound::Error) -> ApiError {
+    tracing::error!(error = %e, "http: history store");
+    ApiError::transport(ErrorCode::Stopped, format!("the history store failed: {e}"))
+}
+
+async fn read_history<T: Send + 'static>(
+    state: &Arc<ApiState>,
+    caller: &Caller,
+    read: impl FnOnce(&tally_outbound::sqlite::Reader) -> Result<T, tally_outbound::Error>
+        + Send
+        + 'static,
+) -> Result<T, ApiError> {
+    caller.allow(Kind::QueryWallet)?;
+    let reader = Arc::clone(state.history()?);
+    blocking(move || read(&reader).map_err(history_error)).await
+}
+
+/// A wallet's usage events, newest first, with the charge, revenue, cost and refunds of each.
+///
+/// From the history store, which trails the shards by at most the outbound flush interval
+/// (100 ms).
+#[utoipa::path(get, path = "/v1/wallets/{wallet}/usage", tag = "history",
+    params(("wallet" = String, Path),
+        ("from" = Option<String>, Query, format = DateTime), ("to" = Option<String>, Query, format = DateTime),
+        ("product" = Option<String>, Query), ("model" = Option<String>, Query),
+        ("limit" = Option<u32>, Query, description = "1 to 1000 (default 50)"), ("cursor" = Option<String>, Query)),
+    responses((status = 200, body = UsagePage), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn wallet_usage(
+    State(state): AppState,
+    caller: Caller,
+    Path(wallet): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<UsagePage>, ApiError> {
+    let filter = history_filter(&wallet, raw.as_deref(), true)?;
+    let page = read_history(&state, &caller, move |r| r.usage(&filter)).await?;
+    Ok(Json(UsagePage {
+        has_more: page.next.is_some(),
+        next_cursor: page.next.map(|c| c.encode()),
+        data: page.rows,
+    }))
+}
+
+/// A wallet's journal entries (every balance change, double-entry), newest first.
+#[utoipa::path(get, path = "/v1/wallets/{wallet}/transactions", tag = "history",
+    params(("wallet" = String, Path),
+        ("from" = Option<String>, Query, format = DateTime), ("to" = Option<String>, Query, format = DateTime),
+        ("limit" = Option<u32>, Query, description = "1 to 1000 (default 50)"), ("cursor" = Option<String>, Query)),
+    responses((status = 200, body = TransactionPage), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn wallet_transactions(
+    State(state): AppState,
+    caller: Caller,
+    Path(wallet): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<TransactionPage>, ApiError> {
+    let filter = history_filter(&wallet, raw.as_deref(), false)?;
+    let page = read_history(&state, &caller, move |r| r.transactions(&filter)).await?;
+    Ok(Json(TransactionPage {
+        has_more: page.next.is_some(),
+        next_cursor: page.next.map(|c| c.encode()),
+        data: page.rows,
+    }))
+}
+
+/// A wallet's auto top-up requests, newest first.
+#[utoipa::path(get, path = "/v1/wallets/{wallet}/topups", tag = "history",
+    params(("wallet" = String, Path),
+        ("from" = Option<String>, Query, format = DateTime), ("to" = Option<String>, Query, format = DateTime),
+        ("limit" = Option<u32>, Query, description = "1 to 1000 (default 50)"), ("cursor" = Option<String>, Query)),
+    responses((status = 200, body = TopUpPage), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn wallet_topups(
+    State(state): AppState,
+    caller: Caller,
+    Path(wallet): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<TopUpPage>, ApiError> {
+    let filter = history_filter(&wallet, raw.as_deref(), false)?;
+    let page = read_history(&state, &caller, move |r| r.topups(&filter)).await?;
+    Ok(Json(TopUpPage {
+        has_more: page.next.is_some(),
+        next_cursor: page.next.map(|c| c.encode()),
+        data: page.rows,
+    }))
+}
+
+/// Margin per wallet, product, plan version or model, or per hour or day: who costs more than
+/// they pay.
+///
+/// `group_by` = wallet | product | plan | model | hour | day; `from`, `to` (RFC 3339) bound when
+/// the usage happened; `order` = margin (lowest first, the default), revenue, cost (highest
+/// first) or key; `limit` 1 to 10,000 (default 100). Summed exactly from the history store, which
+/// trails the shards by at most 100 ms; for live totals see `/v1/margin`.
+#[utoipa::path(get, path = "/v1/analytics/margin", tag = "margin",
+    params(("group_by" = String, Query, description = "wallet, product, plan, model, hour or day"),
+        ("from" = Option<String>, Query, format = DateTime), ("to" = Option<String>, Query, format = DateTime),
+        ("order" = Option<String>, Query, description = "margin (default), revenue, cost or key"),
+        ("limit" = Option<u32>, Query, description = "1 to 10000 (default 100)")),
+    responses((status = 200, body = MarginAnalytics), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn margin_analytics(
+    State(state): AppState,
+    caller: Caller,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<MarginAnalytics>, ApiError> {
+    caller.allow(Kind::QueryMargin)?;
+    let (mut group_by, mut from, mut to, mut limit) = (None, None, None, 100u32);
+    let mut order = tally_outbound::sqlite::Order::Margin;
+    for (key, value) in parse_query(raw.as_deref().unwrap_or(""))? {
+        let time = |v: &str| {
+            Timestamp::parse_rfc3339(v).map_err(|e| {
+                ApiError::invalid(format!("{key}: {v:?} is not an RFC 3339 time: {e}"))
+            })
+        };
+        match key.as_str() {
+            "group_by" => {
+                group_by = Some(
+                    value
+                        .parse()
+                        .map_err(|e| ApiError::invalid(format!("group_by: {e}")))?,
+                )
+            }
+            "from" => from = Some(time(&value)?),
+            "to" => to = Some(time(&value)?),
+            "order" => {
+                order = value
+                    .parse()
+                    .map_err(|e| ApiError::invalid(format!("order: {e}")))?
+            }
+            "limit" => {
+                limit = value
+                    .parse()
+                    .ok()
+                    .filter(|l| (1..=10_000).contains(l))
+                    .ok_or_else(|| {
+                        ApiError::invalid(format!("limit: {value:?} is not 1 to 10000"))
+                    })?
+            }
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "unknown query parameter {other:?} (group_by, from, to, order, limit)"
+                )))
+            }
+        }
+    }
+    let group_by = group_by.ok_or_else(|| {
+        ApiError::invalid("group_by is required: wallet, product, plan, model, hour or day")
+    })?;
+    let reader = Arc::clone(state.history()?);
+    let groups = blocking(move || {
+        reader
+            .margin(group_by, from, to, order, limit)
+            .map_err(history_error)
+    })
+    .await?;
+    Ok(Json(MarginAnalytics { data: groups }))
 }
 
 /// Everything about one wallet.

@@ -740,3 +740,194 @@ impl Reader {
         Ok((count("usage_events")?, count("journal")?, count("topups")?))
     }
 }
+
+// ----- analytics ------------------------------------------------------------------------------
+
+/// How margin analytics group usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupBy {
+    /// Per wallet.
+    Wallet,
+    /// Per product.
+    Product,
+    /// Per plan and version (`plan@version`).
+    Plan,
+    /// Per `model` attribute (`-` when absent).
+    Model,
+    /// Per UTC hour of `occurred_at` (RFC 3339 of the hour's start).
+    Hour,
+    /// Per UTC day of `occurred_at`.
+    Day,
+}
+
+impl FromStr for GroupBy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<GroupBy, String> {
+        Ok(match s {
+            "wallet" => GroupBy::Wallet,
+            "product" => GroupBy::Product,
+            "plan" => GroupBy::Plan,
+            "model" => GroupBy::Model,
+            "hour" => GroupBy::Hour,
+            "day" => GroupBy::Day,
+            other => {
+                return Err(format!(
+                    "{other:?} is not wallet, product, plan, model, hour or day"
+                ))
+            }
+        })
+    }
+}
+
+/// Margin of one group, in USD, exact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct MarginGroup {
+    /// The group's key (a wallet, product, `plan@version`, model, or an hour or day).
+    pub key: String,
+    /// Priced events.
+    pub events: u64,
+    /// Revenue net of refunds.
+    #[serde(serialize_with = "normalized")]
+    #[schema(value_type = String)]
+    pub revenue_usd: Decimal,
+    /// Vendor cost.
+    #[serde(serialize_with = "normalized")]
+    #[schema(value_type = String)]
+    pub cost_usd: Decimal,
+    /// Refunds (valued at the event's own rate: revenue / charge).
+    #[serde(serialize_with = "normalized")]
+    #[schema(value_type = String)]
+    pub refunded_usd: Decimal,
+    /// Revenue − cost.
+    #[serde(serialize_with = "normalized")]
+    #[schema(value_type = String)]
+    pub margin_usd: Decimal,
+}
+
+/// How groups are ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// Lowest margin first: who costs more than they pay.
+    Margin,
+    /// Highest revenue first.
+    Revenue,
+    /// Highest cost first.
+    Cost,
+    /// By key (time series).
+    Key,
+}
+
+impl FromStr for Order {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Order, String> {
+        Ok(match s {
+            "margin" => Order::Margin,
+            "revenue" => Order::Revenue,
+            "cost" => Order::Cost,
+            "key" => Order::Key,
+            other => return Err(format!("{other:?} is not margin, revenue, cost or key")),
+        })
+    }
+}
+
+impl Reader {
+    /// Margin per group over usage that happened in `[from, to)`, exact decimals summed in
+    /// Rust (SQLite would sum the TEXT amounts as floats). At most `limit` groups.
+    pub fn margin(
+        &self,
+        group_by: GroupBy,
+        from: Option<Timestamp>,
+        to: Option<Timestamp>,
+        order: Order,
+        limit: u32,
+    ) -> Result<Vec<MarginGroup>, Error> {
+        let conn = self
+            .conn
+            .lock()
+            .map_err(|_| Error("history store: a reader panicked".into()))?;
+        let mut statement = conn
+            .prepare_cached(
+                "SELECT wallet, product, plan, plan_version, model, occurred_at, charged, \
+                 revenue_usd, cost_usd, refunded FROM usage_events \
+                 WHERE occurred_at >= ?1 AND occurred_at < ?2",
+            )
+            .map_err(|e| sql("prepare", e))?;
+        let mut rows = statement
+            .query(params![
+                from.map_or(i64::MIN, |t| t.0),
+                to.map_or(i64::MAX, |t| t.0)
+            ])
+            .map_err(|e| sql("query", e))?;
+        let mut groups: BTreeMap<String, MarginGroup> = BTreeMap::new();
+        let overflow = || Error("history store: a margin sum overflows".into());
+        while let Some(r) = rows.next().map_err(|e| sql("query", e))? {
+            let read = |e| sql("read row", e);
+            let occurred: i64 = r.get(5).map_err(read)?;
+            let key = match group_by {
+                GroupBy::Wallet => r.get::<_, String>(0).map_err(read)?,
+                GroupBy::Product => r.get::<_, String>(1).map_err(read)?,
+                GroupBy::Plan => format!(
+                    "{}@{}",
+                    r.get::<_, String>(2).map_err(read)?,
+                    r.get::<_, i64>(3).map_err(read)?
+                ),
+                GroupBy::Model => r
+                    .get::<_, Option<String>>(4)
+                    .map_err(read)?
+                    .unwrap_or_else(|| "-".into()),
+                GroupBy::Hour => {
+                    Timestamp(occurred.div_euclid(Timestamp::HOUR_US) * Timestamp::HOUR_US)
+                        .to_rfc3339()
+                }
+                GroupBy::Day => {
+                    Timestamp(occurred.div_euclid(Timestamp::DAY_US) * Timestamp::DAY_US)
+                        .to_rfc3339()
+                }
+            };
+            let charged = decimal(r.get(6).map_err(read)?).map_err(read)?;
+            let revenue = decimal(r.get(7).map_err(read)?).map_err(read)?;
+            let cost = decimal(r.get(8).map_err(read)?).map_err(read)?;
+            let refunded = decimal(r.get(9).map_err(read)?).map_err(read)?;
+            let refunded_usd = if refunded.is_zero() || charged.is_zero() {
+                Decimal::ZERO
+            } else {
+                (refunded * revenue / charged).round_dp(12)
+            };
+            let g = groups.entry(key.clone()).or_insert_with(|| MarginGroup {
+                key,
+                events: 0,
+                revenue_usd: Decimal::ZERO,
+                cost_usd: Decimal::ZERO,
+                refunded_usd: Decimal::ZERO,
+                margin_usd: Decimal::ZERO,
+            });
+            g.events += 1;
+            g.revenue_usd = g
+                .revenue_usd
+                .checked_add(revenue - refunded_usd)
+                .ok_or_else(overflow)?;
+            g.cost_usd = g.cost_usd.checked_add(cost).ok_or_else(overflow)?;
+            g.refunded_usd = g
+                .refunded_usd
+                .checked_add(refunded_usd)
+                .ok_or_else(overflow)?;
+        }
+        let mut groups: Vec<MarginGroup> = groups
+            .into_values()
+            .map(|mut g| {
+                g.margin_usd = g.revenue_usd - g.cost_usd;
+                g
+            })
+            .collect();
+        match order {
+            Order::Margin => groups.sort_by_key(|g| g.margin_usd),
+            Order::Revenue => groups.sort_by_key(|g| std::cmp::Reverse(g.revenue_usd)),
+            Order::Cost => groups.sort_by_key(|g| std::cmp::Reverse(g.cost_usd)),
+            Order::Key => {}
+        }
+        groups.truncate(limit.clamp(1, 10_000) as usize);
+        Ok(groups)
+    }
+}

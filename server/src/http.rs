@@ -69,6 +69,11 @@ pub async fn start_http(
     }
     api.connections_max = config.connections_max as usize;
     let state = ApiState::new(keys, metrics_handle());
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| Error(format!("cannot create {}: {e}", config.data_dir.display())))?;
+    let history =
+        tally_outbound::sqlite::Reader::open(&config.data_dir).map_err(|e| Error(e.to_string()))?;
+    state.set_history(Arc::new(history));
     let server = ApiServer::start(api, Arc::clone(&state))
         .await
         .map_err(|e| Error(format!("http_listen {}: {e}", config.http_listen)))?;

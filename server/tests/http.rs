@@ -998,3 +998,157 @@ async fn the_committed_openapi_document_is_the_served_one() {
     }
     http.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_pages_and_margin_analytics_from_the_store() {
+    let http = Http::start(false).await;
+    http.catalog(&["w1", "w2"]).await;
+    for w in ["w1", "w2"] {
+        http.post(
+            &format!("/v1/wallets/{w}/grants"),
+            &format!("grant-{w}"),
+            json!({"asset": "USD", "amount": "100"}),
+        )
+        .await
+        .ok();
+    }
+    // w1: five cheap events on model m1; w2: two events that cost more than they earn, on m2.
+    for i in 0..5 {
+        let mut event = usage("w1", "100");
+        event["attributes"] = json!({"model": "m1"});
+        http.post("/v1/usage", &format!("h-w1-{i}"), event)
+            .await
+            .ok();
+    }
+    for i in 0..2 {
+        let mut event = usage("w2", "100");
+        event["attributes"] = json!({"model": "m2"});
+        event["cost_usd"] = json!("0.5");
+        http.post("/v1/usage", &format!("h-w2-{i}"), event)
+            .await
+            .ok();
+    }
+    http.post(
+        "/v1/wallets/w1/refunds",
+        "h-refund",
+        json!({"event": "h-w1-0", "amount": "0.04"}),
+    )
+    .await
+    .ok();
+    // The store trails the shards by the flush interval: wait for the last effect.
+    let mut rows = Value::Null;
+    for _ in 0..100 {
+        let page = http.get("/v1/wallets/w1/usage?limit=2").await;
+        rows = page.ok().clone();
+        let refunded = rows["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(
+                http.get("/v1/wallets/w1/usage?limit=1000").await.ok()["data"]
+                    .as_array()
+                    .unwrap(),
+            )
+            .any(|r| r["refunded"] == "0.04");
+        if refunded {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Pages of 2, newest first, with cursors: every event once.
+    assert_eq!(rows["data"].as_array().unwrap().len(), 2);
+    assert_eq!(rows["has_more"], true);
+    assert_eq!(rows["data"][0]["charged"], "0.1");
+    assert_eq!(rows["data"][0]["quantities"]["tokens"], "100");
+    assert_eq!(rows["data"][0]["attributes"]["model"], "m1");
+    let mut ids = Vec::new();
+    let mut path = "/v1/wallets/w1/usage?limit=2".to_string();
+    loop {
+        let page = http.get(&path).await;
+        let page = page.ok();
+        ids.extend(
+            page["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["request_id"].as_str().unwrap().to_string()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(c) => path = format!("/v1/wallets/w1/usage?limit=2&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(ids.len(), 5);
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 5);
+    let refunded = http.get("/v1/wallets/w1/usage?limit=1000").await;
+    let refunded: Vec<_> = refunded.ok()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["refunded"] != "0")
+        .cloned()
+        .collect();
+    assert_eq!(refunded.len(), 1);
+    assert_eq!(refunded[0]["refunded"], "0.04");
+    let m2 = http.get("/v1/wallets/w2/usage?model=m2").await;
+    assert_eq!(m2.ok()["data"].as_array().unwrap().len(), 2);
+    let none = http.get("/v1/wallets/w2/usage?model=m1").await;
+    assert!(none.ok()["data"].as_array().unwrap().is_empty());
+    let future = http
+        .get("/v1/wallets/w1/usage?from=2099-01-01T00:00:00Z")
+        .await;
+    assert!(future.ok()["data"].as_array().unwrap().is_empty());
+
+    // The journal gives the wallet's balance: 100 granted, 0.5 spent, 0.04 refunded.
+    let journal = http.get("/v1/wallets/w1/transactions?limit=1000").await;
+    let mut balance = common::d("0");
+    for row in journal.ok()["data"].as_array().unwrap() {
+        let amount = common::d(row["amount"].as_str().unwrap());
+        if row["from"] == "wallet" {
+            balance -= amount;
+        }
+        if row["to"] == "wallet" {
+            balance += amount;
+        }
+    }
+    assert_eq!(balance, common::d("99.54"));
+    assert_eq!(http.available("w1").await, "99.54");
+    let topups = http.get("/v1/wallets/w1/topups").await;
+    assert!(topups.ok()["data"].as_array().unwrap().is_empty());
+
+    // Who costs more than they pay: w2 first (0.2 revenue, 1.0 cost).
+    let by_wallet = http.get("/v1/analytics/margin?group_by=wallet").await;
+    let groups = by_wallet.ok()["data"].as_array().unwrap().clone();
+    assert_eq!(groups[0]["key"], "w2");
+    assert_eq!(groups[0]["margin_usd"], "-0.8");
+    assert_eq!(groups[1]["key"], "w1");
+    assert_eq!(groups[1]["revenue_usd"], "0.46");
+    assert_eq!(groups[1]["refunded_usd"], "0.04");
+    assert_eq!(groups[1]["events"], 5);
+    let by_model = http
+        .get("/v1/analytics/margin?group_by=model&order=revenue&limit=1")
+        .await;
+    let by_model = by_model.ok()["data"].as_array().unwrap().clone();
+    assert_eq!(by_model.len(), 1);
+    assert_eq!(by_model[0]["key"], "m1");
+    let by_day = http
+        .get("/v1/analytics/margin?group_by=day&order=key")
+        .await;
+    assert_eq!(by_day.ok()["data"][0]["events"], 7);
+    // Bad parameters.
+    http.get("/v1/analytics/margin")
+        .await
+        .error(422, "InvalidBody");
+    http.get("/v1/analytics/margin?group_by=colour")
+        .await
+        .error(422, "InvalidBody");
+    http.get("/v1/wallets/w1/usage?cursor=nope")
+        .await
+        .error(422, "InvalidBody");
+    http.get("/v1/wallets/w1/transactions?model=m1")
+        .await
+        .error(422, "InvalidBody");
+    http.stop().await;
+}
