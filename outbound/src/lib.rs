@@ -1,5 +1,6 @@
 //! Workers on engine effects, off the shard threads: the history sinks (SQLite by default, JSON
-//! lines optionally) that every effect is written to exactly once.
+//! lines optionally) that every effect is written to exactly once, and the PostgreSQL export that
+//! copies the SQLite store exactly once ([`postgres`]).
 //!
 //! Every effect is tagged with the shard, the LSN of the input that produced it and its index
 //! among that input's effects. That tag is deterministic (replay produces the same effects with
@@ -19,6 +20,7 @@
 //! owns the thread this runs on ([`spawn`]) and decides when to flush.
 
 pub mod jsonl;
+pub mod postgres;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -31,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use tally_engine::{Effect, Request, Timestamp};
 
 pub use jsonl::FileSinks;
+pub use postgres::PostgresExport;
 pub use sqlite::SqliteSink;
 
 /// An effect with its deterministic position and what caused it.

@@ -26,7 +26,7 @@ use crate::{Error, Sink, Tagged};
 /// The file name in the data directory.
 pub const FILE: &str = "history.sqlite3";
 
-const SCHEMA: &str = "
+pub(crate) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS usage_events (
     shard INTEGER NOT NULL, lsn INTEGER NOT NULL, idx INTEGER NOT NULL,
     request_id TEXT NOT NULL,
@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS journal (
     seq INTEGER NOT NULL, at INTEGER NOT NULL, request_id TEXT, kind TEXT NOT NULL,
     asset TEXT NOT NULL, amount TEXT NOT NULL,
     from_account TEXT NOT NULL, to_account TEXT NOT NULL, wallet TEXT, grant_id INTEGER,
+    refund_of TEXT,
     PRIMARY KEY (shard, lsn, idx)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS journal_by_wallet ON journal (wallet, at, shard, lsn, idx);
@@ -55,16 +56,20 @@ CREATE TABLE IF NOT EXISTS topups (
     PRIMARY KEY (shard, lsn, idx)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS topups_by_wallet ON topups (wallet, at, shard, lsn, idx);
+CREATE TABLE IF NOT EXISTS export_cursor (
+    sink TEXT NOT NULL, shard INTEGER NOT NULL, lsn INTEGER NOT NULL, idx INTEGER NOT NULL,
+    PRIMARY KEY (sink, shard)
+);
 ";
 
 /// How often retention runs.
 const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 
-fn sql(what: &str, e: rusqlite::Error) -> Error {
+pub(crate) fn sql(what: &str, e: rusqlite::Error) -> Error {
     Error(format!("history store: {what}: {e}"))
 }
 
-fn open(path: &Path) -> Result<Connection, Error> {
+pub(crate) fn open(path: &Path) -> Result<Connection, Error> {
     let conn = Connection::open(path).map_err(|e| sql(&format!("open {}", path.display()), e))?;
     conn.busy_timeout(Duration::from_secs(5))
         .map_err(|e| sql("busy timeout", e))?;
@@ -206,12 +211,18 @@ impl SqliteSink {
                 let (from, from_wallet) = account(&j.from);
                 let (to, to_wallet) = account(&j.to);
                 let wallet = from_wallet.or(to_wallet);
+                let refund_of = match t.cause.as_deref().map(|c| &c.command) {
+                    Some(Command::Refund { event, .. }) if j.from == Account::Refund => {
+                        Some(request_hex(*event))
+                    }
+                    _ => None,
+                };
                 let n = self
                     .conn
                     .prepare_cached(
                         "INSERT OR IGNORE INTO journal (shard, lsn, idx, seq, at, request_id, kind, \
-                         asset, amount, from_account, to_account, wallet, grant_id) VALUES \
-                         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                         asset, amount, from_account, to_account, wallet, grant_id, refund_of) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
                     )
                     .and_then(|mut s| {
                         s.execute(params![
@@ -228,15 +239,12 @@ impl SqliteSink {
                             to,
                             wallet,
                             j.grant.map(|g| g.0 as i64),
+                            refund_of,
                         ])
                     })
                     .map_err(|e| sql("insert journal", e))?;
-                if n == 1 && j.from == Account::Refund {
-                    if let Some(Command::Refund { event, .. }) =
-                        t.cause.as_deref().map(|c| &c.command)
-                    {
-                        self.add_refunded(&request_hex(*event), j.amount)?;
-                    }
+                if let (1, Some(event)) = (n, &refund_of) {
+                    self.add_refunded(event, j.amount)?;
                 }
                 n
             }
@@ -340,7 +348,9 @@ impl Sink for SqliteSink {
     fn write(&mut self, tagged: &Tagged) -> Result<bool, Error> {
         self.begin()?;
         let new = self.insert(tagged)?;
-        self.unflushed += usize::from(new);
+        // Counted whether new or not: the open transaction holds the write lock until flushed,
+        // so a run of replayed duplicates must be committed (ended) like new rows.
+        self.unflushed += 1;
         Ok(new)
     }
 

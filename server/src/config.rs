@@ -64,6 +64,8 @@ pub struct Config {
     pub export_jsonl: bool,
     /// Delete history rows older than this many days (0: keep everything).
     pub history_retention_days: u64,
+    /// Copy the history store to this PostgreSQL database (a libpq URL; never logged).
+    pub export_postgres: Option<String>,
 }
 
 impl Default for Config {
@@ -91,6 +93,7 @@ impl Default for Config {
             http_tls: false,
             export_jsonl: false,
             history_retention_days: 0,
+            export_postgres: None,
         }
     }
 }
@@ -131,6 +134,8 @@ pub struct Overrides {
     pub export_jsonl: Option<bool>,
     /// See [`Config::history_retention_days`].
     pub history_retention_days: Option<u64>,
+    /// See [`Config::export_postgres`].
+    pub export_postgres: Option<String>,
     /// See [`Config::tls_cert`].
     pub tls_cert: Option<PathBuf>,
     /// See [`Config::tls_key`].
@@ -177,6 +182,7 @@ const ENV: &[(&str, &str)] = &[
     ("TALLY_HTTP_TLS", "http_tls"),
     ("TALLY_EXPORT_JSONL", "export_jsonl"),
     ("TALLY_HISTORY_RETENTION_DAYS", "history_retention_days"),
+    ("TALLY_EXPORT_POSTGRES", "export_postgres"),
     ("TALLY_TLS_CERT", "tls_cert"),
     ("TALLY_TLS_KEY", "tls_key"),
     ("TALLY_CONNECTIONS_MAX", "connections_max"),
@@ -257,6 +263,9 @@ impl Overrides {
         }
         if self.tls_key.is_some() {
             config.tls_key = self.tls_key;
+        }
+        if self.export_postgres.is_some() {
+            config.export_postgres = self.export_postgres;
         }
     }
 }

@@ -593,6 +593,12 @@ struct ServeArgs {
     /// Serve the HTTP API over TLS with the QUIC certificate (for anything beyond loopback).
     #[arg(long)]
     http_tls: bool,
+    /// Copy the history store to this PostgreSQL database (libpq URL; never logged).
+    #[arg(long, env = "TALLY_EXPORT_POSTGRES", hide_env_values = true)]
+    export_postgres: Option<String>,
+    /// Also write every effect to JSON-lines files in <data-dir>/outbound/.
+    #[arg(long)]
+    export_jsonl: bool,
     /// Log lines as `text` (default) or `json`; levels from TALLY_LOG (or RUST_LOG).
     #[arg(long, env = "TALLY_LOG_FORMAT", default_value = "text")]
     log_format: tally_server::logging::LogFormat,
@@ -1052,6 +1058,8 @@ fn serve(args: ServeArgs) -> Result<()> {
             listen: args.listen.clone(),
             http_listen: args.http_listen.clone(),
             http_tls: args.http_tls.then_some(true),
+            export_postgres: args.export_postgres.clone(),
+            export_jsonl: args.export_jsonl.then_some(true),
             ..Overrides::default()
         },
     )?;

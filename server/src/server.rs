@@ -294,6 +294,7 @@ pub struct Server {
     shards: Vec<JoinHandle<Result<u64, CallError>>>,
     outbound: Option<JoinHandle<Result<(), outbound::Error>>>,
     outbound_tx: Option<crossbeam_channel::Sender<outbound::Message>>,
+    export: Option<outbound::PostgresExport>,
     recovered: Vec<Recovered>,
     _lock: DataDirLock,
 }
@@ -389,11 +390,19 @@ impl Server {
                     .map_err(|e| Error(format!("cannot start shard thread: {e}")))?,
             );
         }
+        let export = match &config.export_postgres {
+            Some(url) => Some(
+                outbound::PostgresExport::start(url, &config.data_dir, count)
+                    .map_err(|e| Error(e.to_string()))?,
+            ),
+            None => None,
+        };
         Ok(Server {
             handle: Handle::new(senders, alive),
             shards: threads,
             outbound: Some(outbound),
             outbound_tx: Some(outbound_tx),
+            export,
             recovered,
             _lock: lock,
         })
@@ -423,6 +432,9 @@ impl Server {
             }
         }
         drop(self.outbound_tx.take());
+        if let Some(export) = self.export.take() {
+            export.stop();
+        }
         if let Some(outbound) = self.outbound.take() {
             match outbound.join() {
                 Ok(Ok(())) => {}

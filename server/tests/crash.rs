@@ -39,6 +39,8 @@ fn crash_config(dir: &Path) -> Config {
     Config {
         snapshot_every_records: 300,
         snapshots_keep: 2,
+        // The parent's PostgreSQL, for the scenario that exports to it.
+        export_postgres: std::env::var("TALLY_CRASH_POSTGRES").ok(),
         ..config(dir, 2)
     }
 }
@@ -190,8 +192,13 @@ fn kill_after_checkpoint() {
     verify(&dir, "kill after checkpoint");
 }
 
-/// Kills the child under load at random moments.
+/// Kills the child under load at random moments, with the history exported to PostgreSQL.
 fn kill_at_random() {
+    let pg_dir = tempfile::tempdir().unwrap();
+    let pg = common::postgres::Postgres::start(&pg_dir.path().join("pg"));
+    // SAFETY: set before any thread of this process reads the environment concurrently
+    // (the children inherit it).
+    unsafe { std::env::set_var("TALLY_CRASH_POSTGRES", &pg.url) };
     let cycles: u64 = std::env::var("TALLY_CRASH_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -337,6 +344,42 @@ fn verify(dir: &Path, scenario: &str) {
     let (usage_rows, journal_rows, _) = reader.counts().unwrap();
     assert_eq!(usage_rows as usize, exported_ids.len());
     assert_eq!(journal_rows as usize, journal.len());
+
+    // PostgreSQL, when the history was exported there: the same rows, once each.
+    if let Some(url) = &config.export_postgres {
+        let server =
+            Server::start(&config, Box::new(SnapshotStore::open(&config).unwrap())).unwrap();
+        let mut pg = ::postgres::Client::connect(url, ::postgres::NoTls).unwrap();
+        common::postgres::wait_for_usage(&mut pg, usage_rows as i64);
+        server.shutdown().unwrap();
+        let ids: Vec<String> = pg
+            .query("SELECT request_id FROM tally.usage_events", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let distinct: BTreeSet<&String> = ids.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            ids.len(),
+            "usage exported twice to PostgreSQL"
+        );
+        for id in &acked {
+            assert!(
+                distinct.contains(&format!("{id:032x}")),
+                "acknowledged event {id} is not in PostgreSQL"
+            );
+        }
+        let journal_pg: i64 = pg
+            .query_one("SELECT count(*) FROM tally.journal", &[])
+            .unwrap()
+            .get(0);
+        assert!(journal_pg as u64 <= journal_rows);
+        println!(
+            "crash test ({scenario}): PostgreSQL holds {} usage events, once each",
+            ids.len()
+        );
+    }
     println!(
         "crash test ({scenario}): {} acknowledged usage events, {} exported, {} journal entries, \
          all present once",
