@@ -60,6 +60,8 @@ pub struct Config {
     pub http_listen: String,
     /// Serve the HTTP API over TLS with the QUIC certificate.
     pub http_tls: bool,
+    /// Keep the SQLite history store (`<data-dir>/history.sqlite3`); on by default.
+    pub history_store: bool,
     /// Also write every effect to JSON-lines files in `<data-dir>/outbound/`.
     pub export_jsonl: bool,
     /// Delete history rows older than this many days (0: keep everything).
@@ -91,6 +93,7 @@ impl Default for Config {
             net_threads: 2,
             http_listen: "127.0.0.1:7480".into(),
             http_tls: false,
+            history_store: true,
             export_jsonl: false,
             history_retention_days: 0,
             export_postgres: None,
@@ -130,6 +133,8 @@ pub struct Overrides {
     pub http_listen: Option<String>,
     /// See [`Config::http_tls`].
     pub http_tls: Option<bool>,
+    /// See [`Config::history_store`].
+    pub history_store: Option<bool>,
     /// See [`Config::export_jsonl`].
     pub export_jsonl: Option<bool>,
     /// See [`Config::history_retention_days`].
@@ -180,6 +185,7 @@ const ENV: &[(&str, &str)] = &[
     ("TALLY_LISTEN", "listen"),
     ("TALLY_HTTP_LISTEN", "http_listen"),
     ("TALLY_HTTP_TLS", "http_tls"),
+    ("TALLY_HISTORY_STORE", "history_store"),
     ("TALLY_EXPORT_JSONL", "export_jsonl"),
     ("TALLY_HISTORY_RETENTION_DAYS", "history_retention_days"),
     ("TALLY_EXPORT_POSTGRES", "export_postgres"),
@@ -207,7 +213,7 @@ impl Overrides {
                 let parsed = match *key {
                     "data_dir" | "durability" | "listen" | "http_listen" | "tls_cert"
                     | "tls_key" => toml::Value::String(value),
-                    "http_tls" | "export_jsonl" => match value.trim() {
+                    "http_tls" | "export_jsonl" | "history_store" => match value.trim() {
                         "1" | "true" => toml::Value::Boolean(true),
                         "0" | "false" => toml::Value::Boolean(false),
                         _ => {
@@ -251,6 +257,7 @@ impl Overrides {
             listen,
             http_listen,
             http_tls,
+            history_store,
             export_jsonl,
             history_retention_days,
             connections_max,
@@ -297,6 +304,12 @@ impl Config {
         }
         if self.http_listen.parse::<std::net::SocketAddr>().is_err() {
             return bad("http_listen", "must be an address like 127.0.0.1:7480");
+        }
+        if self.export_postgres.is_some() && !self.history_store {
+            return bad(
+                "export_postgres",
+                "the PostgreSQL export copies the history store: keep history_store on",
+            );
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return bad("tls_cert", "tls_cert and tls_key must be set together");

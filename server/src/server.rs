@@ -270,15 +270,19 @@ impl Until {
     }
 }
 
-/// The sinks a configuration asks for: the SQLite history store always, JSON lines optionally.
+/// The sinks a configuration asks for: the SQLite history store (unless turned off), JSON lines
+/// optionally.
 pub fn open_sinks(config: &Config) -> Result<Vec<Box<dyn Sink>>, Error> {
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| Error(format!("cannot create {}: {e}", config.data_dir.display())))?;
     let retention = (config.history_retention_days > 0)
         .then(|| Duration::from_secs(config.history_retention_days * 86_400));
-    let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(
-        SqliteSink::open(&config.data_dir, retention).map_err(|e| Error(e.to_string()))?,
-    )];
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    if config.history_store {
+        sinks.push(Box::new(
+            SqliteSink::open(&config.data_dir, retention).map_err(|e| Error(e.to_string()))?,
+        ));
+    }
     if config.export_jsonl {
         sinks.push(Box::new(
             FileSinks::open(&config.data_dir.join("outbound")).map_err(|e| Error(e.to_string()))?,
