@@ -36,7 +36,7 @@ fn batched(handle: &Handle, wallets: usize, run: Duration, base: u128, size: usi
                 s.spawn(move || {
                     let mut n = 0u64;
                     let mut id = base + t as u128 * 1_000_000_000;
-                    let mut make = |id: &mut u128| -> Vec<Request> {
+                    let make = |id: &mut u128| -> Vec<Request> {
                         (0..size)
                             .map(|_| {
                                 *id += 1;
