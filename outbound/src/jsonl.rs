@@ -1,7 +1,14 @@
-//! The JSON-lines sink: one file per stream (`journal`, `margin`, `topups`, `alerts`) in
-//! `<data-dir>/outbound/`. Its progress is the file itself: at start the sink reads the tags of
-//! the lines after the last checkpointed offset (in `progress.json`) and drops a torn last line,
-//! so a line is never written twice and a torn write is never kept.
+//! The JSON-lines sink (optional, `--export-jsonl`): one file per stream (`journal`, `margin`,
+//! `topups`, `alerts`) in `<data-dir>/outbound/`. Its progress is the file itself: at start the
+//! sink reads the tags of the lines after the last checkpointed offset (in `progress.json`) and
+//! drops a torn last line, so a line is never written twice and a torn write is never kept.
+//!
+//! Rotation and retention: when a stream's file reaches [`Rotation::bytes`] or has been open for
+//! [`Rotation::age`], it is synced and renamed `<stream>.<NNNNNN>.jsonl` (sealed, numbered
+//! from one) and a new file begins; only the newest [`Rotation::keep`] sealed files per stream
+//! are kept. A crash between the rename and the progress update is recognised at the next start (the
+//! next sealed file exists): nothing is lost or written twice, because which tags a stream holds
+//! is kept in `progress.json`, not derived from the files that remain.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -30,6 +37,30 @@ fn stream_of(effect: &Effect) -> usize {
 struct Progress {
     offsets: BTreeMap<String, u64>,
     last: BTreeMap<String, BTreeMap<u32, (u64, u32)>>,
+    /// Sealed files per stream (the newest is `<stream>.<sealed>.jsonl`).
+    #[serde(default)]
+    sealed: BTreeMap<String, u64>,
+}
+
+/// When stream files are sealed and how many are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotation {
+    /// Seal a file once it holds this many bytes.
+    pub bytes: u64,
+    /// Seal a non-empty file once it has been open this long.
+    pub age: std::time::Duration,
+    /// Sealed files kept per stream (older ones are deleted).
+    pub keep: u64,
+}
+
+impl Default for Rotation {
+    fn default() -> Rotation {
+        Rotation {
+            bytes: 64 * 1024 * 1024,
+            age: std::time::Duration::from_secs(3600),
+            keep: 24,
+        }
+    }
 }
 
 struct Stream {
@@ -37,6 +68,8 @@ struct Stream {
     writer: BufWriter<File>,
     offset: u64,
     last: BTreeMap<u32, (u64, u32)>,
+    sealed: u64,
+    opened_at: std::time::Instant,
 }
 
 /// JSON-lines sinks for all streams.
@@ -44,6 +77,45 @@ pub struct FileSinks {
     dir: PathBuf,
     streams: Vec<Stream>,
     unflushed: usize,
+    rotation: Rotation,
+}
+
+/// The path of sealed file `n` of `stream`.
+pub fn sealed_path(dir: &Path, stream: &str, n: u64) -> PathBuf {
+    dir.join(format!("{stream}.{n:06}.jsonl"))
+}
+
+/// Reads the whole lines of `file` from `offset`, recording their tags in `last`; returns the
+/// offset after the last whole line.
+fn scan(
+    file: &File,
+    path: &Path,
+    mut offset: u64,
+    last: &mut BTreeMap<u32, (u64, u32)>,
+) -> Result<u64, Error> {
+    let mut file = file;
+    file.seek(SeekFrom::Start(offset))
+        .map_err(|e| io("seek", path, e))?;
+    let mut reader = BufReader::new(file);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = reader
+            .read_line(&mut line)
+            .map_err(|e| io("read", path, e))?;
+        if n == 0 || !line.ends_with('\n') {
+            break;
+        }
+        let tag: LineTag = serde_json::from_str(&line).map_err(|e| {
+            Error(format!(
+                "{} has a bad line at byte {offset}: {e}",
+                path.display()
+            ))
+        })?;
+        last.insert(tag.shard, (tag.lsn, tag.index));
+        offset += n as u64;
+    }
+    Ok(offset)
 }
 
 impl std::fmt::Debug for FileSinks {
@@ -66,8 +138,14 @@ struct LineTag {
 }
 
 impl FileSinks {
-    /// Opens (creating) the sink files in `dir` and recovers their progress.
+    /// Opens (creating) the sink files in `dir` and recovers their progress, with the default
+    /// rotation.
     pub fn open(dir: &Path) -> Result<FileSinks, Error> {
+        Self::open_with(dir, Rotation::default())
+    }
+
+    /// [`FileSinks::open`] with a rotation of its own.
+    pub fn open_with(dir: &Path, rotation: Rotation) -> Result<FileSinks, Error> {
         std::fs::create_dir_all(dir).map_err(|e| io("create", dir, e))?;
         let progress_path = dir.join("progress.json");
         let progress: Progress = match std::fs::read(&progress_path) {
@@ -79,14 +157,24 @@ impl FileSinks {
         let mut streams = Vec::new();
         for name in STREAMS {
             let path = dir.join(format!("{name}.jsonl"));
-            let mut file = OpenOptions::new()
+            let mut offset = progress.offsets.get(name).copied().unwrap_or(0);
+            let mut last = progress.last.get(name).cloned().unwrap_or_default();
+            let mut sealed = progress.sealed.get(name).copied().unwrap_or(0);
+            // A rotation that stopped after its rename, before its progress: the file it sealed
+            // holds what the progress counted, and maybe more (synced before the rename).
+            let next = sealed_path(dir, name, sealed + 1);
+            if next.exists() {
+                let file = File::open(&next).map_err(|e| io("open", &next, e))?;
+                scan(&file, &next, offset, &mut last)?;
+                sealed += 1;
+                offset = 0;
+            }
+            let file = OpenOptions::new()
                 .create(true)
                 .read(true)
                 .append(true)
                 .open(&path)
                 .map_err(|e| io("open", &path, e))?;
-            let mut offset = progress.offsets.get(name).copied().unwrap_or(0);
-            let mut last = progress.last.get(name).cloned().unwrap_or_default();
             let length = file.metadata().map_err(|e| io("stat", &path, e))?.len();
             if offset > length {
                 return Err(Error(format!(
@@ -95,27 +183,7 @@ impl FileSinks {
                 )));
             }
             // Lines written after the last checkpoint still count; a torn last line does not.
-            file.seek(SeekFrom::Start(offset))
-                .map_err(|e| io("seek", &path, e))?;
-            let mut reader = BufReader::new(&file);
-            let mut line = String::new();
-            loop {
-                line.clear();
-                let n = reader
-                    .read_line(&mut line)
-                    .map_err(|e| io("read", &path, e))?;
-                if n == 0 || !line.ends_with('\n') {
-                    break;
-                }
-                let tag: LineTag = serde_json::from_str(&line).map_err(|e| {
-                    Error(format!(
-                        "{} has a bad line at byte {offset}: {e}",
-                        path.display()
-                    ))
-                })?;
-                last.insert(tag.shard, (tag.lsn, tag.index));
-                offset += n as u64;
-            }
+            let offset = scan(&file, &path, offset, &mut last)?;
             if offset < length {
                 file.set_len(offset)
                     .map_err(|e| io("truncate the torn tail of", &path, e))?;
@@ -125,12 +193,15 @@ impl FileSinks {
                 writer: BufWriter::new(file),
                 offset,
                 last,
+                sealed,
+                opened_at: std::time::Instant::now(),
             });
         }
         let mut sinks = FileSinks {
             dir: dir.to_path_buf(),
             streams,
             unflushed: 0,
+            rotation,
         };
         sinks.checkpoint()?;
         Ok(sinks)
@@ -181,7 +252,55 @@ impl FileSinks {
                 .map_err(|e| Error(format!("sync {}: {e}", stream.name)))?;
         }
         self.unflushed = 0;
+        self.rotate()?;
         self.checkpoint()
+    }
+
+    /// Seals the streams due for it (their data is synced), then writes the progress, then
+    /// deletes sealed files beyond the retention.
+    fn rotate(&mut self) -> Result<(), Error> {
+        let mut rotated = false;
+        for stream in &mut self.streams {
+            let due = stream.offset >= self.rotation.bytes
+                || (stream.offset > 0 && stream.opened_at.elapsed() >= self.rotation.age);
+            if !due {
+                continue;
+            }
+            let path = self.dir.join(format!("{}.jsonl", stream.name));
+            let sealed = sealed_path(&self.dir, stream.name, stream.sealed + 1);
+            std::fs::rename(&path, &sealed).map_err(|e| io("seal", &path, e))?;
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io("sync", &self.dir, e))?;
+            let file = OpenOptions::new()
+                .create(true)
+                .read(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| io("open", &path, e))?;
+            stream.writer = BufWriter::new(file);
+            stream.offset = 0;
+            stream.sealed += 1;
+            stream.opened_at = std::time::Instant::now();
+            rotated = true;
+        }
+        if !rotated {
+            return Ok(());
+        }
+        self.checkpoint()?;
+        for stream in &self.streams {
+            let mut n = stream.sealed.saturating_sub(self.rotation.keep);
+            while n > 0 {
+                let old = sealed_path(&self.dir, stream.name, n);
+                match std::fs::remove_file(&old) {
+                    Ok(()) => n -= 1,
+                    // Deleted before: so are all older ones.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(e) => return Err(io("delete", &old, e)),
+                }
+            }
+        }
+        Ok(())
     }
 
     fn checkpoint(&mut self) -> Result<(), Error> {
@@ -189,6 +308,7 @@ impl FileSinks {
         for s in &self.streams {
             progress.offsets.insert(s.name.to_string(), s.offset);
             progress.last.insert(s.name.to_string(), s.last.clone());
+            progress.sealed.insert(s.name.to_string(), s.sealed);
         }
         let path = self.dir.join("progress.json");
         let temp = self.dir.join("progress.json.tmp");

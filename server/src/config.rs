@@ -64,6 +64,12 @@ pub struct Config {
     pub history_store: bool,
     /// Also write every effect to JSON-lines files in `<data-dir>/outbound/`.
     pub export_jsonl: bool,
+    /// Seal a JSON-lines file at this size.
+    pub jsonl_rotate_bytes: u64,
+    /// Seal a non-empty JSON-lines file after this many seconds.
+    pub jsonl_rotate_secs: u64,
+    /// Sealed JSON-lines files kept per stream.
+    pub jsonl_keep: u64,
     /// Delete history rows older than this many days (0: keep everything).
     pub history_retention_days: u64,
     /// Copy the history store to this PostgreSQL database (a libpq URL; never logged).
@@ -95,6 +101,9 @@ impl Default for Config {
             http_tls: false,
             history_store: true,
             export_jsonl: false,
+            jsonl_rotate_bytes: 64 * 1024 * 1024,
+            jsonl_rotate_secs: 3600,
+            jsonl_keep: 24,
             history_retention_days: 0,
             export_postgres: None,
         }
@@ -137,6 +146,12 @@ pub struct Overrides {
     pub history_store: Option<bool>,
     /// See [`Config::export_jsonl`].
     pub export_jsonl: Option<bool>,
+    /// See [`Config::jsonl_rotate_bytes`].
+    pub jsonl_rotate_bytes: Option<u64>,
+    /// See [`Config::jsonl_rotate_secs`].
+    pub jsonl_rotate_secs: Option<u64>,
+    /// See [`Config::jsonl_keep`].
+    pub jsonl_keep: Option<u64>,
     /// See [`Config::history_retention_days`].
     pub history_retention_days: Option<u64>,
     /// See [`Config::export_postgres`].
@@ -187,6 +202,9 @@ const ENV: &[(&str, &str)] = &[
     ("TALLY_HTTP_TLS", "http_tls"),
     ("TALLY_HISTORY_STORE", "history_store"),
     ("TALLY_EXPORT_JSONL", "export_jsonl"),
+    ("TALLY_JSONL_ROTATE_BYTES", "jsonl_rotate_bytes"),
+    ("TALLY_JSONL_ROTATE_SECS", "jsonl_rotate_secs"),
+    ("TALLY_JSONL_KEEP", "jsonl_keep"),
     ("TALLY_HISTORY_RETENTION_DAYS", "history_retention_days"),
     ("TALLY_EXPORT_POSTGRES", "export_postgres"),
     ("TALLY_TLS_CERT", "tls_cert"),
@@ -259,6 +277,9 @@ impl Overrides {
             http_tls,
             history_store,
             export_jsonl,
+            jsonl_rotate_bytes,
+            jsonl_rotate_secs,
+            jsonl_keep,
             history_retention_days,
             connections_max,
             streams_max,
@@ -304,6 +325,12 @@ impl Config {
         }
         if self.http_listen.parse::<std::net::SocketAddr>().is_err() {
             return bad("http_listen", "must be an address like 127.0.0.1:7480");
+        }
+        if self.jsonl_rotate_bytes < 4096 || self.jsonl_rotate_secs == 0 || self.jsonl_keep == 0 {
+            return bad(
+                "jsonl_rotate_bytes",
+                "JSON-lines rotation needs at least 4096 bytes, 1 second and 1 kept file",
+            );
         }
         if self.export_postgres.is_some() && !self.history_store {
             return bad(

@@ -284,8 +284,14 @@ pub fn open_sinks(config: &Config) -> Result<Vec<Box<dyn Sink>>, Error> {
         ));
     }
     if config.export_jsonl {
+        let rotation = outbound::jsonl::Rotation {
+            bytes: config.jsonl_rotate_bytes,
+            age: Duration::from_secs(config.jsonl_rotate_secs),
+            keep: config.jsonl_keep,
+        };
         sinks.push(Box::new(
-            FileSinks::open(&config.data_dir.join("outbound")).map_err(|e| Error(e.to_string()))?,
+            FileSinks::open_with(&config.data_dir.join("outbound"), rotation)
+                .map_err(|e| Error(e.to_string()))?,
         ));
     }
     Ok(sinks)
