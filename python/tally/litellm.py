@@ -78,7 +78,7 @@ _IDS = uuid.UUID("7d1c3a52-41f0-4c7e-9a55-0c3f6e2b9d10")
 #: Every event the hook counts (the values of the Prometheus label ``event``).
 EVENTS = (
     "reserved",  # a hold was placed before a call
-    "refused",  # a call was refused with 402 (the wallet cannot pay)
+    "refused",  # a call was refused with 402 (the wallet cannot pay) or 429 (too many holds)
     "not_set_up",  # a call was refused with 403 (unknown wallet, no plan, unpriced model)
     "no_wallet",  # a call was refused with 400 (no wallet found for the caller)
     "fail_closed",  # tally was unreachable before a call, which was refused with 503
@@ -352,6 +352,9 @@ class TallyHook(CustomLogger):
         except _NOT_SET_UP as e:
             self._count("not_set_up")
             raise HTTPException(status_code=403, detail={"error": f"tally: wallet {wallet} is not set up to pay for model {model!r} ({e.name})"}) from None  # noqa: E501
+        except errors.LimitExceeded:
+            self._count("refused")
+            raise HTTPException(status_code=429, detail={"error": f"tally: wallet {wallet} has the most calls in flight it may hold (LimitExceeded)"}) from None  # noqa: E501
         except errors.Unavailable as e:
             if s.on_unavailable == "closed":
                 self._count("fail_closed")

@@ -22,7 +22,11 @@ from pathlib import Path
 
 import pytest
 
-import tally
+# LiteLLM (imported by the tests and the hook) reads its cost map from the package, never the
+# network; set before anything imports it.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import tally  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 ASSET = "USD"

@@ -57,7 +57,7 @@ def free_port() -> int:
 class Proxy:
     """`litellm --config config.yaml` as a child process on a free loopback port."""
 
-    def __init__(self, workdir: Path, server: Server, gateway_key: str) -> None:
+    def __init__(self, workdir: Path, server: Server, gateway_key: str, *, callbacks: tuple[str, ...] = ("tally.litellm.handler",)) -> None:  # noqa: E501
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = {
@@ -66,7 +66,7 @@ class Proxy:
                 {"model_name": "chat-stream", "litellm_params": {"model": "openai/gpt-4o-mini", "api_key": "sk-mock", "mock_response": "A streamed answer, cut or not, is paid for once."}},  # noqa: E501
                 {"model_name": "chat-fail", "litellm_params": {"model": "openai/gpt-4o-mini", "api_key": "sk-mock", "mock_response": "litellm.InternalServerError"}},  # noqa: E501
             ],
-            "litellm_settings": {"callbacks": ["tally.litellm.handler"], "num_retries": 0},
+            "litellm_settings": {"callbacks": list(callbacks), "num_retries": 0},
             "general_settings": {"master_key": MASTER_KEY},
         }
         self.config = workdir / "config.yaml"
