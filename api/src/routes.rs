@@ -75,6 +75,9 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(observe))
+        // Read a little past the limit, so that a body just over it is answered 413 after it
+        // was read (the client then gets the answer instead of a reset while still sending).
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_BYTES_MAX + 64 * 1024))
         .with_state(state)
 }
 
@@ -649,12 +652,13 @@ pub(crate) async fn wallet_topups(
 /// Margin per wallet, product, plan version or model, or per hour or day: who costs more than
 /// they pay.
 ///
-/// `group_by` = wallet | product | plan | model | hour | day; `from`, `to` (RFC 3339) bound when
+/// `group_by` = wallet | product | plan | model | hour | day | metadata:KEY (the value of one
+/// wallet metadata key, `-` when absent); `from`, `to` (RFC 3339) bound when
 /// the usage happened; `order` = margin (lowest first, the default), revenue, cost (highest
 /// first) or key; `limit` 1 to 10,000 (default 100). Summed exactly from the history store, which
 /// trails the shards by at most 100 ms; for live totals see `/v1/margin`.
 #[utoipa::path(get, path = "/v1/analytics/margin", tag = "margin",
-    params(("group_by" = String, Query, description = "wallet, product, plan, model, hour or day"),
+    params(("group_by" = String, Query, description = "wallet, product, plan, model, hour, day or metadata:KEY"),
         ("from" = Option<String>, Query, format = DateTime), ("to" = Option<String>, Query, format = DateTime),
         ("order" = Option<String>, Query, description = "margin (default), revenue, cost or key"),
         ("limit" = Option<u32>, Query, description = "1 to 10000 (default 100)")),
@@ -706,7 +710,9 @@ pub(crate) async fn margin_analytics(
         }
     }
     let group_by = group_by.ok_or_else(|| {
-        ApiError::invalid("group_by is required: wallet, product, plan, model, hour or day")
+        ApiError::invalid(
+            "group_by is required: wallet, product, plan, model, hour, day or metadata:KEY",
+        )
     })?;
     let reader = Arc::clone(state.history()?);
     let groups = blocking(move || {

@@ -719,6 +719,8 @@ impl Engine {
             adjustments: Vec::new(),
             margin: Default::default(),
         }));
+        self.effects
+            .push_back(Effect::WalletCreated { wallet: c.wallet });
         Ok(ReplyValue::None)
     }
 

@@ -148,4 +148,10 @@ pub enum Effect {
         /// The asset.
         asset: AssetCode,
     },
+    /// A wallet was created (its metadata is in the command; the history store keeps it so
+    /// analytics can group by it).
+    WalletCreated {
+        /// The wallet.
+        wallet: WalletId,
+    },
 }

@@ -1,5 +1,5 @@
 //! The JSON-lines sink (optional, `--export-jsonl`): one file per stream (`journal`, `margin`,
-//! `topups`, `alerts`) in `<data-dir>/outbound/`. Its progress is the file itself: at start the
+//! `topups`, `alerts`, `wallets`) in `<data-dir>/outbound/`. Its progress is the file itself: at start the
 //! sink reads the tags of the lines after the last checkpointed offset (in `progress.json`) and
 //! drops a torn last line, so a line is never written twice and a torn write is never kept.
 //!
@@ -21,7 +21,7 @@ use tally_engine::Effect;
 use crate::{Error, Sink, Tagged};
 
 /// The streams, one file each.
-pub const STREAMS: [&str; 4] = ["journal", "margin", "topups", "alerts"];
+pub const STREAMS: [&str; 5] = ["journal", "margin", "topups", "alerts", "wallets"];
 
 fn stream_of(effect: &Effect) -> usize {
     match effect {
@@ -29,6 +29,7 @@ fn stream_of(effect: &Effect) -> usize {
         Effect::Margin(_) => 1,
         Effect::TopUpRequested(_) => 2,
         Effect::TopUpExhausted { .. } => 3,
+        Effect::WalletCreated { .. } => 4,
     }
 }
 

@@ -216,6 +216,9 @@ fn effect_written(effect: &Effect) {
         Effect::TopUpExhausted { .. } => {
             metrics::counter!("tally_topups_total", "outcome" => "exhausted").increment(1)
         }
+        Effect::WalletCreated { .. } => {
+            metrics::counter!("tally_wallets_created_total").increment(1)
+        }
     }
 }
 

@@ -53,6 +53,11 @@ CREATE TABLE IF NOT EXISTS tally.topups (
     trigger_seq bigint, payment_method text, idempotency_key text, at timestamptz NOT NULL,
     PRIMARY KEY (shard, lsn, idx)
 );
+CREATE TABLE IF NOT EXISTS tally.wallets (
+    shard integer NOT NULL, lsn bigint NOT NULL, idx integer NOT NULL,
+    wallet text NOT NULL UNIQUE, metadata jsonb NOT NULL, created_at timestamptz NOT NULL,
+    PRIMARY KEY (shard, lsn, idx)
+);
 CREATE TABLE IF NOT EXISTS tally.export_progress (
     shard integer PRIMARY KEY, lsn bigint NOT NULL, idx integer NOT NULL
 );
@@ -223,6 +228,7 @@ const JOURNAL: &str = "seq, at, request_id, kind, asset, amount, from_account, t
                        wallet, grant_id, refund_of";
 const TOPUPS: &str = "event, wallet, asset, amount, trigger_seq, payment_method, \
                       idempotency_key, at";
+const WALLETS: &str = "wallet, metadata, created_at";
 
 /// Copies the next rows of one shard; true if any were copied.
 fn export_shard(
@@ -243,9 +249,10 @@ fn export_shard(
     let usage = read(lite, "usage_events", USAGE, shard, from)?;
     let journal = read(lite, "journal", JOURNAL, shard, from)?;
     let topups = read(lite, "topups", TOPUPS, shard, from)?;
+    let wallets = read(lite, "wallets", WALLETS, shard, from)?;
     // Rows are complete up to the smallest last tag of a table that filled its round.
     let mut upto: Option<Tag> = None;
-    for rows in [&usage, &journal, &topups] {
+    for rows in [&usage, &journal, &topups, &wallets] {
         if rows.len() == ROWS_PER_ROUND {
             let last = rows.last().expect("a full round").0;
             upto = Some(upto.map_or(last, |u: Tag| u.min(last)));
@@ -253,7 +260,7 @@ fn export_shard(
     }
     let upto = match upto {
         Some(u) => u,
-        None => match [&usage, &journal, &topups]
+        None => match [&usage, &journal, &topups, &wallets]
             .iter()
             .filter_map(|rows| rows.last().map(|r| r.0))
             .max()
@@ -264,7 +271,12 @@ fn export_shard(
     };
     let within =
         |rows: &[Row]| -> Vec<Row> { rows.iter().filter(|(t, _)| *t <= upto).cloned().collect() };
-    let (usage, journal, topups) = (within(&usage), within(&journal), within(&topups));
+    let (usage, journal, topups, wallets) = (
+        within(&usage),
+        within(&journal),
+        within(&topups),
+        within(&wallets),
+    );
     let mut tx = pg.transaction().map_err(|e| pg_error("begin", e))?;
     let time = |us: &Option<String>| -> Option<String> {
         us.as_ref()
@@ -377,6 +389,20 @@ fn export_shard(
         )
         .map_err(|e| pg_error("insert top-up", e))?;
     }
+    let insert_wallet = tx
+        .prepare(
+            "INSERT INTO tally.wallets (shard, lsn, idx, wallet, metadata, created_at) VALUES \
+             ($1, $2, $3, $4, $5::text::jsonb, $6::text::timestamptz) ON CONFLICT DO NOTHING",
+        )
+        .map_err(|e| pg_error("prepare", e))?;
+    for ((lsn, idx), v) in &wallets {
+        let at = time(&v[2]);
+        tx.execute(
+            &insert_wallet,
+            &[&(shard as i32), lsn, &(*idx as i32), &v[0], &v[1], &at],
+        )
+        .map_err(|e| pg_error("insert wallet", e))?;
+    }
     tx.execute(
         "INSERT INTO tally.export_progress (shard, lsn, idx) VALUES ($1, $2, $3) \
          ON CONFLICT (shard) DO UPDATE SET lsn = EXCLUDED.lsn, idx = EXCLUDED.idx",
@@ -384,7 +410,7 @@ fn export_shard(
     )
     .map_err(|e| pg_error("progress", e))?;
     tx.commit().map_err(|e| pg_error("commit", e))?;
-    let copied = usage.len() + journal.len() + topups.len();
+    let copied = usage.len() + journal.len() + topups.len() + wallets.len();
     metrics::counter!("tally_export_postgres_rows_total").increment(copied as u64);
     // Retention may now delete what PostgreSQL holds (a late or lost update only keeps rows).
     lite.execute(

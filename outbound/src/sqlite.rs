@@ -56,6 +56,11 @@ CREATE TABLE IF NOT EXISTS topups (
     PRIMARY KEY (shard, lsn, idx)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS topups_by_wallet ON topups (wallet, at, shard, lsn, idx);
+CREATE TABLE IF NOT EXISTS wallets (
+    shard INTEGER NOT NULL, lsn INTEGER NOT NULL, idx INTEGER NOT NULL,
+    wallet TEXT NOT NULL UNIQUE, metadata TEXT NOT NULL, created_at INTEGER NOT NULL,
+    PRIMARY KEY (shard, lsn, idx)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS export_cursor (
     sink TEXT NOT NULL, shard INTEGER NOT NULL, lsn INTEGER NOT NULL, idx INTEGER NOT NULL,
     PRIMARY KEY (sink, shard)
@@ -270,6 +275,32 @@ impl SqliteSink {
                     ])
                 })
                 .map_err(|e| sql("insert top-up", e))?,
+            Effect::WalletCreated { wallet } => {
+                let metadata: BTreeMap<&str, &str> = match t.cause.as_deref().map(|c| &c.command) {
+                    Some(Command::CreateWallet(c)) => c
+                        .metadata
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect(),
+                    _ => BTreeMap::new(),
+                };
+                self.conn
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO wallets (shard, lsn, idx, wallet, metadata, \
+                         created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    )
+                    .and_then(|mut s| {
+                        s.execute(params![
+                            shard,
+                            lsn,
+                            idx,
+                            wallet.as_str(),
+                            serde_json::to_string(&metadata).unwrap_or_default(),
+                            t.applied_at.0
+                        ])
+                    })
+                    .map_err(|e| sql("insert wallet", e))?
+            }
             Effect::TopUpExhausted { wallet, asset } => self
                 .conn
                 .prepare_cached(
@@ -754,7 +785,7 @@ impl Reader {
 // ----- analytics ------------------------------------------------------------------------------
 
 /// How margin analytics group usage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GroupBy {
     /// Per wallet.
     Wallet,
@@ -768,6 +799,8 @@ pub enum GroupBy {
     Hour,
     /// Per UTC day of `occurred_at`.
     Day,
+    /// Per value of one wallet metadata key (`-` when the wallet has none).
+    Metadata(String),
 }
 
 impl FromStr for GroupBy {
@@ -781,11 +814,15 @@ impl FromStr for GroupBy {
             "model" => GroupBy::Model,
             "hour" => GroupBy::Hour,
             "day" => GroupBy::Day,
-            other => {
-                return Err(format!(
-                    "{other:?} is not wallet, product, plan, model, hour or day"
-                ))
-            }
+            other => match other.strip_prefix("metadata:") {
+                Some(key) if !key.is_empty() && key.len() <= 64 => GroupBy::Metadata(key.into()),
+                _ => {
+                    return Err(format!(
+                        "{other:?} is not wallet, product, plan, model, hour, day or \
+                         metadata:<key>"
+                    ))
+                }
+            },
         })
     }
 }
@@ -859,15 +896,22 @@ impl Reader {
             .map_err(|_| Error("history store: a reader panicked".into()))?;
         let mut statement = conn
             .prepare_cached(
-                "SELECT wallet, product, plan, plan_version, model, occurred_at, charged, \
-                 revenue_usd, cost_usd, refunded FROM usage_events \
-                 WHERE occurred_at >= ?1 AND occurred_at < ?2",
+                "SELECT u.wallet, u.product, u.plan, u.plan_version, u.model, u.occurred_at, \
+                 u.charged, u.revenue_usd, u.cost_usd, u.refunded, \
+                 json_extract(w.metadata, '$.' || json_quote(?3)) \
+                 FROM usage_events u LEFT JOIN wallets w ON w.wallet = u.wallet \
+                 WHERE u.occurred_at >= ?1 AND u.occurred_at < ?2",
             )
             .map_err(|e| sql("prepare", e))?;
+        let metadata_key = match &group_by {
+            GroupBy::Metadata(key) => key.clone(),
+            _ => String::new(),
+        };
         let mut rows = statement
             .query(params![
                 from.map_or(i64::MIN, |t| t.0),
-                to.map_or(i64::MAX, |t| t.0)
+                to.map_or(i64::MAX, |t| t.0),
+                metadata_key
             ])
             .map_err(|e| sql("query", e))?;
         let mut groups: BTreeMap<String, MarginGroup> = BTreeMap::new();
@@ -875,7 +919,7 @@ impl Reader {
         while let Some(r) = rows.next().map_err(|e| sql("query", e))? {
             let read = |e| sql("read row", e);
             let occurred: i64 = r.get(5).map_err(read)?;
-            let key = match group_by {
+            let key = match &group_by {
                 GroupBy::Wallet => r.get::<_, String>(0).map_err(read)?,
                 GroupBy::Product => r.get::<_, String>(1).map_err(read)?,
                 GroupBy::Plan => format!(
@@ -895,6 +939,10 @@ impl Reader {
                     Timestamp(occurred.div_euclid(Timestamp::DAY_US) * Timestamp::DAY_US)
                         .to_rfc3339()
                 }
+                GroupBy::Metadata(_) => r
+                    .get::<_, Option<String>>(10)
+                    .map_err(read)?
+                    .unwrap_or_else(|| "-".into()),
             };
             let charged = decimal(r.get(6).map_err(read)?).map_err(read)?;
             let revenue = decimal(r.get(7).map_err(read)?).map_err(read)?;

@@ -122,6 +122,11 @@ fn rows_arrive_once_across_an_outage_and_agree_with_the_ledger() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    let exported_wallets: i64 = client
+        .query_one("SELECT count(*) FROM tally.wallets", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(exported_wallets, wallets.len() as i64);
     for w in &wallets {
         let row = client
             .query_one(

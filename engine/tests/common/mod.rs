@@ -27,6 +27,8 @@ pub struct Harness {
     pub margins: Vec<MarginRecord>,
     pub topups: Vec<TopUpRequest>,
     pub exhausted: Vec<(WalletId, AssetCode)>,
+    /// Wallets whose creation was announced.
+    pub created: Vec<WalletId>,
     /// Every request applied, with its time: the command log.
     pub log: Vec<(Timestamp, Request)>,
 }
@@ -112,6 +114,7 @@ impl Harness {
             margins: Vec::new(),
             topups: Vec::new(),
             exhausted: Vec::new(),
+            created: Vec::new(),
             log: Vec::new(),
         }
     }
@@ -129,6 +132,7 @@ impl Harness {
                 Effect::Margin(m) => self.margins.push(m),
                 Effect::TopUpRequested(t) => self.topups.push(t),
                 Effect::TopUpExhausted { wallet, asset } => self.exhausted.push((wallet, asset)),
+                Effect::WalletCreated { wallet } => self.created.push(wallet),
             }
         }
     }
