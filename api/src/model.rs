@@ -809,6 +809,19 @@ pub struct Health {
     pub shards_running: u32,
     /// `ok` when every shard runs, else `degraded`.
     pub status: String,
+    /// How far each effect sink is behind the shards.
+    pub sinks: Vec<SinkHealth>,
+}
+
+/// How far one effect sink (history store, JSON lines, PostgreSQL export) is behind.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SinkHealth {
+    /// `sqlite`, `jsonl` or `postgres`.
+    pub name: String,
+    /// Effects (rows, for `postgres`) not yet durable in it.
+    pub lag_effects: u64,
+    /// How long the oldest of them has waited, in seconds (at most).
+    pub lag_seconds: f64,
 }
 
 // ----- answers --------------------------------------------------------------------------------

@@ -77,7 +77,9 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         .layer(middleware::from_fn(observe))
         // Read a little past the limit, so that a body just over it is answered 413 after it
         // was read (the client then gets the answer instead of a reset while still sending).
-        .layer(axum::extract::DefaultBodyLimit::max(BODY_BYTES_MAX + 64 * 1024))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            BODY_BYTES_MAX + 64 * 1024,
+        ))
         .with_state(state)
 }
 
@@ -1319,11 +1321,21 @@ pub(crate) async fn health(
     caller: Caller,
 ) -> Result<Json<Health>, ApiError> {
     caller.allow(Kind::Health)?;
-    let (shards, running) = state.backend()?.shards();
+    let backend = state.backend()?;
+    let (shards, running) = backend.shards();
     Ok(Json(Health {
         shards,
         shards_running: running,
         status: if shards == running { "ok" } else { "degraded" }.into(),
+        sinks: backend
+            .sinks()
+            .into_iter()
+            .map(|s| SinkHealth {
+                name: s.name,
+                lag_effects: s.effects,
+                lag_seconds: s.lag_us as f64 / 1e6,
+            })
+            .collect(),
     }))
 }
 

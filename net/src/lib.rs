@@ -40,8 +40,8 @@ pub use frame::{
 pub use keys::{KeyStore, LiveKey};
 pub use message::{
     command_kind, query_kind, Answer, CheckpointInfo, ErrorFrame, HealthReport, Hello, HoldInfo,
-    Message, Outcome, ReserveItem, Scope, WalletInfo, Welcome, API_KEY_BYTES_MAX, BATCH_ITEMS_MAX,
-    PROTOCOL_VERSIONS,
+    Message, Outcome, ReserveItem, Scope, SinkLag, WalletInfo, Welcome, API_KEY_BYTES_MAX,
+    BATCH_ITEMS_MAX, PROTOCOL_VERSIONS,
 };
 pub use server::{Backend, BoxFuture, Limits, NetServer, StatsSnapshot};
 pub use tls::{TlsError, ALPN};

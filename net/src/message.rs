@@ -254,6 +254,19 @@ pub struct HealthReport {
     pub rejected_scope: u64,
     /// Free text naming the server build, e.g. `tally/0.1.0`.
     pub server: String,
+    /// How far each effect sink (history store, JSON lines, PostgreSQL export) is behind.
+    pub sinks: Vec<SinkLag>,
+}
+
+/// How far one effect sink is behind the shards.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SinkLag {
+    /// The sink: `sqlite`, `jsonl` or `postgres`.
+    pub name: String,
+    /// Effects (rows, for `postgres`) not yet durable in it.
+    pub effects: u64,
+    /// How long the oldest of them has waited, in microseconds (at most).
+    pub lag_us: u64,
 }
 
 /// The payload of one frame, by kind. The header's request id travels beside it.
@@ -554,6 +567,12 @@ impl Message {
                 w.u64(h.rejected_key);
                 w.u64(h.rejected_scope);
                 w.bytes16("health.server", h.server.as_bytes())?;
+                w.count16("health.sinks", h.sinks.len())?;
+                for sink in &h.sinks {
+                    w.bytes16("health.sinks[].name", sink.name.as_bytes())?;
+                    w.u64(sink.effects);
+                    w.u64(sink.lag_us);
+                }
             }
         }
         Ok(())
@@ -728,6 +747,18 @@ fn decode_payload(kind: Kind, r: &mut Reader<'_>) -> Result<Message, BodyError> 
             rejected_key: r.u64("health.rejected_key")?,
             rejected_scope: r.u64("health.rejected_scope")?,
             server: text(r.bytes16("health.server")?, "health.server")?,
+            sinks: {
+                let n = r.count16("health.sinks", 18)?;
+                let mut sinks = Vec::with_capacity(n);
+                for _ in 0..n {
+                    sinks.push(SinkLag {
+                        name: text(r.bytes16("health.sinks[].name")?, "health.sinks[].name")?,
+                        effects: r.u64("health.sinks[].effects")?,
+                        lag_us: r.u64("health.sinks[].lag_us")?,
+                    });
+                }
+                sinks
+            },
         }),
     })
 }

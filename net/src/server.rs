@@ -65,6 +65,8 @@ pub trait Backend: Send + Sync + 'static {
     fn snapshot(&self) -> BoxFuture<Result<Vec<CheckpointInfo>, String>>;
     /// Shards configured, and shards whose loop is running.
     fn shards(&self) -> (u32, u32);
+    /// How far each effect sink is behind (for health reports).
+    fn sinks(&self) -> Vec<crate::message::SinkLag>;
 }
 
 /// The server's limits.
@@ -607,6 +609,7 @@ async fn request(id: u64, frame: &Frame<'_>, conn: &ConnState, shared: &Shared) 
                 rejected_key: s.rejected_key.load(Ordering::Relaxed),
                 rejected_scope: s.rejected_scope.load(Ordering::Relaxed),
                 server: SERVER_NAME.into(),
+                sinks: backend.sinks(),
             };
             Out::Later(
                 id,

@@ -77,6 +77,42 @@ impl std::fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// How far one sink is behind, shared with whoever reports health (updated by the sink's
+/// worker, read anywhere).
+#[derive(Debug)]
+pub struct Lag {
+    /// The sink's name (`sqlite`, `jsonl`, `postgres`).
+    pub name: &'static str,
+    effects: std::sync::atomic::AtomicU64,
+    micros: std::sync::atomic::AtomicU64,
+}
+
+impl Lag {
+    /// A sink that is not behind.
+    pub fn new(name: &'static str) -> Arc<Lag> {
+        Arc::new(Lag {
+            name,
+            effects: Default::default(),
+            micros: Default::default(),
+        })
+    }
+
+    /// Records that the sink is `effects` effects (rows) and `seconds` behind.
+    pub fn set(&self, effects: u64, seconds: f64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.effects.store(effects, Relaxed);
+        self.micros.store((seconds * 1e6) as u64, Relaxed);
+        metrics::gauge!("tally_outbound_lag_effects", "sink" => self.name).set(effects as f64);
+        metrics::gauge!("tally_outbound_lag_seconds", "sink" => self.name).set(seconds);
+    }
+
+    /// `(effects, microseconds)` behind.
+    pub fn get(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.effects.load(Relaxed), self.micros.load(Relaxed))
+    }
+}
+
 /// A destination for effects.
 pub trait Sink: Send {
     /// A short name for logs and metrics (`sqlite`, `jsonl`).
@@ -145,18 +181,14 @@ const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 pub fn spawn(
     mut sinks: Vec<Box<dyn Sink>>,
     receiver: Receiver<Message>,
+    lags: Vec<Arc<Lag>>,
 ) -> JoinHandle<Result<(), Error>> {
+    assert_eq!(lags.len(), sinks.len(), "one lag per sink");
     std::thread::Builder::new()
         .name("tally-outbound".into())
         .spawn(move || {
             let mut last_flush = Instant::now();
             let queued = metrics::gauge!("tally_outbound_queue_depth");
-            let lag = metrics::gauge!("tally_outbound_lag_seconds");
-            let unflushed_gauges: Vec<_> = sinks
-                .iter()
-                .map(|s| metrics::gauge!("tally_outbound_unflushed_effects", "sink" => s.name()))
-                .collect();
-            let unflushed = |sinks: &[Box<dyn Sink>]| sinks.iter().map(|s| s.unflushed()).max();
             loop {
                 let wait = FLUSH_INTERVAL.saturating_sub(last_flush.elapsed());
                 match receiver.recv_timeout(wait) {
@@ -173,24 +205,26 @@ pub fn spawn(
                     Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                     Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
                 }
-                let waiting = unflushed(&sinks).unwrap_or(0);
+                let waiting = sinks.iter().map(|s| s.unflushed()).max().unwrap_or(0);
                 if waiting >= FLUSH_EVERY || (waiting > 0 && last_flush.elapsed() >= FLUSH_INTERVAL)
                 {
                     flush_all(&mut sinks)?;
                     last_flush = Instant::now();
                 }
-                queued.set(receiver.len() as f64);
-                for (gauge, sink) in unflushed_gauges.iter().zip(&sinks) {
-                    gauge.set(sink.unflushed() as f64);
-                }
-                // How long the oldest effect not yet durable in the sinks has waited (at most).
-                lag.set(
-                    if unflushed(&sinks).unwrap_or(0) == 0 && receiver.is_empty() {
+                // Behind: what waits in the queue (batches, each of one input's effects or more)
+                // plus what is written but not yet durable; for at most as long as since the
+                // last flush.
+                let waiting_batches = receiver.len() as u64;
+                queued.set(waiting_batches as f64);
+                for (lag, sink) in lags.iter().zip(&sinks) {
+                    let behind = waiting_batches + sink.unflushed() as u64;
+                    let seconds = if behind == 0 {
                         0.0
                     } else {
                         last_flush.elapsed().as_secs_f64()
-                    },
-                );
+                    };
+                    lag.set(behind, seconds);
+                }
             }
             flush_all(&mut sinks)
         })

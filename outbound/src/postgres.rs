@@ -68,6 +68,7 @@ CREATE TABLE IF NOT EXISTS tally.export_progress (
 pub struct PostgresExport {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    lag: Arc<crate::Lag>,
 }
 
 impl PostgresExport {
@@ -91,17 +92,25 @@ impl PostgresExport {
             .map_err(|e| sql("export cursor", e))?;
         }
         let stop = Arc::new(AtomicBool::new(false));
+        let lag = crate::Lag::new("postgres");
         let thread = std::thread::Builder::new()
             .name("tally-export-postgres".into())
             .spawn({
                 let stop = Arc::clone(&stop);
-                move || run(config, store, shards, &stop)
+                let lag = Arc::clone(&lag);
+                move || run(config, store, shards, &stop, &lag)
             })
             .map_err(|e| Error(format!("cannot start the PostgreSQL export: {e}")))?;
         Ok(PostgresExport {
             stop,
             thread: Some(thread),
+            lag,
         })
+    }
+
+    /// How far the export is behind the store.
+    pub fn lag(&self) -> Arc<crate::Lag> {
+        Arc::clone(&self.lag)
     }
 
     /// Stops after the round in progress.
@@ -119,9 +128,8 @@ impl Drop for PostgresExport {
     }
 }
 
-fn run(config: postgres::Config, store: PathBuf, shards: u32, stop: &AtomicBool) {
+fn run(config: postgres::Config, store: PathBuf, shards: u32, stop: &AtomicBool, lag: &crate::Lag) {
     let up = metrics::gauge!("tally_export_postgres_up");
-    let behind = metrics::gauge!("tally_outbound_lag_seconds", "sink" => "postgres");
     let mut backoff = Duration::from_millis(100);
     let mut caught_up = Instant::now();
     let mut client: Option<postgres::Client> = None;
@@ -154,16 +162,18 @@ fn run(config: postgres::Config, store: PathBuf, shards: u32, stop: &AtomicBool)
                 up.set(1.0);
                 backoff = Duration::from_millis(100);
                 if moved {
-                    behind.set(caught_up.elapsed().as_secs_f64());
+                    let rows = sqlite.as_ref().map_or(0, |lite| backlog(lite).unwrap_or(0));
+                    lag.set(rows, caught_up.elapsed().as_secs_f64());
                 } else {
                     caught_up = Instant::now();
-                    behind.set(0.0);
+                    lag.set(0, 0.0);
                     sleep_unless(stop, Duration::from_millis(100));
                 }
             }
             Err(e) => {
                 up.set(0.0);
-                behind.set(caught_up.elapsed().as_secs_f64());
+                let rows = sqlite.as_ref().map_or(0, |lite| backlog(lite).unwrap_or(0));
+                lag.set(rows, caught_up.elapsed().as_secs_f64());
                 metrics::counter!("tally_export_postgres_errors_total").increment(1);
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "history export to PostgreSQL failed; retrying");
                 client = None;
@@ -172,6 +182,18 @@ fn run(config: postgres::Config, store: PathBuf, shards: u32, stop: &AtomicBool)
             }
         }
     }
+}
+
+/// Usage rows the export has not copied yet (by the store's own record of the export's cursor).
+fn backlog(lite: &rusqlite::Connection) -> Result<u64, Error> {
+    lite.query_row(
+        "SELECT count(*) FROM usage_events u JOIN export_cursor c \
+         ON c.sink = 'postgres' AND c.shard = u.shard AND (u.lsn, u.idx) > (c.lsn, c.idx)",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n as u64)
+    .map_err(|e| sql("backlog", e))
 }
 
 fn sleep_unless(stop: &AtomicBool, total: Duration) {
@@ -246,10 +268,22 @@ fn export_shard(
         .map_or((0, -1), |r| {
             (r.get::<_, i64>(0), i64::from(r.get::<_, i32>(1)))
         });
-    let usage = read(lite, "usage_events", USAGE, shard, from)?;
-    let journal = read(lite, "journal", JOURNAL, shard, from)?;
-    let topups = read(lite, "topups", TOPUPS, shard, from)?;
-    let wallets = read(lite, "wallets", WALLETS, shard, from)?;
+    // One read transaction: the four tables as of one commit of the store, so a commit between
+    // the reads cannot make the cursor pass rows that were not read.
+    lite.execute_batch("BEGIN DEFERRED")
+        .map_err(|e| sql("begin read", e))?;
+    let read_all = || -> Result<_, Error> {
+        Ok((
+            read(lite, "usage_events", USAGE, shard, from)?,
+            read(lite, "journal", JOURNAL, shard, from)?,
+            read(lite, "topups", TOPUPS, shard, from)?,
+            read(lite, "wallets", WALLETS, shard, from)?,
+        ))
+    };
+    let read_result = read_all();
+    lite.execute_batch("COMMIT")
+        .map_err(|e| sql("end read", e))?;
+    let (usage, journal, topups, wallets) = read_result?;
     // Rows are complete up to the smallest last tag of a table that filled its round.
     let mut upto: Option<Tag> = None;
     for rows in [&usage, &journal, &topups, &wallets] {

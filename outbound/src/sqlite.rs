@@ -146,7 +146,10 @@ impl SqliteSink {
             in_transaction: false,
             unflushed: 0,
             retention,
-            last_retention: Instant::now(),
+            // Due at the first flush: a server restarted more often than hourly still prunes.
+            last_retention: Instant::now()
+                .checked_sub(RETENTION_EVERY)
+                .unwrap_or_else(Instant::now),
         })
     }
 
@@ -360,9 +363,14 @@ impl SqliteSink {
             ("journal", "at"),
             ("topups", "at"),
         ] {
+            // Rows an export (PostgreSQL) has not copied yet stay, whatever their age.
             self.conn
                 .execute(
-                    &format!("DELETE FROM {table} WHERE {column} < ?1"),
+                    &format!(
+                        "DELETE FROM {table} WHERE {column} < ?1 AND NOT EXISTS (\
+                         SELECT 1 FROM export_cursor c WHERE c.shard = {table}.shard \
+                         AND (c.lsn, c.idx) < ({table}.lsn, {table}.idx))"
+                    ),
                     [cutoff],
                 )
                 .map_err(|e| sql("retention", e))?;

@@ -230,23 +230,18 @@ impl Overrides {
             if let Some(value) = get(var) {
                 let parsed = match *key {
                     "data_dir" | "durability" | "listen" | "http_listen" | "tls_cert"
-                    | "tls_key" => toml::Value::String(value),
+                    | "tls_key" | "export_postgres" => toml::Value::String(value),
                     "http_tls" | "export_jsonl" | "history_store" => match value.trim() {
                         "1" | "true" => toml::Value::Boolean(true),
                         "0" | "false" => toml::Value::Boolean(false),
-                        _ => {
-                            return Err(ConfigError(format!(
-                                "{var}={value:?} is not true or false"
-                            )))
-                        }
+                        _ => return Err(ConfigError(format!("{var} is not true or false"))),
                     },
+                    // The value is not echoed: a variable may hold a secret.
                     _ => value
                         .trim()
                         .parse::<i64>()
                         .map(toml::Value::Integer)
-                        .map_err(|_| {
-                            ConfigError(format!("{var}={value:?} is not a whole number"))
-                        })?,
+                        .map_err(|_| ConfigError(format!("{var} is not a whole number")))?,
                 };
                 table.insert((*key).to_string(), parsed);
             }
@@ -386,6 +381,21 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_postgres_url_in_the_environment_is_text_and_never_echoed() {
+        let url = "postgresql://tally:s3cret@db.internal:5432/history";
+        let env =
+            Overrides::from_env(|k| (k == "TALLY_EXPORT_POSTGRES").then(|| url.into())).unwrap();
+        assert_eq!(env.export_postgres.as_deref(), Some(url));
+        let error = Overrides::from_env(|k| (k == "TALLY_SHARDS").then(|| "s3cret".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("TALLY_SHARDS") && !error.contains("s3cret"),
+            "{error}"
+        );
+    }
 
     #[test]
     fn sources_merge_in_order_and_errors_name_the_setting() {

@@ -28,6 +28,8 @@ pub struct Handle {
     broadcast: Arc<Mutex<()>>,
     /// Per shard: whether its loop is still running (cleared when the thread ends).
     alive: Arc<[AtomicBool]>,
+    /// How far each effect sink (and the PostgreSQL export) is behind.
+    lags: Arc<[Arc<tally_outbound::Lag>]>,
 }
 
 /// A reply that will arrive once the request's batch is durable.
@@ -209,12 +211,28 @@ impl Handle {
         Ok(PendingBatch { parts, done, len })
     }
 
-    pub(crate) fn new(shards: Vec<Sender<Message>>, alive: Arc<[AtomicBool]>) -> Handle {
+    pub(crate) fn new(
+        shards: Vec<Sender<Message>>,
+        alive: Arc<[AtomicBool]>,
+        lags: Arc<[Arc<tally_outbound::Lag>]>,
+    ) -> Handle {
         Handle {
             shards: shards.into(),
             broadcast: Arc::new(Mutex::new(())),
             alive,
+            lags,
         }
+    }
+
+    /// Each sink's name and how far it is behind: `(name, effects, microseconds)`.
+    pub fn sink_lags(&self) -> Vec<(&'static str, u64, u64)> {
+        self.lags
+            .iter()
+            .map(|l| {
+                let (effects, micros) = l.get();
+                (l.name, effects, micros)
+            })
+            .collect()
     }
 
     /// How many shard loops are running (a poisoned or stopped shard's loop has ended).

@@ -131,6 +131,18 @@ impl Backend for ShardBackend {
     fn shards(&self) -> (u32, u32) {
         (self.handle.shard_count(), self.handle.shards_running())
     }
+
+    fn sinks(&self) -> Vec<tally_net::SinkLag> {
+        self.handle
+            .sink_lags()
+            .into_iter()
+            .map(|(name, effects, lag_us)| tally_net::SinkLag {
+                name: name.into(),
+                effects,
+                lag_us,
+            })
+            .collect()
+    }
 }
 
 /// The network limits a configuration asks for.

@@ -136,6 +136,10 @@ impl Backend for Counted {
     fn shards(&self) -> (u32, u32) {
         self.inner.shards()
     }
+
+    fn sinks(&self) -> Vec<tally_net::SinkLag> {
+        self.inner.sinks()
+    }
 }
 
 /// One shard loop's metric handles.

@@ -1284,7 +1284,7 @@ fn render(call: &Call, outcome: &Outcome) -> (String, Value) {
         (_, Outcome::Health(h)) => (
             format!(
                 "ok: {} — {}/{} shards running, up {}s, {} connections open\n\
-                 rejected: {} unauthenticated, {} bad key, {} out of scope\n",
+                 rejected: {} unauthenticated, {} bad key, {} out of scope\n{}",
                 h.server,
                 h.shards_running,
                 h.shards,
@@ -1292,7 +1292,16 @@ fn render(call: &Call, outcome: &Outcome) -> (String, Value) {
                 h.connections_open,
                 h.rejected_unauthenticated,
                 h.rejected_key,
-                h.rejected_scope
+                h.rejected_scope,
+                h.sinks
+                    .iter()
+                    .map(|s| format!(
+                        "sink {}: {} behind, {:.3}s\n",
+                        s.name,
+                        s.effects,
+                        s.lag_us as f64 / 1e6
+                    ))
+                    .collect::<String>()
             ),
             json!({
                 "health": {
@@ -1304,6 +1313,11 @@ fn render(call: &Call, outcome: &Outcome) -> (String, Value) {
                     "rejected_unauthenticated": h.rejected_unauthenticated,
                     "rejected_key": h.rejected_key,
                     "rejected_scope": h.rejected_scope,
+                    "sinks": h.sinks.iter().map(|s| json!({
+                        "name": s.name,
+                        "lag_effects": s.effects,
+                        "lag_us": s.lag_us,
+                    })).collect::<Vec<_>>(),
                 }
             }),
         ),

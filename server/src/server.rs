@@ -326,8 +326,10 @@ impl Server {
         let lock = DataDirLock::acquire(&config.data_dir)?;
         let count = shard_count(&config.data_dir, config.shards)?;
         let sinks = open_sinks(config)?;
+        let mut lags: Vec<Arc<outbound::Lag>> =
+            sinks.iter().map(|s| outbound::Lag::new(s.name())).collect();
         let (outbound_tx, outbound_rx) = crossbeam_channel::bounded(config.outbound_queue_depth);
-        let outbound = outbound::spawn(sinks, outbound_rx);
+        let outbound = outbound::spawn(sinks, outbound_rx, lags.clone());
         let mut senders = Vec::new();
         let mut threads = Vec::new();
         let mut recovered = Vec::new();
@@ -408,7 +410,10 @@ impl Server {
             None => None,
         };
         Ok(Server {
-            handle: Handle::new(senders, alive),
+            handle: Handle::new(senders, alive, {
+                lags.extend(export.as_ref().map(|e| e.lag()));
+                lags.into()
+            }),
             shards: threads,
             outbound: Some(outbound),
             outbound_tx: Some(outbound_tx),

@@ -645,6 +645,10 @@ impl Shard {
             let _ = to.send(answer.clone());
         }
         if !self.checkpoint_queue.is_empty() {
+            // Like any checkpoint, it needs every effect at or below its LSN queued for the sinks
+            // first (its flush barrier covers only those): make the batches since durable and
+            // release them.
+            self.wait_durable()?;
             let waiters = std::mem::take(&mut self.checkpoint_queue);
             self.start_checkpoint(waiters);
         }

@@ -548,6 +548,14 @@ async fn every_route_end_to_end_with_exact_balances() {
     let health = http.get("/v1/health").await;
     assert_eq!(health.ok()["status"], "ok");
     assert_eq!(health.body["shards"], 2);
+    let sinks: Vec<_> = health.body["sinks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(sinks, ["sqlite", "jsonl"]);
+    assert!(health.body["sinks"][0]["lag_effects"].is_u64());
     let snapshot = http.post("/v1/snapshots", "snap-1", json!(null)).await;
     assert_eq!(snapshot.ok()["checkpoints"].as_array().unwrap().len(), 2);
 

@@ -601,9 +601,10 @@ pub fn message() -> impl Strategy<Value = Message> {
             any::<u32>(),
             any::<u64>(),
             any::<[u64; 4]>(),
-            text()
+            text(),
+            proptest::collection::vec((text(), any::<u64>(), any::<u64>()), 0..4)
         )
-            .prop_map(|(s, r, u, c, server)| {
+            .prop_map(|(s, r, u, c, server, sinks)| {
                 Message::HealthReport(HealthReport {
                     shards: s,
                     shards_running: r,
@@ -613,6 +614,14 @@ pub fn message() -> impl Strategy<Value = Message> {
                     rejected_key: c[2],
                     rejected_scope: c[3],
                     server,
+                    sinks: sinks
+                        .into_iter()
+                        .map(|(name, effects, lag_us)| tally_net::SinkLag {
+                            name,
+                            effects,
+                            lag_us,
+                        })
+                        .collect(),
                 })
             }),
     ]

@@ -1,0 +1,119 @@
+//! The SQLite history store: each effect once however often it is written, refunds reach their
+//! events, and retention removes old rows but never one an export has not copied yet.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+use tally_engine::{
+    asset, name, Command, DebitMode, Effect, MarginRecord, Quantity, Request, RequestId, Timestamp,
+    UsageEvent,
+};
+use tally_outbound::sqlite::{Filter, Reader};
+use tally_outbound::{Sink, SqliteSink, Tagged};
+
+fn now() -> Timestamp {
+    Timestamp(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as i64,
+    )
+}
+
+fn usage(lsn: u64, occurred_at: Timestamp) -> Tagged {
+    let event = UsageEvent {
+        wallet: name("w"),
+        product: name("chat"),
+        quantities: vec![Quantity {
+            dimension: name("tokens"),
+            value: Decimal::from(10),
+        }],
+        attributes: vec![(name("model"), name("m"))],
+        cost_usd: Decimal::new(1, 3),
+        occurred_at,
+        mode: DebitMode::Strict,
+    };
+    Tagged {
+        shard: 0,
+        lsn,
+        index: 0,
+        applied_at: occurred_at,
+        effect: Effect::Margin(MarginRecord {
+            request: RequestId(lsn as u128),
+            wallet: name("w"),
+            product: name("chat"),
+            plan: name("p"),
+            version: 1,
+            asset: asset("USD"),
+            charged: Decimal::new(10, 2),
+            revenue_usd: Decimal::new(10, 2),
+            cost_usd: Decimal::new(1, 3),
+            occurred_at,
+        }),
+        cause: Some(Arc::new(Request {
+            id: RequestId(lsn as u128),
+            command: Command::Usage(event),
+        })),
+    }
+}
+
+fn count(dir: &std::path::Path) -> u64 {
+    Reader::open(dir).unwrap().counts().unwrap().0
+}
+
+#[test]
+fn an_effect_is_stored_once_however_often_it_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sink = SqliteSink::open(dir.path(), None).unwrap();
+    for _ in 0..3 {
+        for lsn in 1..=5 {
+            sink.write(&usage(lsn, now())).unwrap();
+        }
+        sink.flush().unwrap();
+    }
+    assert_eq!(count(dir.path()), 5);
+    // Reopened (a restart replaying the same effects): still once.
+    drop(sink);
+    let mut sink = SqliteSink::open(dir.path(), None).unwrap();
+    assert!(!sink.write(&usage(3, now())).unwrap());
+    sink.flush().unwrap();
+    let page = Reader::open(dir.path())
+        .unwrap()
+        .usage(&Filter {
+            wallet: "w".into(),
+            limit: 10,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(page.rows.len(), 5);
+    assert_eq!(page.rows[0].quantities["tokens"], "10");
+    assert_eq!(page.rows[0].attributes["model"], "m");
+}
+
+#[test]
+fn retention_keeps_what_an_export_has_not_copied() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = Timestamp(now().0 - 3 * 86_400 * 1_000_000);
+    {
+        let mut sink = SqliteSink::open(dir.path(), None).unwrap();
+        for lsn in 1..=10 {
+            sink.write(&usage(lsn, old)).unwrap();
+        }
+        sink.write(&usage(11, now())).unwrap();
+        sink.flush().unwrap();
+    }
+    // An export has copied shard 0 up to LSN 4 (as the PostgreSQL export records it).
+    let conn = rusqlite::Connection::open(dir.path().join(tally_outbound::sqlite::FILE)).unwrap();
+    conn.execute(
+        "INSERT INTO export_cursor (sink, shard, lsn, idx) VALUES ('postgres', 0, 4, 0)",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+    let mut sink = SqliteSink::open(dir.path(), Some(Duration::from_secs(86_400))).unwrap();
+    sink.write(&usage(12, now())).unwrap();
+    sink.flush().unwrap();
+    // 1..=4 were old and copied: gone. 5..=10 are old but not copied: kept. 11, 12 are new.
+    assert_eq!(count(dir.path()), 8);
+}
