@@ -206,9 +206,12 @@ pub fn spawn(
                     Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
                 }
                 let waiting = sinks.iter().map(|s| s.unflushed()).max().unwrap_or(0);
-                if waiting >= FLUSH_EVERY || (waiting > 0 && last_flush.elapsed() >= FLUSH_INTERVAL)
-                {
-                    flush_all(&mut sinks)?;
+                if waiting >= FLUSH_EVERY || last_flush.elapsed() >= FLUSH_INTERVAL {
+                    // Also when nothing waits: the interval restarts, so an idle loop sleeps in
+                    // `recv_timeout` instead of spinning.
+                    if waiting > 0 {
+                        flush_all(&mut sinks)?;
+                    }
                     last_flush = Instant::now();
                 }
                 // Behind: what waits in the queue (batches, each of one input's effects or more)
