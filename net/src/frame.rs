@@ -351,14 +351,30 @@ impl Decoder {
         self.payload_max
     }
 
+    /// Changes the payload limit (capped at [`FRAME_PAYLOAD_BYTES_MAX`]) for the frames whose
+    /// header is not yet complete, e.g. raised once the connection authenticated.
+    pub fn set_payload_max(&mut self, payload_max: u32) {
+        self.payload_max = payload_max.min(FRAME_PAYLOAD_BYTES_MAX);
+    }
+
     /// Appends bytes that arrived. Bytes of frames already returned are dropped first, so the
-    /// buffer holds at most one partial frame plus what was just fed.
+    /// buffer holds at most one partial frame plus what was just fed; a buffer that grew for a
+    /// large frame gives its memory back once it holds little.
     pub fn feed(&mut self, bytes: &[u8]) {
         if self.start > 0 {
             self.buf.drain(..self.start);
             self.start = 0;
         }
+        const KEEP_BYTES: usize = 256 * 1024;
+        if self.buf.capacity() > KEEP_BYTES && self.buf.len() + bytes.len() <= KEEP_BYTES / 4 {
+            self.buf.shrink_to(KEEP_BYTES / 4);
+        }
         self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes of memory the buffer holds (for tests of the memory bound).
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
     }
 
     /// Bytes buffered that are not yet part of a returned frame.

@@ -85,6 +85,12 @@ pub struct Limits {
     pub batch_items_max: u32,
     /// A connection with no traffic (not even keep-alives) for this long is closed.
     pub idle_timeout: Duration,
+    /// A connection must authenticate within this long of its handshake, or it is closed
+    /// (`Unauthenticated`): slots cannot be held by clients that never do.
+    pub auth_deadline: Duration,
+    /// Largest frame payload accepted before the connection authenticated (`Hello` and `Auth`
+    /// are small): an unauthenticated client cannot make the server buffer large frames.
+    pub pre_auth_payload_max: u32,
 }
 
 impl Default for Limits {
@@ -96,6 +102,8 @@ impl Default for Limits {
             frame_payload_max: FRAME_PAYLOAD_BYTES_MAX,
             batch_items_max: BATCH_ITEMS_MAX as u32,
             idle_timeout: Duration::from_secs(30),
+            auth_deadline: Duration::from_secs(10),
+            pre_auth_payload_max: 4096,
         }
     }
 }
@@ -295,6 +303,26 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
         peer_payload_max: AtomicU32::new(FRAME_PAYLOAD_BYTES_MAX),
         in_flight: AtomicU32::new(0),
     });
+    // Authenticate in time or give the slot back.
+    tokio::spawn({
+        let state = state.clone();
+        let deadline = shared.limits.auth_deadline;
+        async move {
+            tokio::select! {
+                _ = tokio::time::sleep(deadline) => {}
+                // Gone before the deadline: nothing to do, and nothing kept alive.
+                _ = state.conn.closed() => return,
+            }
+            if state.key.get().is_none() {
+                auth_failure("deadline");
+                close(
+                    &state.conn,
+                    ErrorCode::Unauthenticated,
+                    &format!("no successful Auth within {} ms", deadline.as_millis()),
+                );
+            }
+        }
+    });
     while let Ok((send, recv)) = conn.accept_bi().await {
         tokio::spawn(serve_stream(send, recv, state.clone(), shared.clone()));
     }
@@ -327,7 +355,7 @@ async fn serve_stream(
 ) {
     let (tx, rx) = mpsc::channel::<Out>(shared.limits.in_flight_max.max(1) as usize);
     let writer = tokio::spawn(write_answers(send, rx, conn.clone()));
-    let mut decoder = Decoder::new(shared.limits.frame_payload_max);
+    let mut decoder = Decoder::new(shared.limits.pre_auth_payload_max);
     'read: loop {
         let chunk = match recv.read_chunk(64 * 1024, true).await {
             Ok(Some(chunk)) => chunk.bytes,
@@ -336,6 +364,12 @@ async fn serve_stream(
         };
         decoder.feed(&chunk);
         loop {
+            // Small frames only until the connection has authenticated.
+            decoder.set_payload_max(if conn.key.get().is_some() {
+                shared.limits.frame_payload_max
+            } else {
+                shared.limits.pre_auth_payload_max
+            });
             let out = match decoder.next_frame() {
                 Ok(Some(frame)) => step(&frame, &conn, &shared).await,
                 Ok(None) => break,

@@ -56,6 +56,8 @@ pub struct Config {
     pub in_flight_max: u32,
     /// Threads of the network runtime.
     pub net_threads: usize,
+    /// A QUIC connection must authenticate within this many milliseconds or is closed.
+    pub auth_deadline_ms: u64,
     /// Where the HTTP/JSON API binds (`host:port`).
     pub http_listen: String,
     /// Serve the HTTP API over TLS with the QUIC certificate.
@@ -97,6 +99,7 @@ impl Default for Config {
             streams_max: 64,
             in_flight_max: 4096,
             net_threads: 2,
+            auth_deadline_ms: 10_000,
             http_listen: "127.0.0.1:7480".into(),
             http_tls: false,
             history_store: true,
@@ -140,6 +143,8 @@ pub struct Overrides {
     pub listen: Option<String>,
     /// See [`Config::http_listen`].
     pub http_listen: Option<String>,
+    /// See [`Config::auth_deadline_ms`].
+    pub auth_deadline_ms: Option<u64>,
     /// See [`Config::http_tls`].
     pub http_tls: Option<bool>,
     /// See [`Config::history_store`].
@@ -199,6 +204,7 @@ const ENV: &[(&str, &str)] = &[
     ),
     ("TALLY_LISTEN", "listen"),
     ("TALLY_HTTP_LISTEN", "http_listen"),
+    ("TALLY_AUTH_DEADLINE_MS", "auth_deadline_ms"),
     ("TALLY_HTTP_TLS", "http_tls"),
     ("TALLY_HISTORY_STORE", "history_store"),
     ("TALLY_EXPORT_JSONL", "export_jsonl"),
@@ -269,6 +275,7 @@ impl Overrides {
             idempotency_retention_secs,
             listen,
             http_listen,
+            auth_deadline_ms,
             http_tls,
             history_store,
             export_jsonl,
@@ -317,6 +324,9 @@ impl Config {
         }
         if self.listen.parse::<std::net::SocketAddr>().is_err() {
             return bad("listen", "must be an address like 127.0.0.1:7400");
+        }
+        if !(10..=600_000).contains(&self.auth_deadline_ms) {
+            return bad("auth_deadline_ms", "must be between 10 and 600000");
         }
         if self.http_listen.parse::<std::net::SocketAddr>().is_err() {
             return bad("http_listen", "must be an address like 127.0.0.1:7480");

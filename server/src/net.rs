@@ -151,6 +151,7 @@ pub fn limits(config: &Config) -> Limits {
         connections_max: config.connections_max,
         streams_max: config.streams_max,
         in_flight_max: config.in_flight_max,
+        auth_deadline: std::time::Duration::from_millis(config.auth_deadline_ms),
         ..Limits::default()
     }
 }

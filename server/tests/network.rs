@@ -58,7 +58,7 @@ async fn health_over_quic_with_the_admin_key() {
     running.stop().await;
 }
 
-use tally_net::{ErrorCode, Message};
+use tally_net::{ErrorCode, Kind, Message};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_truncated_oversized_and_unknown_frames_get_clear_errors() {
@@ -773,4 +773,67 @@ async fn every_operation_end_to_end() {
     let health = c.health().await.unwrap();
     assert_eq!(health.shards_running, 2);
     running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_auth_only_small_frames_and_only_for_a_while() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(dir.path(), 1);
+    config.auth_deadline_ms = 400;
+    let running = Running::start_with(config);
+    let raw = raw_connect(&running).await;
+    // A frame over the pre-auth limit is refused from its header, before its bytes are kept.
+    let mut s = raw.stream().await;
+    s.write(0, &hello(1, 1)).await;
+    assert!(matches!(s.read().await, Some((0, Message::Welcome(_)))));
+    s.write_bytes(&header(1, Kind::Usage as u8, 5_000, 7)).await;
+    s.expect_error(0, ErrorCode::FrameTooLarge).await;
+    // Authenticated (a connection of its own: Hello is once per connection), the same size is
+    // a frame like any other (here a malformed one).
+    let raw = raw_connect(&running).await;
+    let mut s = raw.authed(ADMIN_KEY).await;
+    let mut frame = header(1, Kind::Usage as u8, 5_000, 8);
+    frame.extend(std::iter::repeat_n(0u8, 5_000));
+    s.write_bytes(&frame).await;
+    match s.read().await {
+        Some((_, Message::Error(e))) => assert_ne!(e.code, ErrorCode::FrameTooLarge, "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    // A connection that never authenticates is closed at the deadline, freeing its slot.
+    let idle = raw_connect(&running).await;
+    let mut s = idle.stream().await;
+    s.write(0, &hello(1, 1)).await;
+    assert!(matches!(s.read().await, Some((0, Message::Welcome(_)))));
+    let reason = tokio::time::timeout(std::time::Duration::from_secs(5), idle.conn.closed())
+        .await
+        .expect("closed within the deadline");
+    assert!(
+        matches!(&reason, quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == quinn::VarInt::from_u32(ErrorCode::Unauthenticated as u32)),
+        "{reason:?}"
+    );
+    // The authenticated connection is still served.
+    assert!(!raw.conn.close_reason().is_some());
+    running.stop().await;
+}
+
+#[test]
+fn a_decoder_gives_back_the_memory_of_a_large_frame() {
+    let mut decoder = tally_net::Decoder::default();
+    let big = Message::Auth {
+        key: vec![b'k'; 200],
+    };
+    let mut bytes = Vec::new();
+    big.encode(1, &mut bytes).unwrap();
+    // A large partial frame grows the buffer...
+    let mut large = header(1, Kind::Usage as u8, 3_000_000, 9);
+    large.extend(std::iter::repeat_n(0u8, 3_000_000));
+    decoder.feed(&large);
+    assert!(decoder.next_frame().unwrap().is_some());
+    assert!(decoder.capacity() >= 3_000_000);
+    // ...and small traffic afterwards shrinks it.
+    decoder.feed(&bytes);
+    assert!(decoder.next_frame().unwrap().is_some());
+    decoder.feed(&bytes);
+    assert!(decoder.capacity() < 1_000_000, "{}", decoder.capacity());
 }
