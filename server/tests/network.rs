@@ -813,7 +813,7 @@ async fn before_auth_only_small_frames_and_only_for_a_while() {
         "{reason:?}"
     );
     // The authenticated connection is still served.
-    assert!(!raw.conn.close_reason().is_some());
+    assert!(raw.conn.close_reason().is_none());
     running.stop().await;
 }
 
