@@ -198,6 +198,64 @@ pub enum Command {
 }
 
 impl Command {
+    /// Checks the sizes of the command's lists and texts against the engine's limits, without
+    /// the state: what a server checks before it logs a request, so a request over a limit is
+    /// answered `LimitExceeded` without costing the log anything. The engine checks the same
+    /// limits again when it applies a command.
+    pub fn check_shape(&self) -> Result<(), ResultCode> {
+        use crate::engine::{
+            ASSETS_MAX, ATTRIBUTES_MAX, METADATA_MAX, QUANTITIES_MAX, REASON_BYTES_MAX,
+        };
+        use crate::pricing::{PriceModel, COMPONENTS_MAX, FILTERS_MAX, RULES_MAX, TIERS_MAX};
+        let over = |ok: bool| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ResultCode::LimitExceeded)
+            }
+        };
+        let event = |quantities: usize, attributes: usize| {
+            over(quantities <= QUANTITIES_MAX && attributes <= ATTRIBUTES_MAX)
+        };
+        match self {
+            Command::DefineProduct { dimensions, .. } => over(dimensions.len() <= QUANTITIES_MAX),
+            Command::DraftPlan { rules, .. } => {
+                over(rules.len() <= RULES_MAX)?;
+                for rule in rules {
+                    over(
+                        rule.filters.len() <= FILTERS_MAX
+                            && rule.components.len() <= COMPONENTS_MAX,
+                    )?;
+                    for c in &rule.components {
+                        if let PriceModel::Graduated { tiers } | PriceModel::Volume { tiers } =
+                            &c.price
+                        {
+                            over(tiers.len() <= TIERS_MAX)?;
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Command::CreateWallet(c) => {
+                over(c.metadata.len() <= METADATA_MAX && c.overdraft.len() <= ASSETS_MAX)
+            }
+            Command::Usage(u) | Command::Settle { usage: u, .. } => {
+                event(u.quantities.len(), u.attributes.len())
+            }
+            Command::Reserve {
+                amount:
+                    ReserveAmount::Estimate {
+                        quantities,
+                        attributes,
+                        ..
+                    },
+                ..
+            } => event(quantities.len(), attributes.len()),
+            Command::Adjust { reason, .. } => over(reason.len() <= REASON_BYTES_MAX),
+            _ => Ok(()),
+        }
+    }
+
     /// The wallet this command belongs to, or `None` for catalog commands that every shard
     /// applies.
     pub fn wallet(&self) -> Option<&WalletId> {

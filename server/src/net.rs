@@ -46,8 +46,19 @@ pub fn error_code(error: &CallError) -> ErrorCode {
     }
 }
 
+/// The answer to a request over the engine's size limits, given before it is logged.
+fn over_limits(request: &Request) -> Option<Reply> {
+    request.command.check_shape().err().map(|code| Reply {
+        code,
+        value: tally_engine::ReplyValue::None,
+    })
+}
+
 impl Backend for ShardBackend {
     fn command(&self, request: Request) -> BoxFuture<Result<Reply, ErrorCode>> {
+        if let Some(reply) = over_limits(&request) {
+            return Box::pin(ready(Ok(reply)));
+        }
         if request.command.wallet().is_none() {
             let handle = self.handle.clone();
             let task = tokio::task::spawn_blocking(move || handle.call(request));
@@ -65,6 +76,27 @@ impl Backend for ShardBackend {
     }
 
     fn batch(&self, requests: Vec<Request>) -> BoxFuture<Result<Vec<Outcome>, ErrorCode>> {
+        // Items over the limits are answered here and never logged; the rest go to the shards.
+        if requests.iter().any(|r| over_limits(r).is_some()) {
+            let answers: Vec<Option<Reply>> = requests.iter().map(over_limits).collect();
+            let fine: Vec<Request> = requests
+                .into_iter()
+                .zip(&answers)
+                .filter(|(_, a)| a.is_none())
+                .map(|(r, _)| r)
+                .collect();
+            let pending = self.batch(fine);
+            return Box::pin(async move {
+                let mut applied = pending.await?.into_iter();
+                Ok(answers
+                    .into_iter()
+                    .map(|a| match a {
+                        Some(reply) => Ok(reply),
+                        None => applied.next().unwrap_or(Err(ErrorCode::Stopped)),
+                    })
+                    .collect())
+            });
+        }
         match self.handle.submit_batch(requests) {
             Ok(pending) => Box::pin(async move {
                 Ok(pending

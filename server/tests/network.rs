@@ -837,3 +837,29 @@ fn a_decoder_gives_back_the_memory_of_a_large_frame() {
     decoder.feed(&bytes);
     assert!(decoder.capacity() < 1_000_000, "{}", decoder.capacity());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_over_the_limits_is_refused_before_it_is_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = Running::start(dir.path(), 1);
+    let client = running.client(ADMIN_KEY).await;
+    setup_catalog(&client, &["w1"]).await;
+    client.command(grant(500, "w1", "10")).await.unwrap();
+    let mut event = match usage(501, "w1", 5, DebitMode::Strict).command {
+        Command::Usage(u) => u,
+        _ => unreachable!(),
+    };
+    let honest = event.clone();
+    event.attributes = (0..8_059)
+        .map(|i| (name(&format!("a{i}")), name("x")))
+        .collect();
+    let refused = client.command(req(501, Command::Usage(event))).await;
+    assert_eq!(rejected(refused), ResultCode::LimitExceeded);
+    // Not logged: the same id with an honest body is a new request, not an idempotency conflict.
+    let reply = client
+        .command(req(501, Command::Usage(honest)))
+        .await
+        .unwrap();
+    assert!(reply.code.is_ok(), "{reply:?}");
+    running.stop().await;
+}
