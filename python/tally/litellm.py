@@ -123,7 +123,9 @@ class Settings:
     on_unavailable: Literal["closed", "open"] = "closed"
     cost_decimals: int = 10
     """Places of USD kept from LiteLLM's float ``response_cost`` (at most 12)."""
-    retry_for: float = 3.0
+    # Longer than the client's 3 s idle timeout, so a call in flight while tally restarts
+    # reconnects and goes through instead of failing.
+    retry_for: float = 10.0
     """The client's retry budget per call on the request path (seconds)."""
     connect_timeout: float = 2.0
     stream_cut_grace: float = 10.0

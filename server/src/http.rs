@@ -71,9 +71,12 @@ pub async fn start_http(
     let state = ApiState::new(keys, metrics_handle());
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| Error(format!("cannot create {}: {e}", config.data_dir.display())))?;
-    let history =
-        tally_outbound::sqlite::Reader::open(&config.data_dir).map_err(|e| Error(e.to_string()))?;
-    state.set_history(Arc::new(history));
+    // No store, no history routes (404), rather than answers from a file nothing writes.
+    if config.history_store {
+        let history = tally_outbound::sqlite::Reader::open(&config.data_dir)
+            .map_err(|e| Error(e.to_string()))?;
+        state.set_history(Arc::new(history));
+    }
     let server = ApiServer::start(api, Arc::clone(&state))
         .await
         .map_err(|e| Error(format!("http_listen {}: {e}", config.http_listen)))?;

@@ -966,6 +966,23 @@ async fn tls_with_the_pinned_certificate_and_readiness_before_recovery() {
     let body: Value = v1.json().await.unwrap();
     assert_eq!(body["name"], "NotReady");
     api.shutdown().await;
+    // With the history store off, the history routes say so (404), and nothing else changes.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(dir.path(), 1);
+    config.http_listen = "127.0.0.1:0".into();
+    config.history_store = false;
+    let keys = tally_server::net::open_keys(&config, Some(ADMIN)).unwrap();
+    let (_state, api) = tally_server::http::start_http(&config, keys, None)
+        .await
+        .unwrap();
+    let usage = client
+        .get(format!("http://{}/v1/wallets/w1/usage", api.local_addr()))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(usage.status(), 404);
+    api.shutdown().await;
     http.stop().await;
 }
 
