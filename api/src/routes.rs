@@ -584,7 +584,7 @@ async fn read_history<T: Send + 'static>(
 /// A wallet's usage events, newest first, with the charge, revenue, cost and refunds of each.
 ///
 /// From the history store, which trails the shards by at most the outbound flush interval
-/// (100 ms).
+/// (1 s) plus queueing.
 #[utoipa::path(get, path = "/v1/wallets/{wallet}/usage", tag = "history",
     params(("wallet" = String, Path),
         ("from" = Option<String>, Query, format = DateTime), ("to" = Option<String>, Query, format = DateTime),
@@ -658,7 +658,7 @@ pub(crate) async fn wallet_topups(
 /// wallet metadata key, `-` when absent); `from`, `to` (RFC 3339) bound when
 /// the usage happened; `order` = margin (lowest first, the default), revenue, cost (highest
 /// first) or key; `limit` 1 to 10,000 (default 100). Summed exactly from the history store, which
-/// trails the shards by at most 100 ms; for live totals see `/v1/margin`.
+/// trails the shards by about 1 s; for live totals see `/v1/margin`.
 #[utoipa::path(get, path = "/v1/analytics/margin", tag = "margin",
     params(("group_by" = String, Query, description = "wallet, product, plan, model, hour, day or metadata:KEY"),
         ("from" = Option<String>, Query, format = DateTime), ("to" = Option<String>, Query, format = DateTime),
