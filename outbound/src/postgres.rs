@@ -252,6 +252,70 @@ const TOPUPS: &str = "event, wallet, asset, amount, trigger_seq, payment_method,
                       idempotency_key, at";
 const WALLETS: &str = "wallet, metadata, created_at";
 
+/// One parameter of a multi-row insert.
+#[derive(Debug, Clone)]
+enum Param {
+    Int(i32),
+    Big(i64),
+    Text(Option<String>),
+}
+
+impl Param {
+    fn sql(&self) -> &(dyn postgres::types::ToSql + Sync) {
+        match self {
+            Param::Int(v) => v,
+            Param::Big(v) => v,
+            Param::Text(v) => v,
+        }
+    }
+}
+
+fn tag_params(shard: u32, lsn: i64, idx: i64) -> Vec<Param> {
+    vec![
+        Param::Int(shard as i32),
+        Param::Big(lsn),
+        Param::Int(idx as i32),
+    ]
+}
+
+/// Rows per insert statement.
+const ROWS_PER_STATEMENT: usize = 500;
+
+/// `INSERT INTO {table} VALUES (...), (...) ON CONFLICT DO NOTHING{returning}` in statements of
+/// [`ROWS_PER_STATEMENT`] rows; `casts` is appended to each row's placeholders. Returns what
+/// `returning` returned.
+fn insert_many(
+    tx: &mut postgres::Transaction<'_>,
+    table: &str,
+    casts: &[&str],
+    returning: &str,
+    rows: &[Vec<Param>],
+) -> Result<Vec<postgres::Row>, postgres::Error> {
+    let mut returned = Vec::new();
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let mut text = format!("INSERT INTO {table} VALUES ");
+        let mut n = 0;
+        for (i, row) in chunk.iter().enumerate() {
+            debug_assert_eq!(row.len(), casts.len());
+            text += if i == 0 { "(" } else { ", (" };
+            for (j, cast) in casts.iter().enumerate() {
+                n += 1;
+                if j > 0 {
+                    text += ", ";
+                }
+                text += &format!("${n}{cast}");
+            }
+            text += ")";
+        }
+        text += " ON CONFLICT DO NOTHING";
+        text += returning;
+        let params: Vec<&(dyn postgres::types::ToSql + Sync)> =
+            chunk.iter().flatten().map(Param::sql).collect();
+        returned.extend(tx.query(&text, &params)?);
+    }
+    Ok(returned)
+}
+
 /// Copies the next rows of one shard; true if any were copied.
 fn export_shard(
     pg: &mut postgres::Client,
@@ -317,126 +381,140 @@ fn export_shard(
             .and_then(|v| v.parse::<i64>().ok())
             .map(|us| tally_engine::Timestamp(us).to_rfc3339())
     };
-    let insert_usage = tx
-        .prepare(
-            "INSERT INTO tally.usage_events (shard, lsn, idx, request_id, wallet, product, plan, \
-             plan_version, asset, charged, revenue_usd, cost_usd, quantities, attributes, model, \
-             occurred_at, applied_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8::text::integer, $9, \
-             $10::text::numeric, $11::text::numeric, $12::text::numeric, $13::text::jsonb, \
-             $14::text::jsonb, $15, $16::text::timestamptz, $17::text::timestamptz) \
-             ON CONFLICT DO NOTHING",
-        )
-        .map_err(|e| pg_error("prepare", e))?;
-    for ((lsn, idx), v) in &usage {
-        let (occurred, applied) = (time(&v[12]), time(&v[13]));
-        tx.execute(
-            &insert_usage,
-            &[
-                &(shard as i32),
-                lsn,
-                &(*idx as i32),
-                &v[0],
-                &v[1],
-                &v[2],
-                &v[3],
-                &v[4],
-                &v[5],
-                &v[6],
-                &v[7],
-                &v[8],
-                &v[9],
-                &v[10],
-                &v[11],
-                &occurred,
-                &applied,
-            ],
-        )
-        .map_err(|e| pg_error("insert usage", e))?;
-    }
-    let insert_journal = tx
-        .prepare(
-            "INSERT INTO tally.journal (shard, lsn, idx, seq, at, request_id, kind, asset, amount, \
-             from_account, to_account, wallet, grant_id, refund_of) VALUES ($1, $2, $3, \
-             $4::text::bigint, $5::text::timestamptz, $6, $7, $8, $9::text::numeric, $10, $11, \
-             $12, $13::text::bigint, $14) ON CONFLICT DO NOTHING",
-        )
-        .map_err(|e| pg_error("prepare", e))?;
-    let add_refund = tx
-        .prepare(
-            "UPDATE tally.usage_events SET refunded = refunded + $1::text::numeric \
-             WHERE request_id = $2",
-        )
-        .map_err(|e| pg_error("prepare", e))?;
-    for ((lsn, idx), v) in &journal {
-        let at = time(&v[1]);
-        let inserted = tx
-            .execute(
-                &insert_journal,
-                &[
-                    &(shard as i32),
-                    lsn,
-                    &(*idx as i32),
-                    &v[0],
-                    &at,
-                    &v[2],
-                    &v[3],
-                    &v[4],
-                    &v[5],
-                    &v[6],
-                    &v[7],
-                    &v[8],
-                    &v[9],
-                    &v[10],
-                ],
+    // Multi-row inserts, a few hundred rows a statement (PostgreSQL takes at most 65,535
+    // parameters in one).
+    let usage_rows: Vec<Vec<Param>> = usage
+        .iter()
+        .map(|((lsn, idx), v)| {
+            let mut row = tag_params(shard, *lsn, *idx);
+            row.extend(v[..12].iter().cloned().map(Param::Text));
+            row.push(Param::Text(time(&v[12])));
+            row.push(Param::Text(time(&v[13])));
+            row
+        })
+        .collect();
+    insert_many(
+        &mut tx,
+        "tally.usage_events (shard, lsn, idx, request_id, wallet, product, plan, plan_version, \
+         asset, charged, revenue_usd, cost_usd, quantities, attributes, model, occurred_at, \
+         applied_at)",
+        &[
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "::text::integer",
+            "",
+            "::text::numeric",
+            "::text::numeric",
+            "::text::numeric",
+            "::text::jsonb",
+            "::text::jsonb",
+            "",
+            "::text::timestamptz",
+            "::text::timestamptz",
+        ],
+        "",
+        &usage_rows,
+    )
+    .map_err(|e| pg_error("insert usage", e))?;
+    let journal_rows: Vec<Vec<Param>> = journal
+        .iter()
+        .map(|((lsn, idx), v)| {
+            let mut row = tag_params(shard, *lsn, *idx);
+            row.push(Param::Text(v[0].clone()));
+            row.push(Param::Text(time(&v[1])));
+            row.extend(v[2..11].iter().cloned().map(Param::Text));
+            row
+        })
+        .collect();
+    // Only the rows inserted now carry their refund to the refunded event.
+    let refunds = insert_many(
+        &mut tx,
+        "tally.journal (shard, lsn, idx, seq, at, request_id, kind, asset, amount, from_account, \
+         to_account, wallet, grant_id, refund_of)",
+        &[
+            "",
+            "",
+            "",
+            "::text::bigint",
+            "::text::timestamptz",
+            "",
+            "",
+            "",
+            "::text::numeric",
+            "",
+            "",
+            "",
+            "::text::bigint",
+            "",
+        ],
+        " RETURNING refund_of, amount::text",
+        &journal_rows,
+    )
+    .map_err(|e| pg_error("insert journal", e))?;
+    for row in refunds {
+        let (event, amount): (Option<String>, String) = (row.get(0), row.get(1));
+        if let Some(event) = event {
+            tx.execute(
+                "UPDATE tally.usage_events SET refunded = refunded + $1::text::numeric \
+                 WHERE request_id = $2",
+                &[&amount, &event],
             )
-            .map_err(|e| pg_error("insert journal", e))?;
-        if let (1, Some(event)) = (inserted, &v[10]) {
-            tx.execute(&add_refund, &[&v[5], event])
-                .map_err(|e| pg_error("refund", e))?;
+            .map_err(|e| pg_error("refund", e))?;
         }
     }
-    let insert_topup = tx
-        .prepare(
-            "INSERT INTO tally.topups (shard, lsn, idx, event, wallet, asset, amount, trigger_seq, \
-             payment_method, idempotency_key, at) VALUES ($1, $2, $3, $4, $5, $6, \
-             $7::text::numeric, $8::text::bigint, $9, $10, $11::text::timestamptz) \
-             ON CONFLICT DO NOTHING",
-        )
-        .map_err(|e| pg_error("prepare", e))?;
-    for ((lsn, idx), v) in &topups {
-        let at = time(&v[7]);
-        tx.execute(
-            &insert_topup,
-            &[
-                &(shard as i32),
-                lsn,
-                &(*idx as i32),
-                &v[0],
-                &v[1],
-                &v[2],
-                &v[3],
-                &v[4],
-                &v[5],
-                &v[6],
-                &at,
-            ],
-        )
-        .map_err(|e| pg_error("insert top-up", e))?;
-    }
-    let insert_wallet = tx
-        .prepare(
-            "INSERT INTO tally.wallets (shard, lsn, idx, wallet, metadata, created_at) VALUES \
-             ($1, $2, $3, $4, $5::text::jsonb, $6::text::timestamptz) ON CONFLICT DO NOTHING",
-        )
-        .map_err(|e| pg_error("prepare", e))?;
-    for ((lsn, idx), v) in &wallets {
-        let at = time(&v[2]);
-        tx.execute(
-            &insert_wallet,
-            &[&(shard as i32), lsn, &(*idx as i32), &v[0], &v[1], &at],
-        )
-        .map_err(|e| pg_error("insert wallet", e))?;
-    }
+    let topup_rows: Vec<Vec<Param>> = topups
+        .iter()
+        .map(|((lsn, idx), v)| {
+            let mut row = tag_params(shard, *lsn, *idx);
+            row.extend(v[..7].iter().cloned().map(Param::Text));
+            row.push(Param::Text(time(&v[7])));
+            row
+        })
+        .collect();
+    insert_many(
+        &mut tx,
+        "tally.topups (shard, lsn, idx, event, wallet, asset, amount, trigger_seq, \
+         payment_method, idempotency_key, at)",
+        &[
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "::text::numeric",
+            "::text::bigint",
+            "",
+            "",
+            "::text::timestamptz",
+        ],
+        "",
+        &topup_rows,
+    )
+    .map_err(|e| pg_error("insert top-up", e))?;
+    let wallet_rows: Vec<Vec<Param>> = wallets
+        .iter()
+        .map(|((lsn, idx), v)| {
+            let mut row = tag_params(shard, *lsn, *idx);
+            row.push(Param::Text(v[0].clone()));
+            row.push(Param::Text(v[1].clone()));
+            row.push(Param::Text(time(&v[2])));
+            row
+        })
+        .collect();
+    insert_many(
+        &mut tx,
+        "tally.wallets (shard, lsn, idx, wallet, metadata, created_at)",
+        &["", "", "", "", "::text::jsonb", "::text::timestamptz"],
+        "",
+        &wallet_rows,
+    )
+    .map_err(|e| pg_error("insert wallet", e))?;
     tx.execute(
         "INSERT INTO tally.export_progress (shard, lsn, idx) VALUES ($1, $2, $3) \
          ON CONFLICT (shard) DO UPDATE SET lsn = EXCLUDED.lsn, idx = EXCLUDED.idx",
