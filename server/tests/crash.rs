@@ -45,8 +45,10 @@ fn crash_config(dir: &Path) -> Config {
     }
 }
 
-fn child(dir: PathBuf, cycle: u128) {
-    let config = crash_config(&dir);
+/// A child's server with the catalog, the wallets and their grants, and its log of
+/// acknowledged ids (one write per acknowledgement, so it holds only acknowledged ids).
+fn start_child(dir: &Path) -> (Server, tally_server::Handle, std::fs::File) {
+    let config = crash_config(dir);
     let server = Server::start(&config, Box::new(SnapshotStore::open(&config).unwrap())).unwrap();
     let handle = server.handle();
     setup(&handle, &wallets());
@@ -58,11 +60,16 @@ fn child(dir: PathBuf, cycle: u128) {
             .code
             .is_ok());
     }
-    let mut acks = std::fs::OpenOptions::new()
+    let acks = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("acks.log"))
         .unwrap();
+    (server, handle, acks)
+}
+
+fn child(dir: PathBuf, cycle: u128) {
+    let (_server, handle, mut acks) = start_child(&dir);
     println!("ready");
     std::io::stdout().flush().unwrap();
     let mut pending = VecDeque::new();
@@ -91,22 +98,7 @@ fn child(dir: PathBuf, cycle: u128) {
 /// The checkpoint scenario's child: a few acknowledged events, a checkpoint, then it waits to be
 /// killed.
 fn child_checkpoint(dir: PathBuf, cycle: u128) {
-    let config = crash_config(&dir);
-    let server = Server::start(&config, Box::new(SnapshotStore::open(&config).unwrap())).unwrap();
-    let handle = server.handle();
-    setup(&handle, &wallets());
-    for (i, w) in wallets().iter().enumerate() {
-        assert!(handle
-            .call(grant(i as u128 + 1, w, "1000000"))
-            .unwrap()
-            .code
-            .is_ok());
-    }
-    let mut acks = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("acks.log"))
-        .unwrap();
+    let (_server, handle, mut acks) = start_child(&dir);
     for i in 0..40u128 {
         let id = (cycle + 1) * 10_000_000 + i;
         let wallet = &wallets()[i as usize % WALLETS];
