@@ -1104,8 +1104,19 @@ fn serve(args: ServeArgs) -> Result<()> {
         http.local_addr(),
         if config.http_tls { " (TLS)" } else { "" },
     );
+    let watched = server.handle();
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
+        // A shard that stopped (a failed WAL sync or write, a panic) takes the process down, so
+        // a supervisor restarts it and recovery runs; it is never left half alive.
+        if watched.shards_running() < watched.shard_count() {
+            tracing::error!(
+                "{} of {} shards stopped: shutting down so that a restart recovers",
+                watched.shard_count() - watched.shards_running(),
+                watched.shard_count()
+            );
+            break;
+        }
     }
     tracing::info!("stopping: closing connections, draining queues and syncing");
     runtime.block_on(async {
