@@ -120,6 +120,10 @@ struct Inner {
 pub struct KeyStore {
     path: PathBuf,
     inner: Mutex<Inner>,
+    /// Held by a change for its whole read-write-swap, so changes apply one at a time while
+    /// `inner` is locked only to read or to swap: `authenticate`, on the network threads, never
+    /// waits for the key file to be written and synced.
+    writer: Mutex<()>,
 }
 
 impl fmt::Debug for KeyStore {
@@ -212,6 +216,7 @@ impl KeyStore {
             KeyStore {
                 path,
                 inner: Mutex::new(inner),
+                writer: Mutex::new(()),
             },
             bootstrap,
         ))
@@ -231,8 +236,9 @@ impl KeyStore {
     /// Makes a key; returns its id and its secret (shown once, stored only hashed).
     pub fn create(&self, label: &str, scope: Scope) -> Result<(u64, String), KeyError> {
         let secret = generate_secret()?;
-        let mut inner = self.lock();
-        let id = inner.records.iter().map(|r| r.id).max().unwrap_or(0) + 1;
+        let _writing = self.write_lock();
+        let mut records = self.lock().records.clone();
+        let id = records.iter().map(|r| r.id).max().unwrap_or(0) + 1;
         let mut label = label.to_string();
         label.truncate(LABEL_BYTES_MAX);
         let record = KeyRecord {
@@ -242,34 +248,33 @@ impl KeyStore {
             sha256: hex(&hash(secret.as_bytes())),
             revoked: false,
         };
-        let mut records = inner.records.clone();
         records.push(record.clone());
         save(&self.path, &records)
             .map_err(|e| KeyError::Storage(format!("{}: {e}", self.path.display())))?;
-        inner.index(record, &self.path)?;
+        self.lock().index(record, &self.path)?;
         Ok((id, secret))
     }
 
     /// Revokes a key: it no longer authenticates, and open connections using it are refused on
     /// their next request. The last active admin key cannot be revoked.
     pub fn revoke(&self, id: u64) -> Result<(), KeyError> {
-        let mut inner = self.lock();
-        let Some(position) = inner.records.iter().position(|r| r.id == id && !r.revoked) else {
+        let _writing = self.write_lock();
+        let mut records = self.lock().records.clone();
+        let Some(position) = records.iter().position(|r| r.id == id && !r.revoked) else {
             return Err(KeyError::Unknown(id));
         };
         let admin = scope_name(Scope::Admin);
-        let admins = inner
-            .records
+        let admins = records
             .iter()
             .filter(|r| !r.revoked && r.scope == admin)
             .count();
-        if inner.records[position].scope == admin && admins == 1 {
+        if records[position].scope == admin && admins == 1 {
             return Err(KeyError::LastAdmin(id));
         }
-        let mut records = inner.records.clone();
         records[position].revoked = true;
         save(&self.path, &records)
             .map_err(|e| KeyError::Storage(format!("{}: {e}", self.path.display())))?;
+        let mut inner = self.lock();
         inner.records = records;
         if let Some(live) = inner.by_id.get(&id) {
             live.revoked.store(true, Ordering::Release);
@@ -290,6 +295,10 @@ impl KeyStore {
                 revoked: r.revoked,
             })
             .collect()
+    }
+
+    fn write_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -464,6 +473,44 @@ mod tests {
         let listed = store.list();
         assert_eq!(listed.len(), 3);
         assert!(listed.iter().filter(|k| k.revoked).count() == 2);
+    }
+
+    #[test]
+    fn concurrent_changes_apply_one_at_a_time_and_every_key_works() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = KeyStore::open(dir.path(), Some("operator-key-0123456789")).unwrap();
+        let store = Arc::new(store);
+        let secrets: Vec<(u64, String)> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..8)
+                .map(|t| {
+                    let store = Arc::clone(&store);
+                    s.spawn(move || {
+                        (0..5)
+                            .map(|i| {
+                                // Reads go on while keys are written.
+                                assert!(store.authenticate(b"operator-key-0123456789").is_some());
+                                store.create(&format!("k{t}-{i}"), Scope::Gateway).unwrap()
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap())
+                .collect()
+        });
+        let mut ids: Vec<u64> = secrets.iter().map(|(id, _)| *id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), 40, "ids are unique");
+        for (id, secret) in &secrets {
+            assert_eq!(store.authenticate(secret.as_bytes()).unwrap().id, *id);
+        }
+        // And the file holds them all: a reopened store knows every key.
+        drop(store);
+        let (again, _) = KeyStore::open(dir.path(), None).unwrap();
+        assert_eq!(again.list().len(), 41);
     }
 
     #[test]
