@@ -270,47 +270,61 @@ impl Param {
     }
 }
 
-fn tag_params(shard: u32, lsn: i64, idx: i64) -> Vec<Param> {
-    vec![
-        Param::Int(shard as i32),
-        Param::Big(lsn),
-        Param::Int(idx as i32),
-    ]
-}
-
 /// Rows per insert statement.
 const ROWS_PER_STATEMENT: usize = 500;
 
-/// `INSERT INTO {table} VALUES (...), (...) ON CONFLICT DO NOTHING{returning}` in statements of
-/// [`ROWS_PER_STATEMENT`] rows; `casts` is appended to each row's placeholders. Returns what
+/// The cast of a time column: the store's microseconds since the epoch become a `timestamptz`
+/// in SQL, exactly.
+const TIME: &str = "time";
+
+/// `INSERT INTO {table} VALUES (...), (...) ON CONFLICT DO NOTHING{returning}` of `rows` of
+/// `shard`, in statements of [`ROWS_PER_STATEMENT`] rows: each row is its tag, then its columns
+/// as text with `casts[i]` appended to column `i`'s placeholder ([`TIME`] for times). Returns what
 /// `returning` returned.
 fn insert_many(
     tx: &mut postgres::Transaction<'_>,
     table: &str,
     casts: &[&str],
     returning: &str,
-    rows: &[Vec<Param>],
+    shard: u32,
+    rows: &[Row],
 ) -> Result<Vec<postgres::Row>, postgres::Error> {
     let mut returned = Vec::new();
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
         let mut text = format!("INSERT INTO {table} VALUES ");
-        let mut n = 0;
-        for (i, row) in chunk.iter().enumerate() {
-            debug_assert_eq!(row.len(), casts.len());
-            text += if i == 0 { "(" } else { ", (" };
-            for (j, cast) in casts.iter().enumerate() {
-                n += 1;
-                if j > 0 {
-                    text += ", ";
-                }
-                text += &format!("${n}{cast}");
+        let mut params = Vec::with_capacity(chunk.len() * (casts.len() + 3));
+        for (i, ((lsn, idx), columns)) in chunk.iter().enumerate() {
+            debug_assert_eq!(columns.len(), casts.len());
+            let n = params.len();
+            text += &format!(
+                "{}(${}, ${}, ${}",
+                if i == 0 { "" } else { ", " },
+                n + 1,
+                n + 2,
+                n + 3
+            );
+            params.extend([
+                Param::Int(shard as i32),
+                Param::Big(*lsn),
+                Param::Int(*idx as i32),
+            ]);
+            for (cast, column) in casts.iter().zip(columns) {
+                params.push(Param::Text(column.clone()));
+                let n = params.len();
+                text += &if *cast == TIME {
+                    format!(
+                        ", (timestamptz 'epoch' + ${n}::text::bigint * interval '1 microsecond')"
+                    )
+                } else {
+                    format!(", ${n}{cast}")
+                };
             }
             text += ")";
         }
         text += " ON CONFLICT DO NOTHING";
         text += returning;
         let params: Vec<&(dyn postgres::types::ToSql + Sync)> =
-            chunk.iter().flatten().map(Param::sql).collect();
+            params.iter().map(Param::sql).collect();
         returned.extend(tx.query(&text, &params)?);
     }
     Ok(returned)
@@ -376,32 +390,14 @@ fn export_shard(
         within(&wallets),
     );
     let mut tx = pg.transaction().map_err(|e| pg_error("begin", e))?;
-    let time = |us: &Option<String>| -> Option<String> {
-        us.as_ref()
-            .and_then(|v| v.parse::<i64>().ok())
-            .map(|us| tally_engine::Timestamp(us).to_rfc3339())
-    };
     // Multi-row inserts, a few hundred rows a statement (PostgreSQL takes at most 65,535
     // parameters in one).
-    let usage_rows: Vec<Vec<Param>> = usage
-        .iter()
-        .map(|((lsn, idx), v)| {
-            let mut row = tag_params(shard, *lsn, *idx);
-            row.extend(v[..12].iter().cloned().map(Param::Text));
-            row.push(Param::Text(time(&v[12])));
-            row.push(Param::Text(time(&v[13])));
-            row
-        })
-        .collect();
     insert_many(
         &mut tx,
         "tally.usage_events (shard, lsn, idx, request_id, wallet, product, plan, plan_version, \
          asset, charged, revenue_usd, cost_usd, quantities, attributes, model, occurred_at, \
          applied_at)",
         &[
-            "",
-            "",
-            "",
             "",
             "",
             "",
@@ -414,34 +410,22 @@ fn export_shard(
             "::text::jsonb",
             "::text::jsonb",
             "",
-            "::text::timestamptz",
-            "::text::timestamptz",
+            TIME,
+            TIME,
         ],
         "",
-        &usage_rows,
+        shard,
+        &usage,
     )
     .map_err(|e| pg_error("insert usage", e))?;
-    let journal_rows: Vec<Vec<Param>> = journal
-        .iter()
-        .map(|((lsn, idx), v)| {
-            let mut row = tag_params(shard, *lsn, *idx);
-            row.push(Param::Text(v[0].clone()));
-            row.push(Param::Text(time(&v[1])));
-            row.extend(v[2..11].iter().cloned().map(Param::Text));
-            row
-        })
-        .collect();
     // Only the rows inserted now carry their refund to the refunded event.
     let refunds = insert_many(
         &mut tx,
         "tally.journal (shard, lsn, idx, seq, at, request_id, kind, asset, amount, from_account, \
          to_account, wallet, grant_id, refund_of)",
         &[
-            "",
-            "",
-            "",
             "::text::bigint",
-            "::text::timestamptz",
+            TIME,
             "",
             "",
             "",
@@ -453,7 +437,8 @@ fn export_shard(
             "",
         ],
         " RETURNING refund_of, amount::text",
-        &journal_rows,
+        shard,
+        &journal,
     )
     .map_err(|e| pg_error("insert journal", e))?;
     for row in refunds {
@@ -467,15 +452,6 @@ fn export_shard(
             .map_err(|e| pg_error("refund", e))?;
         }
     }
-    let topup_rows: Vec<Vec<Param>> = topups
-        .iter()
-        .map(|((lsn, idx), v)| {
-            let mut row = tag_params(shard, *lsn, *idx);
-            row.extend(v[..7].iter().cloned().map(Param::Text));
-            row.push(Param::Text(time(&v[7])));
-            row
-        })
-        .collect();
     insert_many(
         &mut tx,
         "tally.topups (shard, lsn, idx, event, wallet, asset, amount, trigger_seq, \
@@ -484,35 +460,24 @@ fn export_shard(
             "",
             "",
             "",
-            "",
-            "",
-            "",
             "::text::numeric",
             "::text::bigint",
             "",
             "",
-            "::text::timestamptz",
+            TIME,
         ],
         "",
-        &topup_rows,
+        shard,
+        &topups,
     )
     .map_err(|e| pg_error("insert top-up", e))?;
-    let wallet_rows: Vec<Vec<Param>> = wallets
-        .iter()
-        .map(|((lsn, idx), v)| {
-            let mut row = tag_params(shard, *lsn, *idx);
-            row.push(Param::Text(v[0].clone()));
-            row.push(Param::Text(v[1].clone()));
-            row.push(Param::Text(time(&v[2])));
-            row
-        })
-        .collect();
     insert_many(
         &mut tx,
         "tally.wallets (shard, lsn, idx, wallet, metadata, created_at)",
-        &["", "", "", "", "::text::jsonb", "::text::timestamptz"],
+        &["", "::text::jsonb", TIME],
         "",
-        &wallet_rows,
+        shard,
+        &wallets,
     )
     .map_err(|e| pg_error("insert wallet", e))?;
     tx.execute(

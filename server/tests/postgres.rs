@@ -107,6 +107,31 @@ fn rows_arrive_once_across_an_outage_and_agree_with_the_ledger() {
         .unwrap()
         .get(0);
     assert_eq!(Decimal::from_str(&refunded).unwrap(), d("0.003"));
+    // Times arrive to the microsecond: the event's occurred_at in PostgreSQL is the store's.
+    let stored = tally_server::outbound::sqlite::Reader::open(&data)
+        .unwrap()
+        .usage(&tally_server::outbound::sqlite::Filter {
+            wallet: wallets[0].clone(),
+            limit: 1000,
+            ..Default::default()
+        })
+        .unwrap()
+        .rows
+        .into_iter()
+        .find(|r| r.request_id == format!("{:032x}", 10_001u128))
+        .unwrap();
+    let micros: i64 = client
+        .query_one(
+            "SELECT (extract(epoch FROM occurred_at) * 1000000)::bigint \
+             FROM tally.usage_events WHERE request_id = $1",
+            &[&stored.request_id],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        tally_engine::Timestamp(micros),
+        tally_engine::Timestamp::parse_rfc3339(&stored.occurred_at).unwrap()
+    );
     // Wait for the journal too (it trails like the usage), then check it.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
