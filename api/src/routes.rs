@@ -408,15 +408,7 @@ pub(crate) async fn list_wallets(
     };
     for (key, value) in parse_query(raw.as_deref().unwrap_or(""))? {
         match key.as_str() {
-            "limit" => {
-                limit = value
-                    .parse()
-                    .ok()
-                    .filter(|l| (1..=PAGE_LIMIT_MAX).contains(l))
-                    .ok_or_else(|| {
-                        ApiError::invalid(format!("limit: {value:?} is not 1 to {PAGE_LIMIT_MAX}"))
-                    })?
-            }
+            "limit" => limit = limit_param(&value, PAGE_LIMIT_MAX)?,
             "cursor" => cursor = parse_cursor(&value)?,
             "frozen" => filter.frozen = Some(flag("frozen", &value)?),
             "in_debt" => filter.in_debt = Some(flag("in_debt", &value)?),
@@ -481,6 +473,21 @@ fn parse_cursor(text: &str) -> Result<(u32, u32), ApiError> {
         .ok_or_else(|| ApiError::invalid(format!("cursor: {text:?} is not a cursor")))
 }
 
+/// A time parameter (RFC 3339 UTC).
+fn time_param(key: &str, value: &str) -> Result<Timestamp, ApiError> {
+    Timestamp::parse_rfc3339(value)
+        .map_err(|e| ApiError::invalid(format!("{key}: {value:?} is not an RFC 3339 time: {e}")))
+}
+
+/// A `limit` parameter, 1 to `max`.
+fn limit_param(value: &str, max: u32) -> Result<u32, ApiError> {
+    value
+        .parse()
+        .ok()
+        .filter(|l| (1..=max).contains(l))
+        .ok_or_else(|| ApiError::invalid(format!("limit: {value:?} is not 1 to {max}")))
+}
+
 /// `key=value` pairs of a query string, percent-decoded.
 fn parse_query(raw: &str) -> Result<Vec<(String, String)>, ApiError> {
     let decode = |s: &str| -> Result<String, ApiError> {
@@ -529,23 +536,10 @@ fn history_filter(
         ..Default::default()
     };
     for (key, value) in parse_query(raw.unwrap_or(""))? {
-        let time = |v: &str| {
-            Timestamp::parse_rfc3339(v).map_err(|e| {
-                ApiError::invalid(format!("{key}: {v:?} is not an RFC 3339 time: {e}"))
-            })
-        };
         match key.as_str() {
-            "from" => filter.from = Some(time(&value)?),
-            "to" => filter.to = Some(time(&value)?),
-            "limit" => {
-                filter.limit = value
-                    .parse()
-                    .ok()
-                    .filter(|l| (1..=1000).contains(l))
-                    .ok_or_else(|| {
-                        ApiError::invalid(format!("limit: {value:?} is not 1 to 1000"))
-                    })?
-            }
+            "from" => filter.from = Some(time_param(&key, &value)?),
+            "to" => filter.to = Some(time_param(&key, &value)?),
+            "limit" => filter.limit = limit_param(&value, 1000)?,
             "cursor" => {
                 filter.cursor = Some(tally_outbound::sqlite::Cursor::decode(&value).ok_or_else(
                     || ApiError::invalid(format!("cursor: {value:?} is not a cursor")),
@@ -675,11 +669,6 @@ pub(crate) async fn margin_analytics(
     let (mut group_by, mut from, mut to, mut limit) = (None, None, None, 100u32);
     let mut order = tally_outbound::sqlite::Order::Margin;
     for (key, value) in parse_query(raw.as_deref().unwrap_or(""))? {
-        let time = |v: &str| {
-            Timestamp::parse_rfc3339(v).map_err(|e| {
-                ApiError::invalid(format!("{key}: {v:?} is not an RFC 3339 time: {e}"))
-            })
-        };
         match key.as_str() {
             "group_by" => {
                 group_by = Some(
@@ -688,22 +677,14 @@ pub(crate) async fn margin_analytics(
                         .map_err(|e| ApiError::invalid(format!("group_by: {e}")))?,
                 )
             }
-            "from" => from = Some(time(&value)?),
-            "to" => to = Some(time(&value)?),
+            "from" => from = Some(time_param(&key, &value)?),
+            "to" => to = Some(time_param(&key, &value)?),
             "order" => {
                 order = value
                     .parse()
                     .map_err(|e| ApiError::invalid(format!("order: {e}")))?
             }
-            "limit" => {
-                limit = value
-                    .parse()
-                    .ok()
-                    .filter(|l| (1..=10_000).contains(l))
-                    .ok_or_else(|| {
-                        ApiError::invalid(format!("limit: {value:?} is not 1 to 10000"))
-                    })?
-            }
+            "limit" => limit = limit_param(&value, 10_000)?,
             other => {
                 return Err(ApiError::invalid(format!(
                     "unknown query parameter {other:?} (group_by, from, to, order, limit)"
@@ -896,11 +877,6 @@ pub(crate) async fn margin(
 ) -> Result<Json<Margin>, ApiError> {
     let (mut product, mut plan, mut version, mut from, mut to) = (None, None, None, None, None);
     for (key, value) in parse_query(raw.as_deref().unwrap_or(""))? {
-        let time = |v: &str| {
-            Timestamp::parse_rfc3339(v).map_err(|e| {
-                ApiError::invalid(format!("{key}: {v:?} is not an RFC 3339 time: {e}"))
-            })
-        };
         match key.as_str() {
             "product" => product = Some(name("product", &value)?),
             "plan" => plan = Some(name("plan", &value)?),
@@ -909,8 +885,8 @@ pub(crate) async fn margin(
                     ApiError::invalid(format!("version: {value:?} is not a number"))
                 })?)
             }
-            "from" => from = Some(time(&value)?),
-            "to" => to = Some(time(&value)?),
+            "from" => from = Some(time_param(&key, &value)?),
+            "to" => to = Some(time_param(&key, &value)?),
             other => {
                 return Err(ApiError::invalid(format!(
                     "unknown query parameter {other:?} (product, plan, version, from, to)"
