@@ -42,10 +42,22 @@ impl Counted {
 }
 
 fn record(transport: &'static str, operation: &'static str, code: u16, started: Instant) {
+    record_many(transport, operation, code, 1, started);
+}
+
+/// Counts `n` requests of one operation and code that were answered together, each with the
+/// same latency.
+fn record_many(
+    transport: &'static str,
+    operation: &'static str,
+    code: u16,
+    n: u64,
+    started: Instant,
+) {
     metrics::counter!("tally_requests_total", "transport" => transport, "operation" => operation, "code" => code.to_string())
-        .increment(1);
+        .increment(n);
     metrics::histogram!("tally_request_duration_seconds", "transport" => transport, "operation" => operation)
-        .record(started.elapsed().as_secs_f64());
+        .record_many(started.elapsed().as_secs_f64(), n as usize);
 }
 
 fn outcome_code(outcome: &Outcome) -> u16 {
@@ -78,17 +90,24 @@ impl Backend for Counted {
         let pending = self.inner.batch(requests);
         Box::pin(async move {
             let outcomes = pending.await;
+            // One metric update per (operation, code) of the batch, not one per item.
+            let mut counts = std::collections::BTreeMap::<(&'static str, u16), u64>::new();
             match &outcomes {
                 Ok(items) => {
                     for (operation, outcome) in operations.iter().zip(items) {
-                        record(transport, operation, outcome_code(outcome), started);
+                        *counts
+                            .entry((operation, outcome_code(outcome)))
+                            .or_default() += 1;
                     }
                 }
                 Err(code) => {
                     for operation in &operations {
-                        record(transport, operation, *code as u16, started);
+                        *counts.entry((operation, *code as u16)).or_default() += 1;
                     }
                 }
+            }
+            for ((operation, code), n) in counts {
+                record_many(transport, operation, code, n, started);
             }
             outcomes
         })
