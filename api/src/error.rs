@@ -121,9 +121,13 @@ pub fn result_status(code: ResultCode) -> StatusCode {
         | AssetMismatch
         | InvalidDeadline
         | ReasonRequired
+        | InexactCharge
+        | NoTopUpPrice
         | RefundExceedsCharge => StatusCode::UNPROCESSABLE_ENTITY,
         UnknownWallet | UnknownAsset | UnknownProduct | UnknownPlan | UnknownPlanVersion
-        | UnknownHold | UnknownEvent | UnknownGrant | NoTopUpRule => StatusCode::NOT_FOUND,
+        | UnknownHold | UnknownEvent | UnknownGrant | UnknownPayment | NoTopUpRule => {
+            StatusCode::NOT_FOUND
+        }
         WalletExists | AssetConflict | ProductConflict | NoDraft | NoPlanAssigned
         | PlanNotAssignable | WalletFrozen | HoldExpired | HoldAlreadySettled
         | HoldAlreadyReleased | AlreadyDisputed | NotDisputed | PaymentConflict
@@ -180,6 +184,11 @@ pub fn result_message(code: ResultCode) -> &'static str {
         IdempotencyConflict => "this Idempotency-Key was used before with a different request; use a new key for a new request",
         NoTopUpRule => "the wallet has no auto top-up rule for this asset",
         StaleTopUp => "the top-up outcome refers to a trigger that is not the one in flight",
+        UnknownPayment => "no top-up payment with this id was credited to this wallet",
+        NoTopUpPrice => "the asset has no top-up price (set one with PUT /v1/assets/{code}/price)",
+        InexactCharge => {
+            "the amount is not a whole number of the currency's minor units at the asset's price"
+        }
     }
 }
 

@@ -30,6 +30,58 @@ pub struct DefineAsset {
     pub usd_value: Decimal,
 }
 
+/// What one unit of an asset costs when a top-up buys it.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"currency": "usd", "unit_amount": "0.01"}))]
+pub struct AssetPrice {
+    /// ISO 4217 currency code in lower case, as Stripe writes it.
+    pub currency: String,
+    /// The price of one unit of the asset in the currency's major unit (`0.01` is one cent).
+    #[serde(with = "json::decimal")]
+    #[schema(value_type = String, example = "0.01")]
+    pub unit_amount: Decimal,
+}
+
+impl AssetPrice {
+    pub(crate) fn command(&self, code: &str) -> Result<engine::Command, ApiError> {
+        Ok(engine::Command::PriceAsset {
+            asset: asset("asset", code)?,
+            price: Some(engine::TopUpPrice {
+                currency: name("currency", &self.currency)?,
+                unit_amount: self.unit_amount,
+            }),
+        })
+    }
+}
+
+/// A wallet's payment profile at Stripe: the customer and the default payment method top-ups
+/// charge. An absent field is cleared.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"customer": "cus_PnPf3Ux8rVtGkB", "payment_method": "pm_1P5eQ2Kx"}))]
+pub struct SetBilling {
+    /// The Stripe customer id.
+    #[serde(default)]
+    pub customer: Option<String>,
+    /// The default payment method (a card saved on that customer).
+    #[serde(default)]
+    pub payment_method: Option<String>,
+}
+
+impl SetBilling {
+    pub(crate) fn command(&self, wallet: engine::WalletId) -> Result<engine::Command, ApiError> {
+        let opt = |field: &'static str, v: &Option<String>| {
+            v.as_deref().map(|v| name(field, v)).transpose()
+        };
+        Ok(engine::Command::SetBilling {
+            wallet,
+            customer: opt("customer", &self.customer)?,
+            payment_method: opt("payment_method", &self.payment_method)?,
+        })
+    }
+}
+
 impl DefineAsset {
     pub(crate) fn command(&self) -> Result<engine::Command, ApiError> {
         Ok(engine::Command::DefineAsset {
@@ -686,8 +738,14 @@ pub struct SetTopUpRule {
     #[serde(default, with = "json::decimal::option")]
     #[schema(value_type = Option<String>)]
     pub daily_cap: Option<Decimal>,
-    /// The saved payment method to charge.
+    /// The saved payment method to charge; `default` (the default) charges the wallet's default
+    /// payment method.
+    #[serde(default = "default_method")]
     pub payment_method: String,
+}
+
+fn default_method() -> String {
+    engine::DEFAULT_PAYMENT_METHOD.to_string()
 }
 
 fn default_attempts() -> u32 {
@@ -1151,8 +1209,42 @@ pub struct Wallet {
     pub plans: Vec<PlanAssignment>,
     /// Auto top-up rules.
     pub topup_rules: Vec<TopUpRule>,
+    /// Auto top-up state per asset: what is in flight, failures in a row.
+    pub topups: Vec<TopUpStatus>,
+    /// The Stripe customer id.
+    pub customer: Option<String>,
+    /// The default payment method top-ups charge.
+    pub payment_method: Option<String>,
     /// Margin of its usage.
     pub margin: Margin,
+}
+
+/// The state of a wallet's auto top-up in one asset.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TopUpStatus {
+    /// The asset.
+    pub asset: String,
+    /// The request waiting for its payment outcome, if any.
+    pub in_flight: Option<InFlightTopUp>,
+    /// Failed attempts in a row.
+    pub failures: u32,
+    /// Why the last attempt failed (a decline code), until the next success.
+    pub last_failure: Option<String>,
+}
+
+/// A top-up request waiting for its payment outcome.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InFlightTopUp {
+    /// Its trigger number (part of the Stripe idempotency key).
+    pub trigger: u64,
+    /// The amount requested, in the asset.
+    #[serde(with = "json::decimal")]
+    #[schema(value_type = String)]
+    pub amount: Decimal,
+    /// When it was requested.
+    #[serde(with = "json::time")]
+    #[schema(value_type = String, format = DateTime)]
+    pub requested_at: Timestamp,
 }
 
 impl Wallet {
@@ -1224,6 +1316,24 @@ impl Wallet {
                     payment_method: r.payment_method.as_str().into(),
                 })
                 .collect(),
+            topups: w
+                .topups
+                .iter()
+                .map(|t| TopUpStatus {
+                    asset: t.asset.as_str().into(),
+                    in_flight: t
+                        .in_flight
+                        .map(|(trigger, amount, requested_at)| InFlightTopUp {
+                            trigger,
+                            amount,
+                            requested_at,
+                        }),
+                    failures: t.failures,
+                    last_failure: t.last_failure.map(|r| r.as_str().into()),
+                })
+                .collect(),
+            customer: w.customer.map(|c| c.as_str().into()),
+            payment_method: w.payment_method.map(|p| p.as_str().into()),
             margin: Margin::of(&w.margin),
         }
     }

@@ -30,6 +30,11 @@ type AppState = State<Arc<ApiState>>;
 pub(crate) fn router(state: Arc<ApiState>) -> Router {
     let v1 = Router::new()
         .route("/assets", post(define_asset))
+        .route(
+            "/assets/{asset}/price",
+            put(price_asset).delete(unprice_asset),
+        )
+        .route("/wallets/{wallet}/billing", put(set_billing))
         .route("/products", post(define_product))
         .route("/plans/{plan}/draft", put(draft_plan))
         .route("/plans/{plan}/draft/test", post(test_draft))
@@ -1057,6 +1062,56 @@ pub(crate) async fn set_topup_rule(
     Body(body): Body<SetTopUpRule>,
 ) -> Result<Json<CommandResult>, ApiError> {
     let c = body.command(wallet_id(&wallet)?, &asset_code)?;
+    command(&state, &caller, idem.id, c).await
+}
+
+/// Set what one unit of an asset costs when a top-up buys it (auto top-up rules need it).
+#[utoipa::path(put, path = "/v1/assets/{asset}/price", tag = "top-ups", request_body = AssetPrice,
+    params(("asset" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe", pattern = "^[!-~]{1,255}$")),
+    responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn price_asset(
+    State(state): AppState,
+    caller: Caller,
+    Path(asset_code): Path<String>,
+    idem: Idem,
+    Body(body): Body<AssetPrice>,
+) -> Result<Json<CommandResult>, ApiError> {
+    let c = body.command(&asset_code)?;
+    command(&state, &caller, idem.id, c).await
+}
+
+/// Remove an asset's top-up price: top-ups of it are no longer requested.
+#[utoipa::path(delete, path = "/v1/assets/{asset}/price", tag = "top-ups",
+    params(("asset" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe", pattern = "^[!-~]{1,255}$")),
+    responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn unprice_asset(
+    State(state): AppState,
+    caller: Caller,
+    Path(asset_code): Path<String>,
+    idem: Idem,
+) -> Result<Json<CommandResult>, ApiError> {
+    let c = Command::PriceAsset {
+        asset: asset("asset", &asset_code)?,
+        price: None,
+    };
+    command(&state, &caller, idem.id, c).await
+}
+
+/// Set a wallet's payment profile: its Stripe customer and default payment method.
+#[utoipa::path(put, path = "/v1/wallets/{wallet}/billing", tag = "top-ups", request_body = SetBilling,
+    params(("wallet" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe", pattern = "^[!-~]{1,255}$")),
+    responses((status = 200, body = CommandResult), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn set_billing(
+    State(state): AppState,
+    caller: Caller,
+    Path(wallet): Path<String>,
+    idem: Idem,
+    Body(body): Body<SetBilling>,
+) -> Result<Json<CommandResult>, ApiError> {
+    let c = body.command(wallet_id(&wallet)?)?;
     command(&state, &caller, idem.id, c).await
 }
 

@@ -128,6 +128,8 @@ result_codes! {
     ReasonRequired = 55,
     /// The payment id was already credited by a different amount or asset.
     PaymentConflict = 56,
+    /// No top-up payment with this id was ever credited to this wallet.
+    UnknownPayment = 57,
 
     // 60-69: idempotency.
     /// The request id was used before with a different command body.
@@ -138,6 +140,11 @@ result_codes! {
     NoTopUpRule = 70,
     /// The top-up outcome refers to a trigger that is not the one in flight.
     StaleTopUp = 71,
+    /// The asset has no top-up price, so a top-up of it could not be charged.
+    NoTopUpPrice = 72,
+    /// The amount does not come to a whole number of the currency's minor units at the asset's
+    /// top-up price, so it could not be charged exactly.
+    InexactCharge = 73,
 }
 
 impl ResultCode {

@@ -194,7 +194,133 @@ pub enum Command {
         asset: AssetCode,
         /// The trigger sequence number from the `TopUpRequested` effect.
         trigger: u64,
+        /// Why, in the processor's words (a decline code such as `card_declined`, or
+        /// `authentication_required`); shown in the wallet until the next outcome.
+        reason: Name,
     },
+    /// Sets (or with `None`, removes) what one unit of an asset costs when it is bought by a
+    /// top-up. Catalog: every shard applies it. Auto top-up rules need it.
+    PriceAsset {
+        /// The asset.
+        asset: AssetCode,
+        /// The price.
+        price: Option<TopUpPrice>,
+    },
+    /// Sets the wallet's payment profile at the processor: the customer and the default
+    /// payment method that top-ups charge. `None` clears a field.
+    SetBilling {
+        /// The wallet.
+        wallet: WalletId,
+        /// The processor's customer id (Stripe `cus_...`).
+        customer: Option<Name>,
+        /// The default payment method (Stripe `pm_...`).
+        payment_method: Option<Name>,
+    },
+    /// Something the payment processor reports about a credited top-up payment, found by its
+    /// payment id (the engine resolves the grant it funded).
+    Payment {
+        /// The wallet.
+        wallet: WalletId,
+        /// The processor's payment id, as credited by `TopUpSucceeded` or a top-up grant.
+        payment_id: Name,
+        /// What happened.
+        event: PaymentEvent,
+    },
+}
+
+/// What a payment processor reports about a payment after it was credited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum PaymentEvent {
+    /// A chargeback was opened: as [`Command::Dispute`] of the payment's grant.
+    Disputed {
+        /// Also freeze the wallet.
+        freeze: bool,
+    },
+    /// The chargeback was won: as [`Command::DisputeWon`].
+    DisputeWon,
+    /// Money was returned outside tally. `refunded` is the payment's refunded total so far in
+    /// the asset (processors report totals, so a repeated or late report changes nothing); the
+    /// part of it not yet removed comes out of the grant's unspent remainder.
+    Refunded {
+        /// The refunded total, in the asset.
+        #[serde(with = "dec")]
+        refunded: Decimal,
+    },
+}
+
+/// What one unit of an asset costs in a currency, for charging top-ups exactly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TopUpPrice {
+    /// ISO 4217 code in lower case, as Stripe writes it (`usd`).
+    pub currency: Name,
+    /// The price of one unit of the asset in the currency's major unit (0.01 = one cent).
+    #[serde(with = "dec")]
+    pub unit_amount: Decimal,
+}
+
+impl TopUpPrice {
+    /// Digits after the decimal point of the currency's minor unit, as Stripe counts them:
+    /// zero-decimal currencies (JPY, KRW, ...) charge whole units, three-decimal ones (KWD, ...)
+    /// thousandths, every other currency hundredths.
+    pub fn minor_digits(currency: &str) -> u32 {
+        const ZERO: &[&str] = &[
+            "bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd",
+            "vuv", "xaf", "xof", "xpf",
+        ];
+        const THREE: &[&str] = &["bhd", "jod", "kwd", "omr", "tnd"];
+        if ZERO.contains(&currency) {
+            0
+        } else if THREE.contains(&currency) {
+            3
+        } else {
+            2
+        }
+    }
+
+    /// The charge for `amount` of the asset in the currency's minor units, or `None` when it is
+    /// not a whole number of minor units (or does not fit).
+    pub fn minor_amount(&self, amount: Decimal) -> Option<i64> {
+        let digits = Self::minor_digits(self.currency.as_str());
+        let major = amount.checked_mul(self.unit_amount)?;
+        let minor = major.checked_mul(Decimal::from(10i64.pow(digits)))?;
+        if minor.fract() != Decimal::ZERO {
+            return None;
+        }
+        rust_decimal::prelude::ToPrimitive::to_i64(&minor.trunc())
+    }
+
+    /// The smallest positive amount of an asset with `scale` decimal places that costs a whole
+    /// number of minor units; every chargeable amount is a multiple of it. `None` if it does
+    /// not fit a decimal.
+    pub fn step(&self, scale: u32) -> Option<Decimal> {
+        let digits = Self::minor_digits(self.currency.as_str());
+        let per_unit = self
+            .unit_amount
+            .checked_mul(Decimal::from(10i64.pow(digits)))?
+            .normalize();
+        // k·10^-scale of the asset costs k·per_unit·10^-scale minor units, whole exactly when
+        // k is a multiple of the denominator of per_unit·10^-scale in lowest terms.
+        let exponent = per_unit.scale() + scale;
+        if exponent > 28 {
+            return None;
+        }
+        let pow = 10u128.pow(exponent);
+        let (mut a, mut b) = (per_unit.mantissa().unsigned_abs(), pow);
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        let k = i128::try_from(pow / a).ok()?;
+        Decimal::try_from_i128_with_scale(k, scale).ok()
+    }
+
+    /// Checks the shape: a three-letter lower-case currency and a positive unit amount.
+    pub fn is_valid(&self) -> bool {
+        let c = self.currency.as_str();
+        c.len() == 3
+            && c.bytes().all(|b| b.is_ascii_lowercase())
+            && self.unit_amount > Decimal::ZERO
+            && self.unit_amount <= crate::money::AMOUNT_MAX
+    }
 }
 
 impl Command {
@@ -263,7 +389,8 @@ impl Command {
             Command::DefineAsset { .. }
             | Command::DefineProduct { .. }
             | Command::DraftPlan { .. }
-            | Command::PublishPlan { .. } => None,
+            | Command::PublishPlan { .. }
+            | Command::PriceAsset { .. } => None,
             Command::CreateWallet(c) => Some(&c.wallet),
             Command::Grant(g) => Some(&g.wallet),
             Command::Usage(u) => Some(&u.wallet),
@@ -281,7 +408,9 @@ impl Command {
             | Command::SetTopUpRule { wallet, .. }
             | Command::RemoveTopUpRule { wallet, .. }
             | Command::TopUpSucceeded { wallet, .. }
-            | Command::TopUpFailed { wallet, .. } => Some(wallet),
+            | Command::TopUpFailed { wallet, .. }
+            | Command::SetBilling { wallet, .. }
+            | Command::Payment { wallet, .. } => Some(wallet),
         }
     }
 }
@@ -411,7 +540,8 @@ pub struct TopUpRule {
     /// Most that may be requested per UTC day, if set.
     #[serde(with = "dec::option")]
     pub daily_cap: Option<Decimal>,
-    /// The saved payment method to charge, passed through to the payment sink.
+    /// The saved payment method to charge; `default` means the wallet's default payment method
+    /// (see [`Command::SetBilling`]).
     pub payment_method: Name,
 }
 

@@ -13,8 +13,8 @@ use rust_decimal::Decimal;
 
 use crate::code::ResultCode;
 use crate::command::{
-    Command, CreateWallet, DebitMode, Grant, GrantSource, Reply, ReplyValue, Request,
-    ReserveAmount, TopUpAmount, TopUpRule, UsageEvent,
+    Command, CreateWallet, DebitMode, Grant, GrantSource, PaymentEvent, Reply, ReplyValue, Request,
+    ReserveAmount, TopUpAmount, TopUpPrice, TopUpRule, UsageEvent,
 };
 use crate::hash::{fingerprint, StableHasher};
 use crate::money::{self, ASSET_SCALE_MAX};
@@ -58,6 +58,8 @@ pub const USD_VALUE_SCALE_MAX: u32 = 10;
 pub const COST_SCALE_MAX: u32 = 12;
 /// Priority of grants created by top-ups: after promotions and refunds at the default 0.
 pub const TOPUP_PRIORITY: u32 = 100;
+/// A top-up rule's payment method that stands for the wallet's default payment method.
+pub const DEFAULT_PAYMENT_METHOD: &str = "default";
 
 type Map<K, V> = HashMap<K, V, RandomState>;
 
@@ -521,7 +523,19 @@ impl Engine {
                 wallet,
                 asset,
                 trigger,
-            } => self.topup_failed(wallet, *asset, *trigger),
+                reason,
+            } => self.topup_failed(wallet, *asset, *trigger, *reason),
+            Command::PriceAsset { asset, price } => self.price_asset(*asset, *price),
+            Command::SetBilling {
+                wallet,
+                customer,
+                payment_method,
+            } => self.set_billing(wallet, *customer, *payment_method),
+            Command::Payment {
+                wallet,
+                payment_id,
+                event,
+            } => self.payment_event(wallet, *payment_id, *event),
         }
     }
 
@@ -576,6 +590,7 @@ impl Engine {
             code,
             scale,
             usd_value,
+            topup_price: None,
         });
         Ok(ReplyValue::None)
     }
@@ -709,6 +724,8 @@ impl Engine {
             id: c.wallet,
             created_at: self.state.now,
             frozen: false,
+            customer: None,
+            payment_method: None,
             metadata: c.metadata.clone(),
             balances,
             holds: Vec::new(),
@@ -737,7 +754,42 @@ impl Engine {
     fn set_frozen(&mut self, wallet: &WalletId, frozen: bool) -> Handled {
         let w = self.wallet_index(wallet)?;
         wallet_mut(&mut self.state.wallets, w).frozen = frozen;
+        if !frozen {
+            // A frozen wallet triggered nothing; a balance that fell meanwhile may need one now.
+            self.check_all_topups(w);
+        }
         Ok(ReplyValue::None)
+    }
+
+    fn set_billing(
+        &mut self,
+        wallet: &WalletId,
+        customer: Option<Name>,
+        payment_method: Option<Name>,
+    ) -> Handled {
+        let w = self.wallet_index(wallet)?;
+        if customer.is_some_and(|c| c.as_str().is_empty())
+            || payment_method.is_some_and(|p| p.as_str().is_empty())
+        {
+            return Err(ResultCode::InvalidArgument.into());
+        }
+        let wallet = wallet_mut(&mut self.state.wallets, w);
+        wallet.customer = customer;
+        wallet.payment_method = payment_method;
+        // Rules wait for a payment profile; this may be the one they waited for.
+        self.check_all_topups(w);
+        Ok(ReplyValue::None)
+    }
+
+    fn check_all_topups(&mut self, w: u32) {
+        let wallet = &self.state.wallets[w as usize];
+        if wallet.topups.is_empty() {
+            return;
+        }
+        let assets: Vec<AssetCode> = wallet.topups.iter().map(|t| t.asset).collect();
+        for asset in assets {
+            self.check_topup(w, asset);
+        }
     }
 
     fn assign_plan(
@@ -880,6 +932,8 @@ impl Engine {
                 priority,
                 expires_at,
                 disputed: false,
+                refunded: Decimal::ZERO,
+                refund_removed: Decimal::ZERO,
             });
         }
         let balance = wallet.balance_mut(&asset);
@@ -1339,7 +1393,8 @@ impl Engine {
             .chain(&balance.pending)
             .find(|g| g.id == grant)
             .map_or(Decimal::ZERO, |g| g.remaining);
-        let spent = p.amount - remaining;
+        // What a refund already took out was returned, not spent.
+        let spent = p.amount - p.refund_removed - remaining;
         money::add(balance.debt, spent)?;
         let mut out = out!(self);
         let wallet = wallet_mut(&mut self.state.wallets, w);
@@ -1355,7 +1410,8 @@ impl Engine {
         }
         balance.debt += spent;
         let (from, to) = (Account::Wallet(wallet_id), Account::Dispute);
-        out.entry(EntryKind::Dispute, p.asset, p.amount, from, to, Some(grant));
+        let clawed = p.amount - p.refund_removed;
+        out.entry(EntryKind::Dispute, p.asset, clawed, from, to, Some(grant));
         // A disputed wallet never triggers a top-up here: charging the card that just charged
         // back would be the wrong reflex. The next debit checks the rule as usual.
         Ok(ReplyValue::Dispute {
@@ -1376,8 +1432,10 @@ impl Engine {
         if !p.disputed {
             return Err(ResultCode::NotDisputed.into());
         }
+        // What a refund removed before the dispute stays returned.
+        let amount = p.amount - p.refund_removed;
         if let Some(balance) = wallet.balance(&p.asset) {
-            money::add(balance.ledger(), p.amount)?;
+            money::add(balance.ledger(), amount)?;
         }
         wallet_mut(&mut self.state.wallets, w).payments[payment].disputed = false;
         let now = self.state.now;
@@ -1386,8 +1444,8 @@ impl Engine {
         let expires_at = p.expires_at.filter(|&t| t > now);
         let restored = GrantState {
             id,
-            amount: p.amount,
-            remaining: p.amount,
+            amount,
+            remaining: amount,
             priority: p.priority,
             effective_at: None,
             expires_at,
@@ -1398,7 +1456,7 @@ impl Engine {
         let mut out = out!(self);
         let wallet = wallet_mut(&mut self.state.wallets, w);
         let (from, to) = (Account::Dispute, Account::Wallet(wallet.id));
-        out.entry(EntryKind::DisputeWon, p.asset, p.amount, from, to, Some(id));
+        out.entry(EntryKind::DisputeWon, p.asset, amount, from, to, Some(id));
         // The payment record now points at the restored grant, so a second dispute claws it.
         wallet.payments[payment].grant = id;
         wallet.payments[payment].expires_at = expires_at;
@@ -1406,6 +1464,8 @@ impl Engine {
         if let Some(at) = expires_at {
             self.timer(at, TimerKind::GrantExpiry, w, id.0);
         }
+        // An open dispute held top-ups back; this may have been the last one.
+        self.check_topup(w, p.asset);
         Ok(ReplyValue::Grant {
             grant: id,
             debt_paid,
@@ -1498,6 +1558,18 @@ impl Engine {
         if !(0..=TOPUP_COOLDOWN_MAX_US).contains(&rule.cooldown_us) {
             return Err(ResultCode::InvalidArgument.into());
         }
+        // Refuse now what could not be charged exactly later: a fixed amount must come to
+        // whole minor units. Targets and caps are rounded to the price's step when a request
+        // is made (up for a target, down for a cap), so they are always chargeable.
+        let price = asset.topup_price.ok_or(ResultCode::NoTopUpPrice)?;
+        let chargeable = price.step(asset.scale).is_some()
+            && match rule.amount {
+                TopUpAmount::Fixed(amount) => price.minor_amount(amount).is_some(),
+                TopUpAmount::Target(_) => true,
+            };
+        if !chargeable {
+            return Err(ResultCode::InexactCharge.into());
+        }
         let wallet = wallet_mut(&mut self.state.wallets, w);
         match wallet.topups.iter_mut().find(|t| t.asset == rule.asset) {
             Some(t) => {
@@ -1516,10 +1588,93 @@ impl Engine {
                 retry_armed: false,
                 day: 0,
                 day_total: Decimal::ZERO,
+                last_failure: None,
             }),
         }
         self.check_topup(w, rule.asset);
         Ok(ReplyValue::None)
+    }
+
+    fn price_asset(&mut self, asset: AssetCode, price: Option<TopUpPrice>) -> Handled {
+        let &i = self
+            .index
+            .assets
+            .get(&asset)
+            .ok_or(ResultCode::UnknownAsset)?;
+        if price.is_some_and(|p| !p.is_valid()) {
+            return Err(ResultCode::InvalidPrice.into());
+        }
+        self.state.assets[i as usize].topup_price = price;
+        Ok(ReplyValue::None)
+    }
+
+    /// A processor's report about a credited payment: resolves the grant it funded now (a won
+    /// dispute re-credits under a new grant id) and applies the matching rule.
+    fn payment_event(
+        &mut self,
+        wallet: &WalletId,
+        payment_id: Name,
+        event: PaymentEvent,
+    ) -> Handled {
+        let w = self.wallet_index(wallet)?;
+        let wallet_ref = &self.state.wallets[w as usize];
+        let payment = wallet_ref
+            .payments
+            .iter()
+            .position(|p| p.payment_id == payment_id)
+            .ok_or(ResultCode::UnknownPayment)?;
+        let p = wallet_ref.payments[payment];
+        match event {
+            PaymentEvent::Disputed { freeze } => self.dispute(wallet, p.grant, freeze),
+            PaymentEvent::DisputeWon => self.dispute_won(wallet, p.grant),
+            PaymentEvent::Refunded { refunded } => {
+                let scale = self.asset(&p.asset)?.scale;
+                money::check_amount(refunded, scale)?;
+                if refunded > p.amount {
+                    return Err(ResultCode::RefundExceedsCharge.into());
+                }
+                // Totals only grow; an older or repeated report changes nothing.
+                let new = refunded - p.refunded;
+                if new <= Decimal::ZERO {
+                    return Ok(ReplyValue::None);
+                }
+                let mut out = out!(self);
+                let wallet = wallet_mut(&mut self.state.wallets, w);
+                let wallet_id = wallet.id;
+                wallet.payments[payment].refunded = refunded;
+                let removed_before = wallet.payments[payment].refund_removed;
+                // Only the unspent part of the grant can be taken back; what was already
+                // spent stays spent (the seller returned money for delivered usage).
+                let balance = wallet.balance_mut(&p.asset);
+                let mut removed = Decimal::ZERO;
+                if !p.disputed {
+                    if let Some(i) = balance.grants.iter().position(|g| g.id == p.grant) {
+                        removed = new.min(balance.grants[i].remaining);
+                        balance.grants[i].remaining -= removed;
+                        balance.active -= removed;
+                        if balance.grants[i].remaining.is_zero() {
+                            balance.grants.remove(i);
+                        }
+                    } else if let Some(i) = balance.pending.iter().position(|g| g.id == p.grant) {
+                        removed = new.min(balance.pending[i].remaining);
+                        balance.pending[i].remaining -= removed;
+                        if balance.pending[i].remaining.is_zero() {
+                            balance.pending.remove(i);
+                        }
+                    }
+                }
+                wallet.payments[payment].refund_removed = removed_before + removed;
+                if removed > Decimal::ZERO {
+                    let (from, to) = (Account::Wallet(wallet_id), Account::TopUpClearing);
+                    out.entry(EntryKind::Refund, p.asset, removed, from, to, Some(p.grant));
+                    self.check_topup(w, p.asset);
+                }
+                Ok(ReplyValue::Dispute {
+                    clawed_back: removed,
+                    debt_added: Decimal::ZERO,
+                })
+            }
+        }
     }
 
     fn remove_topup_rule(&mut self, wallet: &WalletId, asset: AssetCode) -> Handled {
@@ -1559,6 +1714,7 @@ impl Engine {
             if t.in_flight.is_some_and(|f| f.trigger == trigger) {
                 t.in_flight = None;
                 t.failures = 0;
+                t.last_failure = None;
                 let cooldown = t.rule.map_or(0, |r| r.cooldown_us);
                 t.next_allowed = now.add_us(cooldown);
                 if t.rule.is_some() && cooldown > 0 {
@@ -1577,7 +1733,13 @@ impl Engine {
         Ok(value)
     }
 
-    fn topup_failed(&mut self, wallet: &WalletId, asset: AssetCode, trigger: u64) -> Handled {
+    fn topup_failed(
+        &mut self,
+        wallet: &WalletId,
+        asset: AssetCode,
+        trigger: u64,
+        reason: Name,
+    ) -> Handled {
         let w = self.wallet_index(wallet)?;
         let asset_index = self.asset_index(&asset)?;
         let now = self.state.now;
@@ -1588,11 +1750,16 @@ impl Engine {
             .iter_mut()
             .find(|t| t.asset == asset)
             .ok_or(ResultCode::NoTopUpRule)?;
-        if t.in_flight.is_none_or(|f| f.trigger != trigger) {
+        let Some(flight) = t.in_flight.filter(|f| f.trigger == trigger) else {
             return Err(ResultCode::StaleTopUp.into());
-        }
+        };
         t.in_flight = None;
         t.failures += 1;
+        t.last_failure = Some(reason);
+        // Money that was not taken does not count against the daily cap.
+        if t.day == flight.at.day() {
+            t.day_total -= flight.amount.min(t.day_total);
+        }
         let attempts_max = t.rule.map_or(1, |r| r.attempts_max);
         if t.failures >= attempts_max {
             t.flagged = true;
@@ -1619,10 +1786,27 @@ impl Engine {
     fn check_topup(&mut self, w: u32, asset: AssetCode) {
         let now = self.state.now;
         // Most wallets have no rule: look before taking the wallet for writing.
-        if self.state.wallets[w as usize].topups.is_empty() {
+        let wallet = &self.state.wallets[w as usize];
+        if wallet.topups.is_empty() {
             return;
         }
+        // Never charge a frozen wallet, or the card behind an open chargeback; and only a
+        // wallet with somewhere to charge and an asset with a price can be charged at all.
+        if wallet.frozen || wallet.payments.iter().any(|p| p.disputed) {
+            return;
+        }
+        let Some(customer) = wallet.customer else {
+            return;
+        };
+        let Some((price, step)) = self.index.assets.get(&asset).and_then(|&i| {
+            let a = &self.state.assets[i as usize];
+            let price = a.topup_price?;
+            Some((price, price.step(a.scale)?))
+        }) else {
+            return;
+        };
         let wallet = wallet_mut(&mut self.state.wallets, w);
+        let default_method = wallet.payment_method;
         let available = wallet
             .balance(&asset)
             .map_or(Decimal::ZERO, Balance::available);
@@ -1638,7 +1822,12 @@ impl Engine {
         let mut amount = match rule.amount {
             TopUpAmount::Fixed(amount) => amount,
             // Checked: a wallet deep in debt must not overflow the target arithmetic.
-            TopUpAmount::Target(target) => match target.checked_sub(available) {
+            // Rounded up to a chargeable amount, so available reaches at least the target.
+            TopUpAmount::Target(target) => match target
+                .checked_sub(available)
+                .and_then(|a| a.checked_div(step))
+                .and_then(|steps| steps.ceil().checked_mul(step))
+            {
                 Some(amount) => amount,
                 None => return,
             },
@@ -1648,11 +1837,25 @@ impl Engine {
             t.day_total = Decimal::ZERO;
         }
         if let Some(cap) = rule.daily_cap {
-            amount = amount.min(cap - t.day_total);
+            // What is left of the cap, rounded down to a chargeable amount.
+            let left = ((cap - t.day_total) / step).floor() * step;
+            amount = amount.min(left);
         }
         if amount <= Decimal::ZERO || amount > money::AMOUNT_MAX {
             return;
         }
+        let payment_method = if rule.payment_method.as_str() == DEFAULT_PAYMENT_METHOD {
+            match default_method {
+                Some(method) => method,
+                None => return,
+            }
+        } else {
+            rule.payment_method
+        };
+        // Checked when the rule was set; a price changed since may no longer divide it.
+        let Some(minor_amount) = price.minor_amount(amount) else {
+            return;
+        };
         t.trigger += 1;
         t.in_flight = Some(InFlight {
             trigger: t.trigger,
@@ -1665,7 +1868,10 @@ impl Engine {
             asset,
             amount,
             trigger: t.trigger,
-            payment_method: rule.payment_method,
+            payment_method,
+            customer,
+            currency: price.currency,
+            minor_amount,
             at: now,
         }));
     }

@@ -76,13 +76,14 @@ mod types;
 
 pub use code::ResultCode;
 pub use command::{
-    asset, name, Command, CreateWallet, DebitMode, Grant, GrantSource, Limit, Reply, ReplyValue,
-    Request, ReserveAmount, TopUpAmount, TopUpRule, UsageEvent,
+    asset, name, Command, CreateWallet, DebitMode, Grant, GrantSource, Limit, PaymentEvent, Reply,
+    ReplyValue, Request, ReserveAmount, TopUpAmount, TopUpPrice, TopUpRule, UsageEvent,
 };
 pub use engine::{digest_state, Engine, RestoreError};
 pub use engine::{
-    ASSETS_MAX, ASSIGNMENTS_MAX, ATTRIBUTES_MAX, HOLDS_MAX, HOLD_DURATION_MAX_US, METADATA_MAX,
-    PLANS_MAX, PRODUCTS_MAX, QUANTITIES_MAX, REASON_BYTES_MAX, TOPUP_PRIORITY,
+    ASSETS_MAX, ASSIGNMENTS_MAX, ATTRIBUTES_MAX, DEFAULT_PAYMENT_METHOD, HOLDS_MAX,
+    HOLD_DURATION_MAX_US, METADATA_MAX, PLANS_MAX, PRODUCTS_MAX, QUANTITIES_MAX, REASON_BYTES_MAX,
+    TOPUP_PRIORITY,
 };
 pub use hash::{fingerprint, shard_for, StableHasher};
 pub use money::{dec, Rounding, AMOUNT_MAX, QUANTITY_MAX};
@@ -90,7 +91,8 @@ pub use output::{Account, Effect, EntryKind, JournalEntry, MarginRecord, TopUpRe
 pub use pricing::{Component, PriceModel, PriceRule, Quantity, Tier};
 pub use query::{
     BalanceView, DraftTestReport, DraftTestRow, GrantView, MarginScope, MarginView, PriceView,
-    Query, QueryReply, WalletFilter, WalletPage, WalletView, WALLET_PAGE_MAX, WALLET_SCAN_MAX,
+    Query, QueryReply, TopUpStatus, WalletFilter, WalletPage, WalletView, WALLET_PAGE_MAX,
+    WALLET_SCAN_MAX,
 };
 pub use state::{Config, Margin, State};
 pub use types::{

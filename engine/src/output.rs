@@ -114,8 +114,15 @@ pub struct TopUpRequest {
     pub amount: Decimal,
     /// The trigger's sequence number; the outcome command must name it.
     pub trigger: u64,
-    /// The payment method from the rule.
+    /// The payment method to charge: the rule's, or else the wallet's default.
     pub payment_method: Name,
+    /// The wallet's customer at the payment processor.
+    pub customer: Name,
+    /// The currency to charge in (`usd`).
+    pub currency: Name,
+    /// The charge in the currency's minor units (cents), exact: the asset's top-up price times
+    /// `amount`.
+    pub minor_amount: i64,
     /// When it was requested.
     pub at: Timestamp,
 }

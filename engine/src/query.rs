@@ -116,6 +116,25 @@ pub struct WalletView {
     pub topup_rules: Vec<TopUpRule>,
     /// Margin of its usage.
     pub margin: MarginView,
+    /// The payment processor's customer id.
+    pub customer: Option<Name>,
+    /// The default payment method top-ups charge.
+    pub payment_method: Option<Name>,
+    /// Per asset with auto top-up state: what is in flight and how the last attempts went.
+    pub topups: Vec<TopUpStatus>,
+}
+
+/// The state of a wallet's auto top-up in one asset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopUpStatus {
+    /// The asset.
+    pub asset: AssetCode,
+    /// The request waiting for its outcome: trigger, amount, when requested.
+    pub in_flight: Option<(u64, Decimal, Timestamp)>,
+    /// Failures in a row.
+    pub failures: u32,
+    /// Why the last request failed.
+    pub last_failure: Option<Name>,
 }
 
 /// Which wallets [`Engine::list_wallets`] returns: every condition given must hold (the default
@@ -480,6 +499,18 @@ impl Engine {
                 .collect(),
             topup_rules: w.topups.iter().filter_map(|t| t.rule).collect(),
             margin: w.margin.into(),
+            customer: w.customer,
+            payment_method: w.payment_method,
+            topups: w
+                .topups
+                .iter()
+                .map(|t| TopUpStatus {
+                    asset: t.asset,
+                    in_flight: t.in_flight.map(|f| (f.trigger, f.amount, f.at)),
+                    failures: t.failures,
+                    last_failure: t.last_failure,
+                })
+                .collect(),
         }
     }
 

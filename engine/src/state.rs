@@ -111,6 +111,8 @@ pub struct Asset {
     /// USD value of one unit.
     #[serde(with = "dec")]
     pub usd_value: Decimal,
+    /// What one unit costs when bought by a top-up; auto top-up rules need it.
+    pub topup_price: Option<crate::command::TopUpPrice>,
 }
 
 /// A declared product.
@@ -156,8 +158,12 @@ pub struct Wallet {
     pub id: WalletId,
     /// When it was created.
     pub created_at: Timestamp,
-    /// Frozen wallets refuse strict usage and reserves.
+    /// Frozen wallets refuse strict usage and reserves, and never trigger a top-up.
     pub frozen: bool,
+    /// The payment processor's customer id.
+    pub customer: Option<Name>,
+    /// The default payment method top-ups charge.
+    pub payment_method: Option<Name>,
     /// Free-form metadata.
     pub metadata: Vec<(Name, Name)>,
     /// One entry per asset the wallet has touched.
@@ -373,9 +379,11 @@ pub struct TopUpState {
     pub retry_armed: bool,
     /// The UTC day `day_total` counts.
     pub day: i64,
-    /// Requested so far on `day`.
+    /// Requested so far on `day`, not counting failed requests.
     #[serde(with = "dec")]
     pub day_total: Decimal,
+    /// Why the last request failed (`None` after a success).
+    pub last_failure: Option<Name>,
 }
 
 /// A requested top-up waiting for its outcome.
@@ -408,6 +416,13 @@ pub struct Payment {
     pub expires_at: Option<Timestamp>,
     /// Under dispute.
     pub disputed: bool,
+    /// The refunded total the processor reported, in the asset.
+    #[serde(with = "dec")]
+    pub refunded: Decimal,
+    /// How much of the grant's remainder refunds removed (at most `refunded`: a refund of
+    /// credit already spent removes nothing).
+    #[serde(with = "dec")]
+    pub refund_removed: Decimal,
 }
 
 /// A manual adjustment, for audit.

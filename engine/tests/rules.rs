@@ -1023,6 +1023,7 @@ fn amounts_are_exact_and_bounded() {
 fn auto_top_up_requests_once_and_credits_on_success() {
     let mut h = Harness::new();
     let w = h.wallet("acme");
+    h.billing(w);
     h.grant(w, "10");
     let rule = TopUpRule {
         asset: usd(),
@@ -1059,6 +1060,7 @@ fn auto_top_up_requests_once_and_credits_on_success() {
             wallet: w,
             asset: usd(),
             trigger: 1,
+            reason: n("card_declined"),
         },
         ResultCode::StaleTopUp,
     );
@@ -1072,6 +1074,7 @@ fn auto_top_up_requests_once_and_credits_on_success() {
 fn auto_top_up_backs_off_after_failures_and_flags_the_wallet() {
     let mut h = Harness::new();
     let w = h.wallet("acme");
+    h.billing(w);
     let rule = TopUpRule {
         asset: usd(),
         threshold: d("5"),
@@ -1091,6 +1094,7 @@ fn auto_top_up_backs_off_after_failures_and_flags_the_wallet() {
         wallet: w,
         asset: usd(),
         trigger: 1,
+        reason: n("card_declined"),
     });
     h.advance(9 * SECOND);
     assert_eq!(h.topups.len(), 1, "no retry inside the backoff");
@@ -1100,6 +1104,7 @@ fn auto_top_up_backs_off_after_failures_and_flags_the_wallet() {
         wallet: w,
         asset: usd(),
         trigger: 2,
+        reason: n("card_declined"),
     });
     assert_eq!(h.exhausted, vec![(w, usd())]);
     assert_eq!(h.view(w).topup_flagged, vec![usd()]);
@@ -1114,6 +1119,7 @@ fn auto_top_up_backs_off_after_failures_and_flags_the_wallet() {
             wallet: n("acme"),
             asset: asset("credits"),
             trigger: 1,
+            reason: n("card_declined"),
         },
         ResultCode::NoTopUpRule,
     );
@@ -1123,6 +1129,7 @@ fn auto_top_up_backs_off_after_failures_and_flags_the_wallet() {
 fn auto_top_up_respects_the_daily_cap() {
     let mut h = Harness::new();
     let w = h.wallet("acme");
+    h.billing(w);
     let rule = TopUpRule {
         asset: usd(),
         threshold: d("5"),
@@ -1214,6 +1221,7 @@ fn margin_is_aggregated_per_wallet_product_plan_and_hour() {
 fn snapshot_restore_keeps_the_digest_and_the_future() {
     let mut h = Harness::new();
     let w = h.wallet("acme");
+    h.billing(w);
     h.grant_with(w, "5", 0, Some(h.now.add_us(HOUR)), GrantSource::Promotion);
     topup_grant(&mut h, w, "10", "pi_1");
     h.ok(Command::Reserve {
@@ -1268,4 +1276,261 @@ fn a_corrupt_state_is_refused_not_trusted() {
     state.wallets.push(twin);
     let error = Engine::from_state(state).unwrap_err();
     assert!(error.to_string().contains("appears twice"), "{error}");
+}
+
+fn fixed_rule(amount: &str) -> TopUpRule {
+    TopUpRule {
+        asset: usd(),
+        threshold: d("5"),
+        amount: TopUpAmount::Fixed(d(amount)),
+        attempts_max: 3,
+        cooldown_us: 0,
+        daily_cap: None,
+        payment_method: n("default"),
+    }
+}
+
+#[test]
+fn top_up_rules_need_a_price_and_an_exactly_chargeable_amount() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.billing(w);
+    h.ok(Command::PriceAsset {
+        asset: usd(),
+        price: None,
+    });
+    h.rejects(
+        Command::SetTopUpRule {
+            wallet: w,
+            rule: fixed_rule("10"),
+        },
+        ResultCode::NoTopUpPrice,
+    );
+    h.rejects(
+        Command::PriceAsset {
+            asset: usd(),
+            price: Some(TopUpPrice {
+                currency: n("US dollars"),
+                unit_amount: d("1"),
+            }),
+        },
+        ResultCode::InvalidPrice,
+    );
+    h.rejects(
+        Command::PriceAsset {
+            asset: asset("nope"),
+            price: None,
+        },
+        ResultCode::UnknownAsset,
+    );
+    h.ok(Command::PriceAsset {
+        asset: usd(),
+        price: Some(TopUpPrice {
+            currency: n("usd"),
+            unit_amount: d("1"),
+        }),
+    });
+    // 10.005 USD is not a whole number of cents: refused when the rule is set.
+    h.rejects(
+        Command::SetTopUpRule {
+            wallet: w,
+            rule: fixed_rule("10.005"),
+        },
+        ResultCode::InexactCharge,
+    );
+    assert!(h.topups.is_empty());
+    h.ok(Command::SetTopUpRule {
+        wallet: w,
+        rule: fixed_rule("10.01"),
+    });
+    let request = h.topups[0];
+    assert_eq!(
+        (request.customer, request.payment_method, request.currency),
+        (n("cus_1"), n("pm_default"), n("usd"))
+    );
+    assert_eq!(request.minor_amount, 1001);
+}
+
+#[test]
+fn a_price_step_rounds_targets_up_and_caps_down() {
+    let p = TopUpPrice {
+        currency: n("usd"),
+        unit_amount: d("0.003"),
+    };
+    // One credit costs 0.3 cents: ten credits are the smallest whole number of cents.
+    assert_eq!(p.step(0), Some(d("10")));
+    assert_eq!(p.minor_amount(d("10")), Some(3));
+    assert_eq!(p.minor_amount(d("5")), None);
+    let yen = TopUpPrice {
+        currency: n("jpy"),
+        unit_amount: d("1.5"),
+    };
+    assert_eq!(yen.step(2), Some(d("2.00")));
+    assert_eq!(yen.minor_amount(d("4")), Some(6));
+
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.billing(w);
+    h.grant(w, "10");
+    h.ok(Command::SetTopUpRule {
+        wallet: w,
+        rule: TopUpRule {
+            amount: TopUpAmount::Target(d("20")),
+            daily_cap: Some(d("30.005")),
+            ..fixed_rule("1")
+        },
+    });
+    h.usage(w, "6000.5", "0", DebitMode::Strict); // available 3.9995 (a micro-dollar asset)
+    let first = h.topups[0];
+    assert_eq!(first.amount, d("16.01"), "rounded up to a whole cent");
+    assert_eq!(first.minor_amount, 1601);
+    h.ok(Command::TopUpSucceeded {
+        wallet: w,
+        asset: usd(),
+        trigger: 1,
+        payment_id: n("pi_1"),
+        amount: first.amount,
+    });
+    h.usage(w, "17000", "0", DebitMode::Strict); // 3.0095 left; 13.99 of the cap left
+    assert_eq!(h.topups[1].amount, d("13.99"), "capped, rounded down");
+}
+
+#[test]
+fn frozen_disputed_or_unbilled_wallets_never_trigger_a_top_up() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    let paid = topup_grant(&mut h, w, "10", "pi_1");
+    h.ok(Command::SetTopUpRule {
+        wallet: w,
+        rule: fixed_rule("10"),
+    });
+    h.usage(w, "6000", "0", DebitMode::Strict); // 4 left, but no customer to charge
+    assert!(h.topups.is_empty());
+    h.ok(Command::Freeze { wallet: w });
+    h.billing(w);
+    assert!(h.topups.is_empty(), "frozen");
+    h.ok(Command::Payment {
+        wallet: w,
+        payment_id: n("pi_1"),
+        event: PaymentEvent::Disputed { freeze: false },
+    });
+    h.ok(Command::Unfreeze { wallet: w });
+    assert!(h.topups.is_empty(), "a chargeback is open");
+    h.usage(w, "1", "0", DebitMode::Record);
+    assert!(h.topups.is_empty(), "still open");
+    let won = h.ok(Command::Payment {
+        wallet: w,
+        payment_id: n("pi_1"),
+        event: PaymentEvent::DisputeWon,
+    });
+    assert!(matches!(won, ReplyValue::Grant { grant, .. } if grant != paid));
+    // Won back: available is 4 again, below the threshold, and nothing holds it back now.
+    assert_eq!(h.topups.len(), 1);
+    h.check_ledger();
+}
+
+#[test]
+fn failed_top_ups_do_not_count_against_the_daily_cap() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.billing(w);
+    h.ok(Command::SetTopUpRule {
+        wallet: w,
+        rule: TopUpRule {
+            daily_cap: Some(d("10")),
+            cooldown_us: SECOND,
+            ..fixed_rule("10")
+        },
+    });
+    assert_eq!(h.topups.len(), 1);
+    h.ok(Command::TopUpFailed {
+        wallet: w,
+        asset: usd(),
+        trigger: 1,
+        reason: n("card_declined"),
+    });
+    let view = h.view(w);
+    assert_eq!(view.topups[0].last_failure, Some(n("card_declined")));
+    assert_eq!(view.topups[0].in_flight, None);
+    h.advance(SECOND);
+    assert_eq!(
+        h.topups.len(),
+        2,
+        "the cap still has room: nothing was taken"
+    );
+    assert_eq!(h.topups[1].amount, d("10"));
+    assert_eq!(h.view(w).topups[0].in_flight.map(|f| f.0), Some(2));
+}
+
+#[test]
+fn payment_events_find_the_grant_by_payment_id() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    topup_grant(&mut h, w, "10", "pi_1");
+    h.usage(w, "3000", "0", DebitMode::Strict); // 7 left of the top-up
+    let refunded = |amount: &str| Command::Payment {
+        wallet: w,
+        payment_id: n("pi_1"),
+        event: PaymentEvent::Refunded {
+            refunded: d(amount),
+        },
+    };
+    h.rejects(
+        Command::Payment {
+            wallet: w,
+            payment_id: n("pi_unknown"),
+            event: PaymentEvent::DisputeWon,
+        },
+        ResultCode::UnknownPayment,
+    );
+    h.rejects(refunded("10.5"), ResultCode::RefundExceedsCharge);
+    let value = h.ok(refunded("2"));
+    assert_eq!(
+        value,
+        ReplyValue::Dispute {
+            clawed_back: d("2"),
+            debt_added: d("0")
+        }
+    );
+    assert_eq!(h.balance(w).available, d("5"));
+    // Totals: a repeated or older report changes nothing.
+    h.ok(refunded("2"));
+    h.ok(refunded("1"));
+    assert_eq!(h.balance(w).available, d("5"));
+    // A full refund takes what is unspent; the spent 3 stays spent.
+    h.ok(refunded("10"));
+    assert_eq!(h.balance(w).available, d("0"));
+    assert_eq!(h.balance(w).debt, d("0"));
+    h.check_ledger();
+
+    // A dispute of a partly refunded payment: the refunded part is neither clawed nor debt.
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    topup_grant(&mut h, w, "10", "pi_2");
+    h.usage(w, "3000", "0", DebitMode::Strict);
+    h.ok(Command::Payment {
+        wallet: w,
+        payment_id: n("pi_2"),
+        event: PaymentEvent::Refunded { refunded: d("4") },
+    });
+    let value = h.ok(Command::Payment {
+        wallet: w,
+        payment_id: n("pi_2"),
+        event: PaymentEvent::Disputed { freeze: true },
+    });
+    assert_eq!(
+        value,
+        ReplyValue::Dispute {
+            clawed_back: d("3"),
+            debt_added: d("3")
+        }
+    );
+    assert!(h.view(w).frozen);
+    h.ok(Command::Payment {
+        wallet: w,
+        payment_id: n("pi_2"),
+        event: PaymentEvent::DisputeWon,
+    });
+    assert_eq!(h.balance(w).available, d("3"), "6 restored, 3 of debt paid");
+    h.check_ledger();
 }

@@ -121,6 +121,12 @@ kinds! {
     TopUpSucceeded = 0x24,
     /// Command `TopUpFailed`.
     TopUpFailed = 0x25,
+    /// Command `PriceAsset`.
+    PriceAsset = 0x26,
+    /// Command `SetBilling`.
+    SetBilling = 0x27,
+    /// Command `Payment`.
+    Payment = 0x28,
 
     /// Many usage events in one frame, answered by one `BatchReply`.
     UsageBatch = 0x30,
@@ -189,6 +195,9 @@ impl Kind {
                 | RemoveTopUpRule
                 | TopUpSucceeded
                 | TopUpFailed
+                | PriceAsset
+                | SetBilling
+                | Payment
                 | QueryMargin
                 | QueryDraftTest
                 | KeyCreate

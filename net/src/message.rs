@@ -13,9 +13,9 @@ use rust_decimal::Decimal;
 use tally_engine::{
     AssetCode, BalanceView, Command, Component, CreateWallet, DebitMode, DraftTestReport,
     DraftTestRow, Grant, GrantId, GrantSource, GrantView, HoldId, Limit, MarginScope, MarginView,
-    Name, PriceModel, PriceRule, PriceView, Quantity, Query, QueryReply, Reply, ReplyValue,
-    Request, RequestId, ReserveAmount, ResultCode, Tier, Timestamp, TopUpAmount, TopUpRule,
-    UsageEvent, WalletId, WalletView,
+    Name, PaymentEvent, PriceModel, PriceRule, PriceView, Quantity, Query, QueryReply, Reply,
+    ReplyValue, Request, RequestId, ReserveAmount, ResultCode, Tier, Timestamp, TopUpAmount,
+    TopUpPrice, TopUpRule, TopUpStatus, UsageEvent, WalletId, WalletView,
 };
 
 use crate::codec::{BodyError, EncodeError, Problem, Reader, Writer};
@@ -167,6 +167,12 @@ pub struct WalletInfo {
     pub topup_rules: Vec<TopUpRule>,
     /// Margin of its usage.
     pub margin: MarginView,
+    /// The payment processor's customer id.
+    pub customer: Option<Name>,
+    /// The default payment method top-ups charge.
+    pub payment_method: Option<Name>,
+    /// Auto top-up state per asset.
+    pub topups: Vec<TopUpStatus>,
 }
 
 impl From<&WalletView> for WalletInfo {
@@ -191,6 +197,9 @@ impl From<&WalletView> for WalletInfo {
             plans: v.plans.clone(),
             topup_rules: v.topup_rules.clone(),
             margin: v.margin,
+            customer: v.customer,
+            payment_method: v.payment_method,
+            topups: v.topups.clone(),
         }
     }
 }
@@ -399,6 +408,9 @@ pub fn command_kind(command: &Command) -> Kind {
         Command::RemoveTopUpRule { .. } => Kind::RemoveTopUpRule,
         Command::TopUpSucceeded { .. } => Kind::TopUpSucceeded,
         Command::TopUpFailed { .. } => Kind::TopUpFailed,
+        Command::PriceAsset { .. } => Kind::PriceAsset,
+        Command::SetBilling { .. } => Kind::SetBilling,
+        Command::Payment { .. } => Kind::Payment,
     }
 }
 
@@ -652,7 +664,10 @@ fn decode_payload(kind: Kind, r: &mut Reader<'_>) -> Result<Message, BodyError> 
         | Kind::SetTopUpRule
         | Kind::RemoveTopUpRule
         | Kind::TopUpSucceeded
-        | Kind::TopUpFailed => {
+        | Kind::TopUpFailed
+        | Kind::PriceAsset
+        | Kind::SetBilling
+        | Kind::Payment => {
             let id = RequestId(r.u128("request.id")?);
             Message::Request(Request {
                 id,
@@ -813,6 +828,24 @@ fn read_quantities(r: &mut Reader<'_>) -> Result<Vec<Quantity>, BodyError> {
         });
     }
     Ok(out)
+}
+
+fn write_name_option(w: &mut Writer<'_>, name: Option<&Name>) {
+    match name {
+        None => w.u8(0),
+        Some(n) => {
+            w.u8(1);
+            w.name(n);
+        }
+    }
+}
+
+fn read_name_option(r: &mut Reader<'_>, field: &'static str) -> Result<Option<Name>, BodyError> {
+    Ok(if r.present(field)? {
+        Some(r.name(field)?)
+    } else {
+        None
+    })
 }
 
 fn write_timestamp_option(w: &mut Writer<'_>, t: Option<Timestamp>) {
@@ -1235,10 +1268,51 @@ fn write_command(w: &mut Writer<'_>, command: &Command) -> Result<(), EncodeErro
             wallet,
             asset,
             trigger,
+            reason,
         } => {
             w.name(wallet);
             w.name(asset);
             w.u64(*trigger);
+            w.name(reason);
+        }
+        Command::PriceAsset { asset, price } => {
+            w.name(asset);
+            match price {
+                None => w.u8(0),
+                Some(p) => {
+                    w.u8(1);
+                    w.name(&p.currency);
+                    w.decimal(&p.unit_amount);
+                }
+            }
+        }
+        Command::SetBilling {
+            wallet,
+            customer,
+            payment_method,
+        } => {
+            w.name(wallet);
+            write_name_option(w, customer.as_ref());
+            write_name_option(w, payment_method.as_ref());
+        }
+        Command::Payment {
+            wallet,
+            payment_id,
+            event,
+        } => {
+            w.name(wallet);
+            w.name(payment_id);
+            match event {
+                PaymentEvent::Disputed { freeze } => {
+                    w.u8(0);
+                    w.bool(*freeze);
+                }
+                PaymentEvent::DisputeWon => w.u8(1),
+                PaymentEvent::Refunded { refunded } => {
+                    w.u8(2);
+                    w.decimal(refunded);
+                }
+            }
         }
     }
     Ok(())
@@ -1369,6 +1443,37 @@ fn read_command(kind: Kind, r: &mut Reader<'_>) -> Result<Command, BodyError> {
             wallet: r.name("topup_failed.wallet")?,
             asset: r.asset("topup_failed.asset")?,
             trigger: r.u64("topup_failed.trigger")?,
+            reason: r.name("topup_failed.reason")?,
+        },
+        Kind::PriceAsset => Command::PriceAsset {
+            asset: r.asset("price_asset.asset")?,
+            price: if r.present("price_asset.price")? {
+                Some(TopUpPrice {
+                    currency: r.name("price_asset.currency")?,
+                    unit_amount: r.decimal("price_asset.unit_amount")?,
+                })
+            } else {
+                None
+            },
+        },
+        Kind::SetBilling => Command::SetBilling {
+            wallet: r.name("set_billing.wallet")?,
+            customer: read_name_option(r, "set_billing.customer")?,
+            payment_method: read_name_option(r, "set_billing.payment_method")?,
+        },
+        Kind::Payment => Command::Payment {
+            wallet: r.name("payment.wallet")?,
+            payment_id: r.name("payment.payment_id")?,
+            event: match r.u8("payment.event")? {
+                0 => PaymentEvent::Disputed {
+                    freeze: r.bool("payment.freeze")?,
+                },
+                1 => PaymentEvent::DisputeWon,
+                2 => PaymentEvent::Refunded {
+                    refunded: r.decimal("payment.refunded")?,
+                },
+                t => return Err(Reader::unknown_tag("payment.event", t.into())),
+            },
         },
         other => return Err(unexpected(other)),
     })
@@ -1682,6 +1787,23 @@ fn write_answer(w: &mut Writer<'_>, answer: &Answer) -> Result<(), EncodeError> 
                 write_topup_rule(w, rule);
             }
             write_margin(w, &v.margin);
+            write_name_option(w, v.customer.as_ref());
+            write_name_option(w, v.payment_method.as_ref());
+            w.count16("wallet.topups", v.topups.len())?;
+            for t in &v.topups {
+                w.name(&t.asset);
+                match t.in_flight {
+                    None => w.u8(0),
+                    Some((trigger, amount, at)) => {
+                        w.u8(1);
+                        w.u64(trigger);
+                        w.decimal(&amount);
+                        w.i64(at.0);
+                    }
+                }
+                w.u32(t.failures);
+                write_name_option(w, t.last_failure.as_ref());
+            }
         }
         Answer::Balance(b) => {
             w.u8(1);
@@ -1788,6 +1910,29 @@ fn read_answer(r: &mut Reader<'_>) -> Result<Answer, BodyError> {
                 plans,
                 topup_rules,
                 margin: read_margin(r)?,
+                customer: read_name_option(r, "wallet.customer")?,
+                payment_method: read_name_option(r, "wallet.payment_method")?,
+                topups: {
+                    let n = r.count16("wallet.topups", NAME_BYTES_MIN + 1 + 4 + 1)?;
+                    let mut topups = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        topups.push(TopUpStatus {
+                            asset: r.asset("wallet.topups[].asset")?,
+                            in_flight: if r.present("wallet.topups[].in_flight")? {
+                                Some((
+                                    r.u64("wallet.topups[].trigger")?,
+                                    r.decimal("wallet.topups[].amount")?,
+                                    Timestamp(r.i64("wallet.topups[].at")?),
+                                ))
+                            } else {
+                                None
+                            },
+                            failures: r.u32("wallet.topups[].failures")?,
+                            last_failure: read_name_option(r, "wallet.topups[].last_failure")?,
+                        });
+                    }
+                    topups
+                },
             })
         }
         1 => Answer::Balance(read_balance(r)?),

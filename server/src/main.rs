@@ -132,6 +132,23 @@ enum AssetCommand {
         #[arg(long, allow_hyphen_values = true, value_parser = remote::parse_decimal)]
         usd_value: Decimal,
     },
+    /// Set what one unit costs when a top-up buys it (auto top-up rules need it), or remove it.
+    Price {
+        #[command(flatten)]
+        common: MutateArgs,
+        /// The code, e.g. credits.
+        #[arg(value_parser = remote::parse_asset)]
+        code: AssetCode,
+        /// The currency, lower case as Stripe writes it, e.g. usd.
+        #[arg(long, value_parser = remote::parse_name, required_unless_present = "remove")]
+        currency: Option<Name>,
+        /// The price of one unit in the currency's major unit, e.g. 0.01 (one cent).
+        #[arg(long, allow_hyphen_values = true, value_parser = remote::parse_decimal, required_unless_present = "remove")]
+        unit_amount: Option<Decimal>,
+        /// Remove the price instead: top-ups of the asset are no longer requested.
+        #[arg(long, conflicts_with_all = ["currency", "unit_amount"])]
+        remove: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -172,6 +189,21 @@ enum WalletCommand {
         /// The wallet's id.
         #[arg(value_parser = remote::parse_name)]
         wallet: WalletId,
+    },
+    /// Set a wallet's payment profile at Stripe: customer and default payment method (admin).
+    /// A field not given is cleared.
+    Billing {
+        #[command(flatten)]
+        common: MutateArgs,
+        /// The wallet's id.
+        #[arg(value_parser = remote::parse_name)]
+        wallet: WalletId,
+        /// The Stripe customer id (cus_...).
+        #[arg(long, value_parser = remote::parse_name)]
+        customer: Option<Name>,
+        /// The default payment method top-ups charge (pm_...).
+        #[arg(long, value_parser = remote::parse_name)]
+        payment_method: Option<Name>,
     },
     /// Freeze a wallet: strict usage and reserves are refused until it is unfrozen (admin).
     Freeze {
@@ -479,8 +511,8 @@ enum TopUpRuleCommand {
         /// Charge enough to bring available up to this balance.
         #[arg(long, allow_hyphen_values = true, value_parser = remote::parse_decimal)]
         target: Option<Decimal>,
-        /// The saved payment method to charge.
-        #[arg(long, value_parser = remote::parse_name)]
+        /// The saved payment method to charge (default: the wallet's default payment method).
+        #[arg(long, value_parser = remote::parse_name, default_value = "default")]
         payment_method: Name,
         /// Failed attempts in a row after which the wallet is flagged.
         #[arg(long, default_value_t = 3)]
@@ -818,6 +850,37 @@ fn client_op(command: Command) -> (Remote, Option<u128>, Op) {
                 code,
                 scale,
                 usd_value,
+            },
+        ),
+        Command::Asset(AssetCommand::Price {
+            common,
+            code,
+            currency,
+            unit_amount,
+            remove: _,
+        }) => (
+            write(common),
+            Op::AssetPrice {
+                asset: code,
+                price: currency.zip(unit_amount).map(|(currency, unit_amount)| {
+                    tally_engine::TopUpPrice {
+                        currency,
+                        unit_amount,
+                    }
+                }),
+            },
+        ),
+        Command::Wallet(WalletCommand::Billing {
+            common,
+            wallet,
+            customer,
+            payment_method,
+        }) => (
+            write(common),
+            Op::Billing {
+                wallet,
+                customer,
+                payment_method,
             },
         ),
         Command::Product(ProductCommand::Define {

@@ -100,6 +100,22 @@ pub enum Op {
         /// USD per unit.
         usd_value: Decimal,
     },
+    /// `tally asset price`.
+    AssetPrice {
+        /// The asset.
+        asset: AssetCode,
+        /// The price, or `None` to remove it.
+        price: Option<tally_engine::TopUpPrice>,
+    },
+    /// `tally wallet billing`.
+    Billing {
+        /// The wallet.
+        wallet: WalletId,
+        /// The Stripe customer.
+        customer: Option<Name>,
+        /// The default payment method.
+        payment_method: Option<Name>,
+    },
     /// `tally product define`.
     DefineProduct {
         /// The code.
@@ -589,6 +605,16 @@ fn prepare(op: Op, id: RequestId, now: Timestamp) -> Result<Call, String> {
         })),
         Op::WalletGet { wallet } => Ok(Call::Query(Query::Wallet { wallet })),
         Op::Freeze { wallet } => command(Command::Freeze { wallet }),
+        Op::AssetPrice { asset, price } => command(Command::PriceAsset { asset, price }),
+        Op::Billing {
+            wallet,
+            customer,
+            payment_method,
+        } => command(Command::SetBilling {
+            wallet,
+            customer,
+            payment_method,
+        }),
         Op::Unfreeze { wallet } => command(Command::Unfreeze { wallet }),
         Op::SetOverdraft {
             wallet,
@@ -1218,6 +1244,15 @@ fn reply_text(command: &Command, value: &ReplyValue) -> String {
         (Command::RemoveTopUpRule { wallet, asset }, _) => {
             format!("top-up rule of {wallet} in {asset} removed")
         }
+        (Command::PriceAsset { asset, price }, _) => match price {
+            Some(p) => format!(
+                "1 {asset} costs {} {} in top-ups",
+                p.unit_amount,
+                p.currency.as_str().to_uppercase()
+            ),
+            None => format!("top-up price of {asset} removed"),
+        },
+        (Command::SetBilling { wallet, .. }, _) => format!("billing of {wallet} set"),
         _ => generic(),
     }
 }
@@ -1444,6 +1479,12 @@ fn wallet_text(w: &WalletInfo) -> String {
         let assets: Vec<&str> = w.topup_flagged.iter().map(AssetCode::as_str).collect();
         out += &format!("top-up flagged in {}\n", assets.join(", "));
     }
+    if let Some(customer) = &w.customer {
+        out += &format!("customer {customer}\n");
+    }
+    if let Some(method) = &w.payment_method {
+        out += &format!("payment  {method}\n");
+    }
     for (plan, version, from) in &w.plans {
         out += &format!(
             "plan     {plan} version {version} from {}\n",
@@ -1530,6 +1571,38 @@ fn wallet_text(w: &WalletInfo) -> String {
                 .collect(),
         );
     }
+    if !w.topups.is_empty() {
+        out += "\ntop-ups\n";
+        out += &table(
+            &[
+                "asset",
+                "in flight",
+                "amount",
+                "requested",
+                "failures",
+                "last failure",
+            ],
+            w.topups
+                .iter()
+                .map(|t| {
+                    let (trigger, amount, at) = match t.in_flight {
+                        Some((trigger, amount, at)) => {
+                            (trigger.to_string(), amount.to_string(), format_rfc3339(at))
+                        }
+                        None => ("-".into(), "-".into(), "-".into()),
+                    };
+                    vec![
+                        t.asset.to_string(),
+                        trigger,
+                        amount,
+                        at,
+                        t.failures.to_string(),
+                        t.last_failure.map_or_else(|| "-".into(), |r| r.to_string()),
+                    ]
+                })
+                .collect(),
+        );
+    }
     out += "\n";
     out += &margin_text(&w.margin);
     out += "\n";
@@ -1561,6 +1634,9 @@ fn wallet_json(w: &WalletInfo) -> Value {
             "from": from.0,
         })).collect::<Vec<_>>(),
         "topup_rules": to_json(&w.topup_rules),
+        "customer": w.customer,
+        "payment_method": w.payment_method,
+        "topups": to_json(&w.topups),
         "margin": to_json(&w.margin),
     })
 }

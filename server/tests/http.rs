@@ -389,17 +389,50 @@ async fn every_route_end_to_end_with_exact_balances() {
     .ok();
     assert_eq!(http.available("w2").await, "4.1");
 
-    // Top-up rules.
+    // Top-up rules: an asset needs a price first, and a fixed amount must be whole cents.
+    let unpriced = http
+        .put(
+            "/v1/wallets/w1/topup-rules/USD",
+            "rule-0",
+            json!({"threshold": "1", "amount": {"fixed": "20"}}),
+        )
+        .await;
+    unpriced.error(422, "NoTopUpPrice");
+    http.put(
+        "/v1/assets/USD/price",
+        "price-usd",
+        json!({"currency": "usd", "unit_amount": "1"}),
+    )
+    .await
+    .ok();
+    let inexact = http
+        .put(
+            "/v1/wallets/w1/topup-rules/USD",
+            "rule-00",
+            json!({"threshold": "1", "amount": {"fixed": "20.001"}}),
+        )
+        .await;
+    inexact.error(422, "InexactCharge");
+    http.put(
+        "/v1/wallets/w1/billing",
+        "billing-1",
+        json!({"customer": "cus_1", "payment_method": "pm_1"}),
+    )
+    .await
+    .ok();
     http.put(
         "/v1/wallets/w1/topup-rules/USD",
         "rule-1",
-        json!({"threshold": "1", "amount": {"fixed": "20"}, "payment_method": "pm_1"}),
+        json!({"threshold": "1", "amount": {"fixed": "20"}}),
     )
     .await
     .ok();
     let wallet = http.get("/v1/wallets/w1").await;
     let wallet = wallet.ok();
     assert_eq!(wallet["topup_rules"][0]["amount"]["fixed"], "20");
+    assert_eq!(wallet["topup_rules"][0]["payment_method"], "default");
+    assert_eq!(wallet["customer"], "cus_1");
+    assert_eq!(wallet["payment_method"], "pm_1");
     assert_eq!(wallet["metadata"]["team"], "red");
     assert_eq!(wallet["plans"][0]["plan"], "std");
     assert_eq!(wallet["grants"][0]["expires_at"], "2099-01-01T00:00:00Z");

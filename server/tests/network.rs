@@ -581,7 +581,18 @@ async fn every_operation_end_to_end() {
     ))
     .await);
     assert_eq!(c.balance(w1, usd).await.unwrap().available, d("10.95"));
-    // Top-up rules and payment outcomes.
+    // Top-up rules (on a priced asset) and payment outcomes.
+    ok(c.command(req(
+        9_117,
+        Command::PriceAsset {
+            asset: usd,
+            price: Some(TopUpPrice {
+                currency: name("usd"),
+                unit_amount: d("1"),
+            }),
+        },
+    ))
+    .await);
     ok(c.command(req(
         17,
         Command::SetTopUpRule {
@@ -625,6 +636,7 @@ async fn every_operation_end_to_end() {
                 wallet: w1,
                 asset: usd,
                 trigger: 42,
+                reason: name("card_declined"),
             },
         ))
         .await,

@@ -389,7 +389,37 @@ fn cli_client_drives_a_running_server() {
     .ok();
     assert_eq!(available(&server), "9.00");
 
-    // Auto top-up rule.
+    // Auto top-up rule, on a priced asset, charging the wallet's default payment method.
+    admin(
+        &server,
+        &[
+            "asset",
+            "price",
+            "USD",
+            "--currency",
+            "usd",
+            "--unit-amount",
+            "1",
+        ],
+    )
+    .ok();
+    admin(
+        &server,
+        &[
+            "wallet",
+            "billing",
+            "w1",
+            "--customer",
+            "cus_1",
+            "--payment-method",
+            "pm_1",
+        ],
+    )
+    .ok();
+    let doc = admin(&server, &["wallet", "get", "w1", "--json"])
+        .ok()
+        .json();
+    assert_eq!(doc["wallet"]["customer"], "cus_1", "{doc}");
     admin(
         &server,
         &[
@@ -402,8 +432,6 @@ fn cli_client_drives_a_running_server() {
             "1.00",
             "--amount",
             "20.00",
-            "--payment-method",
-            "pm_1",
         ],
     )
     .ok();

@@ -88,6 +88,15 @@ impl Harness {
             scale: 2,
             usd_value: d("0.01"),
         });
+        for (code, unit_amount) in [("USD", "1"), ("credits", "0.01")] {
+            h.ok(Command::PriceAsset {
+                asset: asset(code),
+                price: Some(TopUpPrice {
+                    currency: n("usd"),
+                    unit_amount: d(unit_amount),
+                }),
+            });
+        }
         h.ok(Command::DefineProduct {
             code: n("chat"),
             dimensions: vec![n("input_tokens"), n("output_tokens")],
@@ -180,6 +189,15 @@ impl Harness {
     }
 
     /// Creates a wallet on plan `std` v1 from the beginning of time.
+    /// Gives the wallet a customer and a default payment method, so its top-ups can be charged.
+    pub fn billing(&mut self, wallet: WalletId) {
+        self.ok(Command::SetBilling {
+            wallet,
+            customer: Some(n("cus_1")),
+            payment_method: Some(n("pm_default")),
+        });
+    }
+
     pub fn wallet(&mut self, id: &str) -> WalletId {
         let wallet = n(id);
         self.ok(Command::CreateWallet(CreateWallet {

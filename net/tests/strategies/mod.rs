@@ -300,13 +300,44 @@ pub fn command() -> impl Strategy<Value = Command> {
                 amount
             }
         ),
-        (name(), asset_code(), any::<u64>()).prop_map(|(wallet, asset, trigger)| {
-            Command::TopUpFailed {
+        (name(), asset_code(), any::<u64>(), name()).prop_map(
+            |(wallet, asset, trigger, reason)| Command::TopUpFailed {
                 wallet,
                 asset,
                 trigger,
+                reason,
+            }
+        ),
+        (asset_code(), option::of((name(), decimal()))).prop_map(|(asset, price)| {
+            Command::PriceAsset {
+                asset,
+                price: price.map(|(currency, unit_amount)| TopUpPrice {
+                    currency,
+                    unit_amount,
+                }),
             }
         }),
+        (name(), option::of(name()), option::of(name())).prop_map(
+            |(wallet, customer, payment_method)| Command::SetBilling {
+                wallet,
+                customer,
+                payment_method,
+            }
+        ),
+        (
+            name(),
+            name(),
+            prop_oneof![
+                any::<bool>().prop_map(|freeze| PaymentEvent::Disputed { freeze }),
+                Just(PaymentEvent::DisputeWon),
+                decimal().prop_map(|refunded| PaymentEvent::Refunded { refunded }),
+            ]
+        )
+            .prop_map(|(wallet, payment_id, event)| Command::Payment {
+                wallet,
+                payment_id,
+                event,
+            }),
     ]
 }
 
@@ -456,6 +487,18 @@ fn wallet_info() -> impl Strategy<Value = WalletInfo> {
                 source,
             },
         );
+    let topup_status = (
+        asset_code(),
+        option::of((any::<u64>(), decimal(), time())),
+        any::<u32>(),
+        option::of(name()),
+    )
+        .prop_map(|(asset, in_flight, failures, last_failure)| TopUpStatus {
+            asset,
+            in_flight,
+            failures,
+            last_failure,
+        });
     let hold = (any::<u64>(), asset_code(), decimal(), time()).prop_map(
         |(id, asset, amount, deadline)| HoldInfo {
             id: HoldId(id),
@@ -472,12 +515,18 @@ fn wallet_info() -> impl Strategy<Value = WalletInfo> {
             vec(topup_rule(), 0..2),
             margin(),
         ),
+        (
+            option::of(name()),
+            option::of(name()),
+            vec(topup_status, 0..2),
+        ),
     )
         .prop_map(
             |(
                 (wallet, frozen, topup_flagged, metadata),
                 (balances, grants, holds),
                 (plans, topup_rules, margin),
+                (customer, payment_method, topups),
             )| WalletInfo {
                 wallet,
                 frozen,
@@ -489,6 +538,9 @@ fn wallet_info() -> impl Strategy<Value = WalletInfo> {
                 plans,
                 topup_rules,
                 margin,
+                customer,
+                payment_method,
+                topups,
             },
         )
 }
