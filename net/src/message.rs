@@ -205,6 +205,8 @@ impl From<&WalletView> for WalletInfo {
 }
 
 /// A query's answer (the wire form of `tally_engine::QueryReply`).
+// As `QueryReply`: the wallet variant is big and built once per query.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Answer {
     /// See `Query::Wallet`.
