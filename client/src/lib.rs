@@ -197,7 +197,9 @@ pub struct Session {
 enum Body {
     Usage(RequestId, UsageEvent),
     Reserve(ReserveItem),
-    Other(Message),
+    // Boxed: commands and answers are large and rare next to usage and reserves, which the
+    // hot path moves by value.
+    Other(Box<Message>),
 }
 
 struct Call {
@@ -406,7 +408,7 @@ impl Client {
     /// becomes [`Error::Transport`]). Retries like every other call, except key creation.
     pub async fn send(&self, message: Message) -> Result<Message, Error> {
         let retry = !matches!(message, Message::KeyCreate { .. });
-        self.call(|| Body::Other(message.clone()), retry).await
+        self.call(|| Body::Other(Box::new(message.clone())), retry).await
     }
 
     /// Applies a command; `Err(Rejected)` if the engine refused it.
@@ -768,7 +770,7 @@ fn frames(calls: &mut Vec<Call>) -> Vec<(Message, Targets)> {
     let mut drain = calls.drain(..).peekable();
     while let Some(call) = drain.next() {
         match call.body {
-            Body::Other(message) => out.push((message, Targets::One(call.answer))),
+            Body::Other(message) => out.push((*message, Targets::One(call.answer))),
             Body::Usage(id, event) => {
                 let mut items = vec![(id, event)];
                 let mut txs = vec![call.answer];
