@@ -44,6 +44,7 @@ pub const PAGE_LIMIT_MAX: u32 = 100;
 pub struct ApiState {
     backend: OnceLock<Arc<dyn Backend>>,
     history: OnceLock<Arc<tally_outbound::sqlite::Reader>>,
+    stripe: OnceLock<Arc<tally_outbound::stripe::Stripe>>,
     keys: Arc<KeyStore>,
     metrics: Option<PrometheusHandle>,
 }
@@ -64,6 +65,7 @@ impl ApiState {
         Arc::new(ApiState {
             backend: OnceLock::new(),
             history: OnceLock::new(),
+            stripe: OnceLock::new(),
             keys,
             metrics,
         })
@@ -72,6 +74,11 @@ impl ApiState {
     /// Sets the backend once recovery is done. A second call is ignored.
     pub fn set_backend(&self, backend: Arc<dyn Backend>) {
         let _ = self.backend.set(backend);
+    }
+
+    /// Sets the Stripe worker, which receives Stripe's webhooks. A second call is ignored.
+    pub fn set_stripe(&self, stripe: Arc<tally_outbound::stripe::Stripe>) {
+        let _ = self.stripe.set(stripe);
     }
 
     /// Sets the history store's reader. A second call is ignored.

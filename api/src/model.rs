@@ -30,6 +30,15 @@ pub struct DefineAsset {
     pub usd_value: Decimal,
 }
 
+/// A Stripe webhook was taken.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookReceived {
+    /// Always true.
+    pub received: bool,
+    /// What it changed (`settled`, `applied`, `duplicate`, `ignored`, ...).
+    pub outcome: String,
+}
+
 /// What one unit of an asset costs when a top-up buys it.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

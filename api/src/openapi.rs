@@ -24,7 +24,7 @@ use crate::routes;
         routes::create_hold, routes::settle_hold, routes::release_hold, routes::create_refund,
         routes::create_dispute, routes::dispute_won, routes::create_adjustment,
         routes::set_topup_rule, routes::remove_topup_rule, routes::price_asset,
-        routes::unprice_asset, routes::set_billing, routes::report_usage,
+        routes::unprice_asset, routes::set_billing, routes::stripe_webhook, routes::report_usage,
         routes::report_usage_batch, routes::price_preview, routes::create_key, routes::list_keys,
         routes::revoke_key, routes::health, routes::snapshot, routes::openapi_document,
         routes::wallet_usage, routes::wallet_transactions, routes::wallet_topups,

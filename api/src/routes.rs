@@ -35,6 +35,7 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
             put(price_asset).delete(unprice_asset),
         )
         .route("/wallets/{wallet}/billing", put(set_billing))
+        .route("/stripe/webhook", post(stripe_webhook))
         .route("/products", post(define_product))
         .route("/plans/{plan}/draft", put(draft_plan))
         .route("/plans/{plan}/draft/test", post(test_draft))
@@ -1113,6 +1114,49 @@ pub(crate) async fn set_billing(
 ) -> Result<Json<CommandResult>, ApiError> {
     let c = body.command(wallet_id(&wallet)?)?;
     command(&state, &caller, idem.id, c).await
+}
+
+/// Stripe's webhook endpoint: `payment_intent.succeeded` and `.payment_failed` settle top-ups,
+/// `charge.dispute.*` dispute or restore the grant a charge funded, `charge.refunded` removes
+/// the unspent part of it. Authenticated by the `Stripe-Signature` header (the endpoint's
+/// signing secret), not by an API key; each event id is applied once.
+#[utoipa::path(post, path = "/v1/stripe/webhook", tag = "top-ups",
+    request_body(content = Object, description = "A Stripe event, as Stripe sends it"),
+    params(("Stripe-Signature" = String, Header, description = "t=TIMESTAMP,v1=HMAC-SHA256")),
+    responses((status = 200, body = WebhookReceived), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)))]
+pub(crate) async fn stripe_webhook(
+    State(state): AppState,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Result<Json<WebhookReceived>, ApiError> {
+    use tally_outbound::stripe::WebhookError;
+    let stripe = state.stripe.get().ok_or_else(|| {
+        ApiError::transport(
+            ErrorCode::NotFound,
+            "Stripe is not configured on this server (stripe_webhook_secret)",
+        )
+    })?;
+    let signature = headers
+        .get("stripe-signature")
+        .and_then(|v| v.to_str().ok());
+    match stripe.webhook(&body, signature).await {
+        Ok(outcome) => Ok(Json(WebhookReceived {
+            received: true,
+            outcome: outcome.into(),
+        })),
+        Err(e @ WebhookError::NotConfigured) => {
+            Err(ApiError::transport(ErrorCode::NotFound, e.to_string()))
+        }
+        // 400, as Stripe's own endpoints answer a delivery that cannot be verified.
+        Err(e @ (WebhookError::BadSignature(_) | WebhookError::BadPayload(_))) => {
+            let mut error = ApiError::invalid(e.to_string());
+            error.status = StatusCode::BAD_REQUEST;
+            Err(error)
+        }
+        Err(e @ WebhookError::Unavailable(_)) => {
+            Err(ApiError::transport(ErrorCode::NotReady, e.to_string()))
+        }
+    }
 }
 
 /// Remove a wallet's auto top-up rule for one asset.

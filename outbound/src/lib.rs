@@ -20,8 +20,10 @@
 //! owns the thread this runs on ([`spawn`]) and decides when to flush.
 
 pub mod jsonl;
+pub mod payments;
 pub mod postgres;
 pub mod sqlite;
+pub mod stripe;
 
 use std::sync::Arc;
 use std::thread::JoinHandle;

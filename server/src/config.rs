@@ -76,6 +76,27 @@ pub struct Config {
     pub history_retention_days: u64,
     /// Copy the history store to this PostgreSQL database (a libpq URL; never logged).
     pub export_postgres: Option<String>,
+    /// Stripe's secret API key; without it top-up requests wait (never logged).
+    pub stripe_secret_key: Option<Secret>,
+    /// Stripe's API base URL (tests point it at localstripe); `None`: Stripe's.
+    pub stripe_api_base: Option<String>,
+    /// The signing secret of the Stripe webhook endpoint (never logged).
+    pub stripe_webhook_secret: Option<Secret>,
+    /// Freeze a wallet when a chargeback of its top-up opens.
+    pub stripe_dispute_freeze: bool,
+    /// Look a top-up up at Stripe by its metadata after this many seconds without an outcome.
+    pub stripe_reconcile_secs: u64,
+}
+
+/// A secret setting: compared and cloned like a string, never printed.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 impl Default for Config {
@@ -109,6 +130,11 @@ impl Default for Config {
             jsonl_keep: 24,
             history_retention_days: 0,
             export_postgres: None,
+            stripe_secret_key: None,
+            stripe_api_base: None,
+            stripe_webhook_secret: None,
+            stripe_dispute_freeze: true,
+            stripe_reconcile_secs: 3600,
         }
     }
 }
@@ -161,6 +187,16 @@ pub struct Overrides {
     pub history_retention_days: Option<u64>,
     /// See [`Config::export_postgres`].
     pub export_postgres: Option<String>,
+    /// See [`Config::stripe_secret_key`].
+    pub stripe_secret_key: Option<Secret>,
+    /// See [`Config::stripe_api_base`].
+    pub stripe_api_base: Option<String>,
+    /// See [`Config::stripe_webhook_secret`].
+    pub stripe_webhook_secret: Option<Secret>,
+    /// See [`Config::stripe_dispute_freeze`].
+    pub stripe_dispute_freeze: Option<bool>,
+    /// See [`Config::stripe_reconcile_secs`].
+    pub stripe_reconcile_secs: Option<u64>,
     /// See [`Config::tls_cert`].
     pub tls_cert: Option<PathBuf>,
     /// See [`Config::tls_key`].
@@ -213,6 +249,11 @@ const ENV: &[(&str, &str)] = &[
     ("TALLY_JSONL_KEEP", "jsonl_keep"),
     ("TALLY_HISTORY_RETENTION_DAYS", "history_retention_days"),
     ("TALLY_EXPORT_POSTGRES", "export_postgres"),
+    ("TALLY_STRIPE_SECRET_KEY", "stripe_secret_key"),
+    ("TALLY_STRIPE_API_BASE", "stripe_api_base"),
+    ("TALLY_STRIPE_WEBHOOK_SECRET", "stripe_webhook_secret"),
+    ("TALLY_STRIPE_DISPUTE_FREEZE", "stripe_dispute_freeze"),
+    ("TALLY_STRIPE_RECONCILE_SECS", "stripe_reconcile_secs"),
     ("TALLY_TLS_CERT", "tls_cert"),
     ("TALLY_TLS_KEY", "tls_key"),
     ("TALLY_CONNECTIONS_MAX", "connections_max"),
@@ -235,13 +276,23 @@ impl Overrides {
         for (var, key) in ENV {
             if let Some(value) = get(var) {
                 let parsed = match *key {
-                    "data_dir" | "durability" | "listen" | "http_listen" | "tls_cert"
-                    | "tls_key" | "export_postgres" => toml::Value::String(value),
-                    "http_tls" | "export_jsonl" | "history_store" => match value.trim() {
-                        "1" | "true" => toml::Value::Boolean(true),
-                        "0" | "false" => toml::Value::Boolean(false),
-                        _ => return Err(ConfigError(format!("{var} is not true or false"))),
-                    },
+                    "data_dir"
+                    | "durability"
+                    | "listen"
+                    | "http_listen"
+                    | "tls_cert"
+                    | "tls_key"
+                    | "export_postgres"
+                    | "stripe_secret_key"
+                    | "stripe_api_base"
+                    | "stripe_webhook_secret" => toml::Value::String(value),
+                    "http_tls" | "export_jsonl" | "history_store" | "stripe_dispute_freeze" => {
+                        match value.trim() {
+                            "1" | "true" => toml::Value::Boolean(true),
+                            "0" | "false" => toml::Value::Boolean(false),
+                            _ => return Err(ConfigError(format!("{var} is not true or false"))),
+                        }
+                    }
                     // The value is not echoed: a variable may hold a secret.
                     _ => value
                         .trim()
@@ -283,6 +334,8 @@ impl Overrides {
             jsonl_rotate_secs,
             jsonl_keep,
             history_retention_days,
+            stripe_dispute_freeze,
+            stripe_reconcile_secs,
             connections_max,
             streams_max,
             in_flight_max,
@@ -297,10 +350,30 @@ impl Overrides {
         if self.export_postgres.is_some() {
             config.export_postgres = self.export_postgres;
         }
+        if self.stripe_secret_key.is_some() {
+            config.stripe_secret_key = self.stripe_secret_key;
+        }
+        if self.stripe_api_base.is_some() {
+            config.stripe_api_base = self.stripe_api_base;
+        }
+        if self.stripe_webhook_secret.is_some() {
+            config.stripe_webhook_secret = self.stripe_webhook_secret;
+        }
     }
 }
 
 impl Config {
+    /// The Stripe worker's settings.
+    pub fn stripe(&self) -> tally_outbound::stripe::StripeConfig {
+        tally_outbound::stripe::StripeConfig {
+            secret_key: self.stripe_secret_key.as_ref().map(|s| s.0.clone()),
+            api_base: self.stripe_api_base.clone(),
+            webhook_secret: self.stripe_webhook_secret.as_ref().map(|s| s.0.clone()),
+            dispute_freeze: self.stripe_dispute_freeze,
+            reconcile_after: std::time::Duration::from_secs(self.stripe_reconcile_secs),
+        }
+    }
+
     /// Checks every setting; the error names the first bad one.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |setting: &str, why: &str| Err(ConfigError(format!("{setting}: {why}")));
@@ -341,6 +414,22 @@ impl Config {
             return bad(
                 "export_postgres",
                 "the PostgreSQL export copies the history store: keep history_store on",
+            );
+        }
+        if let Some(base) = &self.stripe_api_base {
+            if !(base.starts_with("https://") || base.starts_with("http://"))
+                || !base.ends_with('/')
+            {
+                return bad(
+                    "stripe_api_base",
+                    "must be an http(s) URL ending in `/`, like https://api.stripe.com/",
+                );
+            }
+        }
+        if !(60..=82_800).contains(&self.stripe_reconcile_secs) {
+            return bad(
+                "stripe_reconcile_secs",
+                "must be between 60 and 82800 (23 hours: Stripe keeps idempotency keys 24 hours)",
             );
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {

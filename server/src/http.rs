@@ -88,3 +88,38 @@ pub fn ready(state: &ApiState, handle: Handle) {
     let backend = Arc::new(ShardBackend::new(handle));
     state.set_backend(Arc::new(crate::observe::Counted::new(backend, "http")));
 }
+
+/// The engine as the Stripe worker reaches it: the same backend as the front ends, so its
+/// outcomes are logged and answered like any client's commands.
+struct EngineSubmit(Arc<dyn tally_net::Backend>);
+
+impl tally_outbound::stripe::Submit for EngineSubmit {
+    fn submit(&self, request: tally_engine::Request) -> tally_outbound::stripe::Answer {
+        let answer = self.0.command(request);
+        Box::pin(async move { answer.await.map_err(|code| code.to_string()) })
+    }
+}
+
+/// Starts the Stripe worker on the current tokio runtime over `handle`, and gives it to the
+/// API for Stripe's webhooks. Abort the returned task to stop it: the worker keeps nothing that
+/// a pending row in the payments store does not (an aborted call is retried with its key).
+pub fn start_stripe(
+    config: &Config,
+    handle: Handle,
+    wake: Arc<tokio::sync::Notify>,
+    state: &ApiState,
+) -> Result<tokio::task::JoinHandle<()>, Error> {
+    let store = tally_outbound::payments::Payments::open(&config.data_dir)
+        .map_err(|e| Error(e.to_string()))?;
+    let engine = Arc::new(EngineSubmit(Arc::new(ShardBackend::new(handle))));
+    let stripe = tally_outbound::stripe::Stripe::new(config.stripe(), store, engine, wake)
+        .map_err(|e| Error(e.to_string()))?;
+    if config.stripe_secret_key.is_none() {
+        tracing::warn!(
+            "no Stripe secret key (stripe_secret_key / TALLY_STRIPE_SECRET_KEY): top-ups are \
+             requested and kept, and charged once the server runs with a key"
+        );
+    }
+    state.set_stripe(Arc::clone(&stripe));
+    Ok(tokio::spawn(stripe.run(std::future::pending())))
+}

@@ -1154,9 +1154,18 @@ fn serve(args: ServeArgs) -> Result<()> {
     let store = tally_server::store::SnapshotStore::open(&config)?;
     let server = Server::start(&config, Box::new(store))?;
     tally_server::http::ready(&api, server.handle());
-    let network = {
+    let (network, stripe) = {
         let _entered = runtime.enter();
-        tally_server::net::start_quic(&config, server.handle(), keys, crypto)?
+        let stripe = tally_server::http::start_stripe(
+            &config,
+            server.handle(),
+            server.payments_wake(),
+            &api,
+        )?;
+        (
+            tally_server::net::start_quic(&config, server.handle(), keys, crypto)?,
+            stripe,
+        )
     };
     tracing::info!(
         "serving {} shards from {}: QUIC on {} (ALPN tally/1), HTTP on {}{}; stop with SIGTERM \
@@ -1183,6 +1192,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     tracing::info!("stopping: closing connections, draining queues and syncing");
     runtime.block_on(async {
+        stripe.abort();
         http.shutdown().await;
         network.shutdown().await;
     });

@@ -125,7 +125,7 @@ pub fn snapshot((config, json, action): (Config, bool, SnapshotAction)) -> Resul
             let mut written = Vec::new();
             // The replayed effects reach the sinks (which skip what they hold) before the
             // checkpoint that makes the WAL below it unnecessary is written: nothing is lost.
-            let mut sinks = crate::server::open_sinks(&config)?;
+            let mut sinks = crate::server::open_sinks(&config, None)?;
             for shard in 0..count {
                 let mut failed = None;
                 let (engine, wal, report) =

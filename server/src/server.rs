@@ -270,14 +270,23 @@ impl Until {
     }
 }
 
-/// The sinks a configuration asks for: the SQLite history store (unless turned off), JSON lines
-/// optionally.
-pub fn open_sinks(config: &Config) -> Result<Vec<Box<dyn Sink>>, Error> {
+/// The sinks a configuration asks for: the payments store (always: requested top-ups must
+/// never be lost), the SQLite history store (unless turned off), JSON lines optionally. `wake`
+/// is called when new top-ups are in the payments store.
+pub fn open_sinks(
+    config: &Config,
+    wake: Option<Arc<dyn Fn() + Send + Sync>>,
+) -> Result<Vec<Box<dyn Sink>>, Error> {
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| Error(format!("cannot create {}: {e}", config.data_dir.display())))?;
     let retention = (config.history_retention_days > 0)
         .then(|| Duration::from_secs(config.history_retention_days * 86_400));
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    let payments =
+        outbound::payments::Payments::open(&config.data_dir).map_err(|e| Error(e.to_string()))?;
+    sinks.push(Box::new(outbound::payments::PaymentsSink::new(
+        payments, wake,
+    )));
     if config.history_store {
         sinks.push(Box::new(
             SqliteSink::open(&config.data_dir, retention).map_err(|e| Error(e.to_string()))?,
@@ -306,6 +315,7 @@ pub struct Server {
     outbound_tx: Option<crossbeam_channel::Sender<outbound::Message>>,
     export: Option<outbound::PostgresExport>,
     recovered: Vec<Recovered>,
+    payments_wake: Arc<tokio::sync::Notify>,
     _lock: DataDirLock,
 }
 
@@ -325,7 +335,12 @@ impl Server {
         config.validate().map_err(|e| Error(e.to_string()))?;
         let lock = DataDirLock::acquire(&config.data_dir)?;
         let count = shard_count(&config.data_dir, config.shards)?;
-        let sinks = open_sinks(config)?;
+        // The Stripe worker (started by whoever runs a runtime) waits on this for new top-ups.
+        let payments_wake = Arc::new(tokio::sync::Notify::new());
+        let sinks = open_sinks(config, {
+            let wake = Arc::clone(&payments_wake);
+            Some(Arc::new(move || wake.notify_one()))
+        })?;
         let mut lags: Vec<Arc<outbound::Lag>> =
             sinks.iter().map(|s| outbound::Lag::new(s.name())).collect();
         let (outbound_tx, outbound_rx) = crossbeam_channel::bounded(config.outbound_queue_depth);
@@ -419,6 +434,7 @@ impl Server {
             outbound_tx: Some(outbound_tx),
             export,
             recovered,
+            payments_wake,
             _lock: lock,
         })
     }
@@ -426,6 +442,11 @@ impl Server {
     /// The in-process entry point.
     pub fn handle(&self) -> Handle {
         self.handle.clone()
+    }
+
+    /// Notified whenever new top-up requests reach the payments store (for the Stripe worker).
+    pub fn payments_wake(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.payments_wake)
     }
 
     /// What recovery found, per shard.

@@ -587,7 +587,7 @@ async fn every_route_end_to_end_with_exact_balances() {
         .iter()
         .map(|s| s["name"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(sinks, ["sqlite", "jsonl"]);
+    assert_eq!(sinks, ["payments", "sqlite", "jsonl"]);
     assert!(health.body["sinks"][0]["lag_effects"].is_u64());
     let snapshot = http.post("/v1/snapshots", "snap-1", json!(null)).await;
     assert_eq!(snapshot.ok()["checkpoints"].as_array().unwrap().len(), 2);

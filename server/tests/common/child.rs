@@ -14,6 +14,8 @@ pub struct Serve {
     pub child: std::process::Child,
     /// Its QUIC address.
     pub addr: String,
+    /// Its HTTP address.
+    pub http: String,
     /// The rest of its stderr, once it exits.
     pub log: Option<JoinHandle<String>>,
 }
@@ -39,11 +41,20 @@ pub fn serve(data: &Path, listen: &str, admin: &str, env: &[(&str, &str)]) -> Se
         .unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
-    let addr = loop {
+    let (addr, http) = loop {
         line.clear();
         assert!(stderr.read_line(&mut line).unwrap() > 0, "serve exited");
         if let Some(rest) = line.split("QUIC on ").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
+            let http = line.split("HTTP on ").nth(1).unwrap();
+            let http = http
+                .trim_end()
+                .trim_end_matches(';')
+                .split([';', ' '])
+                .next();
+            break (
+                rest.split_whitespace().next().unwrap().to_string(),
+                http.unwrap().to_string(),
+            );
         }
     };
     // Keep reading, so the server never blocks on a full pipe.
@@ -55,6 +66,7 @@ pub fn serve(data: &Path, listen: &str, admin: &str, env: &[(&str, &str)]) -> Se
     Serve {
         child,
         addr,
+        http,
         log: Some(log),
     }
 }

@@ -1,0 +1,708 @@
+//! The Stripe worker: charges the top-ups the engine requested and reports each outcome back to
+//! the engine, exactly once; and the receiver of Stripe's webhooks.
+//!
+//! **Exactly once.** A pending row in the [`Payments`] store is charged with a PaymentIntent
+//! (off-session, confirmed, on the wallet's customer and payment method) whose idempotency key
+//! is the row's key, derived by the engine from the wallet, asset and trigger. The outcome goes
+//! to the engine as `TopUpSucceeded` (payment id = the PaymentIntent) or `TopUpFailed` (with
+//! the decline code) under a request id derived from the same key, and only then is the row
+//! marked settled. A crash at any point leaves the row pending; the retry sends the same key,
+//! Stripe answers with the PaymentIntent it already made, and the engine answers the repeated
+//! request id with its first reply (and would refuse a second grant for the same payment id
+//! anyway). So there is never a second charge and never a second grant.
+//!
+//! **Failures.** Timeouts, connection errors, 429 and 5xx are retried with the same key, backing
+//! off from one second to five minutes. A 402 (a decline, or `authentication_required` for an
+//! off-session payment that needs the customer) is the outcome: the engine records it and
+//! applies its own backoff and attempt limit. A PaymentIntent still `processing` is looked up
+//! again until it settles (or its webhook arrives). After `reconcile_after`, a row whose
+//! PaymentIntent was never seen is looked up by its `tally_key` metadata; Stripe keeps
+//! idempotency keys for 24 hours, so past 23 hours a row that search cannot find is failed as
+//! `lost` rather than charged again.
+//!
+//! **Webhooks in** ([`Stripe::webhook`]): signed with the endpoint secret (`Stripe-Signature`,
+//! HMAC-SHA256, five minutes of tolerance). Each event is handled once by its id, and every
+//! engine command it causes carries a request id derived from the event id, so a replayed,
+//! late or reordered delivery changes nothing twice.
+//!
+//! Without a secret key nothing is charged: rows wait (counted in `tally_topups_waiting`) and
+//! are charged once the server runs with a key.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rust_decimal::Decimal;
+use serde_json::Value;
+use stripe::{IdempotencyKey, RequestStrategy, StripeError, StripeRequest};
+use stripe_core::payment_intent::{
+    CreatePaymentIntent, CreatePaymentIntentOffSession, RetrievePaymentIntent, SearchPaymentIntent,
+};
+use stripe_shared::{PaymentIntent, PaymentIntentStatus};
+use tally_engine::{AssetCode, Command, Name, PaymentEvent, Reply, Request, RequestId, ResultCode};
+
+use crate::payments::{Payments, State, TopUp};
+use crate::Error;
+
+/// Stripe's settings. The secrets never reach a log line (`Debug` redacts them).
+#[derive(Clone)]
+pub struct StripeConfig {
+    /// The secret API key (`sk_...`); `None`: requests wait.
+    pub secret_key: Option<String>,
+    /// The API base URL (ends with `/`); `None`: Stripe's.
+    pub api_base: Option<String>,
+    /// The webhook endpoint's signing secret (`whsec_...`); `None`: webhooks are refused.
+    pub webhook_secret: Option<String>,
+    /// Freeze a wallet when a chargeback of its top-up opens.
+    pub dispute_freeze: bool,
+    /// Look a top-up up by its metadata after this long without an outcome.
+    pub reconcile_after: Duration,
+}
+
+impl std::fmt::Debug for StripeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StripeConfig")
+            .field(
+                "secret_key",
+                &self.secret_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("api_base", &self.api_base)
+            .field(
+                "webhook_secret",
+                &self.webhook_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("dispute_freeze", &self.dispute_freeze)
+            .field("reconcile_after", &self.reconcile_after)
+            .finish()
+    }
+}
+
+/// A future the engine answers.
+pub type Answer = Pin<Box<dyn Future<Output = Result<Reply, String>> + Send>>;
+
+/// How the worker reaches the engine: one command, answered once it is durable. The server
+/// implements it over its shards (the same path as the network front ends).
+pub trait Submit: Send + Sync + 'static {
+    /// Applies `request`; `Err` when the engine cannot answer now (stopping, a failed shard).
+    fn submit(&self, request: Request) -> Answer;
+}
+
+/// Why a webhook was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WebhookError {
+    /// No webhook secret is configured.
+    NotConfigured,
+    /// The signature is missing, malformed, stale or wrong.
+    BadSignature(&'static str),
+    /// The payload is not a Stripe event.
+    BadPayload(&'static str),
+    /// The engine could not take the outcome now; Stripe retries.
+    Unavailable(String),
+}
+
+impl std::fmt::Display for WebhookError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WebhookError::NotConfigured => write!(f, "no Stripe webhook secret is configured"),
+            WebhookError::BadSignature(why) => write!(f, "Stripe-Signature: {why}"),
+            WebhookError::BadPayload(why) => write!(f, "payload: {why}"),
+            WebhookError::Unavailable(why) => write!(f, "cannot apply the event now: {why}"),
+        }
+    }
+}
+
+/// Signatures older or newer than this are refused (Stripe's default tolerance).
+pub const WEBHOOK_TOLERANCE_SECS: i64 = 300;
+/// Stripe keeps an idempotency key this long; past it a retry could charge again.
+const KEY_LIFETIME_US: i64 = 23 * 3600 * 1_000_000;
+/// Longest wait between two attempts of one row.
+const BACKOFF_MAX_US: i64 = 300 * 1_000_000;
+
+/// The worker and webhook receiver (see the module docs).
+pub struct Stripe {
+    store: Payments,
+    client: Option<stripe::Client>,
+    config: StripeConfig,
+    engine: Arc<dyn Submit>,
+    wake: Arc<tokio::sync::Notify>,
+}
+
+impl std::fmt::Debug for Stripe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stripe")
+            .field("store", &self.store)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// A request id derived from `text`: the same text always gives the same id, so a repeated
+/// outcome is a repeated request to the engine.
+pub fn derived_id(text: &str) -> RequestId {
+    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest.as_ref()[..16]);
+    RequestId(u128::from_be_bytes(bytes))
+}
+
+/// What a charge attempt came to.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    /// The money is in.
+    Succeeded(String),
+    /// Refused, with the PaymentIntent if one exists and the reason.
+    Failed(Option<String>, String),
+    /// Not settled yet (processing, or Stripe unreachable): try again later.
+    Later(Option<String>, String),
+}
+
+fn classify(pi: &PaymentIntent) -> Outcome {
+    let id = pi.id.as_str().to_string();
+    let reason = || {
+        pi.last_payment_error
+            .as_ref()
+            .and_then(|e| {
+                e.decline_code
+                    .clone()
+                    .or_else(|| e.code.as_ref().map(|c| c.as_str().to_string()))
+            })
+            .unwrap_or_else(|| "payment_failed".into())
+    };
+    match &pi.status {
+        PaymentIntentStatus::Succeeded => Outcome::Succeeded(id),
+        PaymentIntentStatus::RequiresAction => {
+            Outcome::Failed(Some(id), "authentication_required".into())
+        }
+        PaymentIntentStatus::RequiresPaymentMethod => Outcome::Failed(Some(id), reason()),
+        PaymentIntentStatus::Canceled => Outcome::Failed(Some(id), "canceled".into()),
+        other => Outcome::Later(Some(id), other.as_str().to_string()),
+    }
+}
+
+fn classify_error(e: StripeError) -> Outcome {
+    match e {
+        StripeError::Stripe(err, status) => {
+            let pi = err
+                .payment_intent
+                .as_ref()
+                .map(|p| p.id.as_str().to_string());
+            let code = err.code.as_ref().map(|c| c.as_str().to_string());
+            match status {
+                // A decline: the PaymentIntent exists and says why.
+                402 => Outcome::Failed(
+                    pi,
+                    err.decline_code
+                        .clone()
+                        .or(code)
+                        .unwrap_or_else(|| "card_declined".into()),
+                ),
+                409 | 429 | 500.. => Outcome::Later(pi, format!("stripe answered {status}")),
+                _ => Outcome::Failed(pi, code.unwrap_or_else(|| format!("http_{status}"))),
+            }
+        }
+        other => Outcome::Later(None, other.to_string()),
+    }
+}
+
+impl Stripe {
+    /// The worker over `store`, reporting to `engine`; `wake` is notified when new rows are
+    /// in the store (the payments sink does it after each flush).
+    pub fn new(
+        config: StripeConfig,
+        store: Payments,
+        engine: Arc<dyn Submit>,
+        wake: Arc<tokio::sync::Notify>,
+    ) -> Result<Arc<Stripe>, Error> {
+        let client = match &config.secret_key {
+            None => None,
+            Some(key) => {
+                let mut builder = stripe::ClientBuilder::new(key.clone())
+                    .timeout(Duration::from_secs(30))
+                    .app_info("tally", Some(env!("CARGO_PKG_VERSION").into()), None);
+                if let Some(base) = &config.api_base {
+                    builder = builder.url(base.clone());
+                }
+                Some(
+                    builder
+                        .build()
+                        .map_err(|e| Error(format!("stripe client: {e}")))?,
+                )
+            }
+        };
+        Ok(Arc::new(Stripe {
+            store,
+            client,
+            config,
+            engine,
+            wake,
+        }))
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Payments {
+        &self.store
+    }
+
+    /// Wakes the worker (new rows).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// The worker loop: charges due rows until `stop` resolves.
+    pub async fn run(self: Arc<Self>, stop: impl Future<Output = ()>) {
+        tokio::pin!(stop);
+        let waiting = metrics::gauge!("tally_topups_waiting");
+        loop {
+            match self.store.pending() {
+                Ok(n) => waiting.set(n as f64),
+                Err(e) => tracing::error!("{e}"),
+            }
+            let mut wait = Duration::from_secs(5);
+            if self.client.is_some() {
+                match self.store.due(now_us(), 64) {
+                    Ok(rows) => {
+                        for row in rows {
+                            self.process(row).await;
+                        }
+                    }
+                    Err(e) => tracing::error!("{e}"),
+                }
+                if let Ok(Some(next)) = self.store.next_due() {
+                    let until = (next - now_us()).max(0) as u64;
+                    wait = wait.min(Duration::from_micros(until));
+                }
+            }
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Charges one pending row (or looks it up) and settles it if Stripe has an answer.
+    pub async fn process(&self, row: TopUp) {
+        let Some(client) = &self.client else { return };
+        let now = now_us();
+        let age = now - row.requested_us;
+        let outcome = if let Some(pi) = &row.payment_intent {
+            // Known PaymentIntent: its state is the answer.
+            match RetrievePaymentIntent::new(pi.as_str()).send(client).await {
+                Ok(pi) => classify(&pi),
+                Err(e) => classify_error(e),
+            }
+        } else if age >= KEY_LIFETIME_US
+            || (age >= self.config.reconcile_after.as_micros() as i64 && row.attempts > 0)
+        {
+            self.reconcile(client, &row, age).await
+        } else {
+            self.charge(client, &row).await
+        };
+        // Test-only failpoint: die like `kill -9` between Stripe's answer and the engine's
+        // (`server/tests/stripe.rs` proves the restart charges nothing twice).
+        if !matches!(outcome, Outcome::Later(..))
+            && std::env::var_os("TALLY_FAILPOINT").is_some_and(|v| v == "stripe-after-charge")
+        {
+            std::process::abort();
+        }
+        metrics::counter!("tally_stripe_calls_total", "outcome" => match &outcome {
+            Outcome::Succeeded(_) => "succeeded",
+            Outcome::Failed(..) => "failed",
+            Outcome::Later(..) => "later",
+        })
+        .increment(1);
+        match outcome {
+            Outcome::Succeeded(pi) => self.settle(&row, Ok(&pi)).await,
+            Outcome::Failed(pi, reason) => self.settle(&row, Err((pi.as_deref(), &reason))).await,
+            Outcome::Later(pi, why) => {
+                tracing::warn!(key = %row.key, attempts = row.attempts + 1, "top-up not settled yet: {why}");
+                if let Some(pi) = &pi {
+                    if row.payment_intent.is_none() {
+                        let _ = self.store.set_intent(&row.key, pi);
+                    }
+                }
+                let backoff = (1_000_000i64 << row.attempts.min(20)).min(BACKOFF_MAX_US);
+                if let Err(e) = self.store.retry_at(&row.key, now + backoff) {
+                    tracing::error!("{e}");
+                }
+            }
+        }
+    }
+
+    async fn charge(&self, client: &stripe::Client, row: &TopUp) -> Outcome {
+        let currency = match stripe_types::Currency::from_str(&row.currency) {
+            Ok(c) => c,
+            Err(_) => return Outcome::Failed(None, "unsupported_currency".into()),
+        };
+        let key = match IdempotencyKey::new(&row.key) {
+            Ok(k) => k,
+            Err(_) => return Outcome::Failed(None, "invalid_idempotency_key".into()),
+        };
+        let metadata: HashMap<String, String> = [
+            ("tally_key", row.key.clone()),
+            ("tally_wallet", row.wallet.clone()),
+            ("tally_asset", row.asset.clone()),
+            ("tally_trigger", row.trigger.to_string()),
+            ("tally_amount", row.amount.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let request = CreatePaymentIntent::new(row.minor_amount, currency)
+            .customer(row.customer.clone())
+            .payment_method(row.payment_method.clone())
+            .confirm(true)
+            .off_session(CreatePaymentIntentOffSession::Bool(true))
+            .description(format!("tally top-up of {} {}", row.amount, row.asset))
+            .metadata(metadata);
+        match request
+            .customize()
+            .request_strategy(RequestStrategy::Idempotent(key))
+            .send(client)
+            .await
+        {
+            Ok(pi) => classify(&pi),
+            Err(e) => classify_error(e),
+        }
+    }
+
+    /// Finds the PaymentIntent of a row that never got an answer, by its metadata.
+    async fn reconcile(&self, client: &stripe::Client, row: &TopUp, age: i64) -> Outcome {
+        let query = format!("metadata['tally_key']:'{}'", row.key.replace('\'', "\\'"));
+        match SearchPaymentIntent::new(query).send(client).await {
+            Ok(found) => match found.data.first() {
+                Some(pi) => classify(pi),
+                // Never created. Inside the key's lifetime a create is still safe (Stripe
+                // would replay one it had made); past it, failing is the safe answer.
+                None if age < KEY_LIFETIME_US => self.charge(client, row).await,
+                None => Outcome::Failed(None, "lost".into()),
+            },
+            Err(e) => classify_error(e),
+        }
+    }
+
+    /// Reports an outcome to the engine, then marks the row settled. Leaves it pending when
+    /// the engine cannot answer (the next attempt reports again).
+    async fn settle(&self, row: &TopUp, outcome: Result<&str, (Option<&str>, &str)>) {
+        let (Ok(wallet), Ok(asset)) = (Name::new(&row.wallet), AssetCode::new(&row.asset)) else {
+            tracing::error!(key = %row.key, "top-up row with an invalid wallet or asset");
+            return;
+        };
+        let (request, state, pi, reason) = match outcome {
+            Ok(pi) => {
+                let Ok(payment_id) = Name::new(pi) else {
+                    tracing::error!(key = %row.key, "payment intent id too long");
+                    return;
+                };
+                let command = Command::TopUpSucceeded {
+                    wallet,
+                    asset,
+                    trigger: row.trigger,
+                    payment_id,
+                    amount: row.amount,
+                };
+                let id = derived_id(&format!("{}:succeeded", row.key));
+                (Request { id, command }, State::Succeeded, Some(pi), None)
+            }
+            Err((pi, reason)) => {
+                let short: String = reason.chars().take(64).collect();
+                let command = Command::TopUpFailed {
+                    wallet,
+                    asset,
+                    trigger: row.trigger,
+                    reason: Name::new(&short).unwrap_or_else(|_| tally_engine::name("failed")),
+                };
+                let id = derived_id(&format!("{}:failed", row.key));
+                (Request { id, command }, State::Failed, pi, Some(reason))
+            }
+        };
+        match self.engine.submit(request).await {
+            Ok(reply) => {
+                // Already settled by another path (a webhook, an earlier attempt) is settled.
+                let fine = matches!(
+                    reply.code,
+                    ResultCode::Ok | ResultCode::StaleTopUp | ResultCode::IdempotencyConflict
+                );
+                if !fine {
+                    tracing::error!(key = %row.key, code = %reply.code, "the engine refused a top-up outcome");
+                }
+                tracing::info!(key = %row.key, state = ?state, reason = reason.unwrap_or(""), "top-up settled");
+                if let Err(e) = self.store.settle(&row.key, state, pi, reason, now_us()) {
+                    tracing::error!("{e}");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(key = %row.key, "engine unavailable for a top-up outcome: {e}")
+            }
+        }
+    }
+
+    // ----- webhooks in -------------------------------------------------------------------
+
+    /// Verifies and applies one Stripe webhook delivery; `Ok` with what was done.
+    pub async fn webhook(
+        &self,
+        payload: &[u8],
+        signature: Option<&str>,
+    ) -> Result<&'static str, WebhookError> {
+        let secret = self
+            .config
+            .webhook_secret
+            .as_deref()
+            .ok_or(WebhookError::NotConfigured)?;
+        verify_signature(
+            secret,
+            payload,
+            signature.ok_or(WebhookError::BadSignature("missing"))?,
+            now_us() / 1_000_000,
+        )?;
+        let event: Value =
+            serde_json::from_slice(payload).map_err(|_| WebhookError::BadPayload("not JSON"))?;
+        let id = event["id"]
+            .as_str()
+            .ok_or(WebhookError::BadPayload("no event id"))?;
+        let kind = event["type"]
+            .as_str()
+            .ok_or(WebhookError::BadPayload("no event type"))?;
+        let created = event["created"].as_i64().unwrap_or(0);
+        let object = &event["data"]["object"];
+        let unavailable = |e: Error| WebhookError::Unavailable(e.to_string());
+        if !self
+            .store
+            .first_sight(id, kind, now_us())
+            .map_err(unavailable)?
+        {
+            return Ok("duplicate");
+        }
+        let result = self.apply_event(id, kind, created, object).await;
+        if result.is_err() {
+            // Not applied: let Stripe's retry find it new.
+            let _ = self.store.forget(id);
+        }
+        result
+    }
+
+    async fn apply_event(
+        &self,
+        id: &str,
+        kind: &str,
+        created: i64,
+        object: &Value,
+    ) -> Result<&'static str, WebhookError> {
+        let unavailable = |e: Error| WebhookError::Unavailable(e.to_string());
+        let str_of = |v: &Value| v.as_str().map(str::to_string);
+        match kind {
+            "payment_intent.succeeded" | "payment_intent.payment_failed" => {
+                let pi = str_of(&object["id"]).ok_or(WebhookError::BadPayload("no id"))?;
+                let row = match str_of(&object["metadata"]["tally_key"]) {
+                    Some(key) => self.store.get(&key).map_err(unavailable)?,
+                    None => self.store.by_intent(&pi).map_err(unavailable)?,
+                };
+                let Some(row) = row else {
+                    return Ok("not a tally top-up");
+                };
+                if row.state != State::Pending {
+                    return Ok("already settled");
+                }
+                if kind == "payment_intent.succeeded" {
+                    self.settle(&row, Ok(&pi)).await;
+                } else {
+                    let error = &object["last_payment_error"];
+                    let reason = str_of(&error["decline_code"])
+                        .or_else(|| str_of(&error["code"]))
+                        .unwrap_or_else(|| "payment_failed".into());
+                    self.settle(&row, Err((Some(&pi), &reason))).await;
+                }
+                let after = self.store.get(&row.key).map_err(unavailable)?;
+                if after.is_some_and(|r| r.state == State::Pending) {
+                    return Err(WebhookError::Unavailable(
+                        "the engine did not answer".into(),
+                    ));
+                }
+                Ok("settled")
+            }
+            "charge.dispute.created" | "charge.dispute.closed" | "charge.dispute.updated" => {
+                let dispute = str_of(&object["id"]).ok_or(WebhookError::BadPayload("no id"))?;
+                let pi = str_of(&object["payment_intent"])
+                    .ok_or(WebhookError::BadPayload("no payment_intent"))?;
+                let status = str_of(&object["status"]).unwrap_or_default();
+                if !self
+                    .store
+                    .dispute_status(&dispute, &pi, &status, created)
+                    .map_err(unavailable)?
+                {
+                    return Ok("older than the dispute's known state");
+                }
+                let event = match (kind, status.as_str()) {
+                    ("charge.dispute.closed", "won") => PaymentEvent::DisputeWon,
+                    ("charge.dispute.closed", _) => return Ok("dispute lost: the clawback stays"),
+                    ("charge.dispute.updated", _) => return Ok("recorded"),
+                    _ => PaymentEvent::Disputed {
+                        freeze: self.config.dispute_freeze,
+                    },
+                };
+                self.payment_event(id, &pi, event).await
+            }
+            "charge.refunded" => {
+                let pi = str_of(&object["payment_intent"])
+                    .ok_or(WebhookError::BadPayload("no payment_intent"))?;
+                let refunded_minor = object["amount_refunded"]
+                    .as_i64()
+                    .ok_or(WebhookError::BadPayload("no amount_refunded"))?;
+                let Some(row) = self.store.by_intent(&pi).map_err(unavailable)? else {
+                    return Ok("not a tally top-up");
+                };
+                if row.minor_amount <= 0 {
+                    return Ok("nothing was charged");
+                }
+                // Back into the asset, in proportion, never more than was credited.
+                let scale = row.amount.scale();
+                let refunded = (row.amount * Decimal::from(refunded_minor.min(row.minor_amount))
+                    / Decimal::from(row.minor_amount))
+                .round_dp_with_strategy(scale, rust_decimal::RoundingStrategy::ToZero);
+                if refunded <= Decimal::ZERO {
+                    return Ok("nothing to remove");
+                }
+                self.payment_event(id, &pi, PaymentEvent::Refunded { refunded })
+                    .await
+            }
+            _ => Ok("ignored"),
+        }
+    }
+
+    async fn payment_event(
+        &self,
+        event_id: &str,
+        pi: &str,
+        event: PaymentEvent,
+    ) -> Result<&'static str, WebhookError> {
+        let unavailable = |e: Error| WebhookError::Unavailable(e.to_string());
+        let Some(row) = self.store.by_intent(pi).map_err(unavailable)? else {
+            return Ok("not a tally top-up");
+        };
+        let (Ok(wallet), Ok(payment_id)) = (Name::new(&row.wallet), Name::new(pi)) else {
+            return Err(WebhookError::BadPayload("invalid wallet or payment id"));
+        };
+        let request = Request {
+            id: derived_id(&format!("stripe-event:{event_id}")),
+            command: Command::Payment {
+                wallet,
+                payment_id,
+                event,
+            },
+        };
+        let reply = self
+            .engine
+            .submit(request)
+            .await
+            .map_err(WebhookError::Unavailable)?;
+        tracing::info!(wallet = %row.wallet, payment_intent = pi, code = %reply.code, ?event, "Stripe payment event applied");
+        Ok(match reply.code {
+            ResultCode::Ok => "applied",
+            _ => "no change",
+        })
+    }
+}
+
+/// Checks a `Stripe-Signature` header (`t=TIMESTAMP,v1=HEX[,v1=HEX...]`) against `payload`:
+/// HMAC-SHA256 with `secret` over `"{t}.{payload}"`, within [`WEBHOOK_TOLERANCE_SECS`] of
+/// `now_secs`.
+pub fn verify_signature(
+    secret: &str,
+    payload: &[u8],
+    header: &str,
+    now_secs: i64,
+) -> Result<(), WebhookError> {
+    let mut timestamp = None;
+    let mut signatures = Vec::new();
+    for part in header.split(',') {
+        match part.trim().split_once('=') {
+            Some(("t", t)) => timestamp = t.parse::<i64>().ok(),
+            Some(("v1", s)) => signatures.push(s),
+            _ => {}
+        }
+    }
+    let t = timestamp.ok_or(WebhookError::BadSignature("no timestamp"))?;
+    if (now_secs - t).abs() > WEBHOOK_TOLERANCE_SECS {
+        return Err(WebhookError::BadSignature(
+            "timestamp outside the tolerance",
+        ));
+    }
+    if signatures.is_empty() {
+        return Err(WebhookError::BadSignature("no v1 signature"));
+    }
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let mut signed = format!("{t}.").into_bytes();
+    signed.extend_from_slice(payload);
+    for s in signatures {
+        if let Some(tag) = hex_decode(s) {
+            if ring::hmac::verify(&key, &signed, &tag).is_ok() {
+                return Ok(());
+            }
+        }
+    }
+    Err(WebhookError::BadSignature("no signature matches"))
+}
+
+/// Signs `payload` as Stripe does (for tests and tools).
+pub fn sign(secret: &str, payload: &[u8], t: i64) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let mut signed = format!("{t}.").into_bytes();
+    signed.extend_from_slice(payload);
+    let tag = ring::hmac::sign(&key, &signed);
+    let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("t={t},v1={hex}")
+}
+
+fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_verify_and_refuse() {
+        let body = br#"{"id":"evt_1"}"#;
+        let header = sign("whsec_x", body, 1_000);
+        assert_eq!(verify_signature("whsec_x", body, &header, 1_100), Ok(()));
+        assert_eq!(
+            verify_signature("whsec_y", body, &header, 1_100),
+            Err(WebhookError::BadSignature("no signature matches"))
+        );
+        assert_eq!(
+            verify_signature("whsec_x", br#"{"id":"evt_2"}"#, &header, 1_100),
+            Err(WebhookError::BadSignature("no signature matches"))
+        );
+        assert_eq!(
+            verify_signature("whsec_x", body, &header, 1_000 + 301),
+            Err(WebhookError::BadSignature(
+                "timestamp outside the tolerance"
+            ))
+        );
+        assert!(verify_signature("whsec_x", body, "garbage", 1_000).is_err());
+        assert!(verify_signature("whsec_x", body, "t=1000,v1=zz", 1_000).is_err());
+    }
+
+    #[test]
+    fn derived_ids_are_stable_and_distinct() {
+        assert_eq!(derived_id("a"), derived_id("a"));
+        assert_ne!(derived_id("a:succeeded"), derived_id("a:failed"));
+    }
+}
