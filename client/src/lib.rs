@@ -408,7 +408,8 @@ impl Client {
     /// becomes [`Error::Transport`]). Retries like every other call, except key creation.
     pub async fn send(&self, message: Message) -> Result<Message, Error> {
         let retry = !matches!(message, Message::KeyCreate { .. });
-        self.call(|| Body::Other(Box::new(message.clone())), retry).await
+        self.call(|| Body::Other(Box::new(message.clone())), retry)
+            .await
     }
 
     /// Applies a command; `Err(Rejected)` if the engine refused it.

@@ -366,6 +366,20 @@ async fn top_ups_through_localstripe_exactly_once() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(api.available("good").await, "23");
 
+    // Money returned outside tally (a refund in Stripe's dashboard): the refunded part of the
+    // grant is removed, once, whatever the number of deliveries; Stripe reports totals.
+    let refunded = json!({
+        "id": "evt_refund_1", "object": "event", "type": "charge.refunded",
+        "created": 1_700_000_300,
+        "data": {"object": {"id": "ch_1", "object": "charge", "payment_intent": pi,
+            "amount": 2000, "amount_refunded": 500, "refunded": false}}
+    });
+    for _ in 0..2 {
+        let (status, body) = api.webhook(&refunded, WEBHOOK_SECRET).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(api.available("good").await, "18");
+
     // A declined card: the failure is recorded with Stripe's decline code, the engine backs off
     // and retries, and after two failures the wallet is flagged.
     let (bad_customer, bad_card) = customer_with_card(&stripe, "4000000000000341").await;
