@@ -409,6 +409,18 @@ impl Payments {
         Ok(true)
     }
 
+    /// When the last applied event of a dispute was made (Stripe's `created`), if any.
+    pub fn dispute_applied_at(&self, dispute: &str) -> Result<Option<i64>, Error> {
+        self.lock()
+            .query_row(
+                "SELECT event_created FROM disputes WHERE id = ?1",
+                [dispute],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db)
+    }
+
     /// A dispute's last recorded status.
     pub fn dispute(&self, dispute: &str) -> Result<Option<String>, Error> {
         self.lock()

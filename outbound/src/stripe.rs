@@ -26,7 +26,9 @@
 //! late or reordered delivery changes nothing twice.
 //!
 //! Without a secret key nothing is charged: rows wait (counted in `tally_topups_waiting`) and
-//! are charged once the server runs with a key.
+//! are charged once the server runs with a key. A row never sent to Stripe is charged however
+//! old it is (nothing can have been charged for it); only a row that was sent and got no answer
+//! for 23 hours can end as `lost`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -205,7 +207,11 @@ fn classify_error(e: StripeError) -> Outcome {
                         .or(code)
                         .unwrap_or_else(|| "card_declined".into()),
                 ),
-                409 | 429 | 500.. => Outcome::Later(pi, format!("stripe answered {status}")),
+                // Our key or Stripe's state, not the customer's card: try again later rather
+                // than count a failure against the wallet.
+                401 | 403 | 409 | 429 | 500.. => {
+                    Outcome::Later(pi, format!("stripe answered {status}"))
+                }
                 _ => Outcome::Failed(pi, code.unwrap_or_else(|| format!("http_{status}"))),
             }
         }
@@ -300,8 +306,8 @@ impl Stripe {
                 Ok(pi) => classify(&pi),
                 Err(e) => classify_error(e),
             }
-        } else if age >= KEY_LIFETIME_US
-            || (age >= self.config.reconcile_after.as_micros() as i64 && row.attempts > 0)
+        } else if row.attempts > 0
+            && (age >= KEY_LIFETIME_US || age >= self.config.reconcile_after.as_micros() as i64)
         {
             self.reconcile(client, &row, age).await
         } else {
@@ -383,7 +389,9 @@ impl Stripe {
                 Some(pi) => classify(pi),
                 // Never created. Inside the key's lifetime a create is still safe (Stripe
                 // would replay one it had made); past it, failing is the safe answer.
-                None if age < KEY_LIFETIME_US => self.charge(client, row).await,
+                None if age < KEY_LIFETIME_US || row.attempts == 0 => {
+                    self.charge(client, row).await
+                }
                 None => Outcome::Failed(None, "lost".into()),
             },
             Err(e) => classify_error(e),
@@ -441,7 +449,12 @@ impl Stripe {
                 }
             }
             Err(e) => {
-                tracing::warn!(key = %row.key, "engine unavailable for a top-up outcome: {e}")
+                tracing::warn!(key = %row.key, "engine unavailable for a top-up outcome: {e}");
+                // Stripe's answer is safe with its key; ask again later, not in a loop.
+                let backoff = (1_000_000i64 << row.attempts.min(20)).min(BACKOFF_MAX_US);
+                if let Err(e) = self.store.retry_at(&row.key, now_us() + backoff) {
+                    tracing::error!("{e}");
+                }
             }
         }
     }
@@ -535,22 +548,36 @@ impl Stripe {
                 let pi = str_of(&object["payment_intent"])
                     .ok_or(WebhookError::BadPayload("no payment_intent"))?;
                 let status = str_of(&object["status"]).unwrap_or_default();
-                if !self
+                // Updates change nothing in tally; and they must not hide a later-delivered
+                // `created` behind their newer timestamp.
+                if kind == "charge.dispute.updated" {
+                    return Ok("ignored");
+                }
+                // Opened and closed are applied in the order Stripe made them: an event older
+                // than the last applied one for this dispute is late and changes nothing.
+                if self
                     .store
-                    .dispute_status(&dispute, &pi, &status, created)
+                    .dispute_applied_at(&dispute)
                     .map_err(unavailable)?
+                    .is_some_and(|at| at >= created)
                 {
                     return Ok("older than the dispute's known state");
                 }
                 let event = match (kind, status.as_str()) {
                     ("charge.dispute.closed", "won") => PaymentEvent::DisputeWon,
-                    ("charge.dispute.closed", _) => return Ok("dispute lost: the clawback stays"),
-                    ("charge.dispute.updated", _) => return Ok("recorded"),
+                    // Lost (or closed without a win) while tally never saw it open: the
+                    // chargeback stands, so the clawback happens now.
                     _ => PaymentEvent::Disputed {
                         freeze: self.config.dispute_freeze,
                     },
                 };
-                self.payment_event(id, &pi, event).await
+                let outcome = self.payment_event(id, &pi, event).await?;
+                // Recorded only once applied: a delivery the engine could not take is retried
+                // by Stripe and must not look late then.
+                self.store
+                    .dispute_status(&dispute, &pi, &status, created)
+                    .map_err(unavailable)?;
+                Ok(outcome)
             }
             "charge.refunded" => {
                 let pi = str_of(&object["payment_intent"])
