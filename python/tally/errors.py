@@ -349,6 +349,12 @@ class PaymentConflict(Rejected):
     code = 56
 
 
+class UnknownPayment(Rejected):
+    """No top-up payment with this id was credited to this wallet."""
+
+    code = 57
+
+
 class IdempotencyConflict(Rejected):
     """The request id was used before with a different request."""
 
@@ -365,6 +371,18 @@ class StaleTopUp(Rejected):
     """The top-up outcome refers to a trigger that is not the one in flight."""
 
     code = 71
+
+
+class NoTopUpPrice(Rejected):
+    """The asset has no top-up price, so a top-up of it could not be charged."""
+
+    code = 72
+
+
+class InexactCharge(Rejected):
+    """The amount is not a whole number of the currency's minor units at the asset's price."""
+
+    code = 73
 
 
 # Transport codes, numbers as in tally_net::ErrorCode.
