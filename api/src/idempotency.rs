@@ -14,7 +14,6 @@
 //! Inside a batch, an event without its own `idempotency_key` gets the id of the key
 //! `"<batch key>/<index>"` under the same rule.
 
-use ring::digest;
 use tally_engine::RequestId;
 use tally_net::ErrorCode;
 
@@ -37,13 +36,9 @@ pub fn request_id(key: &str) -> Result<RequestId, ApiError> {
     if let Some(id) = hex_id(key) {
         return Ok(RequestId(id));
     }
-    let hash = digest::digest(
-        &digest::SHA256,
-        format!("tally-idempotency-key:{key}").as_bytes(),
-    );
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&hash.as_ref()[..16]);
-    Ok(RequestId(u128::from_be_bytes(bytes)))
+    Ok(tally_outbound::derived_id(&format!(
+        "tally-idempotency-key:{key}"
+    )))
 }
 
 /// The 128 bits of a 32-hex-digit key or a UUID.
@@ -92,7 +87,7 @@ mod tests {
         assert_eq!(a, request_id("order-42").unwrap());
         assert_ne!(a, request_id("order-43").unwrap());
         // Pinned: changing the mapping would make retries across an upgrade charge twice.
-        let hash = digest::digest(&digest::SHA256, b"tally-idempotency-key:order-42");
+        let hash = ring::digest::digest(&ring::digest::SHA256, b"tally-idempotency-key:order-42");
         assert_eq!(a.0.to_be_bytes(), hash.as_ref()[..16]);
     }
 

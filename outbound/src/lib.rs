@@ -66,6 +66,17 @@ impl Tagged {
     }
 }
 
+/// A request id derived from `text`: the first 128 bits of its SHA-256. The same text always
+/// gives the same id, so work repeated after a crash or a retry is a repeated request to the
+/// engine, answered with its first reply (Stripe outcomes, webhook events, HTTP idempotency
+/// keys).
+pub fn derived_id(text: &str) -> tally_engine::RequestId {
+    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest.as_ref()[..16]);
+    tally_engine::RequestId(u128::from_be_bytes(bytes))
+}
+
 /// An outbound failure: the server cannot export and must stop (nothing is lost: the WAL and
 /// the last checkpoint that waited for the sinks still hold everything not yet written).
 #[derive(Debug)]

@@ -193,11 +193,6 @@ impl Payments {
         })
     }
 
-    /// The file.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
         // A panic while holding the lock leaves SQLite consistent (statements are atomic).
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
@@ -302,22 +297,6 @@ impl Payments {
             .map_err(db)
     }
 
-    /// Every row of a wallet, newest first (at most `limit`).
-    pub fn of_wallet(&self, wallet: &str, limit: usize) -> Result<Vec<TopUp>, Error> {
-        let conn = self.lock();
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT * FROM topups WHERE wallet = ?1 ORDER BY requested_us DESC LIMIT ?2",
-            )
-            .map_err(db)?;
-        let rows = stmt
-            .query_map(params![wallet, limit as i64], TopUp::from_row)
-            .map_err(db)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(db)?;
-        Ok(rows)
-    }
-
     /// Records that Stripe created `payment_intent` for the row (before its outcome is known).
     pub fn set_intent(&self, key: &str, payment_intent: &str) -> Result<(), Error> {
         self.lock()
@@ -378,8 +357,8 @@ impl Payments {
             .map_err(db)
     }
 
-    /// Records a dispute's status as of the event that reported it; false (and nothing
-    /// changes) when an event at least as new was already recorded, so late or reordered
+    /// Records a dispute's status as of the applied event that reported it. Only moves
+    /// forward: an event older than the one recorded changes nothing, so late or reordered
     /// deliveries never undo a newer state.
     pub fn dispute_status(
         &self,
@@ -387,26 +366,17 @@ impl Payments {
         payment_intent: &str,
         status: &str,
         event_created: i64,
-    ) -> Result<bool, Error> {
-        let conn = self.lock();
-        let known: Option<i64> = conn
-            .query_row(
-                "SELECT event_created FROM disputes WHERE id = ?1",
-                [dispute],
-                |r| r.get(0),
+    ) -> Result<(), Error> {
+        self.lock()
+            .execute(
+                "INSERT INTO disputes (id, payment_intent, status, event_created)
+                 VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (id) DO UPDATE SET status = ?3, event_created = ?4
+                 WHERE excluded.event_created > disputes.event_created",
+                params![dispute, payment_intent, status, event_created],
             )
-            .optional()
-            .map_err(db)?;
-        if known.is_some_and(|k| k >= event_created) {
-            return Ok(false);
-        }
-        conn.execute(
-            "INSERT INTO disputes (id, payment_intent, status, event_created) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (id) DO UPDATE SET status = ?3, event_created = ?4",
-            params![dispute, payment_intent, status, event_created],
-        )
-        .map_err(db)?;
-        Ok(true)
+            .map(drop)
+            .map_err(db)
     }
 
     /// When the last applied event of a dispute was made (Stripe's `created`), if any.
@@ -414,18 +384,6 @@ impl Payments {
         self.lock()
             .query_row(
                 "SELECT event_created FROM disputes WHERE id = ?1",
-                [dispute],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(db)
-    }
-
-    /// A dispute's last recorded status.
-    pub fn dispute(&self, dispute: &str) -> Result<Option<String>, Error> {
-        self.lock()
-            .query_row(
-                "SELECT status FROM disputes WHERE id = ?1",
                 [dispute],
                 |r| r.get(0),
             )

@@ -44,10 +44,10 @@ use stripe_core::payment_intent::{
     CreatePaymentIntent, CreatePaymentIntentOffSession, RetrievePaymentIntent, SearchPaymentIntent,
 };
 use stripe_shared::{PaymentIntent, PaymentIntentStatus};
-use tally_engine::{AssetCode, Command, Name, PaymentEvent, Reply, Request, RequestId, ResultCode};
+use tally_engine::{AssetCode, Command, Name, PaymentEvent, Reply, Request, ResultCode};
 
 use crate::payments::{Payments, State, TopUp};
-use crate::Error;
+use crate::{derived_id, Error};
 
 /// Stripe's settings. The secrets never reach a log line (`Debug` redacts them).
 #[derive(Clone)]
@@ -147,13 +147,10 @@ fn now_us() -> i64 {
         .map_or(0, |d| d.as_micros() as i64)
 }
 
-/// A request id derived from `text`: the same text always gives the same id, so a repeated
-/// outcome is a repeated request to the engine.
-pub fn derived_id(text: &str) -> RequestId {
-    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&digest.as_ref()[..16]);
-    RequestId(u128::from_be_bytes(bytes))
+/// Waits before the next attempt after `attempts` attempts: one second, doubling, at most
+/// [`BACKOFF_MAX_US`].
+fn backoff_us(attempts: u32) -> i64 {
+    (1_000_000i64 << attempts.min(20)).min(BACKOFF_MAX_US)
 }
 
 /// What a charge attempt came to.
@@ -253,16 +250,6 @@ impl Stripe {
         }))
     }
 
-    /// The store.
-    pub fn store(&self) -> &Payments {
-        &self.store
-    }
-
-    /// Wakes the worker (new rows).
-    pub fn wake(&self) {
-        self.wake.notify_one();
-    }
-
     /// The worker loop: charges due rows until `stop` resolves.
     pub async fn run(self: Arc<Self>, stop: impl Future<Output = ()>) {
         tokio::pin!(stop);
@@ -336,8 +323,10 @@ impl Stripe {
                         let _ = self.store.set_intent(&row.key, pi);
                     }
                 }
-                let backoff = (1_000_000i64 << row.attempts.min(20)).min(BACKOFF_MAX_US);
-                if let Err(e) = self.store.retry_at(&row.key, now + backoff) {
+                if let Err(e) = self
+                    .store
+                    .retry_at(&row.key, now + backoff_us(row.attempts))
+                {
                     tracing::error!("{e}");
                 }
             }
@@ -451,8 +440,8 @@ impl Stripe {
             Err(e) => {
                 tracing::warn!(key = %row.key, "engine unavailable for a top-up outcome: {e}");
                 // Stripe's answer is safe with its key; ask again later, not in a loop.
-                let backoff = (1_000_000i64 << row.attempts.min(20)).min(BACKOFF_MAX_US);
-                if let Err(e) = self.store.retry_at(&row.key, now_us() + backoff) {
+                let next = now_us() + backoff_us(row.attempts);
+                if let Err(e) = self.store.retry_at(&row.key, next) {
                     tracing::error!("{e}");
                 }
             }
@@ -667,9 +656,7 @@ pub fn verify_signature(
     if signatures.is_empty() {
         return Err(WebhookError::BadSignature("no v1 signature"));
     }
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
-    let mut signed = format!("{t}.").into_bytes();
-    signed.extend_from_slice(payload);
+    let (key, signed) = signing_input(secret, payload, t);
     for s in signatures {
         if let Some(tag) = hex_decode(s) {
             if ring::hmac::verify(&key, &signed, &tag).is_ok() {
@@ -682,12 +669,18 @@ pub fn verify_signature(
 
 /// Signs `payload` as Stripe does (for tests and tools).
 pub fn sign(secret: &str, payload: &[u8], t: i64) -> String {
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
-    let mut signed = format!("{t}.").into_bytes();
-    signed.extend_from_slice(payload);
+    let (key, signed) = signing_input(secret, payload, t);
     let tag = ring::hmac::sign(&key, &signed);
     let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
     format!("t={t},v1={hex}")
+}
+
+/// Stripe's signing scheme: HMAC-SHA256 with the endpoint secret over `"{t}.{payload}"`.
+fn signing_input(secret: &str, payload: &[u8], t: i64) -> (ring::hmac::Key, Vec<u8>) {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let mut signed = format!("{t}.").into_bytes();
+    signed.extend_from_slice(payload);
+    (key, signed)
 }
 
 fn hex_decode(s: &str) -> Option<Vec<u8>> {
