@@ -1785,9 +1785,18 @@ impl Engine {
     /// Requests a top-up if wallet `w`'s rule for `asset` says so now.
     fn check_topup(&mut self, w: u32, asset: AssetCode) {
         let now = self.state.now;
-        // Most wallets have no rule: look before taking the wallet for writing.
+        // This runs after every debit of a wallet with a rule: the cheap "is one due?" checks
+        // come first, on the wallet read-only, and the rest only when a top-up is due.
         let wallet = &self.state.wallets[w as usize];
-        if wallet.topups.is_empty() {
+        let Some(t) = wallet.topups.iter().find(|t| t.asset == asset) else {
+            return;
+        };
+        let Some(rule) = t.rule else { return };
+        let available = wallet
+            .balance(&asset)
+            .map_or(Decimal::ZERO, Balance::available);
+        if t.flagged || t.in_flight.is_some() || now < t.next_allowed || available >= rule.threshold
+        {
             return;
         }
         // Never charge a frozen wallet, or the card behind an open chargeback; and only a
@@ -1807,18 +1816,10 @@ impl Engine {
         };
         let wallet = wallet_mut(&mut self.state.wallets, w);
         let default_method = wallet.payment_method;
-        let available = wallet
-            .balance(&asset)
-            .map_or(Decimal::ZERO, Balance::available);
         let wallet_id = wallet.id;
         let Some(t) = wallet.topups.iter_mut().find(|t| t.asset == asset) else {
             return;
         };
-        let Some(rule) = t.rule else { return };
-        if t.flagged || t.in_flight.is_some() || now < t.next_allowed || available >= rule.threshold
-        {
-            return;
-        }
         let mut amount = match rule.amount {
             TopUpAmount::Fixed(amount) => amount,
             // Checked: a wallet deep in debt must not overflow the target arithmetic.
