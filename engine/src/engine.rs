@@ -18,7 +18,9 @@ use crate::command::{
 };
 use crate::hash::{fingerprint, StableHasher};
 use crate::money::{self, ASSET_SCALE_MAX};
-use crate::output::{Account, Effect, EntryKind, JournalEntry, MarginRecord, TopUpRequest};
+use crate::output::{
+    Account, Alert, Effect, EntryKind, JournalEntry, MarginRecord, TopUpRequest,
+};
 use crate::pricing::{self, Quantity};
 use crate::state::{
     AdjustmentRecord, Asset, Assignment, Balance, ChargeRef, ClosedHold, Config, GrantState, Hold,
@@ -93,9 +95,14 @@ struct Index {
 enum TimerKind {
     GrantEffective,
     GrantExpiry,
+    GrantExpiring,
     HoldDeadline,
     TopUpRetry,
 }
+
+/// How many balances of one wallet [`Effect::BalanceAlert`] watches (the first ones created).
+const ALERT_ASSETS: usize = 4;
+type Levels = [Option<(AssetCode, Decimal, Decimal)>; ALERT_ASSETS];
 
 /// A time-driven action. Ordered by time, then kind, wallet and id: firing order is
 /// deterministic. A timer whose object is gone (an exhausted grant, a settled hold) does nothing.
@@ -343,6 +350,12 @@ impl Engine {
                 for g in balance.grants.iter().chain(&balance.pending) {
                     if let Some(at) = g.expires_at {
                         timers.insert(timer(at, TimerKind::GrantExpiry, g.id.0));
+                        // Notices already due fired before this state was saved.
+                        if let Some(notice) = self.expiring_at(at) {
+                            if notice >= self.state.now && notice < at {
+                                timers.insert(timer(notice, TimerKind::GrantExpiring, g.id.0));
+                            }
+                        }
                     }
                 }
             }
@@ -398,7 +411,9 @@ impl Engine {
             }
             self.index.timers.pop_first();
             self.state.now = self.state.now.max(timer.at);
+            let before = self.levels(timer.wallet);
             self.fire(timer);
+            self.balance_alerts(timer.wallet, &before);
         }
         self.state.now = now;
         let horizon = now
@@ -434,10 +449,18 @@ impl Engine {
         }
         self.request = Some(request.id);
         self.charge = None;
+        let before = request
+            .command
+            .wallet()
+            .and_then(|w| self.index.wallets.get(w).copied())
+            .map(|w| (w, self.levels(w)));
         let reply = match self.apply(&request.command) {
             Ok(value) => Reply::ok(value),
             Err(reply) => reply,
         };
+        if let Some((w, before)) = before {
+            self.balance_alerts(w, &before);
+        }
         let seq = self.state.requests_first_seq + self.state.requests.len() as u64;
         self.state.requests.push_back(Remembered {
             id: request.id,
@@ -753,6 +776,11 @@ impl Engine {
 
     fn set_frozen(&mut self, wallet: &WalletId, frozen: bool) -> Handled {
         let w = self.wallet_index(wallet)?;
+        let wallet = wallet_mut(&mut self.state.wallets, w);
+        if frozen && !wallet.frozen {
+            let wallet = wallet.id;
+            self.effects.push_back(Effect::WalletFrozen { wallet });
+        }
         wallet_mut(&mut self.state.wallets, w).frozen = frozen;
         if !frozen {
             // A frozen wallet triggered nothing; a balance that fell meanwhile may need one now.
@@ -948,11 +976,82 @@ impl Engine {
             self.timer(at, TimerKind::GrantEffective, w, id.0);
         }
         if let Some(at) = expires_at {
-            self.timer(at, TimerKind::GrantExpiry, w, id.0);
+            self.arm_expiry(at, w, id.0);
         }
         ReplyValue::Grant {
             grant: id,
             debt_paid,
+        }
+    }
+
+    /// The alert levels of wallet `w`'s first [`ALERT_ASSETS`] balances: (asset, available, debt).
+    fn levels(&self, w: u32) -> Levels {
+        let mut levels = [None; ALERT_ASSETS];
+        if let Some(wallet) = self.state.wallets.get(w as usize) {
+            for (slot, b) in levels.iter_mut().zip(&wallet.balances) {
+                *slot = Some((b.asset, b.available(), b.debt));
+            }
+        }
+        levels
+    }
+
+    /// Emits a [`Effect::BalanceAlert`] for each level one input took a balance across,
+    /// downwards, comparing with `before` (from [`Engine::levels`]).
+    fn balance_alerts(&mut self, w: u32, before: &Levels) {
+        let Some(wallet) = self.state.wallets.get(w as usize) else {
+            return;
+        };
+        let low_usd = self.state.config.low_balance_usd;
+        for &(asset, was, debt_was) in before.iter().flatten() {
+            let Some(b) = wallet.balance(&asset) else {
+                continue;
+            };
+            let (now, debt) = (b.available(), b.debt);
+            let mut alert = |alert| {
+                self.effects.push_back(Effect::BalanceAlert {
+                    wallet: wallet.id,
+                    asset,
+                    alert,
+                    available: now,
+                })
+            };
+            if low_usd > Decimal::ZERO && now < was {
+                let usd = self
+                    .index
+                    .assets
+                    .get(&asset)
+                    .map_or(Decimal::ZERO, |&i| self.state.assets[i as usize].usd_value);
+                // Compared in the asset's units: threshold / value per unit.
+                if let Some(line) = low_usd.checked_div(usd) {
+                    if was >= line && now < line {
+                        alert(Alert::Low);
+                    }
+                }
+            }
+            if was > Decimal::ZERO && now <= Decimal::ZERO {
+                alert(Alert::Depleted);
+            }
+            if debt_was.is_zero() && debt > Decimal::ZERO {
+                alert(Alert::InDebt);
+            }
+        }
+    }
+
+    /// When the expiring notice of a grant that expires at `at` is due, if notices are on.
+    fn expiring_at(&self, at: Timestamp) -> Option<Timestamp> {
+        let lead = self.state.config.grant_expiring_lead_us;
+        (lead > 0).then(|| Timestamp(at.0.saturating_sub(lead)))
+    }
+
+    /// Arms a grant's expiry, and its expiring notice (at once if it is already inside the
+    /// lead time).
+    fn arm_expiry(&mut self, at: Timestamp, w: u32, id: u64) {
+        self.timer(at, TimerKind::GrantExpiry, w, id);
+        if let Some(notice) = self.expiring_at(at) {
+            let notice = notice.max(self.state.now);
+            if notice < at {
+                self.timer(notice, TimerKind::GrantExpiring, w, id);
+            }
         }
     }
 
@@ -1400,7 +1499,10 @@ impl Engine {
         let wallet = wallet_mut(&mut self.state.wallets, w);
         let wallet_id = wallet.id;
         wallet.payments[payment].disputed = true;
-        wallet.frozen |= freeze;
+        if freeze && !wallet.frozen {
+            wallet.frozen = true;
+            out.effects.push_back(Effect::WalletFrozen { wallet: wallet_id });
+        }
         let balance = wallet.balance_mut(&p.asset);
         if let Some(i) = balance.grants.iter().position(|g| g.id == grant) {
             balance.grants.remove(i);
@@ -1462,7 +1564,7 @@ impl Engine {
         wallet.payments[payment].expires_at = expires_at;
         let debt_paid = credit(wallet.balance_mut(&p.asset), restored);
         if let Some(at) = expires_at {
-            self.timer(at, TimerKind::GrantExpiry, w, id.0);
+            self.arm_expiry(at, w, id.0);
         }
         // An open dispute held top-ups back; this may have been the last one.
         self.check_topup(w, p.asset);
@@ -1911,6 +2013,26 @@ impl Engine {
                             Some(grant.id),
                         );
                         self.check_topup(w, asset);
+                        return;
+                    }
+                }
+            }
+            TimerKind::GrantExpiring => {
+                let wallet = &self.state.wallets[w as usize];
+                for balance in &wallet.balances {
+                    let grant = balance
+                        .grants
+                        .iter()
+                        .chain(&balance.pending)
+                        .find(|g| g.id.0 == timer.id);
+                    if let Some(g) = grant.filter(|g| g.remaining > Decimal::ZERO) {
+                        self.effects.push_back(Effect::GrantExpiring {
+                            wallet: wallet.id,
+                            asset: balance.asset,
+                            grant: g.id,
+                            remaining: g.remaining,
+                            expires_at: g.expires_at.unwrap_or(timer.at),
+                        });
                         return;
                     }
                 }

@@ -161,4 +161,59 @@ pub enum Effect {
         /// The wallet.
         wallet: WalletId,
     },
+    /// A wallet that was not frozen is now frozen (by `Freeze`, or by a chargeback).
+    WalletFrozen {
+        /// The wallet.
+        wallet: WalletId,
+    },
+    /// One input took a balance across an alert level, downwards (see [`Alert`]). Each level
+    /// is reported once per crossing: it fires again only after the balance went back above.
+    BalanceAlert {
+        /// The wallet.
+        wallet: WalletId,
+        /// The asset.
+        asset: AssetCode,
+        /// Which level was crossed.
+        alert: Alert,
+        /// Available after the input.
+        #[serde(with = "dec")]
+        available: Decimal,
+    },
+    /// A grant with a remainder expires within the configured lead time
+    /// (`Config::grant_expiring_lead_us`).
+    GrantExpiring {
+        /// The wallet.
+        wallet: WalletId,
+        /// The asset.
+        asset: AssetCode,
+        /// The grant.
+        grant: GrantId,
+        /// What is left of it now.
+        #[serde(with = "dec")]
+        remaining: Decimal,
+        /// When it expires.
+        expires_at: Timestamp,
+    },
+}
+
+/// The levels a [`Effect::BalanceAlert`] reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Alert {
+    /// Available value fell below `Config::low_balance_usd`.
+    Low,
+    /// Available fell from above zero to zero or below.
+    Depleted,
+    /// Debt appeared where there was none.
+    InDebt,
+}
+
+impl Alert {
+    /// The operator-facing event name.
+    pub fn event_type(self) -> &'static str {
+        match self {
+            Alert::Low => "wallet.balance.low",
+            Alert::Depleted => "wallet.balance.depleted",
+            Alert::InDebt => "wallet.in_debt",
+        }
+    }
 }

@@ -24,6 +24,13 @@ pub struct Config {
     pub idempotency_retention_us: i64,
     /// How far in the future an event's `occurred_at` may be. Default 5 minutes.
     pub future_skew_us: i64,
+    /// A balance whose available value in USD falls below this during one input produces an
+    /// [`crate::Effect::BalanceAlert`] of kind `Low` (once per crossing). Zero: no `Low` alerts.
+    #[serde(with = "dec")]
+    pub low_balance_usd: Decimal,
+    /// How long before a grant expires an [`crate::Effect::GrantExpiring`] is produced for it.
+    /// Zero: none. Default 3 days.
+    pub grant_expiring_lead_us: i64,
 }
 
 impl Default for Config {
@@ -31,6 +38,8 @@ impl Default for Config {
         Config {
             idempotency_retention_us: 24 * Timestamp::HOUR_US,
             future_skew_us: 5 * 60 * Timestamp::SECOND_US,
+            low_balance_usd: Decimal::ZERO,
+            grant_expiring_lead_us: 3 * Timestamp::DAY_US,
         }
     }
 }
@@ -45,6 +54,12 @@ impl Config {
         }
         if !(0..=Timestamp::DAY_US).contains(&self.future_skew_us) {
             return Err("future_skew_us must be between 0 and 1 day".into());
+        }
+        if self.low_balance_usd < Decimal::ZERO || self.low_balance_usd > crate::AMOUNT_MAX {
+            return Err("low_balance_usd must be between 0 and the largest amount".into());
+        }
+        if !(0..=366 * Timestamp::DAY_US).contains(&self.grant_expiring_lead_us) {
+            return Err("grant_expiring_lead_us must be between 0 and 366 days".into());
         }
         Ok(())
     }

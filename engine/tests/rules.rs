@@ -1534,3 +1534,61 @@ fn payment_events_find_the_grant_by_payment_id() {
     assert_eq!(h.balance(w).available, d("3"), "6 restored, 3 of debt paid");
     h.check_ledger();
 }
+
+#[test]
+fn operator_notices_fire_once_per_crossing() {
+    let mut h = Harness::new_with(Config {
+        low_balance_usd: d("2"),
+        grant_expiring_lead_us: 2 * HOUR,
+        ..Config::default()
+    });
+    let w = h.wallet("acme");
+    h.grant(w, "5");
+    assert!(h.notices.is_empty());
+    // 5 → 4: above the line; 4 → 1.5: below it (low), once.
+    h.usage(w, "1000", "0", DebitMode::Strict);
+    assert!(h.notices.is_empty());
+    h.usage(w, "2500", "0", DebitMode::Strict);
+    let alert = |alert, available: &str| Effect::BalanceAlert {
+        wallet: w,
+        asset: usd(),
+        alert,
+        available: d(available),
+    };
+    assert_eq!(h.notices, vec![alert(Alert::Low, "1.5")]);
+    h.usage(w, "500", "0", DebitMode::Strict);
+    assert_eq!(h.notices.len(), 1, "still low: no second notice");
+    // 1 → -1 in record mode: depleted and in debt in one input.
+    h.usage(w, "2000", "0", DebitMode::Record);
+    assert_eq!(
+        h.notices[1..],
+        [alert(Alert::Depleted, "-1"), alert(Alert::InDebt, "-1")]
+    );
+    // Back above the line, then down again: a new crossing, a new notice.
+    h.grant(w, "10");
+    h.usage(w, "8000", "0", DebitMode::Strict);
+    assert_eq!(h.notices[3..], [alert(Alert::Low, "1")]);
+    // Freezing notifies once; freezing a frozen wallet does not.
+    h.ok(Command::Freeze { wallet: w });
+    h.ok(Command::Freeze { wallet: w });
+    assert_eq!(h.notices[4..], [Effect::WalletFrozen { wallet: w }]);
+    // An expiring grant is announced `lead` before it expires, with what is left of it.
+    let expires = h.now.add_us(3 * HOUR);
+    let g = h.grant_with(w, "4", 0, Some(expires), GrantSource::Promotion);
+    h.advance(HOUR - SECOND);
+    assert_eq!(h.notices.len(), 5);
+    h.advance(SECOND);
+    assert_eq!(
+        h.notices[5..],
+        [Effect::GrantExpiring {
+            wallet: w,
+            asset: usd(),
+            grant: g,
+            remaining: d("4"),
+            expires_at: expires,
+        }]
+    );
+    // Breakage at expiry takes available below the line again: low.
+    h.advance(2 * HOUR);
+    assert_eq!(h.notices[6..], [alert(Alert::Low, "1")]);
+}

@@ -28,7 +28,10 @@ fn stream_of(effect: &Effect) -> usize {
         Effect::Journal(_) => 0,
         Effect::Margin(_) => 1,
         Effect::TopUpRequested(_) => 2,
-        Effect::TopUpExhausted { .. } => 3,
+        Effect::TopUpExhausted { .. }
+        | Effect::WalletFrozen { .. }
+        | Effect::BalanceAlert { .. }
+        | Effect::GrantExpiring { .. } => 3,
         Effect::WalletCreated { .. } => 4,
     }
 }

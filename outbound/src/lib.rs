@@ -271,6 +271,15 @@ fn effect_written(effect: &Effect) {
         Effect::WalletCreated { .. } => {
             metrics::counter!("tally_wallets_created_total").increment(1)
         }
+        Effect::WalletFrozen { .. } => {
+            metrics::counter!("tally_alerts_total", "type" => "wallet.frozen").increment(1)
+        }
+        Effect::BalanceAlert { alert, .. } => {
+            metrics::counter!("tally_alerts_total", "type" => alert.event_type()).increment(1)
+        }
+        Effect::GrantExpiring { .. } => {
+            metrics::counter!("tally_alerts_total", "type" => "grant.expiring").increment(1)
+        }
     }
 }
 

@@ -321,6 +321,10 @@ impl SqliteSink {
                     ])
                 })
                 .map_err(|e| sql("insert top-up", e))?,
+            // Notices for the operator: the payments store keeps them (webhooks out).
+            Effect::WalletFrozen { .. }
+            | Effect::BalanceAlert { .. }
+            | Effect::GrantExpiring { .. } => return Ok(false),
         };
         Ok(changed == 1)
     }

@@ -29,6 +29,8 @@ pub struct Harness {
     pub exhausted: Vec<(WalletId, AssetCode)>,
     /// Wallets whose creation was announced.
     pub created: Vec<WalletId>,
+    /// Operator notices: frozen wallets, balance alerts, expiring grants.
+    pub notices: Vec<Effect>,
     /// Every request applied, with its time: the command log.
     pub log: Vec<(Timestamp, Request)>,
 }
@@ -77,7 +79,13 @@ impl Harness {
     /// output tokens; plan `std` v1: 0.001 / 0.002 per token by default, 0.01 / 0.03 for
     /// `model = gpt-4o`.
     pub fn new() -> Harness {
+        Harness::new_with(Config::default())
+    }
+
+    /// [`Harness::new`] on an engine with `config`.
+    pub fn new_with(config: Config) -> Harness {
         let mut h = Harness::bare();
+        h.engine = Engine::new(config);
         h.ok(Command::DefineAsset {
             code: asset("USD"),
             scale: 6,
@@ -124,6 +132,7 @@ impl Harness {
             topups: Vec::new(),
             exhausted: Vec::new(),
             created: Vec::new(),
+            notices: Vec::new(),
             log: Vec::new(),
         }
     }
@@ -142,6 +151,9 @@ impl Harness {
                 Effect::TopUpRequested(t) => self.topups.push(t),
                 Effect::TopUpExhausted { wallet, asset } => self.exhausted.push((wallet, asset)),
                 Effect::WalletCreated { wallet } => self.created.push(wallet),
+                notice @ (Effect::WalletFrozen { .. }
+                | Effect::BalanceAlert { .. }
+                | Effect::GrantExpiring { .. }) => self.notices.push(notice),
             }
         }
     }
