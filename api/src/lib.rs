@@ -45,6 +45,7 @@ pub struct ApiState {
     backend: OnceLock<Arc<dyn Backend>>,
     history: OnceLock<Arc<tally_outbound::sqlite::Reader>>,
     stripe: OnceLock<Arc<tally_outbound::stripe::Stripe>>,
+    payments: OnceLock<tally_outbound::payments::Payments>,
     keys: Arc<KeyStore>,
     metrics: Option<PrometheusHandle>,
 }
@@ -66,6 +67,7 @@ impl ApiState {
             backend: OnceLock::new(),
             history: OnceLock::new(),
             stripe: OnceLock::new(),
+            payments: OnceLock::new(),
             keys,
             metrics,
         })
@@ -79,6 +81,24 @@ impl ApiState {
     /// Sets the Stripe worker, which receives Stripe's webhooks. A second call is ignored.
     pub fn set_stripe(&self, stripe: Arc<tally_outbound::stripe::Stripe>) {
         let _ = self.stripe.set(stripe);
+    }
+
+    /// Sets the payments store (webhook endpoints and their delivery log, callers' top-ups).
+    /// A second call is ignored.
+    pub fn set_payments(&self, payments: tally_outbound::payments::Payments) {
+        let _ = self.payments.set(payments);
+    }
+
+    fn payments(&self) -> Result<&tally_outbound::payments::Payments, ApiError> {
+        self.payments
+            .get()
+            .ok_or_else(|| ApiError::from_code(tally_net::ErrorCode::NotReady))
+    }
+
+    fn stripe(&self) -> Result<&Arc<tally_outbound::stripe::Stripe>, ApiError> {
+        self.stripe
+            .get()
+            .ok_or_else(|| ApiError::from_code(tally_net::ErrorCode::NotReady))
     }
 
     /// Sets the history store's reader. A second call is ignored.

@@ -1495,3 +1495,163 @@ pub struct MarginAnalytics {
     /// The groups, in the order asked for.
     pub data: Vec<tally_outbound::sqlite::MarginGroup>,
 }
+
+// ----- callers' top-ups and webhooks out --------------------------------------------------------
+
+/// A top-up a caller asks for: charge the wallet's saved payment method now, or (`session`)
+/// start a payment the customer confirms in the browser with Stripe.js.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"asset": "credits", "amount": "2000"}))]
+pub struct CreateTopUp {
+    /// The asset credited (it must have a top-up price).
+    pub asset: String,
+    /// How much of the asset to buy; the charge (amount × price) must be whole minor units.
+    #[serde(with = "json::decimal")]
+    #[schema(value_type = String, example = "2000")]
+    pub amount: Decimal,
+    /// The payment method to charge; default: the wallet's.
+    #[serde(default)]
+    pub payment_method: Option<String>,
+    /// True: return a PaymentIntent client secret for the browser instead of charging now.
+    #[serde(default)]
+    pub session: bool,
+}
+
+/// A top-up: the engine's auto top-ups and callers' ones alike.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TopUpResource {
+    /// Its id (also the Stripe idempotency key and the PaymentIntent's `tally_key` metadata).
+    pub id: String,
+    /// `auto`, `manual` or `session`.
+    pub kind: String,
+    /// The wallet.
+    pub wallet: String,
+    /// The asset credited.
+    pub asset: String,
+    /// The amount credited.
+    #[schema(value_type = String)]
+    pub amount: String,
+    /// The currency charged.
+    pub currency: String,
+    /// The charge in the currency's minor units.
+    pub amount_minor: i64,
+    /// `pending` (not charged yet, or waiting for the customer or Stripe), `succeeded` (the grant
+    /// is in the wallet) or `failed`.
+    pub status: String,
+    /// The Stripe PaymentIntent, once there is one.
+    pub payment_intent: Option<String>,
+    /// Why it failed (a decline code, `authentication_required`, `abandoned`, `lost`).
+    pub failure_reason: Option<String>,
+    /// For a `session` top-up: what Stripe.js confirms the payment with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<String>,
+    /// When it was asked for.
+    pub requested_at: String,
+}
+
+impl TopUpResource {
+    pub(crate) fn of(t: &tally_outbound::payments::TopUp, client_secret: Option<String>) -> Self {
+        TopUpResource {
+            id: t.key.clone(),
+            kind: t.kind.as_str().into(),
+            wallet: t.wallet.clone(),
+            asset: t.asset.clone(),
+            amount: t.amount.normalize().to_string(),
+            currency: t.currency.clone(),
+            amount_minor: t.minor_amount,
+            status: t.state.name().into(),
+            payment_intent: t.payment_intent.clone(),
+            failure_reason: t.reason.clone(),
+            client_secret,
+            requested_at: Timestamp(t.requested_us).to_rfc3339(),
+        }
+    }
+}
+
+/// Registers an endpoint for webhooks out.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"url": "https://ops.example.com/tally", "events": ["topup.failed", "wallet.balance.low"]}))]
+pub struct CreateWebhookEndpoint {
+    /// Where notices are posted (http or https).
+    pub url: String,
+    /// The notice types it takes; empty or absent: all.
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// A note for the operator.
+    #[serde(default)]
+    pub description: String,
+    /// The signing secret (`whsec_` + base64 of 24 to 64 bytes); absent: one is generated.
+    #[serde(default)]
+    pub secret: Option<String>,
+}
+
+/// An endpoint for webhooks out.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookEndpoint {
+    /// Its id.
+    pub id: String,
+    /// Where notices are posted.
+    pub url: String,
+    /// The notice types it takes; empty: all.
+    pub events: Vec<String>,
+    /// The operator's note.
+    pub description: String,
+    /// When it was registered.
+    pub created_at: String,
+    /// The signing secret: only in the answer that created it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+impl WebhookEndpoint {
+    pub(crate) fn of(e: &tally_outbound::webhooks::Endpoint, secret: Option<String>) -> Self {
+        WebhookEndpoint {
+            id: e.id.clone(),
+            url: e.url.clone(),
+            events: e.events.clone(),
+            description: e.description.clone(),
+            created_at: Timestamp(e.created_us).to_rfc3339(),
+            secret,
+        }
+    }
+}
+
+/// The registered endpoints.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookEndpointList {
+    /// Oldest first.
+    pub data: Vec<WebhookEndpoint>,
+}
+
+/// One delivery attempt.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookAttempt {
+    /// The notice (its `webhook-id`).
+    pub event_id: String,
+    /// Its type.
+    pub event_type: String,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    /// When.
+    pub at: String,
+    /// The HTTP status the endpoint answered.
+    pub status: Option<u16>,
+    /// Why no status came back (timed out, could not connect).
+    pub error: Option<String>,
+    /// How long it took.
+    pub duration_ms: u64,
+    /// Where the delivery stands now: `pending` (retrying), `delivered` or `failed` (gave up
+    /// after 3 days).
+    pub delivery: String,
+}
+
+/// An endpoint's delivery log.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookAttemptPage {
+    /// Newest first.
+    pub data: Vec<WebhookAttempt>,
+    /// Pass as `before` for the next page; absent on the last.
+    pub next_before: Option<String>,
+}

@@ -51,7 +51,23 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         .route("/wallets/{wallet}/margin", get(wallet_margin))
         .route("/wallets/{wallet}/usage", get(wallet_usage))
         .route("/wallets/{wallet}/transactions", get(wallet_transactions))
-        .route("/wallets/{wallet}/topups", get(wallet_topups))
+        .route(
+            "/wallets/{wallet}/topups",
+            get(wallet_topups).post(create_topup),
+        )
+        .route("/topups/{topup}", get(get_topup))
+        .route(
+            "/webhook_endpoints",
+            post(create_webhook_endpoint).get(list_webhook_endpoints),
+        )
+        .route(
+            "/webhook_endpoints/{endpoint}",
+            axum::routing::delete(delete_webhook_endpoint),
+        )
+        .route(
+            "/webhook_endpoints/{endpoint}/attempts",
+            get(webhook_attempts),
+        )
         .route("/analytics/margin", get(margin_analytics))
         .route("/wallets/{wallet}/holds", post(create_hold))
         .route("/wallets/{wallet}/holds/{hold}/settle", post(settle_hold))
@@ -1536,4 +1552,316 @@ async fn observe(request: Request, next: Next) -> Response {
         .record(seconds);
     tracing::debug!(%method, %route, status, code, micros = (seconds * 1e6) as u64, "http request");
     response
+}
+
+// ----- callers' top-ups and webhooks out --------------------------------------------------------
+
+/// `key=value` pairs of a query string (no percent-decoding: the values here are numbers).
+fn query_pairs(raw: Option<&str>) -> Vec<(&str, &str)> {
+    raw.unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').unwrap_or((p, "")))
+        .collect()
+}
+
+/// Top up a wallet now: charge its saved payment method (or the one given) for `amount` of an
+/// asset with a top-up price, or, with `session: true`, get a PaymentIntent client secret for
+/// Stripe.js to confirm in the customer's browser. Either way the grant is added once, when
+/// Stripe says the money is in (at once for a saved card that needs nothing more; by Stripe's
+/// webhook or the reconciler otherwise). The same Idempotency-Key answers with the same top-up;
+/// it needs an admin key.
+#[utoipa::path(post, path = "/v1/wallets/{wallet}/topups", tag = "top-ups", request_body = CreateTopUp,
+    params(("wallet" = String, Path), ("Idempotency-Key" = String, Header, description = "Makes retries safe", pattern = "^[!-~]{1,255}$")),
+    responses((status = 200, body = TopUpResource), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn create_topup(
+    State(state): AppState,
+    caller: Caller,
+    Path(wallet): Path<String>,
+    idem: Idem,
+    Body(body): Body<CreateTopUp>,
+) -> Result<Json<TopUpResource>, ApiError> {
+    use tally_outbound::payments::{Kind as TopUpKind, State as TopUpState, TopUp};
+    use tally_outbound::stripe::ManualError;
+    caller.admin()?;
+    let wallet = wallet_id(&wallet)?;
+    let code = asset("asset", &body.asset)?;
+    let payment_method = body
+        .payment_method
+        .as_deref()
+        .map(|p| name("payment_method", p))
+        .transpose()?;
+    // What the engine knows decides what may be charged: checked before Stripe is called.
+    let view = match query(&state, &caller, Query::Wallet { wallet }).await? {
+        QueryReply::Wallet(w) => w,
+        other => return Err(unexpected(other)),
+    };
+    let a = match query(&state, &caller, Query::Asset { asset: code }).await? {
+        QueryReply::Asset(a) => a,
+        other => return Err(unexpected(other)),
+    };
+    if view.frozen {
+        return Err(ApiError::rejected(tally_engine::ResultCode::WalletFrozen));
+    }
+    let price = a
+        .topup_price
+        .ok_or_else(|| ApiError::rejected(tally_engine::ResultCode::NoTopUpPrice))?;
+    if body.amount <= rust_decimal::Decimal::ZERO || body.amount > tally_engine::AMOUNT_MAX {
+        return Err(ApiError::invalid("amount must be positive"));
+    }
+    if body.amount.normalize().scale() > a.scale {
+        return Err(ApiError::invalid(format!(
+            "amount has more than the asset's {} decimal places",
+            a.scale
+        )));
+    }
+    let minor_amount = price
+        .minor_amount(body.amount)
+        .filter(|m| *m > 0)
+        .ok_or_else(|| ApiError::rejected(tally_engine::ResultCode::InexactCharge))?;
+    let customer = view.customer.ok_or_else(|| {
+        ApiError::invalid(
+            "the wallet has no Stripe customer: set it with PUT /v1/wallets/{wallet}/billing",
+        )
+    })?;
+    let kind = if body.session {
+        TopUpKind::Session
+    } else {
+        TopUpKind::Manual
+    };
+    let method = match (kind, payment_method.or(view.payment_method)) {
+        (TopUpKind::Session, m) => m.map(|m| m.as_str().to_string()).unwrap_or_default(),
+        (_, Some(m)) => m.as_str().to_string(),
+        (_, None) => {
+            return Err(ApiError::invalid(
+                "the wallet has no default payment method: give payment_method, or set one \
+                 with PUT /v1/wallets/{wallet}/billing",
+            ))
+        }
+    };
+    let now = now_us();
+    let amount = body.amount.normalize();
+    let row = TopUp {
+        kind,
+        key: format!(
+            "tally-{}:{}:{}",
+            kind.as_str(),
+            wallet,
+            &request_id_hex(idem.id)[..24]
+        ),
+        wallet: wallet.as_str().into(),
+        asset: code.as_str().into(),
+        trigger: 0,
+        amount,
+        currency: price.currency.as_str().into(),
+        minor_amount,
+        customer: customer.as_str().into(),
+        payment_method: method,
+        state: TopUpState::Pending,
+        payment_intent: None,
+        reason: None,
+        attempts: 0,
+        // A browser payment is settled by Stripe's webhook; the reconciler looks later.
+        next_attempt_us: if body.session {
+            now + state.stripe()?.reconcile_after_us()
+        } else {
+            now
+        },
+        requested_us: now,
+    };
+    let hash = format!("{}|{}|{}|{}|{}", kind.as_str(), code, amount, row.payment_method, idem.key);
+    let (row, secret) = state
+        .stripe()?
+        .manual_topup(row, &hash)
+        .await
+        .map_err(|e| match e {
+            ManualError::Conflict => {
+                ApiError::rejected(tally_engine::ResultCode::IdempotencyConflict)
+            }
+            ManualError::NotConfigured => ApiError::transport(ErrorCode::NotFound, e.to_string()),
+            ManualError::Stripe(_) | ManualError::Store(_) => {
+                tracing::warn!("top-up not started: {e}");
+                ApiError::transport(ErrorCode::NotReady, e.to_string())
+            }
+        })?;
+    Ok(Json(TopUpResource::of(&row, secret)))
+}
+
+/// One top-up by id (auto or a caller's), with its status at Stripe as tally knows it.
+#[utoipa::path(get, path = "/v1/topups/{topup}", tag = "top-ups",
+    params(("topup" = String, Path)),
+    responses((status = 200, body = TopUpResource), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn get_topup(
+    State(state): AppState,
+    caller: Caller,
+    Path(topup): Path<String>,
+) -> Result<Json<TopUpResource>, ApiError> {
+    caller.admin()?;
+    let row = state
+        .payments()?
+        .get(&topup)
+        .map_err(store_error)?
+        .ok_or_else(|| ApiError::transport(ErrorCode::NotFound, "no such top-up"))?;
+    Ok(Json(TopUpResource::of(&row, None)))
+}
+
+fn store_error(e: tally_outbound::Error) -> ApiError {
+    tracing::error!("{e}");
+    ApiError::transport(ErrorCode::NotReady, "the payments store failed; retry shortly")
+}
+
+/// Register an endpoint for webhooks out: notices (`topup.*`, `dispute.*`, `wallet.*`,
+/// `grant.expiring`) are posted to it signed in the Standard Webhooks format with the secret
+/// returned here (only here), delivered at least once, retried for 3 days. The id derives
+/// from the Idempotency-Key, so a retry answers with the same endpoint.
+#[utoipa::path(post, path = "/v1/webhook_endpoints", tag = "webhooks", request_body = CreateWebhookEndpoint,
+    params(("Idempotency-Key" = String, Header, description = "Makes retries safe", pattern = "^[!-~]{1,255}$")),
+    responses((status = 200, body = WebhookEndpoint), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn create_webhook_endpoint(
+    State(state): AppState,
+    caller: Caller,
+    idem: Idem,
+    Body(body): Body<CreateWebhookEndpoint>,
+) -> Result<Json<WebhookEndpoint>, ApiError> {
+    use tally_outbound::webhooks::EndpointError;
+    caller.admin()?;
+    let id = format!("we_{}", &request_id_hex(idem.id)[..24]);
+    let store = state.payments()?;
+    let added = store.add_endpoint(
+        &id,
+        &body.url,
+        &body.events,
+        &body.description,
+        body.secret.as_deref(),
+        now_us(),
+    );
+    match added {
+        Ok((endpoint, secret)) => Ok(Json(WebhookEndpoint::of(&endpoint, Some(secret)))),
+        Err(EndpointError::Exists(endpoint, secret)) => {
+            if endpoint.url == body.url {
+                Ok(Json(WebhookEndpoint::of(&endpoint, Some(secret))))
+            } else {
+                Err(ApiError::rejected(
+                    tally_engine::ResultCode::IdempotencyConflict,
+                ))
+            }
+        }
+        Err(EndpointError::Store(e)) => Err(store_error(e)),
+        Err(e) => Err(ApiError::invalid(e.to_string())),
+    }
+}
+
+/// The endpoints for webhooks out (without their secrets).
+#[utoipa::path(get, path = "/v1/webhook_endpoints", tag = "webhooks",
+    responses((status = 200, body = WebhookEndpointList), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn list_webhook_endpoints(
+    State(state): AppState,
+    caller: Caller,
+) -> Result<Json<WebhookEndpointList>, ApiError> {
+    caller.admin()?;
+    let endpoints = state.payments()?.endpoints().map_err(store_error)?;
+    Ok(Json(WebhookEndpointList {
+        data: endpoints
+            .iter()
+            .map(|e| WebhookEndpoint::of(e, None))
+            .collect(),
+    }))
+}
+
+/// Remove an endpoint; what it was not delivered yet is dropped.
+#[utoipa::path(delete, path = "/v1/webhook_endpoints/{endpoint}", tag = "webhooks",
+    params(("endpoint" = String, Path)),
+    responses((status = 200, body = WebhookEndpointList), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn delete_webhook_endpoint(
+    State(state): AppState,
+    caller: Caller,
+    Path(endpoint): Path<String>,
+) -> Result<Json<WebhookEndpointList>, ApiError> {
+    caller.admin()?;
+    let store = state.payments()?;
+    if !store.remove_endpoint(&endpoint).map_err(store_error)? {
+        return Err(ApiError::transport(ErrorCode::NotFound, "no such endpoint"));
+    }
+    let endpoints = store.endpoints().map_err(store_error)?;
+    Ok(Json(WebhookEndpointList {
+        data: endpoints
+            .iter()
+            .map(|e| WebhookEndpoint::of(e, None))
+            .collect(),
+    }))
+}
+
+/// An endpoint's delivery log: every attempt, newest first, with the status answered and
+/// where the delivery stands. `limit` 1 to 100 (default 50); `before` from `next_before`.
+#[utoipa::path(get, path = "/v1/webhook_endpoints/{endpoint}/attempts", tag = "webhooks",
+    params(("endpoint" = String, Path), ("limit" = Option<u32>, Query), ("before" = Option<String>, Query)),
+    responses((status = 200, body = WebhookAttemptPage), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn webhook_attempts(
+    State(state): AppState,
+    caller: Caller,
+    Path(endpoint): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<WebhookAttemptPage>, ApiError> {
+    caller.admin()?;
+    let (mut limit, mut before) = (50usize, None);
+    for (k, v) in query_pairs(raw.as_deref()) {
+        match k {
+            "limit" => {
+                limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|l| (1..=PAGE_LIMIT_MAX as usize).contains(l))
+                    .ok_or_else(|| ApiError::invalid("limit must be 1 to 100"))?
+            }
+            "before" => {
+                before = Some(
+                    v.parse::<i64>()
+                        .map_err(|_| ApiError::invalid("before must come from next_before"))?,
+                )
+            }
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "unknown query parameter `{}`",
+                    other.chars().take(40).collect::<String>()
+                )))
+            }
+        }
+    }
+    let store = state.payments()?;
+    if store.endpoint(&endpoint).map_err(store_error)?.is_none() {
+        return Err(ApiError::transport(ErrorCode::NotFound, "no such endpoint"));
+    }
+    let rows = store
+        .attempts(&endpoint, before, limit + 1)
+        .map_err(store_error)?;
+    let more = rows.len() > limit;
+    let rows = &rows[..rows.len().min(limit)];
+    Ok(Json(WebhookAttemptPage {
+        next_before: more.then(|| rows.last().map(|a| a.at_us.to_string())).flatten(),
+        data: rows
+            .iter()
+            .map(|a| WebhookAttempt {
+                event_id: a.event_id.clone(),
+                event_type: a.event_type.clone(),
+                attempt: a.attempt,
+                at: Timestamp(a.at_us).to_rfc3339(),
+                status: a.status,
+                error: a.error.clone(),
+                duration_ms: a.duration_ms,
+                delivery: a.delivery.clone(),
+            })
+            .collect(),
+    }))
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
 }

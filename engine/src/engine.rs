@@ -580,7 +580,7 @@ impl Engine {
             .ok_or(ResultCode::UnknownAsset)
     }
 
-    fn asset(&self, asset: &AssetCode) -> Result<Asset, ResultCode> {
+    pub(crate) fn asset(&self, asset: &AssetCode) -> Result<Asset, ResultCode> {
         Ok(self.state.assets[self.asset_index(asset)? as usize])
     }
 

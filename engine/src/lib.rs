@@ -96,7 +96,7 @@ pub use query::{
     Query, QueryReply, TopUpStatus, WalletFilter, WalletPage, WalletView, WALLET_PAGE_MAX,
     WALLET_SCAN_MAX,
 };
-pub use state::{Config, Margin, State};
+pub use state::{Asset, Config, Margin, State};
 pub use types::{
     AssetCode, GrantId, HoldId, InlineStr, Name, NameError, RequestId, Timestamp, WalletId,
 };

@@ -44,6 +44,11 @@ pub enum Query {
     Margin(MarginScope),
     /// The price an event would be charged, without applying it.
     PricePreview(UsageEvent),
+    /// A declared asset: its scale, USD value and top-up price.
+    Asset {
+        /// The asset.
+        asset: AssetCode,
+    },
     /// Prices recorded events under a plan's draft and under its latest published version.
     DraftTest {
         /// The plan.
@@ -94,6 +99,8 @@ pub enum QueryReply {
     Price(PriceView),
     /// See [`Query::DraftTest`].
     DraftTest(DraftTestReport),
+    /// See [`Query::Asset`].
+    Asset(crate::state::Asset),
 }
 
 /// A wallet.
@@ -380,6 +387,7 @@ impl Engine {
                 Ok(QueryReply::Balance(view))
             }
             Query::Margin(scope) => self.margin(scope).map(|m| QueryReply::Margin(m.into())),
+            Query::Asset { asset } => self.asset(asset).map(QueryReply::Asset),
             Query::PricePreview(event) => {
                 let w = self.wallet_index(&event.wallet)?;
                 let p = self.price(

@@ -143,6 +143,8 @@ kinds! {
     QueryPricePreview = 0x43,
     /// Query `DraftTest`.
     QueryDraftTest = 0x44,
+    /// Query `Asset`.
+    QueryAsset = 0x45,
 
     /// Admin: create an API key.
     KeyCreate = 0x50,

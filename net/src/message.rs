@@ -219,6 +219,8 @@ pub enum Answer {
     Price(PriceView),
     /// See `Query::DraftTest`.
     DraftTest(DraftTestReport),
+    /// See `Query::Asset`.
+    Asset(tally_engine::Asset),
 }
 
 impl From<&QueryReply> for Answer {
@@ -229,6 +231,7 @@ impl From<&QueryReply> for Answer {
             QueryReply::Margin(v) => Answer::Margin(*v),
             QueryReply::Price(v) => Answer::Price(*v),
             QueryReply::DraftTest(v) => Answer::DraftTest(v.clone()),
+            QueryReply::Asset(a) => Answer::Asset(*a),
         }
     }
 }
@@ -424,6 +427,7 @@ pub fn query_kind(query: &Query) -> Kind {
         Query::Margin(_) => Kind::QueryMargin,
         Query::PricePreview(_) => Kind::QueryPricePreview,
         Query::DraftTest { .. } => Kind::QueryDraftTest,
+        Query::Asset { .. } => Kind::QueryAsset,
     }
 }
 
@@ -702,7 +706,8 @@ fn decode_payload(kind: Kind, r: &mut Reader<'_>) -> Result<Message, BodyError> 
         | Kind::QueryBalance
         | Kind::QueryMargin
         | Kind::QueryPricePreview
-        | Kind::QueryDraftTest => Message::Query(read_query(kind, r)?),
+        | Kind::QueryDraftTest
+        | Kind::QueryAsset => Message::Query(read_query(kind, r)?),
         Kind::KeyCreate => Message::KeyCreate {
             label: r.name("key_create.label")?,
             scope: scope(r, "key_create.scope")?,
@@ -1517,6 +1522,7 @@ fn write_query(w: &mut Writer<'_>, query: &Query) -> Result<(), EncodeError> {
             }
         },
         Query::PricePreview(usage) => write_usage(w, usage)?,
+        Query::Asset { asset } => w.name(asset),
         Query::DraftTest { plan, events } => {
             w.name(plan);
             w.count32("draft_test.events", events.len())?;
@@ -1552,6 +1558,9 @@ fn read_query(kind: Kind, r: &mut Reader<'_>) -> Result<Query, BodyError> {
             t => return Err(Reader::unknown_tag("query_margin.scope", t.into())),
         }),
         Kind::QueryPricePreview => Query::PricePreview(read_usage(r)?),
+        Kind::QueryAsset => Query::Asset {
+            asset: r.asset("query_asset.asset")?,
+        },
         Kind::QueryDraftTest => {
             let plan = r.name("draft_test.plan")?;
             let n = r.count32("draft_test.events", USAGE_BYTES_MIN)?;
@@ -1823,6 +1832,20 @@ fn write_answer(w: &mut Writer<'_>, answer: &Answer) -> Result<(), EncodeError> 
             w.u32(p.version);
             w.u32(p.rule);
         }
+        Answer::Asset(a) => {
+            w.u8(5);
+            w.name(&a.code);
+            w.u32(a.scale);
+            w.decimal(&a.usd_value);
+            match &a.topup_price {
+                Some(p) => {
+                    w.u8(1);
+                    w.name(&p.currency);
+                    w.decimal(&p.unit_amount);
+                }
+                None => w.u8(0),
+            }
+        }
         Answer::DraftTest(d) => {
             w.u8(4);
             w.name(&d.plan);
@@ -1965,6 +1988,19 @@ fn read_answer(r: &mut Reader<'_>) -> Result<Answer, BodyError> {
                 total: read_row(r)?,
             })
         }
+        5 => Answer::Asset(tally_engine::Asset {
+            code: r.asset("asset.code")?,
+            scale: r.u32("asset.scale")?,
+            usd_value: r.decimal("asset.usd_value")?,
+            topup_price: if r.present("asset.topup_price")? {
+                Some(tally_engine::TopUpPrice {
+                    currency: r.name("asset.topup_price.currency")?,
+                    unit_amount: r.decimal("asset.topup_price.unit_amount")?,
+                })
+            } else {
+                None
+            },
+        }),
         t => return Err(Reader::unknown_tag("answer.kind", t.into())),
     })
 }

@@ -24,6 +24,7 @@ pub mod payments;
 pub mod postgres;
 pub mod sqlite;
 pub mod stripe;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -79,7 +80,7 @@ pub fn derived_id(text: &str) -> tally_engine::RequestId {
 
 /// An outbound failure: the server cannot export and must stop (nothing is lost: the WAL and
 /// the last checkpoint that waited for the sinks still hold everything not yet written).
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Error(pub String);
 
 impl std::fmt::Display for Error {

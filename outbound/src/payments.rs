@@ -17,6 +17,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use rust_decimal::Decimal;
 use tally_engine::{Effect, TopUpRequest};
 
+use crate::webhooks::Notice;
 use crate::{Error, Sink, Tagged};
 
 /// The file name of the store in the data directory.
@@ -39,8 +40,11 @@ CREATE TABLE IF NOT EXISTS topups (
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_us INTEGER NOT NULL,
     requested_us INTEGER NOT NULL,
-    settled_us INTEGER
+    settled_us INTEGER,
+    kind TEXT NOT NULL DEFAULT 'auto',
+    request_hash TEXT
 );
+CREATE INDEX IF NOT EXISTS topups_wallet ON topups (wallet, requested_us);
 CREATE INDEX IF NOT EXISTS topups_due ON topups (state, next_attempt_us);
 CREATE INDEX IF NOT EXISTS topups_intent ON topups (payment_intent);
 CREATE TABLE IF NOT EXISTS stripe_events (
@@ -85,9 +89,59 @@ impl State {
     }
 }
 
+/// Who asked for a top-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// The engine's auto top-up rule (`TopUpRequested`).
+    Auto,
+    /// A caller, charging the saved payment method (`POST /v1/wallets/{id}/topups`).
+    Manual,
+    /// A caller, for a payment the customer confirms in the browser (a client secret).
+    Session,
+}
+
+impl Kind {
+    /// Its name in the store and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Auto => "auto",
+            Kind::Manual => "manual",
+            Kind::Session => "session",
+        }
+    }
+
+    fn parse(s: &str) -> Kind {
+        match s {
+            "manual" => Kind::Manual,
+            "session" => Kind::Session,
+            _ => Kind::Auto,
+        }
+    }
+}
+
+impl State {
+    /// Its name in the store and the API.
+    pub fn name(self) -> &'static str {
+        self.as_str()
+    }
+}
+
+/// What inserting a caller's top-up found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Inserted {
+    /// A new row.
+    New(TopUp),
+    /// The same request was made before: its row.
+    Repeat(TopUp),
+    /// The key was used before with another request.
+    Conflict,
+}
+
 /// One requested top-up.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TopUp {
+    /// Who asked for it.
+    pub kind: Kind,
     /// The Stripe idempotency key (`tally-topup:WALLET:ASSET:TRIGGER`).
     pub key: String,
     /// The wallet.
@@ -124,6 +178,7 @@ impl TopUp {
     /// The row for an engine request.
     pub fn of(r: &TopUpRequest) -> TopUp {
         TopUp {
+            kind: Kind::Auto,
             key: r.idempotency_key(),
             wallet: r.wallet.as_str().into(),
             asset: r.asset.as_str().into(),
@@ -145,6 +200,7 @@ impl TopUp {
     fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TopUp> {
         let amount: String = row.get("amount")?;
         Ok(TopUp {
+            kind: Kind::parse(&row.get::<_, String>("kind")?),
             key: row.get("key")?,
             wallet: row.get("wallet")?,
             asset: row.get("asset")?,
@@ -186,14 +242,31 @@ impl Payments {
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=10000;",
         )
         .map_err(db)?;
+        // Stores made before manual top-ups lack two columns (and their index needs them).
+        let has_kind = conn
+            .prepare("SELECT 1 FROM pragma_table_info('topups') WHERE name = 'kind'")
+            .and_then(|mut s| s.exists([]))
+            .map_err(db)?;
+        let has_table = conn
+            .prepare("SELECT 1 FROM sqlite_master WHERE name = 'topups'")
+            .and_then(|mut s| s.exists([]))
+            .map_err(db)?;
+        if has_table && !has_kind {
+            conn.execute_batch(
+                "ALTER TABLE topups ADD COLUMN kind TEXT NOT NULL DEFAULT 'auto';
+                 ALTER TABLE topups ADD COLUMN request_hash TEXT;",
+            )
+            .map_err(db)?;
+        }
         conn.execute_batch(SCHEMA).map_err(db)?;
+        conn.execute_batch(crate::webhooks::SCHEMA).map_err(db)?;
         Ok(Payments {
             conn: Arc::new(Mutex::new(conn)),
             path,
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
         // A panic while holding the lock leaves SQLite consistent (statements are atomic).
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -231,6 +304,76 @@ impl Payments {
         }
         tx.commit().map_err(db)?;
         Ok(inserted)
+    }
+
+    /// Inserts a caller's top-up unless its key exists: a repeat of the same request (same
+    /// `request_hash`) gets the existing row, another request under the key a conflict.
+    pub fn insert_manual(&self, row: &TopUp, request_hash: &str) -> Result<Inserted, Error> {
+        let conn = self.lock();
+        let existing = conn
+            .query_row(
+                "SELECT request_hash FROM topups WHERE key = ?1",
+                [&row.key],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()
+            .map_err(db)?;
+        if let Some(hash) = existing {
+            drop(conn);
+            if hash.as_deref() != Some(request_hash) {
+                return Ok(Inserted::Conflict);
+            }
+            return Ok(match self.get(&row.key)? {
+                Some(found) => Inserted::Repeat(found),
+                None => Inserted::Conflict,
+            });
+        }
+        conn.execute(
+            "INSERT INTO topups (key, wallet, asset, trigger, amount, currency, minor_amount,
+             customer, payment_method, state, next_attempt_us, requested_us, kind, request_hash)
+             VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, ?10, ?11, ?12)",
+            params![
+                row.key,
+                row.wallet,
+                row.asset,
+                row.amount.to_string(),
+                row.currency,
+                row.minor_amount,
+                row.customer,
+                row.payment_method,
+                row.next_attempt_us,
+                row.requested_us,
+                row.kind.as_str(),
+                request_hash
+            ],
+        )
+        .map_err(db)?;
+        Ok(Inserted::New(row.clone()))
+    }
+
+    /// A wallet's top-ups, newest first: at most `limit` requested before `before_us`.
+    pub fn of_wallet(
+        &self,
+        wallet: &str,
+        before_us: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<TopUp>, Error> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT * FROM topups WHERE wallet = ?1 AND requested_us < ?2
+                 ORDER BY requested_us DESC, key DESC LIMIT ?3",
+            )
+            .map_err(db)?;
+        let rows = stmt
+            .query_map(
+                params![wallet, before_us.unwrap_or(i64::MAX), limit as i64],
+                TopUp::from_row,
+            )
+            .map_err(db)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)?;
+        Ok(rows)
     }
 
     /// Pending rows due at `now_us`, oldest first, at most `limit`.
@@ -319,7 +462,8 @@ impl Payments {
             .map_err(db)
     }
 
-    /// Marks a row settled, once the engine has the outcome.
+    /// Marks a row settled, once the engine has the outcome, and stores the operator's
+    /// notice of it in the same transaction.
     pub fn settle(
         &self,
         key: &str,
@@ -327,15 +471,20 @@ impl Payments {
         payment_intent: Option<&str>,
         reason: Option<&str>,
         now_us: i64,
+        notice: Option<&Notice>,
     ) -> Result<(), Error> {
-        self.lock()
-            .execute(
-                "UPDATE topups SET state = ?2, payment_intent = COALESCE(?3, payment_intent),
-                 reason = ?4, settled_us = ?5, attempts = attempts + 1 WHERE key = ?1",
-                params![key, state.as_str(), payment_intent, reason, now_us],
-            )
-            .map(drop)
-            .map_err(db)
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(db)?;
+        tx.execute(
+            "UPDATE topups SET state = ?2, payment_intent = COALESCE(?3, payment_intent),
+             reason = ?4, settled_us = ?5, attempts = attempts + 1 WHERE key = ?1",
+            params![key, state.as_str(), payment_intent, reason, now_us],
+        )
+        .map_err(db)?;
+        if let Some(notice) = notice {
+            crate::webhooks::notify_in(&tx, std::slice::from_ref(notice))?;
+        }
+        tx.commit().map_err(db)
     }
 
     /// Remembers a Stripe event id; false if it was seen before.
@@ -396,6 +545,7 @@ impl Payments {
 pub struct PaymentsSink {
     store: Payments,
     buffered: Vec<TopUp>,
+    notices: Vec<Notice>,
     notify: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
@@ -415,6 +565,7 @@ impl PaymentsSink {
         PaymentsSink {
             store,
             buffered: Vec::new(),
+            notices: Vec::new(),
             notify,
         }
     }
@@ -431,16 +582,23 @@ impl Sink for PaymentsSink {
                 self.buffered.push(TopUp::of(r));
                 Ok(true)
             }
-            _ => Ok(false),
+            _ => match Notice::of(tagged) {
+                Some(notice) => {
+                    self.notices.push(notice);
+                    Ok(true)
+                }
+                None => Ok(false),
+            },
         }
     }
 
     fn flush(&mut self) -> Result<(), Error> {
-        if self.buffered.is_empty() {
+        if self.buffered.is_empty() && self.notices.is_empty() {
             return Ok(());
         }
-        let inserted = self.store.insert(&self.buffered)?;
+        let inserted = self.store.insert(&self.buffered)? + self.store.notify(&self.notices)?;
         self.buffered.clear();
+        self.notices.clear();
         if inserted > 0 {
             if let Some(notify) = &self.notify {
                 notify();
@@ -450,6 +608,6 @@ impl Sink for PaymentsSink {
     }
 
     fn unflushed(&self) -> usize {
-        self.buffered.len()
+        self.buffered.len() + self.notices.len()
     }
 }

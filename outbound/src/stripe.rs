@@ -41,12 +41,14 @@ use rust_decimal::Decimal;
 use serde_json::Value;
 use stripe::{IdempotencyKey, RequestStrategy, StripeError, StripeRequest};
 use stripe_core::payment_intent::{
-    CreatePaymentIntent, CreatePaymentIntentOffSession, RetrievePaymentIntent, SearchPaymentIntent,
+    CancelPaymentIntent, CreatePaymentIntent, CreatePaymentIntentOffSession, RetrievePaymentIntent,
+    SearchPaymentIntent,
 };
 use stripe_shared::{PaymentIntent, PaymentIntentStatus};
 use tally_engine::{AssetCode, Command, Name, PaymentEvent, Reply, Request, ResultCode};
 
-use crate::payments::{Payments, State, TopUp};
+use crate::payments::{Inserted, Kind, Payments, State, TopUp};
+use crate::webhooks::Notice;
 use crate::{derived_id, Error};
 
 /// Stripe's settings. The secrets never reach a log line (`Debug` redacts them).
@@ -130,6 +132,7 @@ pub struct Stripe {
     config: StripeConfig,
     engine: Arc<dyn Submit>,
     wake: Arc<tokio::sync::Notify>,
+    wake_notices: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Stripe {
@@ -162,6 +165,62 @@ enum Outcome {
     Failed(Option<String>, String),
     /// Not settled yet (processing, or Stripe unreachable): try again later.
     Later(Option<String>, String),
+}
+
+/// What a PaymentIntent carries to find its top-up again (reconciliation searches by
+/// `tally_key`).
+fn metadata(row: &TopUp) -> HashMap<String, String> {
+    [
+        ("tally_key", row.key.clone()),
+        ("tally_wallet", row.wallet.clone()),
+        ("tally_asset", row.asset.clone()),
+        ("tally_trigger", row.trigger.to_string()),
+        ("tally_amount", row.amount.to_string()),
+        ("tally_kind", row.kind.as_str().to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// Why a caller's top-up was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ManualError {
+    /// The idempotency key was used with another request.
+    Conflict,
+    /// A browser payment needs a Stripe key.
+    NotConfigured,
+    /// Stripe refused or could not be reached.
+    Stripe(String),
+    /// The payments store failed.
+    Store(Error),
+}
+
+impl std::fmt::Display for ManualError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ManualError::Conflict => {
+                write!(f, "this Idempotency-Key was used with a different top-up")
+            }
+            ManualError::NotConfigured => write!(
+                f,
+                "no Stripe secret key is configured: a browser payment cannot be started"
+            ),
+            ManualError::Stripe(e) => write!(f, "Stripe: {e}"),
+            ManualError::Store(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Stripe's error in a few words (never the request, which may hold ids the log must not).
+fn stripe_error_text(e: &StripeError) -> String {
+    match e {
+        StripeError::Stripe(err, status) => format!(
+            "{status} {}",
+            err.message.clone().unwrap_or_else(|| "error".into())
+        ),
+        other => other.to_string(),
+    }
 }
 
 fn classify(pi: &PaymentIntent) -> Outcome {
@@ -218,12 +277,14 @@ fn classify_error(e: StripeError) -> Outcome {
 
 impl Stripe {
     /// The worker over `store`, reporting to `engine`; `wake` is notified when new rows are
-    /// in the store (the payments sink does it after each flush).
+    /// in the store (the payments sink does it after each flush); the worker notifies
+    /// `wake_notices` when it stored a notice for the operator (the webhook sender waits on it).
     pub fn new(
         config: StripeConfig,
         store: Payments,
         engine: Arc<dyn Submit>,
         wake: Arc<tokio::sync::Notify>,
+        wake_notices: Arc<tokio::sync::Notify>,
     ) -> Result<Arc<Stripe>, Error> {
         let client = match &config.secret_key {
             None => None,
@@ -247,7 +308,13 @@ impl Stripe {
             config,
             engine,
             wake,
+            wake_notices,
         }))
+    }
+
+    /// How long a top-up waits for its outcome before it is looked up (microseconds).
+    pub fn reconcile_after_us(&self) -> i64 {
+        self.config.reconcile_after.as_micros() as i64
     }
 
     /// The worker loop: charges due rows until `stop` resolves.
@@ -287,7 +354,9 @@ impl Stripe {
         let Some(client) = &self.client else { return };
         let now = now_us();
         let age = now - row.requested_us;
-        let outcome = if let Some(pi) = &row.payment_intent {
+        let outcome = if row.kind == Kind::Session {
+            self.look_up_session(client, &row, age).await
+        } else if let Some(pi) = &row.payment_intent {
             // Known PaymentIntent: its state is the answer.
             match RetrievePaymentIntent::new(pi.as_str()).send(client).await {
                 Ok(pi) => classify(&pi),
@@ -342,23 +411,13 @@ impl Stripe {
             Ok(k) => k,
             Err(_) => return Outcome::Failed(None, "invalid_idempotency_key".into()),
         };
-        let metadata: HashMap<String, String> = [
-            ("tally_key", row.key.clone()),
-            ("tally_wallet", row.wallet.clone()),
-            ("tally_asset", row.asset.clone()),
-            ("tally_trigger", row.trigger.to_string()),
-            ("tally_amount", row.amount.to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
         let request = CreatePaymentIntent::new(row.minor_amount, currency)
             .customer(row.customer.clone())
             .payment_method(row.payment_method.clone())
             .confirm(true)
             .off_session(CreatePaymentIntentOffSession::Bool(true))
             .description(format!("tally top-up of {} {}", row.amount, row.asset))
-            .metadata(metadata);
+            .metadata(metadata(row));
         match request
             .customize()
             .request_strategy(RequestStrategy::Idempotent(key))
@@ -368,6 +427,101 @@ impl Stripe {
             Ok(pi) => classify(&pi),
             Err(e) => classify_error(e),
         }
+    }
+
+    /// A browser payment's PaymentIntent: settled when the customer paid (or Stripe canceled
+    /// it). One the customer left unpaid is canceled after 23 hours, so it cannot be paid
+    /// once tally stopped waiting for it; if the cancel fails it was paid meanwhile, and the
+    /// next look finds that.
+    async fn look_up_session(&self, client: &stripe::Client, row: &TopUp, age: i64) -> Outcome {
+        let Some(id) = &row.payment_intent else {
+            // The caller's request never reached Stripe: nothing can be paid.
+            return Outcome::Failed(None, "abandoned".into());
+        };
+        let pi = match RetrievePaymentIntent::new(id.as_str()).send(client).await {
+            Ok(pi) => pi,
+            Err(e) => return classify_error(e),
+        };
+        match pi.status {
+            PaymentIntentStatus::Succeeded => Outcome::Succeeded(id.clone()),
+            PaymentIntentStatus::Canceled => Outcome::Failed(Some(id.clone()), "canceled".into()),
+            PaymentIntentStatus::Processing => Outcome::Later(Some(id.clone()), "processing".into()),
+            _ if age < KEY_LIFETIME_US => {
+                Outcome::Later(Some(id.clone()), "waiting for the customer".into())
+            }
+            _ => match CancelPaymentIntent::new(id.as_str()).send(client).await {
+                Ok(_) => Outcome::Failed(Some(id.clone()), "abandoned".into()),
+                Err(e) => classify_error(e),
+            },
+        }
+    }
+
+    /// A caller's top-up (`POST /v1/wallets/{id}/topups`): stored under `key` (derived from
+    /// the caller's idempotency key), then charged at once on the saved payment method, or,
+    /// for a `session`, made into a PaymentIntent whose client secret the customer's browser
+    /// confirms. The grant is added when Stripe says the money is in, once. A repeat of the
+    /// same request answers with the same top-up (and the same client secret).
+    pub async fn manual_topup(
+        &self,
+        row: TopUp,
+        request_hash: &str,
+    ) -> Result<(TopUp, Option<String>), ManualError> {
+        let session = row.kind == Kind::Session;
+        if session && self.client.is_none() {
+            return Err(ManualError::NotConfigured);
+        }
+        let row = match self
+            .store
+            .insert_manual(&row, request_hash)
+            .map_err(ManualError::Store)?
+        {
+            Inserted::Conflict => return Err(ManualError::Conflict),
+            Inserted::New(row) | Inserted::Repeat(row) => row,
+        };
+        let Some(client) = &self.client else {
+            // Waits, like an auto top-up, until the server runs with a key.
+            return Ok((row, None));
+        };
+        if !session {
+            if row.state == State::Pending {
+                self.process(row.clone()).await;
+            }
+            let row = self
+                .store
+                .get(&row.key)
+                .map_err(ManualError::Store)?
+                .unwrap_or(row);
+            return Ok((row, None));
+        }
+        let pi = match &row.payment_intent {
+            Some(id) => RetrievePaymentIntent::new(id.as_str()).send(client).await,
+            None => {
+                let currency = stripe_types::Currency::from_str(&row.currency)
+                    .map_err(|_| ManualError::Stripe("unsupported currency".into()))?;
+                let key = IdempotencyKey::new(&row.key)
+                    .map_err(|_| ManualError::Stripe("invalid idempotency key".into()))?;
+                CreatePaymentIntent::new(row.minor_amount, currency)
+                    .customer(row.customer.clone())
+                    .description(format!("tally top-up of {} {}", row.amount, row.asset))
+                    .metadata(metadata(&row))
+                    .customize()
+                    .request_strategy(RequestStrategy::Idempotent(key))
+                    .send(client)
+                    .await
+            }
+        };
+        let pi = pi.map_err(|e| ManualError::Stripe(stripe_error_text(&e)))?;
+        if row.payment_intent.is_none() {
+            self.store
+                .set_intent(&row.key, pi.id.as_str())
+                .map_err(ManualError::Store)?;
+        }
+        let row = self
+            .store
+            .get(&row.key)
+            .map_err(ManualError::Store)?
+            .unwrap_or(row);
+        Ok((row, pi.client_secret))
     }
 
     /// Finds the PaymentIntent of a row that never got an answer, by its metadata.
@@ -422,6 +576,37 @@ impl Stripe {
                 (Request { id, command }, State::Failed, pi, Some(reason))
             }
         };
+        let kind = match (state, reason) {
+            (State::Succeeded, _) => "topup.succeeded",
+            (_, Some("authentication_required")) => "topup.requires_action",
+            _ => "topup.failed",
+        };
+        let mut data = serde_json::json!({
+            "topup": row.key,
+            "wallet": row.wallet,
+            "asset": row.asset,
+            "amount": row.amount.normalize().to_string(),
+            "currency": row.currency,
+            "amount_minor": row.minor_amount,
+            "payment_intent": pi,
+        });
+        if let Some(reason) = reason {
+            data["reason"] = reason.into();
+        }
+        let notice = Notice::new(&format!("{kind}:{}", row.key), kind, data, now_us());
+        if row.kind != Kind::Auto && state == State::Failed {
+            // Nothing is in flight in the engine for a caller's top-up: a failure changes no
+            // balance, it is only recorded here and told.
+            if let Err(e) = self
+                .store
+                .settle(&row.key, state, pi, reason, now_us(), Some(&notice))
+            {
+                tracing::error!("{e}");
+            }
+            self.wake_notices.notify_one();
+            tracing::info!(key = %row.key, reason = reason.unwrap_or(""), "top-up failed");
+            return;
+        }
         match self.engine.submit(request).await {
             Ok(reply) => {
                 // Already settled by another path (a webhook, an earlier attempt) is settled.
@@ -433,7 +618,11 @@ impl Stripe {
                     tracing::error!(key = %row.key, code = %reply.code, "the engine refused a top-up outcome");
                 }
                 tracing::info!(key = %row.key, state = ?state, reason = reason.unwrap_or(""), "top-up settled");
-                if let Err(e) = self.store.settle(&row.key, state, pi, reason, now_us()) {
+                let settled = self
+                    .store
+                    .settle(&row.key, state, pi, reason, now_us(), Some(&notice));
+                self.wake_notices.notify_one();
+                if let Err(e) = settled {
                     tracing::error!("{e}");
                 }
             }
@@ -512,7 +701,11 @@ impl Stripe {
                 let Some(row) = row else {
                     return Ok("not a tally top-up");
                 };
-                if row.state != State::Pending {
+                // Paid after tally gave up on it (a lost answer failed after 23 hours): the
+                // money is in, so the grant is too.
+                if row.state == State::Succeeded
+                    || (row.state == State::Failed && kind != "payment_intent.succeeded")
+                {
                     return Ok("already settled");
                 }
                 if kind == "payment_intent.succeeded" {
@@ -525,7 +718,7 @@ impl Stripe {
                     self.settle(&row, Err((Some(&pi), &reason))).await;
                 }
                 let after = self.store.get(&row.key).map_err(unavailable)?;
-                if after.is_some_and(|r| r.state == State::Pending) {
+                if after.is_some_and(|r| r.state == row.state) {
                     return Err(WebhookError::Unavailable(
                         "the engine did not answer".into(),
                     ));
@@ -561,6 +754,24 @@ impl Stripe {
                     },
                 };
                 let outcome = self.payment_event(id, &pi, event).await?;
+                if let Some(row) = self.store.by_intent(&pi).map_err(unavailable)? {
+                    let (kind, frozen) = match kind {
+                        "charge.dispute.created" => ("dispute.opened", self.config.dispute_freeze),
+                        _ => ("dispute.closed", false),
+                    };
+                    let mut data = serde_json::json!({
+                        "wallet": row.wallet,
+                        "payment_intent": pi,
+                        "dispute": dispute,
+                        "status": status,
+                    });
+                    if kind == "dispute.opened" {
+                        data["frozen"] = frozen.into();
+                    }
+                    let notice = Notice::new(&format!("{kind}:{id}"), kind, data, now_us());
+                    self.store.notify(&[notice]).map_err(unavailable)?;
+                    self.wake_notices.notify_one();
+                }
                 // Recorded only once applied: a delivery the engine could not take is retried
                 // by Stripe and must not look late then.
                 self.store

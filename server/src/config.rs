@@ -86,6 +86,15 @@ pub struct Config {
     pub stripe_dispute_freeze: bool,
     /// Look a top-up up at Stripe by its metadata after this many seconds without an outcome.
     pub stripe_reconcile_secs: u64,
+    /// The first retry of a failed webhook delivery waits this long; each next one twice as
+    /// long (at most 10 hours), for up to 3 days.
+    pub webhook_retry_base_ms: u64,
+    /// `wallet.balance.low` fires when a balance's available value falls below this many USD
+    /// (`"0"`: never).
+    pub alert_low_balance_usd: rust_decimal::Decimal,
+    /// `grant.expiring` fires this many seconds before a grant with a remainder expires (0:
+    /// never).
+    pub alert_grant_expiring_secs: u64,
 }
 
 /// A secret setting: compared and cloned like a string, never printed.
@@ -135,6 +144,9 @@ impl Default for Config {
             stripe_webhook_secret: None,
             stripe_dispute_freeze: true,
             stripe_reconcile_secs: 3600,
+            webhook_retry_base_ms: 5000,
+            alert_low_balance_usd: rust_decimal::Decimal::ZERO,
+            alert_grant_expiring_secs: 3 * 86_400,
         }
     }
 }
@@ -197,6 +209,12 @@ pub struct Overrides {
     pub stripe_dispute_freeze: Option<bool>,
     /// See [`Config::stripe_reconcile_secs`].
     pub stripe_reconcile_secs: Option<u64>,
+    /// See [`Config::webhook_retry_base_ms`].
+    pub webhook_retry_base_ms: Option<u64>,
+    /// See [`Config::alert_low_balance_usd`].
+    pub alert_low_balance_usd: Option<rust_decimal::Decimal>,
+    /// See [`Config::alert_grant_expiring_secs`].
+    pub alert_grant_expiring_secs: Option<u64>,
     /// See [`Config::tls_cert`].
     pub tls_cert: Option<PathBuf>,
     /// See [`Config::tls_key`].
@@ -254,6 +272,9 @@ const ENV: &[(&str, &str)] = &[
     ("TALLY_STRIPE_WEBHOOK_SECRET", "stripe_webhook_secret"),
     ("TALLY_STRIPE_DISPUTE_FREEZE", "stripe_dispute_freeze"),
     ("TALLY_STRIPE_RECONCILE_SECS", "stripe_reconcile_secs"),
+    ("TALLY_WEBHOOK_RETRY_BASE_MS", "webhook_retry_base_ms"),
+    ("TALLY_ALERT_LOW_BALANCE_USD", "alert_low_balance_usd"),
+    ("TALLY_ALERT_GRANT_EXPIRING_SECS", "alert_grant_expiring_secs"),
     ("TALLY_TLS_CERT", "tls_cert"),
     ("TALLY_TLS_KEY", "tls_key"),
     ("TALLY_CONNECTIONS_MAX", "connections_max"),
@@ -285,7 +306,8 @@ impl Overrides {
                     | "export_postgres"
                     | "stripe_secret_key"
                     | "stripe_api_base"
-                    | "stripe_webhook_secret" => toml::Value::String(value),
+                    | "stripe_webhook_secret"
+                    | "alert_low_balance_usd" => toml::Value::String(value),
                     "http_tls" | "export_jsonl" | "history_store" | "stripe_dispute_freeze" => {
                         match value.trim() {
                             "1" | "true" => toml::Value::Boolean(true),
@@ -336,6 +358,9 @@ impl Overrides {
             history_retention_days,
             stripe_dispute_freeze,
             stripe_reconcile_secs,
+            webhook_retry_base_ms,
+            alert_low_balance_usd,
+            alert_grant_expiring_secs,
             connections_max,
             streams_max,
             in_flight_max,
@@ -432,6 +457,26 @@ impl Config {
                 "must be between 60 and 82800 (23 hours: Stripe keeps idempotency keys 24 hours)",
             );
         }
+        if !(10..=3_600_000).contains(&self.webhook_retry_base_ms) {
+            return bad(
+                "webhook_retry_base_ms",
+                "must be between 10 and 3600000 (one hour)",
+            );
+        }
+        if self.alert_low_balance_usd < rust_decimal::Decimal::ZERO
+            || self.alert_low_balance_usd > tally_engine::AMOUNT_MAX
+        {
+            return bad(
+                "alert_low_balance_usd",
+                "must be a decimal string between \"0\" and the largest amount",
+            );
+        }
+        if self.alert_grant_expiring_secs > 366 * 86_400 {
+            return bad(
+                "alert_grant_expiring_secs",
+                "must be between 0 and 31622400 (366 days)",
+            );
+        }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return bad("tls_cert", "tls_cert and tls_key must be set together");
         }
@@ -472,6 +517,8 @@ impl Config {
     pub fn engine(&self) -> tally_engine::Config {
         tally_engine::Config {
             idempotency_retention_us: self.idempotency_retention_secs as i64 * 1_000_000,
+            low_balance_usd: self.alert_low_balance_usd,
+            grant_expiring_lead_us: self.alert_grant_expiring_secs as i64 * 1_000_000,
             ..tally_engine::Config::default()
         }
     }

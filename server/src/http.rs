@@ -100,20 +100,36 @@ impl tally_outbound::stripe::Submit for EngineSubmit {
     }
 }
 
-/// Starts the Stripe worker on the current tokio runtime over `handle`, and gives it to the
-/// API for Stripe's webhooks. Abort the returned task to stop it: the worker keeps nothing that
-/// a pending row in the payments store does not (an aborted call is retried with its key).
+/// Starts the payments workers on the current tokio runtime over `handle`: the Stripe worker
+/// (also given to the API for Stripe's webhooks and callers' top-ups) and the sender of the
+/// operator's webhooks. Abort the returned task to stop both: neither keeps anything that a
+/// row in the payments store does not (an aborted call is retried with its key, an aborted
+/// delivery is delivered again).
 pub fn start_stripe(
     config: &Config,
     handle: Handle,
     wake: Arc<tokio::sync::Notify>,
+    notices_wake: Arc<tokio::sync::Notify>,
     state: &ApiState,
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
     let store = tally_outbound::payments::Payments::open(&config.data_dir)
         .map_err(|e| Error(e.to_string()))?;
     let engine = Arc::new(EngineSubmit(Arc::new(ShardBackend::new(handle))));
-    let stripe = tally_outbound::stripe::Stripe::new(config.stripe(), store, engine, wake)
-        .map_err(|e| Error(e.to_string()))?;
+    let sender = tally_outbound::webhooks::Sender::new(
+        store.clone(),
+        std::time::Duration::from_millis(config.webhook_retry_base_ms),
+        Arc::clone(&notices_wake),
+    )
+    .map_err(|e| Error(e.to_string()))?;
+    state.set_payments(store.clone());
+    let stripe = tally_outbound::stripe::Stripe::new(
+        config.stripe(),
+        store,
+        engine,
+        wake,
+        notices_wake,
+    )
+    .map_err(|e| Error(e.to_string()))?;
     if config.stripe_secret_key.is_none() {
         tracing::warn!(
             "no Stripe secret key (stripe_secret_key / TALLY_STRIPE_SECRET_KEY): top-ups are \
@@ -121,5 +137,10 @@ pub fn start_stripe(
         );
     }
     state.set_stripe(Arc::clone(&stripe));
-    Ok(tokio::spawn(stripe.run(std::future::pending())))
+    Ok(tokio::spawn(async move {
+        tokio::join!(
+            stripe.run(std::future::pending()),
+            sender.run(std::future::pending())
+        );
+    }))
 }

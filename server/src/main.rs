@@ -1160,6 +1160,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             &config,
             server.handle(),
             server.payments_wake(),
+            server.notices_wake(),
             &api,
         )?;
         (

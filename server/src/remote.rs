@@ -1385,6 +1385,20 @@ fn render_answer(answer: &Answer) -> (String, Value) {
             ),
             json!({ "price": to_json(p) }),
         ),
+        Answer::Asset(a) => (
+            format!(
+                "asset {}: scale {}, worth {} USD, top-up price {}",
+                a.code,
+                a.scale,
+                a.usd_value.normalize(),
+                a.topup_price.map_or("none".to_string(), |p| format!(
+                    "{} {}",
+                    p.unit_amount.normalize(),
+                    p.currency
+                ))
+            ),
+            json!({ "asset": to_json(a) }),
+        ),
         Answer::DraftTest(report) => (
             draft_test_text(report),
             json!({ "report": to_json(report) }),

@@ -316,6 +316,7 @@ pub struct Server {
     export: Option<outbound::PostgresExport>,
     recovered: Vec<Recovered>,
     payments_wake: Arc<tokio::sync::Notify>,
+    notices_wake: Arc<tokio::sync::Notify>,
     _lock: DataDirLock,
 }
 
@@ -337,9 +338,13 @@ impl Server {
         let count = shard_count(&config.data_dir, config.shards)?;
         // The Stripe worker (started by whoever runs a runtime) waits on this for new top-ups.
         let payments_wake = Arc::new(tokio::sync::Notify::new());
+        let notices_wake = Arc::new(tokio::sync::Notify::new());
         let sinks = open_sinks(config, {
-            let wake = Arc::clone(&payments_wake);
-            Some(Arc::new(move || wake.notify_one()))
+            let (wake, notices) = (Arc::clone(&payments_wake), Arc::clone(&notices_wake));
+            Some(Arc::new(move || {
+                wake.notify_one();
+                notices.notify_one();
+            }))
         })?;
         let mut lags: Vec<Arc<outbound::Lag>> =
             sinks.iter().map(|s| outbound::Lag::new(s.name())).collect();
@@ -435,6 +440,7 @@ impl Server {
             export,
             recovered,
             payments_wake,
+            notices_wake,
             _lock: lock,
         })
     }
@@ -447,6 +453,11 @@ impl Server {
     /// Notified whenever new top-up requests reach the payments store (for the Stripe worker).
     pub fn payments_wake(&self) -> Arc<tokio::sync::Notify> {
         Arc::clone(&self.payments_wake)
+    }
+
+    /// Notified whenever new notices for the operator's webhooks are stored (for the sender).
+    pub fn notices_wake(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.notices_wake)
     }
 
     /// What recovery found, per shard.
