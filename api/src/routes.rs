@@ -1631,7 +1631,10 @@ pub(crate) async fn create_topup(
         TopUpKind::Manual
     };
     let method = match (kind, payment_method.or(view.payment_method)) {
-        (TopUpKind::Session, m) => m.map(|m| m.as_str().to_string()).unwrap_or_default(),
+        // Only a method the caller names: otherwise the customer picks one in the browser.
+        (TopUpKind::Session, _) => payment_method
+            .map(|m| m.as_str().to_string())
+            .unwrap_or_default(),
         (_, Some(m)) => m.as_str().to_string(),
         (_, None) => {
             return Err(ApiError::invalid(
@@ -1670,7 +1673,14 @@ pub(crate) async fn create_topup(
         },
         requested_us: now,
     };
-    let hash = format!("{}|{}|{}|{}|{}", kind.as_str(), code, amount, row.payment_method, idem.key);
+    let hash = format!(
+        "{}|{}|{}|{}|{}",
+        kind.as_str(),
+        code,
+        amount,
+        row.payment_method,
+        idem.key
+    );
     let (row, secret) = state
         .stripe()?
         .manual_topup(row, &hash)
@@ -1709,7 +1719,10 @@ pub(crate) async fn get_topup(
 
 fn store_error(e: tally_outbound::Error) -> ApiError {
     tracing::error!("{e}");
-    ApiError::transport(ErrorCode::NotReady, "the payments store failed; retry shortly")
+    ApiError::transport(
+        ErrorCode::NotReady,
+        "the payments store failed; retry shortly",
+    )
 }
 
 /// Register an endpoint for webhooks out: notices (`topup.*`, `dispute.*`, `wallet.*`,
@@ -1843,7 +1856,9 @@ pub(crate) async fn webhook_attempts(
     let more = rows.len() > limit;
     let rows = &rows[..rows.len().min(limit)];
     Ok(Json(WebhookAttemptPage {
-        next_before: more.then(|| rows.last().map(|a| a.at_us.to_string())).flatten(),
+        next_before: more
+            .then(|| rows.last().map(|a| a.at_us.to_string()))
+            .flatten(),
         data: rows
             .iter()
             .map(|a| WebhookAttempt {

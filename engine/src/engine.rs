@@ -18,9 +18,7 @@ use crate::command::{
 };
 use crate::hash::{fingerprint, StableHasher};
 use crate::money::{self, ASSET_SCALE_MAX};
-use crate::output::{
-    Account, Alert, Effect, EntryKind, JournalEntry, MarginRecord, TopUpRequest,
-};
+use crate::output::{Account, Alert, Effect, EntryKind, JournalEntry, MarginRecord, TopUpRequest};
 use crate::pricing::{self, Quantity};
 use crate::state::{
     AdjustmentRecord, Asset, Assignment, Balance, ChargeRef, ClosedHold, Config, GrantState, Hold,
@@ -1501,7 +1499,8 @@ impl Engine {
         wallet.payments[payment].disputed = true;
         if freeze && !wallet.frozen {
             wallet.frozen = true;
-            out.effects.push_back(Effect::WalletFrozen { wallet: wallet_id });
+            out.effects
+                .push_back(Effect::WalletFrozen { wallet: wallet_id });
         }
         let balance = wallet.balance_mut(&p.asset);
         if let Some(i) = balance.grants.iter().position(|g| g.id == grant) {

@@ -87,9 +87,7 @@ pub use engine::{
 };
 pub use hash::{fingerprint, shard_for, StableHasher};
 pub use money::{dec, Rounding, AMOUNT_MAX, QUANTITY_MAX};
-pub use output::{
-    Account, Alert, Effect, EntryKind, JournalEntry, MarginRecord, TopUpRequest,
-};
+pub use output::{Account, Alert, Effect, EntryKind, JournalEntry, MarginRecord, TopUpRequest};
 pub use pricing::{Component, PriceModel, PriceRule, Quantity, Tier};
 pub use query::{
     BalanceView, DraftTestReport, DraftTestRow, GrantView, MarginScope, MarginView, PriceView,

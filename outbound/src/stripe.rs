@@ -445,7 +445,9 @@ impl Stripe {
         match pi.status {
             PaymentIntentStatus::Succeeded => Outcome::Succeeded(id.clone()),
             PaymentIntentStatus::Canceled => Outcome::Failed(Some(id.clone()), "canceled".into()),
-            PaymentIntentStatus::Processing => Outcome::Later(Some(id.clone()), "processing".into()),
+            PaymentIntentStatus::Processing => {
+                Outcome::Later(Some(id.clone()), "processing".into())
+            }
             _ if age < KEY_LIFETIME_US => {
                 Outcome::Later(Some(id.clone()), "waiting for the customer".into())
             }
@@ -500,10 +502,15 @@ impl Stripe {
                     .map_err(|_| ManualError::Stripe("unsupported currency".into()))?;
                 let key = IdempotencyKey::new(&row.key)
                     .map_err(|_| ManualError::Stripe("invalid idempotency key".into()))?;
-                CreatePaymentIntent::new(row.minor_amount, currency)
+                let mut create = CreatePaymentIntent::new(row.minor_amount, currency)
                     .customer(row.customer.clone())
                     .description(format!("tally top-up of {} {}", row.amount, row.asset))
-                    .metadata(metadata(&row))
+                    .metadata(metadata(&row));
+                // A card the customer picked in the browser; otherwise Stripe.js collects one.
+                if !row.payment_method.is_empty() {
+                    create = create.payment_method(row.payment_method.clone());
+                }
+                create
                     .customize()
                     .request_strategy(RequestStrategy::Idempotent(key))
                     .send(client)
@@ -618,9 +625,9 @@ impl Stripe {
                     tracing::error!(key = %row.key, code = %reply.code, "the engine refused a top-up outcome");
                 }
                 tracing::info!(key = %row.key, state = ?state, reason = reason.unwrap_or(""), "top-up settled");
-                let settled = self
-                    .store
-                    .settle(&row.key, state, pi, reason, now_us(), Some(&notice));
+                let settled =
+                    self.store
+                        .settle(&row.key, state, pi, reason, now_us(), Some(&notice));
                 self.wake_notices.notify_one();
                 if let Err(e) = settled {
                     tracing::error!("{e}");

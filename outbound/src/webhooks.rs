@@ -240,7 +240,10 @@ impl std::fmt::Display for EndpointError {
                 EVENT_TYPES.join(", ")
             ),
             EndpointError::BadSecret => {
-                write!(f, "secret must be `whsec_` and the base64 of 24 to 64 bytes")
+                write!(
+                    f,
+                    "secret must be `whsec_` and the base64 of 24 to 64 bytes"
+                )
             }
             EndpointError::TooMany => write!(f, "at most {ENDPOINTS_MAX} endpoints"),
             EndpointError::Exists(e, _) => write!(f, "endpoint {} exists", e.id),
@@ -554,11 +557,8 @@ impl Payments {
     fn prune_notices(&self, now_us: i64) -> Result<(), Error> {
         let horizon = now_us - RETENTION_US;
         let conn = self.lock();
-        conn.execute(
-            "DELETE FROM webhook_attempts WHERE at_us < ?1",
-            [horizon],
-        )
-        .map_err(db)?;
+        conn.execute("DELETE FROM webhook_attempts WHERE at_us < ?1", [horizon])
+            .map_err(db)?;
         conn.execute(
             "DELETE FROM webhook_deliveries WHERE state != 'pending' AND created_us < ?1",
             [horizon],
@@ -576,7 +576,10 @@ impl Payments {
 
 /// Stores `notices` and fans them out inside an open transaction (the Stripe worker settles a
 /// top-up and tells the operator in one).
-pub(crate) fn notify_in(tx: &rusqlite::Transaction<'_>, notices: &[Notice]) -> Result<usize, Error> {
+pub(crate) fn notify_in(
+    tx: &rusqlite::Transaction<'_>,
+    notices: &[Notice],
+) -> Result<usize, Error> {
     let mut deliveries = 0;
     for n in notices {
         let inserted = tx
@@ -738,7 +741,8 @@ impl Sender {
         let (state, next) = if ok {
             ("delivered", result.at_us)
         } else {
-            let next = result.at_us + backoff_us(self.retry_base.as_micros() as i64, d.attempts + 1);
+            let next =
+                result.at_us + backoff_us(self.retry_base.as_micros() as i64, d.attempts + 1);
             if next - d.created_us > GIVE_UP_AFTER.as_micros() as i64 {
                 ("failed", result.at_us)
             } else {
@@ -837,7 +841,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Payments::open(dir.path()).unwrap();
         assert_eq!(
-            store.add_endpoint("we_1", "ftp://x", &[], "", None, 1).unwrap_err(),
+            store
+                .add_endpoint("we_1", "ftp://x", &[], "", None, 1)
+                .unwrap_err(),
             EndpointError::BadUrl
         );
         assert!(matches!(
@@ -850,21 +856,31 @@ mod tests {
                 .unwrap_err(),
             EndpointError::BadSecret
         );
-        let (all, secret) = store.add_endpoint("we_2", "https://x.test/all", &[], "", None, 1).unwrap();
+        let (all, secret) = store
+            .add_endpoint("we_2", "https://x.test/all", &[], "", None, 1)
+            .unwrap();
         assert!(secret_key(&secret).is_some());
         let (only, _) = store
-            .add_endpoint("we_3", "https://x.test/f", &["topup.failed".into()], "", None, 1)
+            .add_endpoint(
+                "we_3",
+                "https://x.test/f",
+                &["topup.failed".into()],
+                "",
+                None,
+                1,
+            )
             .unwrap();
         let frozen = Notice::new("a", "wallet.frozen", json!({"wallet": "w"}), 10);
         let failed = Notice::new("b", "topup.failed", json!({"wallet": "w"}), 10);
         assert_eq!(store.notify(&[frozen.clone(), failed.clone()]).unwrap(), 3);
-        assert_eq!(store.notify(&[frozen, failed]).unwrap(), 0, "ids are stable");
+        assert_eq!(
+            store.notify(&[frozen, failed]).unwrap(),
+            0,
+            "ids are stable"
+        );
         let due = store.due_deliveries(10, 10).unwrap();
         assert_eq!(due.len(), 3);
-        assert_eq!(
-            due.iter().filter(|d| d.endpoint_id == only.id).count(),
-            1
-        );
+        assert_eq!(due.iter().filter(|d| d.endpoint_id == only.id).count(), 1);
         assert!(store.remove_endpoint(&all.id).unwrap());
         assert!(!store.remove_endpoint(&all.id).unwrap());
         assert_eq!(store.due_deliveries(10, 10).unwrap().len(), 1);

@@ -274,7 +274,10 @@ const ENV: &[(&str, &str)] = &[
     ("TALLY_STRIPE_RECONCILE_SECS", "stripe_reconcile_secs"),
     ("TALLY_WEBHOOK_RETRY_BASE_MS", "webhook_retry_base_ms"),
     ("TALLY_ALERT_LOW_BALANCE_USD", "alert_low_balance_usd"),
-    ("TALLY_ALERT_GRANT_EXPIRING_SECS", "alert_grant_expiring_secs"),
+    (
+        "TALLY_ALERT_GRANT_EXPIRING_SECS",
+        "alert_grant_expiring_secs",
+    ),
     ("TALLY_TLS_CERT", "tls_cert"),
     ("TALLY_TLS_KEY", "tls_key"),
     ("TALLY_CONNECTIONS_MAX", "connections_max"),

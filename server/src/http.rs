@@ -122,14 +122,9 @@ pub fn start_stripe(
     )
     .map_err(|e| Error(e.to_string()))?;
     state.set_payments(store.clone());
-    let stripe = tally_outbound::stripe::Stripe::new(
-        config.stripe(),
-        store,
-        engine,
-        wake,
-        notices_wake,
-    )
-    .map_err(|e| Error(e.to_string()))?;
+    let stripe =
+        tally_outbound::stripe::Stripe::new(config.stripe(), store, engine, wake, notices_wake)
+            .map_err(|e| Error(e.to_string()))?;
     if config.stripe_secret_key.is_none() {
         tracing::warn!(
             "no Stripe secret key (stripe_secret_key / TALLY_STRIPE_SECRET_KEY): top-ups are \

@@ -86,6 +86,9 @@ enum Command {
     Key(KeyCommand),
     /// The running server's health.
     Health(RemoteArgs),
+    /// Top a wallet up now through Stripe (admin; over the HTTP API): charge its saved payment
+    /// method, or with --session print a client secret for Stripe.js. Prints the top-up.
+    Topup(TopupArgs),
 }
 
 /// How the client commands reach the server.
@@ -103,6 +106,123 @@ struct RemoteArgs {
     /// Print exactly one JSON document on stdout instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// `tally topup`: a caller's top-up, over the HTTP API (Stripe lives behind it).
+#[derive(Args, Debug, Clone)]
+struct TopupArgs {
+    /// The wallet's id.
+    wallet: String,
+    /// How much of the asset to buy (the charge must be whole cents at the asset's price).
+    #[arg(long, allow_hyphen_values = true)]
+    amount: rust_decimal::Decimal,
+    /// The asset to credit; it needs a top-up price (`tally asset price`).
+    #[arg(long)]
+    asset: String,
+    /// The payment method to charge [default: the wallet's].
+    #[arg(long)]
+    payment_method: Option<String>,
+    /// Start a browser payment: print its client secret instead of charging now.
+    #[arg(long)]
+    session: bool,
+    /// The server's HTTP API.
+    #[arg(long, env = "TALLY_HTTP_URL", default_value = "http://127.0.0.1:7480")]
+    http: String,
+    /// The server's certificate (PEM), pinned, for an https:// URL.
+    #[arg(long, env = "TALLY_CERT", default_value = "./tally-data/tls/cert.pem")]
+    cert: PathBuf,
+    /// An admin API key.
+    #[arg(long, env = "TALLY_API_KEY", hide_env_values = true)]
+    api_key: String,
+    /// The Idempotency-Key [default: a fresh random one, printed so that a retry can reuse it].
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Print exactly one JSON document on stdout instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `tally topup`: one POST to `/v1/wallets/{id}/topups`.
+fn topup(args: TopupArgs) -> Result<i32> {
+    let key = args.idempotency_key.clone().unwrap_or_else(|| {
+        let id = remote::fresh_request_id();
+        format!("cli-topup-{id:032x}")
+    });
+    if args.idempotency_key.is_none() && !args.json {
+        eprintln!("idempotency key: {key} (pass --idempotency-key {key} to retry)");
+    }
+    // reqwest's TLS takes the process's provider (for http:// too, when it is built).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut builder = reqwest::Client::builder().timeout(std::time::Duration::from_secs(90));
+    if args.http.starts_with("https://") {
+        let pinned = tally_net::tls::load_certs(&args.cert)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("{} holds no certificate", args.cert.display()))?;
+        let mut tls = tally_net::tls::client_crypto(pinned).map_err(|e| anyhow::anyhow!("{e}"))?;
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        builder = builder.use_preconfigured_tls(tls);
+    }
+    let client = builder.build()?;
+    let url = format!(
+        "{}/v1/wallets/{}/topups",
+        args.http.trim_end_matches('/'),
+        args.wallet
+    );
+    let body = serde_json::json!({
+        "asset": args.asset,
+        "amount": args.amount.normalize().to_string(),
+        "payment_method": args.payment_method,
+        "session": args.session,
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (status, answer) = runtime.block_on(async {
+        let response = client
+            .post(&url)
+            .bearer_auth(&args.api_key)
+            .header("Idempotency-Key", &key)
+            .json(&body)
+            .send()
+            .await?;
+        let status = response.status();
+        let answer: serde_json::Value = response.json().await?;
+        Ok::<_, reqwest::Error>((status, answer))
+    })?;
+    if args.json {
+        println!("{answer}");
+    } else if status.is_success() {
+        println!(
+            "top-up {}: {} {} of {} ({} {} minor units){}{}",
+            answer["id"].as_str().unwrap_or(""),
+            answer["status"].as_str().unwrap_or(""),
+            answer["amount"].as_str().unwrap_or(""),
+            answer["asset"].as_str().unwrap_or(""),
+            answer["amount_minor"],
+            answer["currency"].as_str().unwrap_or(""),
+            answer["failure_reason"]
+                .as_str()
+                .map(|r| format!(", failed: {r}"))
+                .unwrap_or_default(),
+            answer["client_secret"]
+                .as_str()
+                .map(|s| format!("\nclient secret: {s}"))
+                .unwrap_or_default(),
+        );
+    } else {
+        eprintln!(
+            "tally: error: {} {}",
+            status.as_u16(),
+            answer["error"]["message"].as_str().unwrap_or("")
+        );
+    }
+    Ok(if status.is_success() && answer["status"] != "failed" {
+        0
+    } else {
+        1
+    })
 }
 
 /// A client command that changes state.
@@ -742,6 +862,7 @@ fn main() {
 fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Serve(args) => serve(args).map(|()| 0),
+        Command::Topup(args) => topup(args),
         Command::Snapshot(SnapshotCommand::Create(args)) if args.api_key.is_some() => {
             let remote = Remote {
                 addr: args.addr,
@@ -836,7 +957,11 @@ fn client_op(command: Command) -> (Remote, Option<u128>, Op) {
     let read = |r: RemoteArgs| (Remote::from(r), None);
     let write = |m: MutateArgs| (Remote::from(m.remote), m.id);
     let ((remote, id), op) = match command {
-        Command::Serve(_) | Command::Snapshot(_) | Command::Restore(_) | Command::Wal(_) => {
+        Command::Serve(_)
+        | Command::Topup(_)
+        | Command::Snapshot(_)
+        | Command::Restore(_)
+        | Command::Wal(_) => {
             unreachable!("not a client command")
         }
         Command::Asset(AssetCommand::Define {

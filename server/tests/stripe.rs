@@ -451,3 +451,361 @@ async fn a_crash_between_charge_and_outcome_charges_and_grants_once() {
     assert_eq!(api.available("w").await, "24");
     assert_eq!(intents(&stripe, &customer).await.len(), 1);
 }
+
+/// One request an operator endpoint received.
+#[derive(Debug, Clone)]
+struct Received {
+    id: String,
+    timestamp: i64,
+    signature: String,
+    body: String,
+}
+
+/// An operator's webhook endpoint on a free loopback port: records every request and answers
+/// with the next status of `script` (then 200).
+async fn receiver(script: Vec<u16>) -> (String, std::sync::Arc<std::sync::Mutex<Vec<Received>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = std::sync::Arc::clone(&seen);
+    tokio::spawn(async move {
+        let mut script = script.into_iter();
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Headers, then Content-Length bytes of body.
+            let (head, body) = loop {
+                let n = socket.read(&mut chunk).await.unwrap_or(0);
+                if n == 0 {
+                    break (String::new(), String::new());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).to_string();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let head = text[..end].to_string();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse().ok())?
+                        })
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + length {
+                        break (head, text[end + 4..end + 4 + length].to_string());
+                    }
+                }
+            };
+            let header = |name: &str| {
+                head.lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+                    })
+                    .unwrap_or_default()
+            };
+            log.lock().unwrap().push(Received {
+                id: header("webhook-id"),
+                timestamp: header("webhook-timestamp").parse().unwrap_or(0),
+                signature: header("webhook-signature"),
+                body,
+            });
+            let status = script.next().unwrap_or(200);
+            let answer =
+                format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            let _ = socket.write_all(answer.as_bytes()).await;
+        }
+    });
+    (url, seen)
+}
+
+fn body_type(r: &Received) -> String {
+    serde_json::from_str::<Value>(&r.body).unwrap()["type"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_top_ups_and_signed_webhooks_to_the_operator() {
+    let stripe = localstripe();
+    let data = tempfile::tempdir().unwrap();
+    let mut env = env(&stripe);
+    env.push(("TALLY_WEBHOOK_RETRY_BASE_MS", "200".into()));
+    env.push(("TALLY_ALERT_LOW_BALANCE_USD", "3".into()));
+    let server = start(data.path(), &env);
+    let api = Api::new(&server);
+    catalog(&api).await;
+
+    // Two operator endpoints: one that takes only failures and answers 500 twice, one for all.
+    let (flaky_url, flaky) = receiver(vec![500, 500]).await;
+    let (all_url, all) = receiver(vec![]).await;
+    let flaky_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let created = api
+        .post(
+            "/v1/webhook_endpoints",
+            "endpoint-flaky",
+            json!({"url": flaky_url, "events": ["topup.failed"], "secret": flaky_secret}),
+        )
+        .await;
+    let flaky_id = created["id"].as_str().unwrap().to_string();
+    assert_eq!(created["secret"], flaky_secret);
+    let created = api
+        .post(
+            "/v1/webhook_endpoints",
+            "endpoint-all",
+            json!({"url": all_url}),
+        )
+        .await;
+    let all_secret = created["secret"].as_str().unwrap().to_string();
+    assert!(all_secret.starts_with("whsec_"), "{created}");
+    // The same Idempotency-Key answers with the same endpoint; a bad filter is refused.
+    let again = api
+        .post(
+            "/v1/webhook_endpoints",
+            "endpoint-all",
+            json!({"url": all_url}),
+        )
+        .await;
+    assert_eq!(again["id"], created["id"]);
+    let refused = api
+        .http
+        .post(format!("{}/v1/webhook_endpoints", api.base))
+        .bearer_auth(ADMIN)
+        .header("Idempotency-Key", "endpoint-bad")
+        .json(&json!({"url": all_url, "events": ["wallet.exploded"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 422);
+    let listed = api
+        .http
+        .get(format!("{}/v1/webhook_endpoints", api.base))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(listed["data"].as_array().unwrap().len(), 2, "{listed}");
+    assert!(
+        listed["data"][0].get("secret").is_none(),
+        "secrets are shown once"
+    );
+
+    // A declined auto top-up: `topup.failed` reaches the flaky endpoint on the third attempt,
+    // the same notice id each time, each attempt validly signed.
+    let (bad_customer, bad_card) = customer_with_card(&stripe, "4000000000000341").await;
+    wallet(&api, "bad", &bad_customer, &bad_card, 1).await;
+    spend(&api, "bad", "6.00", "bad-spend-1").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while flaky.lock().unwrap().len() < 3 {
+        assert!(Instant::now() < deadline, "{:?}", flaky.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let got = flaky.lock().unwrap().clone();
+    assert_eq!(got.len(), 3, "delivered once it answered 200: {got:?}");
+    for r in &got {
+        assert_eq!(r.id, got[0].id);
+        assert_eq!(body_type(r), "topup.failed");
+        let expected =
+            tally_server::outbound::webhooks::signature(flaky_secret, &r.id, r.timestamp, &r.body);
+        assert_eq!(Some(r.signature.clone()), expected, "{r:?}");
+    }
+    let failed: Value = serde_json::from_str(&got[0].body).unwrap();
+    assert_eq!(failed["data"]["wallet"], "bad");
+    assert_eq!(failed["data"]["reason"], "generic_decline");
+    assert_eq!(failed["data"]["amount_minor"], 2000);
+    // The delivery log, newest first.
+    let log = api
+        .http
+        .get(format!(
+            "{}/v1/webhook_endpoints/{flaky_id}/attempts",
+            api.base
+        ))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    let statuses: Vec<&Value> = log["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| &a["status"])
+        .collect();
+    assert_eq!(statuses, [&json!(200), &json!(500), &json!(500)], "{log}");
+    assert_eq!(log["data"][0]["delivery"], "delivered");
+
+    // A manual top-up on the saved card: charged at once, the grant is in the answer's wake.
+    let (customer, card) = customer_with_card(&stripe, "4242424242424242").await;
+    api.post("/v1/wallets", "m-create", json!({"id": "m"}))
+        .await;
+    api.put(
+        "/v1/wallets/m/billing",
+        "m-billing",
+        json!({"customer": customer, "payment_method": card}),
+    )
+    .await;
+    let topup = api
+        .post(
+            "/v1/wallets/m/topups",
+            "m-topup-1",
+            json!({"asset": "USD", "amount": "15.00"}),
+        )
+        .await;
+    assert_eq!(topup["status"], "succeeded", "{topup}");
+    assert_eq!(topup["amount_minor"], 1500);
+    assert_eq!(api.available("m").await, "15");
+    // The same key again: the same top-up, no second charge; another body under it: 409.
+    let repeat = api
+        .post(
+            "/v1/wallets/m/topups",
+            "m-topup-1",
+            json!({"asset": "USD", "amount": "15.00"}),
+        )
+        .await;
+    assert_eq!(repeat["id"], topup["id"]);
+    assert_eq!(api.available("m").await, "15");
+    assert_eq!(intents(&stripe, &customer).await.len(), 1);
+    let refuse = |idem: &'static str, body: Value| {
+        let request = api
+            .http
+            .post(format!("{}/v1/wallets/m/topups", api.base))
+            .bearer_auth(ADMIN)
+            .header("Idempotency-Key", idem)
+            .json(&body);
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(
+        refuse("m-topup-1", json!({"asset": "USD", "amount": "16.00"})).await,
+        409
+    );
+    assert_eq!(
+        refuse("m-topup-2", json!({"asset": "USD", "amount": "1.005"})).await,
+        422
+    );
+    assert_eq!(
+        refuse("m-topup-3", json!({"asset": "USD", "amount": "0"})).await,
+        422
+    );
+    assert_eq!(
+        refuse("m-topup-4", json!({"asset": "EUR", "amount": "1"})).await,
+        404
+    );
+    assert_eq!(
+        intents(&stripe, &customer).await.len(),
+        1,
+        "refusals charge nothing"
+    );
+
+    // A browser payment: a client secret now, the grant when Stripe says the money is in.
+    let session = api
+        .post(
+            "/v1/wallets/m/topups",
+            "m-session-1",
+            json!({"asset": "USD", "amount": "5", "session": true, "payment_method": card}),
+        )
+        .await;
+    assert_eq!(session["status"], "pending", "{session}");
+    let secret = session["client_secret"].as_str().unwrap();
+    let pi = session["payment_intent"].as_str().unwrap().to_string();
+    assert!(secret.starts_with(&pi), "{session}");
+    assert_eq!(api.available("m").await, "15", "nothing before the payment");
+    // The customer confirms in the browser (Stripe.js); Stripe sends its webhook.
+    let confirmed = reqwest::Client::new()
+        .post(format!("{}/v1/payment_intents/{pi}/confirm", stripe.base))
+        .basic_auth("sk_test_tally", Some(""))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(confirmed["status"], "succeeded", "{confirmed}");
+    let event = json!({
+        "id": "evt_session_1", "object": "event", "type": "payment_intent.succeeded",
+        "created": 1_700_000_400,
+        "data": {"object": {"id": pi, "object": "payment_intent", "status": "succeeded",
+            "metadata": confirmed["metadata"].clone()}}
+    });
+    for _ in 0..2 {
+        let (status, body) = api.webhook(&event, WEBHOOK_SECRET).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(api.available("m").await, "20");
+    let id = session["id"].as_str().unwrap();
+    let read = api
+        .http
+        .get(format!("{}/v1/topups/{id}", api.base))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(read["status"], "succeeded", "{read}");
+
+    // The CLI: `tally topup` over the HTTP API; a retry with its key charges nothing twice.
+    for _ in 0..2 {
+        let out = Process::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["topup", "m", "--asset", "USD", "--amount", "2.50", "--json"])
+            .args([
+                "--http",
+                &api.base,
+                "--api-key",
+                ADMIN,
+                "--idempotency-key",
+                "cli-1",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(printed["status"], "succeeded", "{printed}");
+    }
+    assert_eq!(api.available("m").await, "22.5");
+    assert_eq!(intents(&stripe, &customer).await.len(), 3);
+
+    // Balance notices: 22.50 → 2.50 crosses the 3 USD line (low), then freezing is told too.
+    spend(&api, "m", "20.00", "m-spend-1").await;
+    api.post("/v1/wallets/m/freeze", "m-freeze", Value::Null)
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let wanted = [
+        "topup.failed",
+        "topup.succeeded",
+        "wallet.balance.low",
+        "wallet.frozen",
+    ];
+    loop {
+        let types: Vec<String> = all.lock().unwrap().iter().map(body_type).collect();
+        if wanted.iter().all(|w| types.iter().any(|t| t == w)) {
+            let succeeded = types.iter().filter(|t| *t == "topup.succeeded").count();
+            assert_eq!(succeeded, 3, "one per top-up: {types:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{types:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for r in all.lock().unwrap().iter() {
+        let expected =
+            tally_server::outbound::webhooks::signature(&all_secret, &r.id, r.timestamp, &r.body);
+        assert_eq!(Some(r.signature.clone()), expected);
+    }
+    // A frozen wallet is refused a manual top-up.
+    assert_eq!(
+        refuse("m-topup-5", json!({"asset": "USD", "amount": "1"})).await,
+        409
+    );
+    drop(server);
+}
