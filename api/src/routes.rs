@@ -1753,7 +1753,8 @@ pub(crate) async fn create_webhook_endpoint(
     );
     match added {
         Ok((endpoint, secret)) => Ok(Json(WebhookEndpoint::of(&endpoint, Some(secret)))),
-        Err(EndpointError::Exists(endpoint, secret)) => {
+        Err(EndpointError::Exists(found)) => {
+            let (endpoint, secret) = *found;
             if endpoint.url == body.url {
                 Ok(Json(WebhookEndpoint::of(&endpoint, Some(secret))))
             } else {

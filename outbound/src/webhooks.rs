@@ -225,7 +225,7 @@ pub enum EndpointError {
     TooMany,
     /// An endpoint with this id exists (the same request repeated, or a conflict): it and its
     /// secret.
-    Exists(Endpoint, String),
+    Exists(Box<(Endpoint, String)>),
     /// The store failed.
     Store(Error),
 }
@@ -246,7 +246,7 @@ impl std::fmt::Display for EndpointError {
                 )
             }
             EndpointError::TooMany => write!(f, "at most {ENDPOINTS_MAX} endpoints"),
-            EndpointError::Exists(e, _) => write!(f, "endpoint {} exists", e.id),
+            EndpointError::Exists(e) => write!(f, "endpoint {} exists", e.0.id),
             EndpointError::Store(e) => write!(f, "{e}"),
         }
     }
@@ -357,7 +357,7 @@ impl Payments {
             .optional()
             .map_err(|e| EndpointError::Store(db(e)))?;
         if let Some((found, secret)) = existing {
-            return Err(EndpointError::Exists(found, secret));
+            return Err(EndpointError::Exists(Box::new((found, secret))));
         }
         let count: i64 = conn
             .query_row("SELECT COUNT(*) FROM webhook_endpoints", [], |r| r.get(0))

@@ -227,6 +227,7 @@ fn answer_json(answer: &Answer) -> Value {
         Answer::Margin(m) => json!({ "Margin": to_value(m) }),
         Answer::Price(p) => json!({ "Price": to_value(p) }),
         Answer::DraftTest(r) => json!({ "DraftTest": to_value(r) }),
+        Answer::Asset(a) => json!({ "Asset": to_value(a) }),
     }
 }
 
