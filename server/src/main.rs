@@ -213,9 +213,11 @@ fn topup(args: TopupArgs) -> Result<i32> {
         );
     } else {
         eprintln!(
-            "tally: error: {} {}",
+            "tally: error: {} {} ({}): {}",
             status.as_u16(),
-            answer["error"]["message"].as_str().unwrap_or("")
+            answer["name"].as_str().unwrap_or(""),
+            answer["code"],
+            answer["message"].as_str().unwrap_or("")
         );
     }
     Ok(if status.is_success() && answer["status"] != "failed" {

@@ -802,10 +802,47 @@ async fn manual_top_ups_and_signed_webhooks_to_the_operator() {
             tally_server::outbound::webhooks::signature(&all_secret, &r.id, r.timestamp, &r.body);
         assert_eq!(Some(r.signature.clone()), expected);
     }
-    // A frozen wallet is refused a manual top-up.
+    // A frozen wallet is refused a manual top-up, and the CLI says why.
     assert_eq!(
         refuse("m-topup-5", json!({"asset": "USD", "amount": "1"})).await,
         409
     );
+    let out = Process::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["topup", "m", "--asset", "USD", "--amount", "1"])
+        .args(["--http", &api.base, "--api-key", ADMIN])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("409 WalletFrozen"), "{said}");
+
+    // Deliveries survive a restart: an endpoint failing four times gets the notice after the
+    // server was killed and started again, under the same id.
+    let (late_url, late) = receiver(vec![500, 500, 500, 500]).await;
+    api.post(
+        "/v1/webhook_endpoints",
+        "endpoint-late",
+        json!({"url": late_url, "events": ["wallet.frozen"], "secret": flaky_secret}),
+    )
+    .await;
+    api.post("/v1/wallets/bad/freeze", "bad-freeze", Value::Null)
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while late.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "no first attempt");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(server);
+    let server = start(data.path(), &env);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while late.lock().unwrap().len() < 5 {
+        assert!(Instant::now() < deadline, "{:?}", late.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = late.lock().unwrap().clone();
+    assert!(got.iter().all(|r| r.id == got[0].id), "{got:?}");
+    assert!(got.iter().all(|r| body_type(r) == "wallet.frozen"));
+    let frozen: Value = serde_json::from_str(&got[0].body).unwrap();
+    assert_eq!(frozen["data"]["wallet"], "bad");
     drop(server);
 }
