@@ -238,6 +238,13 @@ pub enum PaymentEvent {
     },
     /// The chargeback was won: as [`Command::DisputeWon`].
     DisputeWon,
+    /// The chargeback was lost: the clawback stands for good (made now if the dispute was
+    /// never reported open), and the payment no longer counts as an open dispute, so auto
+    /// top-up may charge the wallet again once it is not frozen.
+    DisputeLost {
+        /// Freeze the wallet too, when the clawback is made now.
+        freeze: bool,
+    },
     /// Money was returned outside tally. `refunded` is the payment's refunded total so far in
     /// the asset (processors report totals, so a repeated or late report changes nothing); the
     /// part of it not yet removed comes out of the grant's unspent remainder.

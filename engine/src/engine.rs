@@ -958,6 +958,7 @@ impl Engine {
                 priority,
                 expires_at,
                 disputed: false,
+                dispute_lost: false,
                 refunded: Decimal::ZERO,
                 refund_removed: Decimal::ZERO,
             });
@@ -1727,7 +1728,21 @@ impl Engine {
         let p = wallet_ref.payments[payment];
         match event {
             PaymentEvent::Disputed { freeze } => self.dispute(wallet, p.grant, freeze),
+            PaymentEvent::DisputeWon if p.dispute_lost => Err(ResultCode::NotDisputed.into()),
             PaymentEvent::DisputeWon => self.dispute_won(wallet, p.grant),
+            PaymentEvent::DisputeLost { .. } if p.dispute_lost => Ok(ReplyValue::None),
+            PaymentEvent::DisputeLost { freeze } => {
+                let value = if p.disputed {
+                    ReplyValue::None
+                } else {
+                    self.dispute(wallet, p.grant, freeze)?
+                };
+                let wallet = wallet_mut(&mut self.state.wallets, w);
+                wallet.payments[payment].dispute_lost = true;
+                // That was the open dispute holding top-ups back; this may have been the last.
+                self.check_topup(w, p.asset);
+                Ok(value)
+            }
             PaymentEvent::Refunded { refunded } => {
                 let scale = self.asset(&p.asset)?.scale;
                 money::check_amount(refunded, scale)?;
@@ -1902,7 +1917,12 @@ impl Engine {
         }
         // Never charge a frozen wallet, or the card behind an open chargeback; and only a
         // wallet with somewhere to charge and an asset with a price can be charged at all.
-        if wallet.frozen || wallet.payments.iter().any(|p| p.disputed) {
+        if wallet.frozen
+            || wallet
+                .payments
+                .iter()
+                .any(|p| p.disputed && !p.dispute_lost)
+        {
             return;
         }
         let Some(customer) = wallet.customer else {

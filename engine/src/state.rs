@@ -429,8 +429,11 @@ pub struct Payment {
     pub priority: u32,
     /// The grant's expiry.
     pub expires_at: Option<Timestamp>,
-    /// Under dispute.
+    /// Under dispute (the grant was clawed back).
     pub disputed: bool,
+    /// The dispute was lost: the clawback is final and the dispute no longer open.
+    #[serde(default)]
+    pub dispute_lost: bool,
     /// The refunded total the processor reported, in the asset.
     #[serde(with = "dec")]
     pub refunded: Decimal,

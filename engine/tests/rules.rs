@@ -1592,3 +1592,56 @@ fn operator_notices_fire_once_per_crossing() {
     h.advance(2 * HOUR);
     assert_eq!(h.notices[6..], [alert(Alert::Low, "1")]);
 }
+
+#[test]
+fn a_lost_dispute_is_final_and_no_longer_holds_top_ups_back() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.billing(w);
+    topup_grant(&mut h, w, "10", "pi_1");
+    h.usage(w, "3000", "0", DebitMode::Strict); // 7 left of the top-up
+    let event = |event| Command::Payment {
+        wallet: w,
+        payment_id: n("pi_1"),
+        event,
+    };
+    h.ok(event(PaymentEvent::Disputed { freeze: false }));
+    h.ok(Command::SetTopUpRule {
+        wallet: w,
+        rule: fixed_rule("10"),
+    });
+    assert!(h.topups.is_empty(), "a chargeback is open");
+    // Lost: the clawback stays (0 available, 3 of debt), and top-ups may charge again.
+    assert_eq!(
+        h.ok(event(PaymentEvent::DisputeLost { freeze: false })),
+        ReplyValue::None
+    );
+    assert_eq!(h.balance(w).available, d("-3"));
+    assert_eq!(h.topups.len(), 1, "no open dispute holds the rule back");
+    // Final: a repeat changes nothing, and it cannot be won afterwards.
+    h.ok(event(PaymentEvent::DisputeLost { freeze: false }));
+    h.rejects(event(PaymentEvent::DisputeWon), ResultCode::NotDisputed);
+    assert_eq!(h.balance(w).available, d("-3"));
+    h.check_ledger();
+
+    // Lost without ever being reported open: the clawback is made then, once.
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    topup_grant(&mut h, w, "10", "pi_2");
+    let lost = Command::Payment {
+        wallet: w,
+        payment_id: n("pi_2"),
+        event: PaymentEvent::DisputeLost { freeze: true },
+    };
+    assert_eq!(
+        h.ok(lost.clone()),
+        ReplyValue::Dispute {
+            clawed_back: d("10"),
+            debt_added: d("0")
+        }
+    );
+    h.run(lost);
+    assert_eq!(h.balance(w).available, d("0"));
+    assert!(h.view(w).frozen);
+    h.check_ledger();
+}

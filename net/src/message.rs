@@ -1315,6 +1315,10 @@ fn write_command(w: &mut Writer<'_>, command: &Command) -> Result<(), EncodeErro
                     w.bool(*freeze);
                 }
                 PaymentEvent::DisputeWon => w.u8(1),
+                PaymentEvent::DisputeLost { freeze } => {
+                    w.u8(3);
+                    w.bool(*freeze);
+                }
                 PaymentEvent::Refunded { refunded } => {
                     w.u8(2);
                     w.decimal(refunded);
@@ -1476,6 +1480,9 @@ fn read_command(kind: Kind, r: &mut Reader<'_>) -> Result<Command, BodyError> {
                     freeze: r.bool("payment.freeze")?,
                 },
                 1 => PaymentEvent::DisputeWon,
+                3 => PaymentEvent::DisputeLost {
+                    freeze: r.bool("payment.freeze")?,
+                },
                 2 => PaymentEvent::Refunded {
                     refunded: r.decimal("payment.refunded")?,
                 },

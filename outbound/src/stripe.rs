@@ -40,10 +40,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rust_decimal::Decimal;
 use serde_json::Value;
 use stripe::{IdempotencyKey, RequestStrategy, StripeError, StripeRequest};
+use stripe_core::customer::CreateCustomer;
 use stripe_core::payment_intent::{
     CancelPaymentIntent, CreatePaymentIntent, CreatePaymentIntentOffSession, RetrievePaymentIntent,
     SearchPaymentIntent,
 };
+use stripe_core::setup_intent::{CreateSetupIntent, RetrieveSetupIntent};
 use stripe_shared::{PaymentIntent, PaymentIntentStatus};
 use tally_engine::{AssetCode, Command, Name, PaymentEvent, Reply, Request, ResultCode};
 
@@ -531,6 +533,78 @@ impl Stripe {
         Ok((row, pi.client_secret))
     }
 
+    /// Whether a Stripe key is configured (cards can be saved, top-ups charged).
+    pub fn configured(&self) -> bool {
+        self.client.is_some()
+    }
+
+    /// Creates the Stripe customer of `wallet` (the key `tally-customer:WALLET` makes a retry
+    /// return the same one); its id.
+    pub async fn create_customer(&self, wallet: &str) -> Result<String, ManualError> {
+        let client = self.client.as_ref().ok_or(ManualError::NotConfigured)?;
+        let key = IdempotencyKey::new(format!("tally-customer:{wallet}"))
+            .map_err(|_| ManualError::Stripe("invalid idempotency key".into()))?;
+        let metadata: HashMap<String, String> =
+            [("tally_wallet".to_string(), wallet.to_string())].into();
+        CreateCustomer::new()
+            .description(format!("tally wallet {wallet}"))
+            .metadata(metadata)
+            .customize()
+            .request_strategy(RequestStrategy::Idempotent(key))
+            .send(client)
+            .await
+            .map(|c| c.id.as_str().to_string())
+            .map_err(|e| ManualError::Stripe(stripe_error_text(&e)))
+    }
+
+    /// A SetupIntent to save a card on `customer` for later off-session charges: its client
+    /// secret, which Stripe.js confirms in the customer's browser.
+    pub async fn setup_card(&self, customer: &str) -> Result<String, ManualError> {
+        let client = self.client.as_ref().ok_or(ManualError::NotConfigured)?;
+        let intent = CreateSetupIntent::new()
+            .customer(customer.to_string())
+            .usage(stripe_core::setup_intent::CreateSetupIntentUsage::OffSession)
+            .send(client)
+            .await
+            .map_err(|e| ManualError::Stripe(stripe_error_text(&e)))?;
+        intent
+            .client_secret
+            .ok_or_else(|| ManualError::Stripe("the SetupIntent has no client secret".into()))
+    }
+
+    /// The card a SetupIntent saved on `customer`: its payment method id, once it succeeded
+    /// and only if it belongs to that customer.
+    pub async fn saved_card(
+        &self,
+        setup_intent: &str,
+        customer: &str,
+    ) -> Result<String, ManualError> {
+        let client = self.client.as_ref().ok_or(ManualError::NotConfigured)?;
+        let intent = RetrieveSetupIntent::new(setup_intent)
+            .send(client)
+            .await
+            .map_err(|e| ManualError::Stripe(stripe_error_text(&e)))?;
+        let owner = intent
+            .customer
+            .as_ref()
+            .map(|c| c.id().as_str().to_string());
+        if owner.as_deref() != Some(customer) {
+            return Err(ManualError::Stripe(
+                "the SetupIntent is not this wallet's".into(),
+            ));
+        }
+        if intent.status != stripe_shared::SetupIntentStatus::Succeeded {
+            return Err(ManualError::Stripe(format!(
+                "the SetupIntent is {}",
+                intent.status.as_str()
+            )));
+        }
+        intent
+            .payment_method
+            .map(|p| p.id().as_str().to_string())
+            .ok_or_else(|| ManualError::Stripe("the SetupIntent saved no payment method".into()))
+    }
+
     /// Finds the PaymentIntent of a row that never got an answer, by its metadata.
     async fn reconcile(&self, client: &stripe::Client, row: &TopUp, age: i64) -> Outcome {
         let query = format!("metadata['tally_key']:'{}'", row.key.replace('\'', "\\'"));
@@ -754,8 +828,11 @@ impl Stripe {
                 }
                 let event = match (kind, status.as_str()) {
                     ("charge.dispute.closed", "won") => PaymentEvent::DisputeWon,
-                    // Lost (or closed without a win) while tally never saw it open: the
-                    // chargeback stands, so the clawback happens now.
+                    // Lost: final. Made now if tally never saw it open.
+                    ("charge.dispute.closed", _) => PaymentEvent::DisputeLost {
+                        freeze: self.config.dispute_freeze,
+                    },
+                    // Opened: the clawback.
                     _ => PaymentEvent::Disputed {
                         freeze: self.config.dispute_freeze,
                     },
