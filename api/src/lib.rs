@@ -20,6 +20,7 @@ pub mod idempotency;
 pub mod json;
 pub mod model;
 pub mod openapi;
+pub mod portal;
 mod routes;
 
 use std::net::SocketAddr;
@@ -46,6 +47,7 @@ pub struct ApiState {
     history: OnceLock<Arc<tally_outbound::sqlite::Reader>>,
     stripe: OnceLock<Arc<tally_outbound::stripe::Stripe>>,
     payments: OnceLock<tally_outbound::payments::Payments>,
+    portal: OnceLock<Arc<portal::Portal>>,
     keys: Arc<KeyStore>,
     metrics: Option<PrometheusHandle>,
 }
@@ -68,6 +70,7 @@ impl ApiState {
             history: OnceLock::new(),
             stripe: OnceLock::new(),
             payments: OnceLock::new(),
+            portal: OnceLock::new(),
             keys,
             metrics,
         })
@@ -99,6 +102,11 @@ impl ApiState {
         self.stripe
             .get()
             .ok_or_else(|| ApiError::from_code(tally_net::ErrorCode::NotReady))
+    }
+
+    /// Enables the billing portal. A second call is ignored.
+    pub fn set_portal(&self, portal: portal::Portal) {
+        let _ = self.portal.set(Arc::new(portal));
     }
 
     /// Sets the history store's reader. A second call is ignored.

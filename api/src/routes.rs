@@ -56,6 +56,7 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
             get(wallet_topups).post(create_topup),
         )
         .route("/topups/{topup}", get(get_topup))
+        .route("/portal/sessions", post(create_portal_session))
         .route(
             "/webhook_endpoints",
             post(create_webhook_endpoint).get(list_webhook_endpoints),
@@ -89,8 +90,27 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         .route("/health", get(health))
         .route("/snapshots", post(snapshot))
         .route("/openapi.json", get(openapi_document));
+    let portal = Router::new()
+        .route("/session", get(crate::portal::open_link))
+        .route("/assets/{file}", get(crate::portal::asset_file))
+        .route("/api/wallet", get(crate::portal::wallet))
+        .route("/api/usage", get(crate::portal::usage))
+        .route("/api/spend.svg", get(crate::portal::spend_chart))
+        .route(
+            "/api/topups",
+            get(crate::portal::topups).post(crate::portal::create_topup),
+        )
+        .route("/api/cards/setup", post(crate::portal::card_setup))
+        .route("/api/cards", post(crate::portal::card_saved))
+        .route("/api/auto-topup", put(crate::portal::set_auto))
+        .route(
+            "/api/auto-topup/{asset}",
+            axum::routing::delete(crate::portal::remove_auto),
+        );
     Router::new()
         .nest("/v1", v1)
+        .route("/portal", get(crate::portal::page))
+        .nest("/portal", portal)
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -154,7 +174,7 @@ impl Caller {
 }
 
 /// Path parameters, with errors in the API's shape (`/v1/keys/-1` is a 422 naming the value).
-pub(crate) struct Path<T>(T);
+pub(crate) struct Path<T>(pub(crate) T);
 
 impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Path<T> {
     type Rejection = ApiError;
@@ -198,7 +218,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Idem {
 }
 
 /// A JSON body of type `T`, with errors in the API's shape.
-pub(crate) struct Body<T>(T);
+pub(crate) struct Body<T>(pub(crate) T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
@@ -502,7 +522,7 @@ fn time_param(key: &str, value: &str) -> Result<Timestamp, ApiError> {
 }
 
 /// A `limit` parameter, 1 to `max`.
-fn limit_param(value: &str, max: u32) -> Result<u32, ApiError> {
+pub(crate) fn limit_param(value: &str, max: u32) -> Result<u32, ApiError> {
     value
         .parse()
         .ok()
@@ -511,7 +531,7 @@ fn limit_param(value: &str, max: u32) -> Result<u32, ApiError> {
 }
 
 /// `key=value` pairs of a query string, percent-decoded.
-fn parse_query(raw: &str) -> Result<Vec<(String, String)>, ApiError> {
+pub(crate) fn parse_query(raw: &str) -> Result<Vec<(String, String)>, ApiError> {
     let decode = |s: &str| -> Result<String, ApiError> {
         let s = s.replace('+', " ");
         let bytes = s.as_bytes();
@@ -1582,10 +1602,33 @@ pub(crate) async fn create_topup(
     idem: Idem,
     Body(body): Body<CreateTopUp>,
 ) -> Result<Json<TopUpResource>, ApiError> {
-    use tally_outbound::payments::{Kind as TopUpKind, State as TopUpState, TopUp};
-    use tally_outbound::stripe::ManualError;
     caller.admin()?;
     let wallet = wallet_id(&wallet)?;
+    let (row, secret) = start_topup(&state, wallet, &body, &idem.key, idem.id).await?;
+    Ok(Json(TopUpResource::of(&row, secret)))
+}
+
+/// Asks the engine directly, without a caller's scope (the portal's session is its scope).
+pub(crate) async fn ask(state: &ApiState, query: Query) -> Result<QueryReply, ApiError> {
+    state
+        .backend()?
+        .query(query)
+        .await
+        .map_err(ApiError::from_code)?
+        .map_err(ApiError::rejected)
+}
+
+/// A caller's top-up of `wallet` (the admin route and the portal): checked against what the
+/// engine knows, then stored and charged (or made a browser payment) by the Stripe worker.
+pub(crate) async fn start_topup(
+    state: &ApiState,
+    wallet: tally_engine::WalletId,
+    body: &CreateTopUp,
+    idem_key: &str,
+    idem_id: RequestId,
+) -> Result<(tally_outbound::payments::TopUp, Option<String>), ApiError> {
+    use tally_outbound::payments::{Kind as TopUpKind, State as TopUpState, TopUp};
+    use tally_outbound::stripe::ManualError;
     let code = asset("asset", &body.asset)?;
     let payment_method = body
         .payment_method
@@ -1593,11 +1636,11 @@ pub(crate) async fn create_topup(
         .map(|p| name("payment_method", p))
         .transpose()?;
     // What the engine knows decides what may be charged: checked before Stripe is called.
-    let view = match query(&state, &caller, Query::Wallet { wallet }).await? {
+    let view = match ask(state, Query::Wallet { wallet }).await? {
         QueryReply::Wallet(w) => w,
         other => return Err(unexpected(other)),
     };
-    let a = match query(&state, &caller, Query::Asset { asset: code }).await? {
+    let a = match ask(state, Query::Asset { asset: code }).await? {
         QueryReply::Asset(a) => a,
         other => return Err(unexpected(other)),
     };
@@ -1651,7 +1694,7 @@ pub(crate) async fn create_topup(
             "tally-{}:{}:{}",
             kind.as_str(),
             wallet,
-            &request_id_hex(idem.id)[..24]
+            &request_id_hex(idem_id)[..24]
         ),
         wallet: wallet.as_str().into(),
         asset: code.as_str().into(),
@@ -1679,9 +1722,9 @@ pub(crate) async fn create_topup(
         code,
         amount,
         row.payment_method,
-        idem.key
+        idem_key
     );
-    let (row, secret) = state
+    state
         .stripe()?
         .manual_topup(row, &hash)
         .await
@@ -1694,8 +1737,7 @@ pub(crate) async fn create_topup(
                 tracing::warn!("top-up not started: {e}");
                 ApiError::transport(ErrorCode::NotReady, e.to_string())
             }
-        })?;
-    Ok(Json(TopUpResource::of(&row, secret)))
+        })
 }
 
 /// One top-up by id (auto or a caller's), with its status at Stripe as tally knows it.
@@ -1880,4 +1922,23 @@ fn now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// Open the billing portal for one wallet's customer: a one-time link (valid `expires_in`
+/// seconds, default 3600) that starts a session scoped to that wallet. The same
+/// Idempotency-Key answers with the same link. At most 30 links per wallet per minute.
+#[utoipa::path(post, path = "/v1/portal/sessions", tag = "portal", request_body = crate::portal::CreatePortalSession,
+    params(("Idempotency-Key" = String, Header, description = "Makes retries safe", pattern = "^[!-~]{1,255}$")),
+    responses((status = 200, body = crate::portal::PortalSessionLink), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn create_portal_session(
+    State(state): AppState,
+    caller: Caller,
+    idem: Idem,
+    Body(body): Body<crate::portal::CreatePortalSession>,
+) -> Result<Json<crate::portal::PortalSessionLink>, ApiError> {
+    caller.admin()?;
+    Ok(Json(
+        crate::portal::create_link(&state, &body, idem.id).await?,
+    ))
 }

@@ -892,6 +892,46 @@ impl FromStr for Order {
 }
 
 impl Reader {
+    /// What one wallet spent per UTC day and asset over usage that happened in `[from, to)`:
+    /// `(day start, asset, charged − refunded)`, summed exactly, oldest day first.
+    pub fn spend_per_day(
+        &self,
+        wallet: &str,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<(Timestamp, String, Decimal)>, Error> {
+        let conn = self
+            .conn
+            .lock()
+            .map_err(|_| Error("history store: a reader panicked".into()))?;
+        let mut statement = conn
+            .prepare_cached(
+                "SELECT occurred_at, asset, charged, refunded FROM usage_events \
+                 WHERE wallet = ?1 AND occurred_at >= ?2 AND occurred_at < ?3",
+            )
+            .map_err(|e| sql("prepare", e))?;
+        let mut rows = statement
+            .query(params![wallet, from.0, to.0])
+            .map_err(|e| sql("query", e))?;
+        let mut days: BTreeMap<(i64, String), Decimal> = BTreeMap::new();
+        while let Some(r) = rows.next().map_err(|e| sql("query", e))? {
+            let read = |e| sql("read row", e);
+            let at: i64 = r.get(0).map_err(read)?;
+            let asset: String = r.get(1).map_err(read)?;
+            let charged = decimal(r.get(2).map_err(read)?).map_err(read)?;
+            let refunded = decimal(r.get(3).map_err(read)?).map_err(read)?;
+            let day = at.div_euclid(Timestamp::DAY_US) * Timestamp::DAY_US;
+            let sum = days.entry((day, asset)).or_default();
+            *sum = sum
+                .checked_add(charged - refunded)
+                .ok_or_else(|| Error("history store: a spend sum overflows".into()))?;
+        }
+        Ok(days
+            .into_iter()
+            .map(|((day, asset), sum)| (Timestamp(day), asset, sum))
+            .collect())
+    }
+
     /// Margin per group over usage that happened in `[from, to)`, exact decimals summed in
     /// Rust (SQLite would sum the TEXT amounts as floats). At most `limit` groups.
     pub fn margin(

@@ -95,6 +95,20 @@ pub struct Config {
     /// `grant.expiring` fires this many seconds before a grant with a remainder expires (0:
     /// never).
     pub alert_grant_expiring_secs: u64,
+    /// How portal links begin (`https://billing.example.com`); default: the HTTP API's own
+    /// address.
+    pub portal_public_url: Option<String>,
+    /// A portal session ends after this many seconds without a request.
+    pub portal_idle_secs: u64,
+    /// A portal session ends this many seconds after it began.
+    pub portal_session_max_secs: u64,
+    /// Where the portal loads Stripe.js from.
+    pub portal_stripe_js: String,
+    /// Origins allowed to frame the portal (its CSP `frame-ancestors`), e.g.
+    /// `https://app.example.com`.
+    pub portal_frame_ancestors: Vec<String>,
+    /// Stripe's publishable key (`pk_...`), for the portal's card form.
+    pub stripe_publishable_key: Option<String>,
 }
 
 /// A secret setting: compared and cloned like a string, never printed.
@@ -147,6 +161,12 @@ impl Default for Config {
             webhook_retry_base_ms: 5000,
             alert_low_balance_usd: rust_decimal::Decimal::ZERO,
             alert_grant_expiring_secs: 3 * 86_400,
+            portal_public_url: None,
+            portal_idle_secs: 900,
+            portal_session_max_secs: 12 * 3600,
+            portal_stripe_js: "https://js.stripe.com/v3/".into(),
+            portal_frame_ancestors: Vec::new(),
+            stripe_publishable_key: None,
         }
     }
 }
@@ -215,6 +235,18 @@ pub struct Overrides {
     pub alert_low_balance_usd: Option<rust_decimal::Decimal>,
     /// See [`Config::alert_grant_expiring_secs`].
     pub alert_grant_expiring_secs: Option<u64>,
+    /// See [`Config::portal_public_url`].
+    pub portal_public_url: Option<String>,
+    /// See [`Config::portal_idle_secs`].
+    pub portal_idle_secs: Option<u64>,
+    /// See [`Config::portal_session_max_secs`].
+    pub portal_session_max_secs: Option<u64>,
+    /// See [`Config::portal_stripe_js`].
+    pub portal_stripe_js: Option<String>,
+    /// See [`Config::portal_frame_ancestors`].
+    pub portal_frame_ancestors: Option<Vec<String>>,
+    /// See [`Config::stripe_publishable_key`].
+    pub stripe_publishable_key: Option<String>,
     /// See [`Config::tls_cert`].
     pub tls_cert: Option<PathBuf>,
     /// See [`Config::tls_key`].
@@ -278,6 +310,12 @@ const ENV: &[(&str, &str)] = &[
         "TALLY_ALERT_GRANT_EXPIRING_SECS",
         "alert_grant_expiring_secs",
     ),
+    ("TALLY_PORTAL_PUBLIC_URL", "portal_public_url"),
+    ("TALLY_PORTAL_IDLE_SECS", "portal_idle_secs"),
+    ("TALLY_PORTAL_SESSION_MAX_SECS", "portal_session_max_secs"),
+    ("TALLY_PORTAL_STRIPE_JS", "portal_stripe_js"),
+    ("TALLY_PORTAL_FRAME_ANCESTORS", "portal_frame_ancestors"),
+    ("TALLY_STRIPE_PUBLISHABLE_KEY", "stripe_publishable_key"),
     ("TALLY_TLS_CERT", "tls_cert"),
     ("TALLY_TLS_KEY", "tls_key"),
     ("TALLY_CONNECTIONS_MAX", "connections_max"),
@@ -310,7 +348,18 @@ impl Overrides {
                     | "stripe_secret_key"
                     | "stripe_api_base"
                     | "stripe_webhook_secret"
-                    | "alert_low_balance_usd" => toml::Value::String(value),
+                    | "alert_low_balance_usd"
+                    | "portal_public_url"
+                    | "portal_stripe_js"
+                    | "stripe_publishable_key" => toml::Value::String(value),
+                    // Space- or comma-separated origins.
+                    "portal_frame_ancestors" => toml::Value::Array(
+                        value
+                            .split([',', ' '])
+                            .filter(|o| !o.is_empty())
+                            .map(|o| toml::Value::String(o.to_string()))
+                            .collect(),
+                    ),
                     "http_tls" | "export_jsonl" | "history_store" | "stripe_dispute_freeze" => {
                         match value.trim() {
                             "1" | "true" => toml::Value::Boolean(true),
@@ -364,6 +413,10 @@ impl Overrides {
             webhook_retry_base_ms,
             alert_low_balance_usd,
             alert_grant_expiring_secs,
+            portal_idle_secs,
+            portal_session_max_secs,
+            portal_stripe_js,
+            portal_frame_ancestors,
             connections_max,
             streams_max,
             in_flight_max,
@@ -371,6 +424,12 @@ impl Overrides {
         );
         if self.tls_cert.is_some() {
             config.tls_cert = self.tls_cert;
+        }
+        if self.portal_public_url.is_some() {
+            config.portal_public_url = self.portal_public_url;
+        }
+        if self.stripe_publishable_key.is_some() {
+            config.stripe_publishable_key = self.stripe_publishable_key;
         }
         if self.tls_key.is_some() {
             config.tls_key = self.tls_key;
@@ -472,6 +531,32 @@ impl Config {
             return bad(
                 "alert_low_balance_usd",
                 "must be a decimal string between \"0\" and the largest amount",
+            );
+        }
+        let url = |v: &str| v.starts_with("https://") || v.starts_with("http://");
+        if self.portal_public_url.as_deref().is_some_and(|u| !url(u)) {
+            return bad("portal_public_url", "must be an http(s) URL");
+        }
+        if !url(&self.portal_stripe_js) {
+            return bad("portal_stripe_js", "must be an http(s) URL");
+        }
+        if let Some(o) = self
+            .portal_frame_ancestors
+            .iter()
+            .find(|o| !url(o) || o.contains([';', '\'', '"', ' ']))
+        {
+            return bad(
+                "portal_frame_ancestors",
+                &format!("{o:?} is not an http(s) origin"),
+            );
+        }
+        if !(1..=86_400).contains(&self.portal_idle_secs) {
+            return bad("portal_idle_secs", "must be between 1 and 86400");
+        }
+        if !(60..=7 * 86_400).contains(&self.portal_session_max_secs) {
+            return bad(
+                "portal_session_max_secs",
+                "must be between 60 and 604800 (7 days)",
             );
         }
         if self.alert_grant_expiring_secs > 366 * 86_400 {

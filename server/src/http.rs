@@ -80,6 +80,25 @@ pub async fn start_http(
     let server = ApiServer::start(api, Arc::clone(&state))
         .await
         .map_err(|e| Error(format!("http_listen {}: {e}", config.http_listen)))?;
+    // Links name the address actually bound (port 0 picks one) unless a public URL is set.
+    let public_url = config.portal_public_url.clone().unwrap_or_else(|| {
+        let scheme = if config.http_tls { "https" } else { "http" };
+        format!("{scheme}://{}", server.local_addr())
+    });
+    let portal = tally_api::portal::Portal::open(
+        &config.data_dir,
+        tally_api::portal::PortalConfig {
+            public_url: public_url.trim_end_matches('/').to_string(),
+            idle: std::time::Duration::from_secs(config.portal_idle_secs),
+            max: std::time::Duration::from_secs(config.portal_session_max_secs),
+            stripe_js: config.portal_stripe_js.clone(),
+            stripe_key: config.stripe_publishable_key.clone().unwrap_or_default(),
+            frame_ancestors: config.portal_frame_ancestors.clone(),
+            secure: config.http_tls,
+        },
+    )
+    .map_err(Error)?;
+    state.set_portal(portal);
     Ok((state, server))
 }
 
