@@ -15,6 +15,7 @@
 //! The server is hyper's HTTP/1.1 on the caller's tokio runtime, plain or TLS (the certificate
 //! QUIC uses). Connections, header read time and body size are bounded.
 
+pub mod console;
 pub mod error;
 pub mod idempotency;
 pub mod json;
@@ -48,6 +49,7 @@ pub struct ApiState {
     stripe: OnceLock<Arc<tally_outbound::stripe::Stripe>>,
     payments: OnceLock<tally_outbound::payments::Payments>,
     portal: OnceLock<Arc<portal::Portal>>,
+    console: console::Console,
     keys: Arc<KeyStore>,
     metrics: Option<PrometheusHandle>,
 }
@@ -71,6 +73,7 @@ impl ApiState {
             stripe: OnceLock::new(),
             payments: OnceLock::new(),
             portal: OnceLock::new(),
+            console: console::Console::default(),
             keys,
             metrics,
         })
@@ -102,6 +105,11 @@ impl ApiState {
         self.stripe
             .get()
             .ok_or_else(|| ApiError::from_code(tally_net::ErrorCode::NotReady))
+    }
+
+    /// The seller's console sessions.
+    pub fn console(&self) -> &console::Console {
+        &self.console
     }
 
     /// Enables the billing portal. A second call is ignored.

@@ -151,7 +151,7 @@ impl From<Rounding> for engine::Rounding {
 }
 
 /// One tier of a tiered price.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Tier {
     /// Inclusive upper bound of the tier's quantity; absent for the last tier.
@@ -163,13 +163,17 @@ pub struct Tier {
     #[schema(value_type = String, example = "0.000002")]
     pub unit_price: Decimal,
     /// A flat fee charged once when the quantity reaches into the tier.
-    #[serde(default, with = "json::decimal::option")]
+    #[serde(
+        default,
+        with = "json::decimal::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(value_type = Option<String>, example = "0")]
     pub flat_fee: Option<Decimal>,
 }
 
 /// How a quantity becomes an amount.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Price {
     /// `quantity × unit_price`.
@@ -192,7 +196,7 @@ pub enum Price {
 }
 
 /// The price of one dimension.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Component {
     /// The dimension, e.g. `input_tokens`.
@@ -202,19 +206,23 @@ pub struct Component {
 }
 
 /// One rule of a plan.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
     /// The product it prices.
     pub product: String,
     /// Attribute filters; all must equal the event's attributes. The most specific rule wins.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub filters: BTreeMap<String, String>,
     /// The price of each dimension.
     #[serde(default)]
     pub components: Vec<Component>,
     /// The least the rule charges for one event.
-    #[serde(default, with = "json::decimal::option")]
+    #[serde(
+        default,
+        with = "json::decimal::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(value_type = Option<String>)]
     pub minimum_charge: Option<Decimal>,
     /// How the charge is rounded to the asset's scale.
@@ -232,7 +240,61 @@ fn tiers(tiers: &[Tier]) -> Vec<engine::Tier> {
         .collect()
 }
 
+impl From<engine::Rounding> for Rounding {
+    fn from(r: engine::Rounding) -> Rounding {
+        match r {
+            engine::Rounding::HalfEven => Rounding::HalfEven,
+            engine::Rounding::HalfUp => Rounding::HalfUp,
+            engine::Rounding::Up => Rounding::Up,
+            engine::Rounding::Down => Rounding::Down,
+        }
+    }
+}
+
+fn tiers_of(tiers: &[engine::Tier]) -> Vec<Tier> {
+    tiers
+        .iter()
+        .map(|t| Tier {
+            up_to: t.up_to.map(|u| u.normalize()),
+            unit_price: t.unit_price.normalize(),
+            flat_fee: (!t.flat_fee.is_zero()).then(|| t.flat_fee.normalize()),
+        })
+        .collect()
+}
+
 impl Rule {
+    /// A rule as the draft body writes it, so it can be put back unchanged.
+    pub fn of(r: &engine::PriceRule) -> Rule {
+        Rule {
+            product: r.product.as_str().into(),
+            filters: r
+                .filters
+                .iter()
+                .map(|(k, v)| (k.as_str().to_string(), v.as_str().to_string()))
+                .collect(),
+            components: r
+                .components
+                .iter()
+                .map(|c| Component {
+                    dimension: c.dimension.as_str().into(),
+                    price: match &c.price {
+                        engine::PriceModel::PerUnit { unit_price } => Price::PerUnit {
+                            unit_price: unit_price.normalize(),
+                        },
+                        engine::PriceModel::Graduated { tiers } => Price::Graduated {
+                            tiers: tiers_of(tiers),
+                        },
+                        engine::PriceModel::Volume { tiers } => Price::Volume {
+                            tiers: tiers_of(tiers),
+                        },
+                    },
+                })
+                .collect(),
+            minimum_charge: r.minimum_charge.map(|m| m.normalize()),
+            rounding: r.rounding.into(),
+        }
+    }
+
     fn to_engine(&self) -> Result<engine::PriceRule, ApiError> {
         Ok(engine::PriceRule {
             product: name("rules.product", &self.product)?,
@@ -316,8 +378,18 @@ pub struct AssignPlan {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DraftTest {
-    /// The events (at most 100,000).
-    pub events: Vec<UsageEvent>,
+    /// The events (at most 100,000); or else `from` and `to`.
+    #[serde(default)]
+    pub events: Option<Vec<UsageEvent>>,
+    /// With `to`: price the usage recorded in the history store that this plan priced and that
+    /// happened in `[from, to)` (RFC 3339; at most 100,000 events).
+    #[serde(default, with = "json::time::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub from: Option<Timestamp>,
+    /// See `from`.
+    #[serde(default, with = "json::time::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub to: Option<Timestamp>,
 }
 
 // ----- wallets --------------------------------------------------------------------------------
@@ -1654,4 +1726,63 @@ pub struct WebhookAttemptPage {
     pub data: Vec<WebhookAttempt>,
     /// Pass as `before` for the next page; absent on the last.
     pub next_before: Option<String>,
+}
+
+/// A published version or the draft of a plan.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PlanVersion {
+    /// Its number (absent for the draft).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+    /// The asset its prices are in.
+    pub asset: String,
+    /// When it was written (the draft) or published.
+    pub at: String,
+    /// Its rules, in the shape `PUT /v1/plans/{plan}/draft` takes.
+    pub rules: Vec<Rule>,
+}
+
+/// A plan with its versions and draft.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PlanResource {
+    /// Its name.
+    pub plan: String,
+    /// The wallet it is the custom plan of.
+    pub custom_for: Option<String>,
+    /// The asset of its latest version (or of the draft when nothing is published).
+    pub asset: Option<String>,
+    /// Published versions, version 1 first.
+    pub versions: Vec<PlanVersion>,
+    /// The draft, if any.
+    pub draft: Option<PlanVersion>,
+}
+
+impl PlanResource {
+    /// From the engine's view.
+    pub fn of(p: &engine::PlanView) -> PlanResource {
+        let version = |v: &engine::PlanVersionView, draft: bool| PlanVersion {
+            version: (!draft).then_some(v.version),
+            asset: v.asset.as_str().into(),
+            at: v.at.to_rfc3339(),
+            rules: v.rules.iter().map(Rule::of).collect(),
+        };
+        PlanResource {
+            plan: p.plan.as_str().into(),
+            custom_for: p.custom_for.map(|w| w.as_str().to_string()),
+            asset: p
+                .versions
+                .last()
+                .or(p.draft.as_ref())
+                .map(|v| v.asset.as_str().to_string()),
+            versions: p.versions.iter().map(|v| version(v, false)).collect(),
+            draft: p.draft.as_ref().map(|d| version(d, true)),
+        }
+    }
+}
+
+/// Every plan.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PlanList {
+    /// In creation order.
+    pub data: Vec<PlanResource>,
 }

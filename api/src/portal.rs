@@ -466,8 +466,7 @@ pub(crate) async fn create_link(
     ask(state, Query::Wallet { wallet }).await?;
     let return_url = body.return_url.clone().unwrap_or_default();
     let web = return_url.starts_with("https://") || return_url.starts_with("http://");
-    if !(return_url.is_empty() || web) || return_url.len() > 2048
-    {
+    if !(return_url.is_empty() || web) || return_url.len() > 2048 {
         return Err(ApiError::invalid(
             "return_url must be an http:// or https:// URL of at most 2048 bytes",
         ));

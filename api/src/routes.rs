@@ -37,6 +37,7 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         .route("/wallets/{wallet}/billing", put(set_billing))
         .route("/stripe/webhook", post(stripe_webhook))
         .route("/products", post(define_product))
+        .route("/plans", get(list_plans))
         .route("/plans/{plan}/draft", put(draft_plan))
         .route("/plans/{plan}/draft/test", post(test_draft))
         .route("/plans/{plan}/publish", post(publish_plan))
@@ -109,6 +110,12 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         );
     Router::new()
         .nest("/v1", v1)
+        .route("/console", get(crate::console::page))
+        .route(
+            "/console/session",
+            post(crate::console::sign_in).delete(crate::console::sign_out),
+        )
+        .route("/console/assets/{file}", get(crate::console::asset_file))
         .route("/portal", get(crate::portal::page))
         .nest("/portal", portal)
         .route("/metrics", get(metrics_text))
@@ -143,7 +150,27 @@ impl FromRequestParts<Arc<ApiState>> for Caller {
             ApiError::from_code(code)
         };
         let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
-            return Err(failed("missing", ErrorCode::Unauthenticated));
+            // The console's session cookie stands for the admin key it signed in with; a
+            // request that changes state must also carry the session's CSRF token.
+            let session = crate::console::cookie(&parts.headers, crate::console::COOKIE)
+                .and_then(|id| state.console.session(&id));
+            return match session {
+                Some((key, csrf)) => {
+                    let reads = parts.method == Method::GET || parts.method == Method::HEAD;
+                    let sent = parts
+                        .headers
+                        .get("x-csrf-token")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    if reads || crate::console::same(sent, &csrf) {
+                        Ok(Caller(key))
+                    } else {
+                        Err(failed("csrf", ErrorCode::OutOfScope)
+                            .with("detail", "send the console's CSRF token in X-CSRF-Token"))
+                    }
+                }
+                None => Err(failed("missing", ErrorCode::Unauthenticated)),
+            };
         };
         let Some(key) = value.to_str().ok().and_then(|v| {
             v.strip_prefix("Bearer ")
@@ -391,15 +418,63 @@ pub(crate) async fn test_draft(
     Body(body): Body<DraftTest>,
 ) -> Result<Json<DraftTestReport>, ApiError> {
     let plan = name("plan", &plan)?;
-    let events = body
-        .events
-        .iter()
-        .map(UsageEvent::to_engine)
-        .collect::<Result<_, _>>()?;
+    let events = match (&body.events, body.from, body.to) {
+        (Some(events), None, None) => events
+            .iter()
+            .map(UsageEvent::to_engine)
+            .collect::<Result<_, _>>()?,
+        (None, Some(from), Some(to)) if from < to => {
+            let recorded = read_history(&state, &caller, move |r| {
+                r.recorded(plan.as_str(), from, to, 100_000)
+            })
+            .await?
+            .ok_or_else(|| {
+                ApiError::invalid("more than 100000 events in the period: choose a shorter one")
+            })?;
+            recorded
+                .iter()
+                .map(recorded_event)
+                .collect::<Result<_, _>>()?
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "give either events, or from and to (from before to)",
+            ))
+        }
+    };
     match query(&state, &caller, Query::DraftTest { plan, events }).await? {
         QueryReply::DraftTest(r) => Ok(Json(DraftTestReport::of(&r))),
         other => Err(unexpected(other)),
     }
+}
+
+/// A recorded event as the engine prices it again (in record mode: priced, never refused).
+fn recorded_event(
+    r: &tally_outbound::sqlite::Recorded,
+) -> Result<tally_engine::UsageEvent, ApiError> {
+    let pairs = |m: &std::collections::BTreeMap<String, String>, what: &'static str| {
+        m.iter()
+            .map(|(k, v)| Ok((name(what, k)?, name(what, v)?)))
+            .collect::<Result<Vec<_>, ApiError>>()
+    };
+    Ok(tally_engine::UsageEvent {
+        wallet: wallet_id(&r.wallet)?,
+        product: name("product", &r.product)?,
+        quantities: r
+            .quantities
+            .iter()
+            .map(|(k, v)| {
+                Ok(tally_engine::Quantity {
+                    dimension: name("quantity", k)?,
+                    value: crate::json::parse_decimal(v).map_err(ApiError::invalid)?,
+                })
+            })
+            .collect::<Result<_, ApiError>>()?,
+        attributes: pairs(&r.attributes, "attribute")?,
+        cost_usd: r.cost_usd,
+        occurred_at: r.occurred_at,
+        mode: tally_engine::DebitMode::Record,
+    })
 }
 
 /// Create a wallet.
@@ -1941,4 +2016,20 @@ pub(crate) async fn create_portal_session(
     Ok(Json(
         crate::portal::create_link(&state, &body, idem.id).await?,
     ))
+}
+
+/// Every plan, with its published versions and draft; rules in the shape the draft route takes.
+#[utoipa::path(get, path = "/v1/plans", tag = "plans",
+    responses((status = 200, body = PlanList), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn list_plans(
+    State(state): AppState,
+    caller: Caller,
+) -> Result<Json<PlanList>, ApiError> {
+    match query(&state, &caller, Query::Plans).await? {
+        QueryReply::Plans(plans) => Ok(Json(PlanList {
+            data: plans.iter().map(PlanResource::of).collect(),
+        })),
+        other => Err(unexpected(other)),
+    }
 }

@@ -90,9 +90,9 @@ pub use money::{dec, Rounding, AMOUNT_MAX, QUANTITY_MAX};
 pub use output::{Account, Alert, Effect, EntryKind, JournalEntry, MarginRecord, TopUpRequest};
 pub use pricing::{Component, PriceModel, PriceRule, Quantity, Tier};
 pub use query::{
-    BalanceView, DraftTestReport, DraftTestRow, GrantView, MarginScope, MarginView, PriceView,
-    Query, QueryReply, TopUpStatus, WalletFilter, WalletPage, WalletView, WALLET_PAGE_MAX,
-    WALLET_SCAN_MAX,
+    BalanceView, DraftTestReport, DraftTestRow, GrantView, MarginScope, MarginView,
+    PlanVersionView, PlanView, PriceView, Query, QueryReply, TopUpStatus, WalletFilter, WalletPage,
+    WalletView, WALLET_PAGE_MAX, WALLET_SCAN_MAX,
 };
 pub use state::{Asset, Config, Margin, State};
 pub use types::{

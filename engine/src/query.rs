@@ -44,6 +44,8 @@ pub enum Query {
     Margin(MarginScope),
     /// The price an event would be charged, without applying it.
     PricePreview(UsageEvent),
+    /// Every plan with its published versions and draft.
+    Plans,
     /// A declared asset: its scale, USD value and top-up price.
     Asset {
         /// The asset.
@@ -101,6 +103,34 @@ pub enum QueryReply {
     DraftTest(DraftTestReport),
     /// See [`Query::Asset`].
     Asset(crate::state::Asset),
+    /// See [`Query::Plans`].
+    Plans(Vec<PlanView>),
+}
+
+/// A plan as [`Query::Plans`] shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanView {
+    /// Its name.
+    pub plan: Name,
+    /// The wallet it is the custom plan of, if any.
+    pub custom_for: Option<WalletId>,
+    /// Published versions, version 1 first.
+    pub versions: Vec<PlanVersionView>,
+    /// The draft, if any.
+    pub draft: Option<PlanVersionView>,
+}
+
+/// A version or draft of a plan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanVersionView {
+    /// Its number (0 for a draft).
+    pub version: u32,
+    /// The asset its prices are in.
+    pub asset: AssetCode,
+    /// Its rules, in listing order.
+    pub rules: Vec<crate::PriceRule>,
+    /// When it was written (a draft) or published.
+    pub at: Timestamp,
 }
 
 /// A wallet.
@@ -388,6 +418,32 @@ impl Engine {
             }
             Query::Margin(scope) => self.margin(scope).map(|m| QueryReply::Margin(m.into())),
             Query::Asset { asset } => self.asset(asset).map(QueryReply::Asset),
+            Query::Plans => {
+                let state = self.state();
+                let view = |version: u32, v: &crate::state::PlanVersion| PlanVersionView {
+                    version,
+                    asset: state.assets[v.asset as usize].code,
+                    rules: v.rules.clone(),
+                    at: v.at,
+                };
+                Ok(QueryReply::Plans(
+                    state
+                        .plans
+                        .iter()
+                        .map(|p| PlanView {
+                            plan: p.name,
+                            custom_for: p.custom_for,
+                            versions: p
+                                .versions
+                                .iter()
+                                .enumerate()
+                                .map(|(i, v)| view(i as u32 + 1, v))
+                                .collect(),
+                            draft: p.draft.as_ref().map(|d| view(0, d)),
+                        })
+                        .collect(),
+                ))
+            }
             Query::PricePreview(event) => {
                 let w = self.wallet_index(&event.wallet)?;
                 let p = self.price(

@@ -145,6 +145,8 @@ kinds! {
     QueryDraftTest = 0x44,
     /// Query `Asset`.
     QueryAsset = 0x45,
+    /// Query `Plans`.
+    QueryPlans = 0x46,
 
     /// Admin: create an API key.
     KeyCreate = 0x50,
@@ -202,6 +204,7 @@ impl Kind {
                 | Payment
                 | QueryMargin
                 | QueryDraftTest
+                | QueryPlans
                 | KeyCreate
                 | KeyRevoke
                 | Snapshot

@@ -221,6 +221,8 @@ pub enum Answer {
     DraftTest(DraftTestReport),
     /// See `Query::Asset`.
     Asset(tally_engine::Asset),
+    /// See `Query::Plans`.
+    Plans(Vec<tally_engine::PlanView>),
 }
 
 impl From<&QueryReply> for Answer {
@@ -232,6 +234,7 @@ impl From<&QueryReply> for Answer {
             QueryReply::Price(v) => Answer::Price(*v),
             QueryReply::DraftTest(v) => Answer::DraftTest(v.clone()),
             QueryReply::Asset(a) => Answer::Asset(*a),
+            QueryReply::Plans(p) => Answer::Plans(p.clone()),
         }
     }
 }
@@ -428,6 +431,7 @@ pub fn query_kind(query: &Query) -> Kind {
         Query::PricePreview(_) => Kind::QueryPricePreview,
         Query::DraftTest { .. } => Kind::QueryDraftTest,
         Query::Asset { .. } => Kind::QueryAsset,
+        Query::Plans => Kind::QueryPlans,
     }
 }
 
@@ -707,7 +711,8 @@ fn decode_payload(kind: Kind, r: &mut Reader<'_>) -> Result<Message, BodyError> 
         | Kind::QueryMargin
         | Kind::QueryPricePreview
         | Kind::QueryDraftTest
-        | Kind::QueryAsset => Message::Query(read_query(kind, r)?),
+        | Kind::QueryAsset
+        | Kind::QueryPlans => Message::Query(read_query(kind, r)?),
         Kind::KeyCreate => Message::KeyCreate {
             label: r.name("key_create.label")?,
             scope: scope(r, "key_create.scope")?,
@@ -1530,6 +1535,7 @@ fn write_query(w: &mut Writer<'_>, query: &Query) -> Result<(), EncodeError> {
         },
         Query::PricePreview(usage) => write_usage(w, usage)?,
         Query::Asset { asset } => w.name(asset),
+        Query::Plans => {}
         Query::DraftTest { plan, events } => {
             w.name(plan);
             w.count32("draft_test.events", events.len())?;
@@ -1565,6 +1571,7 @@ fn read_query(kind: Kind, r: &mut Reader<'_>) -> Result<Query, BodyError> {
             t => return Err(Reader::unknown_tag("query_margin.scope", t.into())),
         }),
         Kind::QueryPricePreview => Query::PricePreview(read_usage(r)?),
+        Kind::QueryPlans => Query::Plans,
         Kind::QueryAsset => Query::Asset {
             asset: r.asset("query_asset.asset")?,
         },
@@ -1853,6 +1860,31 @@ fn write_answer(w: &mut Writer<'_>, answer: &Answer) -> Result<(), EncodeError> 
                 None => w.u8(0),
             }
         }
+        Answer::Plans(plans) => {
+            w.u8(6);
+            w.count32("plans", plans.len())?;
+            let version = |w: &mut Writer<'_>, v: &tally_engine::PlanVersionView| {
+                w.u32(v.version);
+                w.name(&v.asset);
+                w.i64(v.at.0);
+                write_rules(w, &v.rules)
+            };
+            for p in plans {
+                w.name(&p.plan);
+                write_name_option(w, p.custom_for.as_ref());
+                w.count32("plans[].versions", p.versions.len())?;
+                for v in &p.versions {
+                    version(w, v)?;
+                }
+                match &p.draft {
+                    Some(d) => {
+                        w.u8(1);
+                        version(w, d)?;
+                    }
+                    None => w.u8(0),
+                }
+            }
+        }
         Answer::DraftTest(d) => {
             w.u8(4);
             w.name(&d.plan);
@@ -1994,6 +2026,39 @@ fn read_answer(r: &mut Reader<'_>) -> Result<Answer, BodyError> {
                 wallets,
                 total: read_row(r)?,
             })
+        }
+        6 => {
+            let version = |r: &mut Reader<'_>| -> Result<tally_engine::PlanVersionView, BodyError> {
+                Ok(tally_engine::PlanVersionView {
+                    version: r.u32("plans[].version")?,
+                    asset: r.asset("plans[].asset")?,
+                    at: Timestamp(r.i64("plans[].at")?),
+                    rules: read_rules(r)?,
+                })
+            };
+            let n = r.count32("plans", NAME_BYTES_MIN)?;
+            let mut plans = Vec::with_capacity(n.min(BATCH_ITEMS_MAX));
+            for _ in 0..n {
+                let plan = r.name("plans[].plan")?;
+                let custom_for = read_name_option(r, "plans[].custom_for")?;
+                let m = r.count32("plans[].versions", NAME_BYTES_MIN)?;
+                let mut versions = Vec::with_capacity(m.min(BATCH_ITEMS_MAX));
+                for _ in 0..m {
+                    versions.push(version(r)?);
+                }
+                let draft = if r.present("plans[].draft")? {
+                    Some(version(r)?)
+                } else {
+                    None
+                };
+                plans.push(tally_engine::PlanView {
+                    plan,
+                    custom_for,
+                    versions,
+                    draft,
+                });
+            }
+            Answer::Plans(plans)
         }
         5 => Answer::Asset(tally_engine::Asset {
             code: r.asset("asset.code")?,

@@ -891,7 +891,69 @@ impl FromStr for Order {
     }
 }
 
+/// One priced usage event as recorded, to price it again (a draft test).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    /// The wallet.
+    pub wallet: String,
+    /// The product.
+    pub product: String,
+    /// Quantities per dimension.
+    pub quantities: BTreeMap<String, String>,
+    /// Attributes.
+    pub attributes: BTreeMap<String, String>,
+    /// What it cost the seller.
+    pub cost_usd: Decimal,
+    /// When it happened.
+    pub occurred_at: Timestamp,
+}
+
 impl Reader {
+    /// The usage priced by `plan` that happened in `[from, to)`, oldest first; `None` if there
+    /// are more than `max`.
+    pub fn recorded(
+        &self,
+        plan: &str,
+        from: Timestamp,
+        to: Timestamp,
+        max: usize,
+    ) -> Result<Option<Vec<Recorded>>, Error> {
+        let conn = self
+            .conn
+            .lock()
+            .map_err(|_| Error("history store: a reader panicked".into()))?;
+        let mut statement = conn
+            .prepare_cached(
+                "SELECT wallet, product, quantities, attributes, cost_usd, occurred_at \
+                 FROM usage_events WHERE plan = ?1 AND occurred_at >= ?2 AND occurred_at < ?3 \
+                 ORDER BY occurred_at LIMIT ?4",
+            )
+            .map_err(|e| sql("prepare", e))?;
+        let mut rows = statement
+            .query(params![plan, from.0, to.0, max as i64 + 1])
+            .map_err(|e| sql("query", e))?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next().map_err(|e| sql("query", e))? {
+            if out.len() == max {
+                return Ok(None);
+            }
+            let read = |e| sql("read row", e);
+            let map = |text: String| -> Result<BTreeMap<String, String>, Error> {
+                serde_json::from_str(&text)
+                    .map_err(|e| Error(format!("history store: a stored map: {e}")))
+            };
+            out.push(Recorded {
+                wallet: r.get(0).map_err(read)?,
+                product: r.get(1).map_err(read)?,
+                quantities: map(r.get(2).map_err(read)?)?,
+                attributes: map(r.get(3).map_err(read)?)?,
+                cost_usd: decimal(r.get(4).map_err(read)?).map_err(read)?,
+                occurred_at: Timestamp(r.get(5).map_err(read)?),
+            });
+        }
+        Ok(Some(out))
+    }
+
     /// What one wallet spent per UTC day and asset over usage that happened in `[from, to)`:
     /// `(day start, asset, charged − refunded)`, summed exactly, oldest day first.
     pub fn spend_per_day(

@@ -228,6 +228,7 @@ fn answer_json(answer: &Answer) -> Value {
         Answer::Price(p) => json!({ "Price": to_value(p) }),
         Answer::DraftTest(r) => json!({ "DraftTest": to_value(r) }),
         Answer::Asset(a) => json!({ "Asset": to_value(a) }),
+        Answer::Plans(p) => json!({ "Plans": to_value(p) }),
     }
 }
 

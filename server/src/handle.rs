@@ -326,7 +326,7 @@ impl Handle {
             Query::PricePreview(event) => self.shard(&event.wallet),
             Query::Margin(MarginScope::Wallet(wallet)) => self.shard(wallet),
             Query::Margin(_) => return None,
-            Query::DraftTest { .. } | Query::Asset { .. } => &self.shards[0],
+            Query::DraftTest { .. } | Query::Asset { .. } | Query::Plans => &self.shards[0],
         })
     }
 

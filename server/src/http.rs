@@ -99,6 +99,7 @@ pub async fn start_http(
     )
     .map_err(Error)?;
     state.set_portal(portal);
+    state.console().set_secure(config.http_tls);
     Ok((state, server))
 }
 

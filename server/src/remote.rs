@@ -1399,6 +1399,24 @@ fn render_answer(answer: &Answer) -> (String, Value) {
             ),
             json!({ "asset": to_json(a) }),
         ),
+        Answer::Plans(plans) => (
+            plans
+                .iter()
+                .map(|p| {
+                    format!(
+                        "plan {}{}: {} published version(s){}",
+                        p.plan,
+                        p.custom_for
+                            .map(|w| format!(" (custom for {w})"))
+                            .unwrap_or_default(),
+                        p.versions.len(),
+                        if p.draft.is_some() { ", a draft" } else { "" }
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n"),
+            json!({ "plans": to_json(plans) }),
+        ),
         Answer::DraftTest(report) => (
             draft_test_text(report),
             json!({ "report": to_json(report) }),

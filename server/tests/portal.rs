@@ -68,6 +68,11 @@ impl Site {
     }
 }
 
+fn now() -> String {
+    use tally_server::Clock;
+    tally_server::SystemClock.now().to_rfc3339()
+}
+
 fn session_cookie(set_cookie: &str) -> String {
     set_cookie.split(';').next().unwrap().to_string()
 }
@@ -240,5 +245,188 @@ async fn portal_sessions_are_one_time_scoped_and_expire() {
         }
     }
     assert!(limited, "links are rate-limited per wallet");
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_signs_in_with_an_admin_key_and_tests_drafts_on_recorded_usage() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let data = tempfile::tempdir().unwrap();
+    let server = serve(data.path(), "127.0.0.1:0", ADMIN, &[]);
+    let site = Site {
+        http: reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap(),
+        base: format!("http://{}", server.http),
+    };
+    let (post, put) = (reqwest::Method::POST, reqwest::Method::PUT);
+    site.admin(
+        post.clone(),
+        "/v1/assets",
+        "asset",
+        json!({"code": "USD", "scale": 6, "usd_value": "1"}),
+    )
+    .await;
+    site.admin(
+        post.clone(),
+        "/v1/products",
+        "product",
+        json!({"code": "chat", "dimensions": ["tokens"]}),
+    )
+    .await;
+    let rules = json!([{"product": "chat", "components": [
+        {"dimension": "tokens", "price": {"type": "per_unit", "unit_price": "0.001"}}],
+        "rounding": "up"}]);
+    site.admin(
+        put.clone(),
+        "/v1/plans/std/draft",
+        "draft-1",
+        json!({"asset": "USD", "rules": rules}),
+    )
+    .await;
+    site.admin(
+        post.clone(),
+        "/v1/plans/std/publish",
+        "publish-1",
+        Value::Null,
+    )
+    .await;
+    site.admin(post.clone(), "/v1/wallets", "w-create", json!({"id": "w"}))
+        .await;
+    site.admin(
+        put.clone(),
+        "/v1/wallets/w/plan",
+        "w-plan",
+        json!({"plan": "std", "version": 1}),
+    )
+    .await;
+    for i in 0..3 {
+        site.admin(
+            post.clone(),
+            "/v1/usage",
+            &format!("use-{i}"),
+            json!({"wallet": "w", "product": "chat", "quantities": {"tokens": "1000"},
+                   "cost_usd": "0.25", "mode": "record", "occurred_at": now()}),
+        )
+        .await;
+    }
+    let gateway = site
+        .admin(
+            post.clone(),
+            "/v1/keys",
+            "key-gw",
+            json!({"label": "gw", "scope": "gateway"}),
+        )
+        .await;
+
+    // Signing in: an unknown key 401, a gateway key 403, the admin key a session cookie.
+    let sign_in = |key: String| {
+        let request = site
+            .http
+            .post(format!("{}/console/session", site.base))
+            .json(&json!({ "api_key": key }));
+        async move { request.send().await.unwrap() }
+    };
+    assert_eq!(sign_in("nope".into()).await.status(), 401);
+    assert_eq!(
+        sign_in(gateway["key"].as_str().unwrap().into())
+            .await
+            .status(),
+        403
+    );
+    let signed = sign_in(ADMIN.into()).await;
+    assert_eq!(signed.status(), 200);
+    let set = signed.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Strict"),
+        "{set}"
+    );
+    let cookie = set.split(';').next().unwrap().to_string();
+    let csrf = signed.json::<Value>().await.unwrap()["csrf"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (status, page) = site.get("/console", &cookie).await;
+    assert_eq!(status, 200);
+    assert_eq!(meta(&page, "signed-in"), "true");
+    assert_eq!(meta(&page, "csrf-token"), csrf);
+    assert_eq!(
+        meta(&site.get("/console", "").await.1, "signed-in"),
+        "false"
+    );
+
+    // The cookie stands for the key: reads work; changes need the CSRF token too.
+    let (status, body) = site.get("/v1/wallets", &cookie).await;
+    assert_eq!(status, 200, "{body}");
+    let freeze = |token: Option<&str>| {
+        let mut request = site
+            .http
+            .post(format!("{}/v1/wallets/w/freeze", site.base))
+            .header("Cookie", &cookie)
+            .header("Idempotency-Key", "freeze-1");
+        if let Some(token) = token {
+            request = request.header("X-CSRF-Token", token);
+        }
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(freeze(None).await, 403);
+    assert_eq!(freeze(Some("forged")).await, 403);
+    assert_eq!(freeze(Some(&csrf)).await, 200);
+
+    // Plans with their rules in the draft's own shape, and a draft tested on recorded usage.
+    let (_, body) = site.get("/v1/plans", &cookie).await;
+    let plans: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(plans["data"][0]["plan"], "std");
+    assert_eq!(plans["data"][0]["versions"][0]["rules"], rules);
+    let mut doubled = rules.clone();
+    doubled[0]["components"][0]["price"]["unit_price"] = json!("0.002");
+    site.admin(
+        put.clone(),
+        "/v1/plans/std/draft",
+        "draft-2",
+        json!({"asset": "USD", "rules": doubled}),
+    )
+    .await;
+    // The history store trails the shards by about a second.
+    let mut report = Value::Null;
+    for _ in 0..100 {
+        report = site
+            .admin(
+                post.clone(),
+                "/v1/plans/std/draft/test",
+                "unused",
+                json!({"from": "2000-01-01T00:00:00Z", "to": "2100-01-01T00:00:00Z"}),
+            )
+            .await;
+        if report["total"]["events"] == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(report["total"]["events"], 3, "{report}");
+    assert_eq!(report["total"]["revenue_current_usd"], "3");
+    assert_eq!(report["total"]["revenue_draft_usd"], "6");
+    let bad = site
+        .http
+        .post(format!("{}/v1/plans/std/draft/test", site.base))
+        .bearer_auth(ADMIN)
+        .json(&json!({"from": "2100-01-01T00:00:00Z", "to": "2000-01-01T00:00:00Z"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 422);
+
+    // Signing out ends the session: the cookie stands for nothing after.
+    let out = site
+        .http
+        .delete(format!("{}/console/session", site.base))
+        .header("Cookie", &cookie)
+        .header("X-CSRF-Token", &csrf)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status(), 200);
+    assert_eq!(site.get("/v1/wallets", &cookie).await.0, 401);
     drop(server);
 }
