@@ -819,6 +819,10 @@ pub struct SetTopUpRule {
     #[serde(default, with = "json::decimal::option")]
     #[schema(value_type = Option<String>)]
     pub daily_cap: Option<Decimal>,
+    /// Most that may be requested per UTC calendar month.
+    #[serde(default, with = "json::decimal::option")]
+    #[schema(value_type = Option<String>)]
+    pub monthly_cap: Option<Decimal>,
     /// The saved payment method to charge; `default` (the default) charges the wallet's default
     /// payment method.
     #[serde(default = "default_method")]
@@ -861,6 +865,7 @@ impl SetTopUpRule {
                 attempts_max: self.attempts_max,
                 cooldown_us: self.cooldown_us,
                 daily_cap: self.daily_cap,
+                monthly_cap: self.monthly_cap,
                 payment_method: name("payment_method", &self.payment_method)?,
             },
         })
@@ -1227,6 +1232,10 @@ pub struct TopUpRule {
     #[serde(with = "json::decimal::option")]
     #[schema(value_type = Option<String>)]
     pub daily_cap: Option<Decimal>,
+    /// Monthly cap.
+    #[serde(with = "json::decimal::option")]
+    #[schema(value_type = Option<String>)]
+    pub monthly_cap: Option<Decimal>,
     /// The payment method.
     pub payment_method: String,
 }
@@ -1394,6 +1403,7 @@ impl Wallet {
                     attempts_max: r.attempts_max,
                     cooldown_us: r.cooldown_us,
                     daily_cap: r.daily_cap,
+                    monthly_cap: r.monthly_cap,
                     payment_method: r.payment_method.as_str().into(),
                 })
                 .collect(),

@@ -689,6 +689,11 @@ pub(crate) async fn wallet(
                     tally_engine::TopUpAmount::Target(t) => dec(t),
                 },
                 "daily_cap": r.daily_cap.map(dec),
+                "monthly_cap": r.monthly_cap.map(dec),
+                "kind": match r.amount {
+                    tally_engine::TopUpAmount::Fixed(_) => "fixed",
+                    tally_engine::TopUpAmount::Target(_) => "target",
+                },
                 "flagged": view.topup_flagged.contains(&r.asset),
                 "last_failure": status.and_then(|t| t.last_failure).map(|f| f.as_str().to_string()),
             })
@@ -1089,10 +1094,16 @@ pub(crate) struct AutoTopUp {
     asset: String,
     #[serde(with = "json::decimal")]
     threshold: Decimal,
-    #[serde(with = "json::decimal")]
-    amount: Decimal,
+    /// A fixed amount to add; or else `target`.
+    #[serde(default, with = "json::decimal::option")]
+    amount: Option<Decimal>,
+    /// Top up to this available balance.
+    #[serde(default, with = "json::decimal::option")]
+    target: Option<Decimal>,
     #[serde(default, with = "json::decimal::option")]
     daily_cap: Option<Decimal>,
+    #[serde(default, with = "json::decimal::option")]
+    monthly_cap: Option<Decimal>,
 }
 
 fn fresh_id() -> RequestId {
@@ -1123,18 +1134,26 @@ pub(crate) async fn set_auto(
             "save a card first: auto top-up charges it",
         ));
     }
-    if body.amount <= Decimal::ZERO || body.threshold < Decimal::ZERO {
-        return Err(ApiError::invalid(
-            "amount must be positive and threshold not negative",
-        ));
+    let amount = match (body.amount, body.target) {
+        (Some(a), None) if a > Decimal::ZERO => tally_engine::TopUpAmount::Fixed(a),
+        (None, Some(t)) if t > body.threshold => tally_engine::TopUpAmount::Target(t),
+        _ => {
+            return Err(ApiError::invalid(
+                "give a positive amount, or a target above the threshold (not both)",
+            ))
+        }
+    };
+    if body.threshold < Decimal::ZERO {
+        return Err(ApiError::invalid("the threshold must not be negative"));
     }
     let rule = tally_engine::TopUpRule {
         asset: code,
         threshold: body.threshold,
-        amount: tally_engine::TopUpAmount::Fixed(body.amount),
+        amount,
         attempts_max: 3,
         cooldown_us: 60 * Timestamp::SECOND_US,
         daily_cap: body.daily_cap,
+        monthly_cap: body.monthly_cap,
         payment_method: tally_engine::name(tally_engine::DEFAULT_PAYMENT_METHOD),
     };
     command(
@@ -1147,8 +1166,10 @@ pub(crate) async fn set_auto(
     )
     .await?;
     Ok(Json(json!({
-        "asset": code.as_str(), "threshold": dec(body.threshold), "amount": dec(body.amount),
-        "daily_cap": body.daily_cap.map(dec), "enabled": true,
+        "asset": code.as_str(), "threshold": dec(body.threshold),
+        "amount": body.amount.map(dec), "target": body.target.map(dec),
+        "daily_cap": body.daily_cap.map(dec), "monthly_cap": body.monthly_cap.map(dec),
+        "enabled": true,
     })))
 }
 

@@ -547,6 +547,9 @@ pub struct TopUpRule {
     /// Most that may be requested per UTC day, if set.
     #[serde(with = "dec::option")]
     pub daily_cap: Option<Decimal>,
+    /// Most that may be requested per UTC calendar month, if set.
+    #[serde(with = "dec::option")]
+    pub monthly_cap: Option<Decimal>,
     /// The saved payment method to charge; `default` means the wallet's default payment method
     /// (see [`Command::SetBilling`]).
     pub payment_method: Name,

@@ -1651,7 +1651,7 @@ impl Engine {
                 }
             }
         }
-        if let Some(cap) = rule.daily_cap {
+        for cap in [rule.daily_cap, rule.monthly_cap].into_iter().flatten() {
             money::check_amount(cap, asset.scale)?;
         }
         if rule.attempts_max == 0 || rule.attempts_max > TOPUP_ATTEMPTS_MAX {
@@ -1690,6 +1690,8 @@ impl Engine {
                 retry_armed: false,
                 day: 0,
                 day_total: Decimal::ZERO,
+                month: 0,
+                month_total: Decimal::ZERO,
                 last_failure: None,
             }),
         }
@@ -1876,6 +1878,9 @@ impl Engine {
         if t.day == flight.at.day() {
             t.day_total -= flight.amount.min(t.day_total);
         }
+        if t.month == flight.at.month() {
+            t.month_total -= flight.amount.min(t.month_total);
+        }
         let attempts_max = t.rule.map_or(1, |r| r.attempts_max);
         if t.failures >= attempts_max {
             t.flagged = true;
@@ -1958,10 +1963,19 @@ impl Engine {
             t.day = now.day();
             t.day_total = Decimal::ZERO;
         }
-        if let Some(cap) = rule.daily_cap {
-            // What is left of the cap, rounded down to a chargeable amount.
-            let left = ((cap - t.day_total) / step).floor() * step;
-            amount = amount.min(left);
+        if t.month != now.month() {
+            t.month = now.month();
+            t.month_total = Decimal::ZERO;
+        }
+        // What is left of each cap, rounded down to a chargeable amount.
+        for (cap, total) in [
+            (rule.daily_cap, t.day_total),
+            (rule.monthly_cap, t.month_total),
+        ] {
+            if let Some(cap) = cap {
+                let left = ((cap - total) / step).floor() * step;
+                amount = amount.min(left);
+            }
         }
         if amount <= Decimal::ZERO || amount > money::AMOUNT_MAX {
             return;
@@ -1985,6 +1999,7 @@ impl Engine {
             at: now,
         });
         t.day_total += amount;
+        t.month_total += amount;
         self.effects.push_back(Effect::TopUpRequested(TopUpRequest {
             wallet: wallet_id,
             asset,

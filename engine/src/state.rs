@@ -397,6 +397,11 @@ pub struct TopUpState {
     /// Requested so far on `day`, not counting failed requests.
     #[serde(with = "dec")]
     pub day_total: Decimal,
+    /// The UTC month (`Timestamp::month`) `month_total` counts.
+    pub month: i64,
+    /// Requested so far in `month`, not counting failed requests.
+    #[serde(with = "dec")]
+    pub month_total: Decimal,
     /// Why the last request failed (`None` after a success).
     pub last_failure: Option<Name>,
 }

@@ -173,6 +173,20 @@ impl Timestamp {
         self.0.div_euclid(Self::DAY_US)
     }
 
+    /// The UTC calendar month, counted from year 0 (`year * 12 + month - 1`).
+    pub fn month(self) -> i64 {
+        // Civil from days (Howard Hinnant's algorithm), as in `to_rfc3339`.
+        let z = self.day() + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z - era * 146_097;
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        year * 12 + month - 1
+    }
+
     /// Parses an RFC 3339 UTC time (`2026-11-24T18:00:00Z`, an optional fraction of up to 9
     /// digits of which the first 6 count, `Z` or `+00:00`). Other offsets are refused rather
     /// than converted, so a time is always read as the caller wrote it.
@@ -339,6 +353,24 @@ mod tests {
     fn time_buckets() {
         let t = Timestamp(Timestamp::DAY_US + Timestamp::HOUR_US * 2 + 5);
         assert_eq!(t.day(), 1);
+        assert_eq!(
+            Timestamp::parse_rfc3339("2026-11-30T23:59:59Z")
+                .unwrap()
+                .month(),
+            2026 * 12 + 10
+        );
+        assert_eq!(
+            Timestamp::parse_rfc3339("2026-12-01T00:00:00Z")
+                .unwrap()
+                .month(),
+            2026 * 12 + 11
+        );
+        assert_eq!(
+            Timestamp::parse_rfc3339("2027-01-01T00:00:00Z")
+                .unwrap()
+                .month(),
+            2027 * 12
+        );
         assert_eq!(t.hour(), 26);
         assert_eq!(Timestamp(-1).hour(), -1);
     }

@@ -1032,6 +1032,7 @@ fn auto_top_up_requests_once_and_credits_on_success() {
         attempts_max: 3,
         cooldown_us: 0,
         daily_cap: None,
+        monthly_cap: None,
         payment_method: n("pm_card"),
     };
     h.ok(Command::SetTopUpRule { wallet: w, rule });
@@ -1082,6 +1083,7 @@ fn auto_top_up_backs_off_after_failures_and_flags_the_wallet() {
         attempts_max: 2,
         cooldown_us: 10 * SECOND,
         daily_cap: None,
+        monthly_cap: None,
         payment_method: n("pm_card"),
     };
     h.ok(Command::SetTopUpRule { wallet: w, rule });
@@ -1137,6 +1139,7 @@ fn auto_top_up_respects_the_daily_cap() {
         attempts_max: 3,
         cooldown_us: 0,
         daily_cap: Some(d("15")),
+        monthly_cap: None,
         payment_method: n("pm_card"),
     };
     h.ok(Command::SetTopUpRule { wallet: w, rule });
@@ -1241,6 +1244,7 @@ fn snapshot_restore_keeps_the_digest_and_the_future() {
             attempts_max: 3,
             cooldown_us: 0,
             daily_cap: None,
+            monthly_cap: None,
             payment_method: n("pm"),
         },
     });
@@ -1286,6 +1290,7 @@ fn fixed_rule(amount: &str) -> TopUpRule {
         attempts_max: 3,
         cooldown_us: 0,
         daily_cap: None,
+        monthly_cap: None,
         payment_method: n("default"),
     }
 }
@@ -1644,4 +1649,53 @@ fn a_lost_dispute_is_final_and_no_longer_holds_top_ups_back() {
     assert_eq!(h.balance(w).available, d("0"));
     assert!(h.view(w).frozen);
     h.check_ledger();
+}
+
+#[test]
+fn auto_top_up_respects_the_monthly_cap_and_a_new_month_resets_it() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.billing(w);
+    h.ok(Command::SetTopUpRule {
+        wallet: w,
+        rule: TopUpRule {
+            asset: usd(),
+            threshold: d("5"),
+            amount: TopUpAmount::Fixed(d("10")),
+            attempts_max: 3,
+            cooldown_us: 0,
+            daily_cap: None,
+            monthly_cap: Some(d("25")),
+            payment_method: n("pm_card"),
+        },
+    });
+    let amounts = |h: &Harness| h.topups.iter().map(|t| t.amount).collect::<Vec<_>>();
+    // Three requests a day apart: 10, 10, then what is left of 25 this month: 5.
+    for i in 1..=3u64 {
+        let amount = amounts(&h)[i as usize - 1];
+        h.ok(Command::TopUpSucceeded {
+            wallet: w,
+            asset: usd(),
+            trigger: i,
+            payment_id: n(&format!("p{i}")),
+            amount,
+        });
+        h.advance(Timestamp::DAY_US);
+        let available = h.balance(w).available;
+        // Spend down to 4, below the threshold.
+        let spend = (available - d("4")) * d("1000");
+        h.usage(w, &spend.normalize().to_string(), "0", DebitMode::Strict);
+    }
+    assert_eq!(amounts(&h), vec![d("10"), d("10"), d("5")]);
+    assert_eq!(h.topups.len(), 3, "the month's cap is reached");
+    // The next month starts from zero again.
+    let now = h.now;
+    let next_month = Timestamp::parse_rfc3339(&{
+        let month = now.month() + 1;
+        format!("{:04}-{:02}-01T00:00:00Z", month / 12, month % 12 + 1)
+    })
+    .unwrap();
+    h.advance(next_month.0 - now.0);
+    h.usage(w, "1", "0", DebitMode::Strict);
+    assert_eq!(amounts(&h).last(), Some(&d("10")));
 }

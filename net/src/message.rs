@@ -1081,6 +1081,7 @@ fn write_topup_rule(w: &mut Writer<'_>, rule: &TopUpRule) {
     w.u32(rule.attempts_max);
     w.i64(rule.cooldown_us);
     write_decimal_option(w, rule.daily_cap);
+    write_decimal_option(w, rule.monthly_cap);
     w.name(&rule.payment_method);
 }
 
@@ -1096,6 +1097,7 @@ fn read_topup_rule(r: &mut Reader<'_>) -> Result<TopUpRule, BodyError> {
         attempts_max: r.u32("topup_rule.attempts_max")?,
         cooldown_us: r.i64("topup_rule.cooldown_us")?,
         daily_cap: r.decimal_option("topup_rule.daily_cap")?,
+        monthly_cap: r.decimal_option("topup_rule.monthly_cap")?,
         payment_method: r.name("topup_rule.payment_method")?,
     })
 }

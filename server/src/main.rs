@@ -645,6 +645,9 @@ enum TopUpRuleCommand {
         /// Most that may be requested per UTC day.
         #[arg(long, allow_hyphen_values = true, value_parser = remote::parse_decimal)]
         daily_cap: Option<Decimal>,
+        /// Most that may be requested per UTC calendar month.
+        #[arg(long, allow_hyphen_values = true, value_parser = remote::parse_decimal)]
+        monthly_cap: Option<Decimal>,
     },
     /// Remove a wallet's auto top-up rule for one asset.
     Remove {
@@ -1183,6 +1186,7 @@ fn client_op(command: Command) -> (Remote, Option<u128>, Op) {
             attempts_max,
             cooldown,
             daily_cap,
+            monthly_cap,
         }) => (
             write(common),
             Op::TopUpSet {
@@ -1195,6 +1199,7 @@ fn client_op(command: Command) -> (Remote, Option<u128>, Op) {
                 attempts_max,
                 cooldown_secs: cooldown,
                 daily_cap,
+                monthly_cap,
             },
         ),
         Command::TopupRule(TopUpRuleCommand::Remove {

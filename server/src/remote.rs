@@ -315,6 +315,8 @@ pub enum Op {
         cooldown_secs: u64,
         /// Most per UTC day.
         daily_cap: Option<Decimal>,
+        /// Most per UTC calendar month.
+        monthly_cap: Option<Decimal>,
     },
     /// `tally topup-rule remove`.
     TopUpRemove {
@@ -825,6 +827,7 @@ fn prepare(op: Op, id: RequestId, now: Timestamp) -> Result<Call, String> {
             attempts_max,
             cooldown_secs,
             daily_cap,
+            monthly_cap,
         } => {
             let amount = match (fixed, target) {
                 (Some(a), None) => TopUpAmount::Fixed(a),
@@ -844,6 +847,7 @@ fn prepare(op: Op, id: RequestId, now: Timestamp) -> Result<Call, String> {
                     attempts_max,
                     cooldown_us,
                     daily_cap,
+                    monthly_cap,
                     payment_method,
                 },
             })

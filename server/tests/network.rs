@@ -604,6 +604,7 @@ async fn every_operation_end_to_end() {
                 attempts_max: 3,
                 cooldown_us: 60_000_000,
                 daily_cap: None,
+                monthly_cap: None,
                 payment_method: name("pm_card"),
             },
         },

@@ -150,11 +150,20 @@ fn topup_rule() -> impl Strategy<Value = TopUpRule> {
         (any::<bool>(), decimal()),
         any::<u32>(),
         any::<i64>(),
-        option::of(decimal()),
+        (option::of(decimal()), option::of(decimal())),
         name(),
     )
         .prop_map(
-            |(asset, threshold, (fixed, a), attempts_max, cooldown_us, daily_cap, pm)| TopUpRule {
+            |(
+                asset,
+                threshold,
+                (fixed, a),
+                attempts_max,
+                cooldown_us,
+                (daily_cap, monthly_cap),
+                pm,
+            )| TopUpRule {
+                monthly_cap,
                 asset,
                 threshold,
                 amount: if fixed {
