@@ -608,9 +608,10 @@
     var asset = $('auto-asset').value;
     var rule = autoRule(asset);
     $('auto-threshold').value = rule ? str(rule.threshold) : '';
+    $('auto-kind').value = rule && rule.kind === 'target' ? 'target' : 'fixed';
     $('auto-amount').value = rule ? str(rule.amount) : '';
-    $('auto-cap').value = rule && rule.daily_cap !== null && rule.daily_cap !== undefined
-      ? str(rule.daily_cap) : '';
+    $('auto-cap').value = rule && rule.monthly_cap !== null && rule.monthly_cap !== undefined
+      ? str(rule.monthly_cap) : '';
   }
 
   function renderAutoStatus() {
@@ -624,9 +625,13 @@
       note.textContent = '';
       return;
     }
-    var text = 'On: below ' + padToScale(rule.threshold, asset) + ' add ' + padToScale(rule.amount, asset);
+    var text = 'On: below ' + padToScale(rule.threshold, asset) +
+      (rule.kind === 'target' ? ' top up to ' : ' add ') + padToScale(rule.amount, asset);
     if (rule.daily_cap !== null && rule.daily_cap !== undefined && rule.daily_cap !== '') {
       text += ', at most ' + padToScale(rule.daily_cap, asset) + ' a day';
+    }
+    if (rule.monthly_cap !== null && rule.monthly_cap !== undefined && rule.monthly_cap !== '') {
+      text += ', at most ' + padToScale(rule.monthly_cap, asset) + ' a month';
     }
     status.textContent = text;
     if (rule.last_failure || rule.flagged) {
@@ -666,15 +671,21 @@
     problem = checkAmount(amount, asset, 'an amount');
     if (problem) { setMessage(msg, problem, 'error'); $('auto-amount').focus(); return; }
     if (cap) {
-      problem = checkAmount(cap, asset, 'a daily cap');
+      problem = checkAmount(cap, asset, 'a monthly cap');
       if (problem) { setMessage(msg, problem, 'error'); $('auto-cap').focus(); return; }
     }
 
     autoBusy = true;
     setMessage(msg, 'Saving\u2026');
     try {
+      var target = $('auto-kind').value === 'target';
+      // A daily cap the seller set is kept: this form sets the monthly one.
+      var existing = autoRule(asset);
       await api('PUT', '/portal/api/auto-topup', {
-        asset: asset, threshold: threshold, amount: amount, daily_cap: cap ? cap : null
+        asset: asset, threshold: threshold,
+        amount: target ? null : amount, target: target ? amount : null,
+        monthly_cap: cap ? cap : null,
+        daily_cap: existing && existing.daily_cap ? existing.daily_cap : null
       });
       setMessage(msg, 'Auto top-up saved', 'ok');
       await loadWallet();

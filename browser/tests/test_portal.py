@@ -273,6 +273,20 @@ class TestWalletJourney:
         rule = usd_rule(printed["wallet"]["topup_rules"])
         assert Decimal(rule["threshold"]) == 5 and fixed_amount(rule["amount"]) == 20, rule
 
+        # Changed to a target balance with a monthly cap; then turned off.
+        choose(browser, "#auto-kind", "target")
+        fill(browser, "#auto-amount", "50.00")
+        fill(browser, "#auto-cap", "100.00")
+        browser.find_element(By.CSS_SELECTOR, "#auto-save").click()
+        status_text = wait_text(browser, "#auto-status", lambda t: "month" in t, 'names the monthly cap')
+        assert "top up to 50.00" in status_text and "100.00 a month" in status_text, status_text
+        rule = usd_rule(tally.ok("GET", "/v1/wallets/w1")["topup_rules"])
+        assert rule["amount"] == {"target": "50"} or Decimal(rule["amount"]["target"]) == 50, rule
+        assert Decimal(rule["monthly_cap"]) == 100, rule
+        browser.find_element(By.CSS_SELECTOR, "#auto-off").click()
+        wait_text(browser, "#auto-status", lambda t: t.startswith("Off"), 'says "Off" again')
+        assert tally.ok("GET", "/v1/wallets/w1")["topup_rules"] == []
+
 
 # --- sessions: isolation, used and tampered links, expiry ----------------------------------
 
