@@ -358,3 +358,36 @@ def test_session_expires_when_idle(browser, tally, shot):
     status, answer = portal_fetch(browser, "/portal/api/wallet")
     assert status == 401 and answer["name"] == "Unauthenticated", answer
     shot(browser, "portal-expired")
+
+
+@pytest.mark.usefixtures("catalog")
+def test_legible_at_375_pixels_and_usable_from_the_keyboard(browser, tally, shot):
+    """A phone-sized window: nothing spills sideways out of the page (wide tables scroll inside
+    their own wrappers); every form control has a label; Tab reaches the top-up button."""
+    browser.set_window_size(375, 812)
+    try:
+        open_portal(browser, tally, "w2")
+        width = browser.execute_script("return document.documentElement.clientWidth")
+        overflow = browser.execute_script(
+            "return document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        assert overflow <= 0, f"the page is {overflow}px wider than the {width}px window"
+        unlabelled = browser.execute_script("""
+            return Array.from(document.querySelectorAll('input, select, textarea'))
+              .filter(e => e.type !== 'hidden' && !e.closest('#card-element'))
+              .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label'))
+              .map(e => e.id || e.name);""")
+        assert unlabelled == [], f"controls without a label: {unlabelled}"
+        shot(browser, "portal-375px")
+        # Keyboard: tabbing from the top reaches the top-up button.
+        browser.execute_script("document.activeElement && document.activeElement.blur()")
+        body = browser.find_element(By.TAG_NAME, "body")
+        reached = False
+        for _ in range(40):
+            body = browser.switch_to.active_element
+            body.send_keys("\ue004")  # Tab
+            if browser.switch_to.active_element.get_attribute("id") == "topup-submit":
+                reached = True
+                break
+        assert reached, "Tab never reached #topup-submit"
+    finally:
+        browser.set_window_size(1280, 900)
