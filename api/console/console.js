@@ -615,7 +615,7 @@
 
   function renderUsage() {
     var tb = clearBody($('wallet-usage'));
-    if (!current.usageRows.length) emptyRow(tb, 10, 'No usage recorded.');
+    if (!current.usageRows.length) emptyRow(tb, 11, 'No usage recorded.');
     current.usageRows.forEach(function (u) {
       var tr = document.createElement('tr');
       tr.setAttribute('data-request', str(u.request_id));
@@ -623,7 +623,8 @@
       cell(tr, 'product', u.product);
       cell(tr, 'model', u.attributes && u.attributes.model ? u.attributes.model : '\u2014');
       cell(tr, 'quantities', pairs(u.quantities));
-      cell(tr, 'charged num', str(u.charged) + ' ' + str(u.asset)).setAttribute('data-amount', str(u.charged));
+      cell(tr, 'charged num', u.charged);
+      cell(tr, 'asset', u.asset);
       cell(tr, 'refunded num', u.refunded);
       cell(tr, 'revenue num', u.revenue_usd);
       cell(tr, 'cost num', u.cost_usd);
@@ -984,7 +985,7 @@
 
   // ---------------------------------------------------------------- pricing
 
-  var pricing = { plans: [], selected: null, savedRules: null, seq: 0 };
+  var pricing = { plans: [], selected: null, savedRules: null, refill: false, seq: 0 };
 
   function enterPricing(plan) {
     defaultPeriod($('test-from'), $('test-to'));
@@ -1086,10 +1087,11 @@
     var rules = draftRules(p) || (latest ? latest.rules : []);
     var text = JSON.stringify(rules || [], null, 2);
     // Keep edits in progress when the same plan is re-read; refill on a change of plan.
-    if (changed || $('draft-rules').value === pricing.savedRules || !$('draft-rules').value) {
+    if (changed || pricing.refill || $('draft-rules').value === pricing.savedRules || !$('draft-rules').value) {
       $('draft-rules').value = text;
     }
     pricing.savedRules = text;
+    pricing.refill = false;
     $('draft-publish').disabled = !p.draft;
     if (changed) {
       emptyRow(clearBody($('test-table')), 9, 'No test run yet.');
@@ -1121,8 +1123,7 @@
     var body = { asset: draftAsset(p) || (latestVersion(p) || {}).asset, rules: rules };
     if (p.custom_for) body.custom_for = p.custom_for;
     await api('PUT', '/v1/plans/' + encodeURIComponent(p.plan) + '/draft', body);
-    $('draft-rules').value = JSON.stringify(rules, null, 2);
-    pricing.savedRules = null; // refill from the server's copy
+    pricing.refill = true; // show the server's copy of what was saved
     await loadPlans(p.plan);
     say('Draft of ' + p.plan + ' saved', 'ok');
   }

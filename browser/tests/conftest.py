@@ -155,6 +155,40 @@ class Tally:
         assert 200 <= status < 300, f"{method} {path}: {status} {value}"
         return value
 
+    def usage(self, wallet, product, quantities, cost_usd=None, model=None, mode=None,
+              occurred_at=None, idem=None):
+        """Reports one usage event (POST /v1/usage, asserting a 2xx); `occurred_at` defaults to
+        now (UTC, whole seconds). Returns the answer (`request_id`, `charged`, ...)."""
+        body = {"wallet": wallet, "product": product,
+                "quantities": {k: str(v) for k, v in quantities.items()},
+                "occurred_at": occurred_at or utc_now()}
+        if cost_usd is not None:
+            body["cost_usd"] = str(cost_usd)
+        if model is not None:
+            body["attributes"] = {"model": model}
+        if mode is not None:
+            body["mode"] = mode
+        return self.ok("POST", "/v1/usage", body, idem)
+
+    def history_usage(self, wallet, count, timeout=30):
+        """Waits until the history store lists at least `count` usage rows of `wallet` (it trails
+        the shards by about 1 s); returns them (newest first)."""
+        rows = []
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = self.ok("GET", f"/v1/wallets/{wallet}/usage?limit=1000")["data"]
+            if len(rows) >= count:
+                return rows
+            if time.monotonic() > deadline:
+                raise AssertionError(f"within {timeout} s: {wallet} has {len(rows)} usage rows in "
+                                     f"the history store, not {count}")
+            time.sleep(0.2)
+
+
+def utc_now():
+    """Now in RFC 3339 UTC, whole seconds: `2026-11-29T12:00:00Z`."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
 
 def http_call(request, timeout=30):
     """(status, JSON or text) of a urllib request, whatever the status."""
