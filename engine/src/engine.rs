@@ -1531,7 +1531,9 @@ impl Engine {
             .position(|p| p.grant == grant)
             .ok_or(ResultCode::UnknownGrant)?;
         let p = wallet.payments[payment];
-        if !p.disputed {
+        // A lost dispute is final: it cannot be won afterwards, by this command or by a
+        // processor's event.
+        if !p.disputed || p.dispute_lost {
             return Err(ResultCode::NotDisputed.into());
         }
         // What a refund removed before the dispute stays returned.
@@ -1543,7 +1545,9 @@ impl Engine {
         let now = self.state.now;
         let id = GrantId(self.state.next_grant);
         self.state.next_grant += 1;
-        let expires_at = p.expires_at.filter(|&t| t > now);
+        // An expiry that passed during the dispute is kept: the restored credit expires at once
+        // (its remainder becomes breakage), as it would have without the dispute.
+        let expires_at = p.expires_at.map(|t| t.max(now));
         let restored = GrantState {
             id,
             amount,
@@ -1730,7 +1734,6 @@ impl Engine {
         let p = wallet_ref.payments[payment];
         match event {
             PaymentEvent::Disputed { freeze } => self.dispute(wallet, p.grant, freeze),
-            PaymentEvent::DisputeWon if p.dispute_lost => Err(ResultCode::NotDisputed.into()),
             PaymentEvent::DisputeWon => self.dispute_won(wallet, p.grant),
             PaymentEvent::DisputeLost { .. } if p.dispute_lost => Ok(ReplyValue::None),
             PaymentEvent::DisputeLost { freeze } => {

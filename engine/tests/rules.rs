@@ -1603,7 +1603,7 @@ fn a_lost_dispute_is_final_and_no_longer_holds_top_ups_back() {
     let mut h = Harness::new();
     let w = h.wallet("acme");
     h.billing(w);
-    topup_grant(&mut h, w, "10", "pi_1");
+    let paid = topup_grant(&mut h, w, "10", "pi_1");
     h.usage(w, "3000", "0", DebitMode::Strict); // 7 left of the top-up
     let event = |event| Command::Payment {
         wallet: w,
@@ -1626,6 +1626,20 @@ fn a_lost_dispute_is_final_and_no_longer_holds_top_ups_back() {
     // Final: a repeat changes nothing, and it cannot be won afterwards.
     h.ok(event(PaymentEvent::DisputeLost { freeze: false }));
     h.rejects(event(PaymentEvent::DisputeWon), ResultCode::NotDisputed);
+    h.rejects(
+        Command::DisputeWon {
+            wallet: w,
+            grant: paid,
+        },
+        ResultCode::NotDisputed,
+    );
+    let grant = h
+        .view(w)
+        .grants
+        .iter()
+        .find(|g| g.remaining > Decimal::ZERO)
+        .map(|g| g.id);
+    assert_eq!(grant, None, "the clawed-back grant is gone");
     assert_eq!(h.balance(w).available, d("-3"));
     h.check_ledger();
 
@@ -1698,4 +1712,37 @@ fn auto_top_up_respects_the_monthly_cap_and_a_new_month_resets_it() {
     h.advance(next_month.0 - now.0);
     h.usage(w, "1", "0", DebitMode::Strict);
     assert_eq!(amounts(&h).last(), Some(&d("10")));
+}
+
+#[test]
+fn a_won_dispute_keeps_an_expiry_that_passed_meanwhile() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    let expires = h.now.add_us(HOUR);
+    let g = h.grant_with(
+        w,
+        "10",
+        TOPUP_PRIORITY,
+        Some(expires),
+        GrantSource::TopUp {
+            payment_id: n("pi_1"),
+        },
+    );
+    h.ok(Command::Dispute {
+        wallet: w,
+        grant: g,
+        freeze: false,
+    });
+    assert_eq!(h.balance(w).available, d("0"));
+    h.advance(2 * HOUR);
+    h.ok(Command::DisputeWon {
+        wallet: w,
+        grant: g,
+    });
+    // Restored, and expired at once: the remainder leaves as breakage, not as credit forever.
+    h.advance(SECOND);
+    assert_eq!(h.balance(w).available, d("0"));
+    let last = h.journal.last().unwrap();
+    assert_eq!((last.kind, last.amount), (EntryKind::Breakage, d("10")));
+    h.check_ledger();
 }
