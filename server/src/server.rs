@@ -361,21 +361,55 @@ impl Server {
         };
         let shared: Arc<dyn Store> = Arc::from(store.clone_box());
         let checkpoints: Arc<dyn Checkpoints> = shared;
-        for shard in 0..count {
-            // Replayed effects go to the outbound thread in chunks as replay runs (it skips the
-            // ones it already wrote), instead of piling up: 10 M records make ~20 M effects.
-            const CHUNK: usize = 65_536;
-            let mut replayed = Vec::new();
-            let mut outbound_gone = false;
-            let (engine, wal, report) =
-                recover_shard(config, store.as_ref(), shard, Until::default(), &mut |t| {
-                    replayed.push(t);
-                    if replayed.len() >= CHUNK {
-                        let chunk = std::mem::replace(&mut replayed, Vec::with_capacity(CHUNK));
-                        outbound_gone |=
-                            outbound_tx.send(outbound::Message::Effects(chunk)).is_err();
-                    }
-                })?;
+        // Shards recover side by side, each on a thread of its own: recovery time is the
+        // slowest shard's, not the sum.
+        let recoveries: Vec<Result<_, Error>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..count)
+                .map(|shard| {
+                    let outbound_tx = outbound_tx.clone();
+                    let store = store.as_ref();
+                    scope.spawn(move || {
+                        // Replayed effects go to the outbound thread in chunks as replay runs
+                        // (it skips the ones it already wrote), instead of piling up: 10 M
+                        // records make ~20 M effects.
+                        const CHUNK: usize = 65_536;
+                        let mut replayed = Vec::new();
+                        let mut outbound_gone = false;
+                        let (engine, wal, report) =
+                            recover_shard(config, store, shard, Until::default(), &mut |t| {
+                                replayed.push(t);
+                                if replayed.len() >= CHUNK {
+                                    let chunk =
+                                        std::mem::replace(&mut replayed, Vec::with_capacity(CHUNK));
+                                    outbound_gone |= outbound_tx
+                                        .send(outbound::Message::Effects(chunk))
+                                        .is_err();
+                                }
+                            })?;
+                        if !replayed.is_empty() {
+                            outbound_gone |= outbound_tx
+                                .send(outbound::Message::Effects(replayed))
+                                .is_err();
+                        }
+                        if outbound_gone {
+                            return Err(Error(
+                                "the outbound thread stopped during recovery".into(),
+                            ));
+                        }
+                        Ok((engine, wal, report))
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| {
+                    w.join()
+                        .unwrap_or_else(|_| Err(Error("a shard's recovery panicked".into())))
+                })
+                .collect()
+        });
+        for (shard, recovery) in (0..count).zip(recoveries) {
+            let (engine, wal, report) = recovery?;
             for warning in &report.warnings {
                 tracing::warn!(shard, "{warning}");
             }
@@ -387,14 +421,7 @@ impl Server {
                 digest = %format!("{:016x}", report.digest),
                 "shard recovered"
             );
-            if !replayed.is_empty() {
-                outbound_gone |= outbound_tx
-                    .send(outbound::Message::Effects(replayed))
-                    .is_err();
-            }
-            if outbound_gone {
-                return Err(Error("the outbound thread stopped during recovery".into()));
-            }
+            let replayed = report.replayed;
             recovered.push(report);
             let (tx, rx) = crossbeam_channel::bounded(config.queue_depth);
             senders.push(tx);
@@ -407,7 +434,8 @@ impl Server {
                 clock(),
                 checkpoints.clone(),
                 options.clone(),
-            );
+            )
+            .replayed(replayed);
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("tally-shard-{shard}"))
