@@ -500,6 +500,15 @@ impl Client {
         }
     }
 
+    /// One round trip to the server's network layer, no shard involved: the transport's own
+    /// latency.
+    pub async fn ping(&self) -> Result<(), Error> {
+        match self.send(Message::Ping).await? {
+            Message::Done => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// The server's health.
     pub async fn health(&self) -> Result<HealthReport, Error> {
         match self.send(Message::Health).await? {

@@ -59,6 +59,8 @@ pub struct Mix {
     pub reserve_settle: u32,
     /// Balance reads.
     pub balance: u32,
+    /// Pings: answered by the server's network layer alone (no shard), the transport's ceiling.
+    pub ping: u32,
 }
 
 impl Mix {
@@ -70,6 +72,7 @@ impl Mix {
             record: 0,
             reserve_settle: 0,
             balance: 0,
+            ping: 0,
         };
         for part in text.split(',').filter(|p| !p.trim().is_empty()) {
             let (key, value) = part
@@ -84,9 +87,10 @@ impl Mix {
                 "record" => mix.record = weight,
                 "reserve" | "reserve_settle" => mix.reserve_settle = weight,
                 "balance" => mix.balance = weight,
+                "ping" => mix.ping = weight,
                 other => {
                     return Err(format!(
-                        "mix: unknown operation {other:?} (strict, record, reserve, balance)"
+                        "mix: unknown operation {other:?} (strict, record, reserve, balance, ping)"
                     ))
                 }
             }
@@ -98,7 +102,7 @@ impl Mix {
     }
 
     fn total(&self) -> u32 {
-        self.strict + self.record + self.reserve_settle + self.balance
+        self.strict + self.record + self.reserve_settle + self.balance + self.ping
     }
 
     fn pick(&self, roll: u64) -> Op {
@@ -108,6 +112,7 @@ impl Mix {
             (self.record, Op::Record),
             (self.reserve_settle, Op::ReserveSettle),
             (self.balance, Op::Balance),
+            (self.ping, Op::Ping),
         ] {
             if r < weight {
                 return op;
@@ -124,6 +129,7 @@ enum Op {
     Record,
     ReserveSettle,
     Balance,
+    Ping,
 }
 
 impl Op {
@@ -133,6 +139,7 @@ impl Op {
             Op::Record => "record_usage",
             Op::ReserveSettle => "reserve_settle",
             Op::Balance => "balance",
+            Op::Ping => "ping",
         }
     }
 }
@@ -650,6 +657,7 @@ async fn operate(
             .balance(wallet_id(wallet), asset("USD"))
             .await
             .map(|_| 0),
+        Op::Ping => client.ping().await.map(|_| 0),
     };
     match result {
         Ok(debits) => Outcome::Ok { debits },
@@ -992,6 +1000,8 @@ mod tests {
         assert!(Mix::parse("strict=0").is_err());
         assert!(Mix::parse("refund=5").unwrap_err().contains("unknown"));
         assert!(Mix::parse("strict=x").is_err());
+        let pings = Mix::parse("ping=1").unwrap();
+        assert!((0..100).all(|r| pings.pick(r) == Op::Ping));
         let only = Mix::parse("balance=1").unwrap();
         assert!((0..100).all(|r| only.pick(r) == Op::Balance));
     }

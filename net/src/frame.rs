@@ -156,6 +156,9 @@ kinds! {
     Snapshot = 0x52,
     /// Health check (any authenticated key).
     Health = 0x53,
+    /// Ping (any authenticated key): answered `Done` by the network layer alone, without a
+    /// shard, to measure the transport's own round trip.
+    Ping = 0x54,
 
     /// Answer to a command: result code and value.
     Reply = 0x80,

@@ -331,6 +331,8 @@ pub enum Message {
     Snapshot,
     /// Kind `Health`.
     Health,
+    /// Kind `Ping`: answered `Done` by the network layer.
+    Ping,
     /// Kind `Reply`.
     Reply(Reply),
     /// Kind `BatchReply`.
@@ -452,6 +454,7 @@ impl Message {
             Message::KeyRevoke { .. } => Kind::KeyRevoke,
             Message::Snapshot => Kind::Snapshot,
             Message::Health => Kind::Health,
+            Message::Ping => Kind::Ping,
             Message::Reply(_) => Kind::Reply,
             Message::BatchReply(_) => Kind::BatchReply,
             Message::Answer(_) => Kind::Answer,
@@ -546,7 +549,7 @@ impl Message {
                 w.u8(*scope as u8);
             }
             Message::KeyRevoke { key_id } => w.u64(*key_id),
-            Message::Snapshot | Message::Health | Message::Done => {}
+            Message::Snapshot | Message::Health | Message::Ping | Message::Done => {}
             Message::Reply(reply) => write_reply(w, reply),
             Message::BatchReply(outcomes) => {
                 w.count16("batch_reply.items", outcomes.len())?;
@@ -722,6 +725,7 @@ fn decode_payload(kind: Kind, r: &mut Reader<'_>) -> Result<Message, BodyError> 
         },
         Kind::Snapshot => Message::Snapshot,
         Kind::Health => Message::Health,
+        Kind::Ping => Message::Ping,
         Kind::Done => Message::Done,
         Kind::Reply => {
             let code = result_code(r, "reply.code")?;

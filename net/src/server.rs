@@ -631,6 +631,8 @@ async fn request(id: u64, frame: &Frame<'_>, conn: &ConnState, shared: &Shared) 
             };
             Out::Later(id, Box::pin(std::future::ready(answer)))
         }
+        // The transport's own round trip: no shard, no allocation beyond the answer frame.
+        Message::Ping => Out::Later(id, Box::pin(std::future::ready(Message::Done))),
         Message::Health => {
             let (shards, shards_running) = backend.shards();
             let s = &shared.stats;

@@ -55,6 +55,11 @@ async fn health_over_quic_with_the_admin_key() {
     let health = client.health().await.unwrap();
     assert_eq!((health.shards, health.shards_running), (2, 2));
     assert_eq!(health.connections_open, 1);
+    // Ping: the network layer answers Done, many at once, with no shard involved.
+    let pings: Vec<_> = (0..64).map(|_| client.ping()).collect();
+    for ping in pings {
+        ping.await.unwrap();
+    }
     running.stop().await;
 }
 
@@ -173,6 +178,7 @@ async fn keys_scopes_and_revocation_on_open_connections() {
         (session.key_id, session.scope),
         (gw_id, tally_net::Scope::Gateway)
     );
+    gateway.ping().await.unwrap();
 
     // In scope: usage and balance reads.
     let reply = gateway
