@@ -693,10 +693,26 @@
     return v;
   }
 
+  /*
+   * One Idempotency-Key per intended action: kept (per button) until the action succeeds, so a
+   * retry after a lost answer or an error is the same action, never a second grant; editing
+   * the form makes it a new one.
+   */
+  var actionKeys = {};
+  document.addEventListener('input', function (ev) {
+    var form = ev.target && ev.target.form;
+    var submit = form && form.querySelector('button[type=submit]');
+    if (submit && submit.id) delete actionKeys[submit.id];
+  });
+
   /** Runs one wallet action, then re-reads the wallet. */
   function walletAction(button, action) {
     return busy(button, async function () {
-      var done = await action(newIdempotencyKey());
+      var id = button.id || '';
+      var key = actionKeys[id] || newIdempotencyKey();
+      if (id) actionKeys[id] = key;
+      var done = await action(key);
+      if (id) delete actionKeys[id];
       say(done, 'ok');
       await reloadWallet();
     });

@@ -479,6 +479,12 @@
     });
   }
 
+  // One key per intended top-up: kept until the server gives a final answer (succeeded or
+  // failed), so a retry after a lost answer or a "pending" is the same top-up, never a second
+  // charge. Changing the asset or amount makes it a new top-up.
+  var topupKey = null;
+  var topupKeyFor = '';
+
   async function submitTopup() {
     if (topupBusy || sessionEnded) return;
     var msg = $('topup-message');
@@ -488,14 +494,21 @@
     var problem = checkAmount(amount, asset, 'an amount');
     if (problem) { setMessage(msg, problem, 'error'); $('topup-amount').focus(); return; }
 
+    var intent = asset + ' ' + amount;
+    if (!topupKey || topupKeyFor !== intent) {
+      topupKey = newIdempotencyKey();
+      topupKeyFor = intent;
+    }
     topupBusy = true;
     var button = $('topup-submit');
     button.setAttribute('aria-disabled', 'true');
     setMessage(msg, 'Topping up\u2026');
     try {
       var r = await api('POST', '/portal/api/topups', { asset: asset, amount: amount },
-        { 'Idempotency-Key': newIdempotencyKey() });
+        { 'Idempotency-Key': topupKey });
       r = r || {};
+      // A final answer ends this top-up; the next click is a new one.
+      if (r.status === 'succeeded' || r.status === 'failed') topupKey = null;
       var shownAsset = r.asset || asset;
       if (r.status === 'succeeded') {
         setMessage(msg, 'Topped up ' + padToScale(r.amount || amount, shownAsset) + ' ' + shownAsset, 'ok');

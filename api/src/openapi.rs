@@ -30,7 +30,7 @@ use crate::routes;
         routes::wallet_usage, routes::wallet_transactions, routes::wallet_topups,
         routes::margin_analytics, routes::create_topup, routes::get_topup,
         routes::create_webhook_endpoint, routes::list_webhook_endpoints,
-        routes::delete_webhook_endpoint, routes::webhook_attempts, routes::create_portal_session, routes::list_plans,
+        routes::delete_webhook_endpoint, routes::webhook_attempts, routes::create_portal_session, routes::list_plans, routes::end_portal_sessions,
     ),
     components(schemas(ErrorBody)),
     modifiers(&Bearer),

@@ -48,6 +48,10 @@ const PORTAL_CSS: &str = include_str!("../portal/portal.css");
 const COOKIE: &str = "tally_portal";
 /// Links per wallet per minute.
 const LINKS_PER_MINUTE: i64 = 30;
+/// Card setups (Stripe SetupIntents) per wallet per hour.
+const CARD_SETUPS_PER_HOUR: i64 = 10;
+/// Top-up attempts from the portal per wallet per hour.
+const TOPUPS_PER_HOUR: i64 = 20;
 
 /// The portal's settings.
 #[derive(Clone)]
@@ -127,6 +131,15 @@ fn now_us() -> i64 {
         .map_or(0, |d| d.as_micros() as i64)
 }
 
+/// A store failure as the customer sees it: no path, no SQL, only that it failed.
+fn read_failed(e: tally_outbound::Error) -> ApiError {
+    tracing::error!("portal: {e}");
+    ApiError::transport(
+        ErrorCode::NotReady,
+        "this could not be read now; try again shortly",
+    )
+}
+
 fn store_failed(e: rusqlite::Error) -> ApiError {
     tracing::error!("portal store: {e}");
     ApiError::transport(
@@ -149,12 +162,16 @@ impl Portal {
         let fail = |e: rusqlite::Error| format!("{}: {e}", path.display());
         let conn = Connection::open(&path).map_err(fail)?;
         conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=10000;
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=2000;
              CREATE TABLE IF NOT EXISTS portal_secret (id INTEGER PRIMARY KEY, secret TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS portal_links (
+             CREATE TABLE IF NOT EXISTS portal_link (
                  token_hash TEXT PRIMARY KEY, wallet TEXT NOT NULL, return_url TEXT NOT NULL,
-                 created_us INTEGER NOT NULL, expires_us INTEGER NOT NULL, used_us INTEGER);
-             CREATE INDEX IF NOT EXISTS portal_links_wallet ON portal_links (wallet, created_us);
+                 created_us INTEGER NOT NULL, expires_us INTEGER NOT NULL, used_us INTEGER,
+                 request_hash TEXT NOT NULL UNIQUE, nonce TEXT NOT NULL);
+             CREATE INDEX IF NOT EXISTS portal_link_wallet ON portal_link (wallet, created_us);
+             CREATE TABLE IF NOT EXISTS portal_actions (
+                 wallet TEXT NOT NULL, kind TEXT NOT NULL, at_us INTEGER NOT NULL);
+             CREATE INDEX IF NOT EXISTS portal_actions_wallet ON portal_actions (wallet, kind, at_us);
              CREATE TABLE IF NOT EXISTS portal_sessions (
                  id_hash TEXT PRIMARY KEY, wallet TEXT NOT NULL, csrf TEXT NOT NULL,
                  return_url TEXT NOT NULL, created_us INTEGER NOT NULL, last_us INTEGER NOT NULL);",
@@ -197,31 +214,44 @@ impl Portal {
         life: Duration,
         request: RequestId,
     ) -> Result<Link, ApiError> {
-        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.secret);
-        let tag = ring::hmac::sign(&key, format!("link:{:032x}", request.0).as_bytes());
-        let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tag.as_ref());
-        let hash = sha256_hex(&token);
+        // The token is an HMAC of the request and a random nonce kept with the link: a retry of
+        // the same request gets the same link, and once a link is pruned its token can never
+        // come back (a new request for the same key gets a new nonce).
+        let token_of = |nonce: &str| {
+            let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.secret);
+            let tag = ring::hmac::sign(&key, format!("link:{:032x}:{nonce}", request.0).as_bytes());
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tag.as_ref())
+        };
+        let request_hash = sha256_hex(&format!("{:032x}", request.0));
         let now = now_us();
         let conn = self.lock();
-        let existing: Option<(String, i64)> = conn
+        let existing: Option<(String, String, i64, i64, String)> = conn
             .query_row(
-                "SELECT wallet, expires_us FROM portal_links WHERE token_hash = ?1",
-                [&hash],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                "SELECT wallet, return_url, created_us, expires_us, nonce FROM portal_link
+                 WHERE request_hash = ?1",
+                [&request_hash],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
             .optional()
             .map_err(store_failed)?;
-        if let Some((owner, expires_us)) = existing {
-            if owner != wallet {
+        if let Some((owner, url, created_us, expires_us, nonce)) = existing {
+            let same_life = expires_us - created_us == life.as_micros() as i64;
+            if owner != wallet || url != return_url || !same_life {
                 return Err(ApiError::rejected(
                     tally_engine::ResultCode::IdempotencyConflict,
                 ));
             }
-            return Ok(Link { token, expires_us });
+            return Ok(Link {
+                token: token_of(&nonce),
+                expires_us,
+            });
         }
+        let nonce = random_token();
+        let token = token_of(&nonce);
+        let hash = sha256_hex(&token);
         let recent: i64 = conn
             .query_row(
-                "SELECT COUNT(*) FROM portal_links WHERE wallet = ?1 AND created_us > ?2",
+                "SELECT COUNT(*) FROM portal_link WHERE wallet = ?1 AND created_us > ?2",
                 params![wallet, now - 60_000_000],
                 |r| r.get(0),
             )
@@ -234,7 +264,7 @@ impl Portal {
         }
         // Old links and sessions go as new ones come.
         let _ = conn.execute(
-            "DELETE FROM portal_links WHERE expires_us < ?1",
+            "DELETE FROM portal_link WHERE expires_us < ?1",
             [now - 86_400_000_000],
         );
         let _ = conn.execute(
@@ -246,12 +276,54 @@ impl Portal {
         );
         let expires_us = now + life.as_micros() as i64;
         conn.execute(
-            "INSERT INTO portal_links (token_hash, wallet, return_url, created_us, expires_us)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![hash, wallet, return_url, now, expires_us],
+            "INSERT INTO portal_link (token_hash, wallet, return_url, created_us, expires_us,
+             request_hash, nonce) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                hash,
+                wallet,
+                return_url,
+                now,
+                expires_us,
+                request_hash,
+                nonce
+            ],
         )
         .map_err(store_failed)?;
         Ok(Link { token, expires_us })
+    }
+
+    /// Counts one `kind` action of `wallet`; refused (429) past `per_hour` in the last hour.
+    fn limit(&self, wallet: &str, kind: &str, per_hour: i64) -> Result<(), ApiError> {
+        let now = now_us();
+        let hour = 3_600_000_000;
+        let conn = self.lock();
+        let _ = conn.execute("DELETE FROM portal_actions WHERE at_us < ?1", [now - hour]);
+        let recent: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM portal_actions WHERE wallet = ?1 AND kind = ?2",
+                params![wallet, kind],
+                |r| r.get(0),
+            )
+            .map_err(store_failed)?;
+        if recent >= per_hour {
+            return Err(ApiError::transport(
+                ErrorCode::Busy,
+                "too many attempts from this account in the last hour; try again later",
+            ));
+        }
+        conn.execute(
+            "INSERT INTO portal_actions (wallet, kind, at_us) VALUES (?1, ?2, ?3)",
+            params![wallet, kind, now],
+        )
+        .map_err(store_failed)?;
+        Ok(())
+    }
+
+    /// Ends every session of `wallet` (the seller revoked its portal access); how many.
+    pub(crate) fn end_sessions(&self, wallet: &str) -> Result<usize, ApiError> {
+        self.lock()
+            .execute("DELETE FROM portal_sessions WHERE wallet = ?1", [wallet])
+            .map_err(store_failed)
     }
 
     /// Uses a link up: a new session's cookie value, or `None` (unknown, used or expired).
@@ -262,7 +334,7 @@ impl Portal {
         let tx = conn.transaction().map_err(store_failed)?;
         let link: Option<(String, String)> = tx
             .query_row(
-                "SELECT wallet, return_url FROM portal_links
+                "SELECT wallet, return_url FROM portal_link
                  WHERE token_hash = ?1 AND used_us IS NULL AND expires_us > ?2",
                 params![hash, now],
                 |r| Ok((r.get(0)?, r.get(1)?)),
@@ -273,7 +345,7 @@ impl Portal {
             return Ok(None);
         };
         tx.execute(
-            "UPDATE portal_links SET used_us = ?2 WHERE token_hash = ?1",
+            "UPDATE portal_link SET used_us = ?2 WHERE token_hash = ?1",
             params![hash, now],
         )
         .map_err(store_failed)?;
@@ -315,9 +387,12 @@ impl Portal {
         let Some((wallet, csrf, return_url)) = row else {
             return Ok(None);
         };
+        // Touched at most every quarter of the idle time (30 s at most): a busy page must not
+        // turn into a write per request.
+        let every = (self.config.idle.as_micros() as i64 / 4).min(30_000_000);
         conn.execute(
-            "UPDATE portal_sessions SET last_us = ?2 WHERE id_hash = ?1",
-            params![id_hash, now],
+            "UPDATE portal_sessions SET last_us = ?2 WHERE id_hash = ?1 AND last_us < ?3",
+            params![id_hash, now, now - every],
         )
         .map_err(store_failed)?;
         let Ok(wallet) = tally_engine::Name::new(&wallet) else {
@@ -334,23 +409,41 @@ impl Portal {
     /// The page's Content-Security-Policy.
     fn csp(&self) -> String {
         let stripe = origin(&self.config.stripe_js).unwrap_or_default();
+        // Real Stripe.js talks to its API and shows 3-D Secure from its own hosts; a test
+        // double (localstripe) serves everything from one origin.
+        let (connect, frame) = if stripe == "https://js.stripe.com" {
+            (
+                format!("{stripe} https://api.stripe.com"),
+                format!("{stripe} https://*.js.stripe.com https://hooks.stripe.com"),
+            )
+        } else if stripe.is_empty() {
+            (String::new(), "'none'".to_string())
+        } else {
+            (stripe.clone(), stripe.clone())
+        };
         let mut ancestors = vec!["'self'".to_string()];
         ancestors.extend(self.config.frame_ancestors.iter().cloned());
         format!(
-            "default-src 'self'; script-src 'self' {stripe}; connect-src 'self' {stripe}; \
+            "default-src 'self'; script-src 'self' {stripe}; connect-src 'self' {connect}; \
              frame-src {frame}; img-src 'self' data:; style-src 'self' 'unsafe-inline'; \
              base-uri 'none'; form-action 'self'; frame-ancestors {}",
             ancestors.join(" "),
-            frame = if stripe.is_empty() { "'none'" } else { &stripe },
         )
     }
 }
 
-/// `scheme://host[:port]` of a URL.
+/// `scheme://host[:port]` of an http(s) URL; `None` for anything that could inject into a CSP
+/// (userinfo, a query or fragment in the authority, spaces, quotes, semicolons).
 fn origin(url: &str) -> Option<String> {
     let (scheme, rest) = url.split_once("://")?;
-    let host = rest.split('/').next()?;
-    (!host.is_empty()).then(|| format!("{scheme}://{host}"))
+    if scheme != "http" && scheme != "https" {
+        return None;
+    }
+    let host = rest.split(['/', '?', '#']).next()?;
+    let clean = host
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'));
+    (!host.is_empty() && clean).then(|| format!("{scheme}://{host}"))
 }
 
 fn portal(state: &ApiState) -> Result<&Arc<Portal>, ApiError> {
@@ -491,6 +584,11 @@ pub(crate) async fn create_link(
     })
 }
 
+/// Ends every session of `wallet`; how many.
+pub(crate) fn end_wallet_sessions(state: &ApiState, wallet: &str) -> Result<usize, ApiError> {
+    portal(state)?.end_sessions(wallet)
+}
+
 // ----- pages ---------------------------------------------------------------------------------
 
 fn error_page(status: StatusCode, text: &str) -> Response {
@@ -594,9 +692,16 @@ pub(crate) async fn page(
     )
         .into_response();
     let headers = response.headers_mut();
-    if let Ok(csp) = HeaderValue::from_str(&portal.csp()) {
-        headers.insert(header::CONTENT_SECURITY_POLICY, csp);
-    }
+    // Fail closed: a policy that cannot be sent means no page.
+    match HeaderValue::from_str(&portal.csp()) {
+        Ok(csp) => headers.insert(header::CONTENT_SECURITY_POLICY, csp),
+        Err(_) => {
+            return error_page(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "The portal's security policy is misconfigured.",
+            )
+        }
+    };
     headers.insert(
         header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),
@@ -766,7 +871,7 @@ pub(crate) async fn usage(
     let page = tokio::task::spawn_blocking(move || reader.usage(&filter))
         .await
         .map_err(|_| ApiError::invalid("the history read failed"))?
-        .map_err(|e| ApiError::transport(ErrorCode::Stopped, e.to_string()))?;
+        .map_err(read_failed)?;
     let data: Vec<Value> = page
         .rows
         .iter()
@@ -819,7 +924,7 @@ pub(crate) async fn spend_chart(
     let rows = tokio::task::spawn_blocking(move || reader.spend_per_day(&wallet, from, to))
         .await
         .map_err(|_| ApiError::invalid("the history read failed"))?
-        .map_err(|e| ApiError::transport(ErrorCode::Stopped, e.to_string()))?;
+        .map_err(read_failed)?;
     Ok((
         [
             (header::CONTENT_TYPE, "image/svg+xml"),
@@ -851,8 +956,8 @@ pub(crate) fn spend_svg(
             let sum = rows
                 .iter()
                 .filter(|r| r.0 == day && r.1 == asset)
-                .map(|r| r.2)
-                .sum::<Decimal>();
+                .try_fold(Decimal::ZERO, |acc, r| acc.checked_add(r.2))
+                .unwrap_or(Decimal::MAX);
             (day, sum)
         })
         .collect();
@@ -875,7 +980,9 @@ pub(crate) fn spend_svg(
     );
     for (i, (day, sum)) in per_day.iter().enumerate() {
         let h = if top > Decimal::ZERO && *sum > Decimal::ZERO {
-            ((*sum * Decimal::from(height) / top)
+            (sum.checked_mul(Decimal::from(height))
+                .and_then(|s| s.checked_div(top))
+                .unwrap_or(Decimal::from(height))
                 .round()
                 .to_string()
                 .parse::<i64>()
@@ -911,7 +1018,7 @@ pub(crate) async fn topups(
     let rows = state
         .payments()?
         .of_wallet(session.wallet.as_str(), None, 50)
-        .map_err(|e| ApiError::transport(ErrorCode::NotReady, e.to_string()))?;
+        .map_err(read_failed)?;
     let data: Vec<Value> = rows
         .iter()
         .map(|t| {
@@ -953,6 +1060,7 @@ pub(crate) async fn create_topup(
         })?;
     // Scoped to the session, so one customer's keys never meet another's.
     let key = format!("portal:{}:{click}", session.id_hash);
+    portal(&state)?.limit(session.wallet.as_str(), "topup", TOPUPS_PER_HOUR)?;
     let id = tally_outbound::derived_id(&key);
     let request = CreateTopUp {
         asset: body.asset.clone(),
@@ -989,7 +1097,10 @@ fn stripe_failed(e: tally_outbound::stripe::ManualError) -> ApiError {
         ),
         other => {
             tracing::warn!("portal: {other}");
-            ApiError::transport(ErrorCode::NotReady, other.to_string())
+            ApiError::transport(
+                ErrorCode::NotReady,
+                "the payment service could not be reached; try again shortly",
+            )
         }
     }
 }
@@ -1012,6 +1123,9 @@ pub(crate) async fn card_setup(
         QueryReply::Wallet(w) => w,
         _ => return Err(ApiError::invalid("unexpected answer")),
     };
+    not_frozen(&view)?;
+    // Each setup is a call to Stripe on the seller's account: bounded per wallet.
+    portal(&state)?.limit(session.wallet.as_str(), "card", CARD_SETUPS_PER_HOUR)?;
     let customer = match view.customer {
         Some(c) => c.as_str().to_string(),
         None => {
@@ -1065,14 +1179,27 @@ pub(crate) async fn card_saved(
         QueryReply::Wallet(w) => w,
         _ => return Err(ApiError::invalid("unexpected answer")),
     };
+    not_frozen(&view)?;
     let customer = view
         .customer
         .ok_or_else(|| ApiError::invalid("no card setup was started for this wallet"))?;
     let setup = name("setup_intent", &body.setup_intent)?;
+    // Only a SetupIntent id goes into Stripe's URL (nothing that could name another resource).
+    let id_ok = setup.as_str().strip_prefix("seti_").is_some_and(|rest| {
+        !rest.is_empty() && rest.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    });
+    if !id_ok {
+        return Err(ApiError::invalid(
+            "setup_intent must be a SetupIntent id (seti_...)",
+        ));
+    }
     let method = stripe
         .saved_card(setup.as_str(), customer.as_str())
         .await
-        .map_err(|e| ApiError::invalid(e.to_string()))?;
+        .map_err(|e| {
+            tracing::warn!("portal: a saved card was refused: {e}");
+            ApiError::invalid("the card could not be saved: start again")
+        })?;
     let id = tally_outbound::derived_id(&format!("portal-card:{}:{setup}", session.wallet));
     command(
         &state,
@@ -1100,10 +1227,26 @@ pub(crate) struct AutoTopUp {
     /// Top up to this available balance.
     #[serde(default, with = "json::decimal::option")]
     target: Option<Decimal>,
-    #[serde(default, with = "json::decimal::option")]
-    daily_cap: Option<Decimal>,
+    /// Ignored: a daily cap is the seller's to set (kept as it is).
+    #[serde(default, rename = "daily_cap", with = "json::decimal::option")]
+    _daily_cap: Option<Decimal>,
     #[serde(default, with = "json::decimal::option")]
     monthly_cap: Option<Decimal>,
+}
+
+async fn view_of(state: &ApiState, wallet: WalletId) -> Result<tally_engine::WalletView, ApiError> {
+    match ask(state, Query::Wallet { wallet }).await? {
+        QueryReply::Wallet(w) => Ok(w),
+        _ => Err(ApiError::invalid("unexpected answer")),
+    }
+}
+
+/// A frozen wallet's settings stay as they are until the seller unfreezes it.
+fn not_frozen(view: &tally_engine::WalletView) -> Result<(), ApiError> {
+    if view.frozen {
+        return Err(ApiError::rejected(tally_engine::ResultCode::WalletFrozen));
+    }
+    Ok(())
 }
 
 fn fresh_id() -> RequestId {
@@ -1129,11 +1272,14 @@ pub(crate) async fn set_auto(
         QueryReply::Wallet(w) => w,
         _ => return Err(ApiError::invalid("unexpected answer")),
     };
+    not_frozen(&view)?;
     if view.payment_method.is_none() {
         return Err(ApiError::invalid(
             "save a card first: auto top-up charges it",
         ));
     }
+    // What the seller set stays: attempts, cooldown, daily cap and payment method.
+    let seller = view.topup_rules.iter().find(|r| r.asset == code);
     let amount = match (body.amount, body.target) {
         (Some(a), None) if a > Decimal::ZERO => tally_engine::TopUpAmount::Fixed(a),
         (None, Some(t)) if t > body.threshold => tally_engine::TopUpAmount::Target(t),
@@ -1150,11 +1296,14 @@ pub(crate) async fn set_auto(
         asset: code,
         threshold: body.threshold,
         amount,
-        attempts_max: 3,
-        cooldown_us: 60 * Timestamp::SECOND_US,
-        daily_cap: body.daily_cap,
+        attempts_max: seller.map_or(3, |r| r.attempts_max),
+        cooldown_us: seller.map_or(60 * Timestamp::SECOND_US, |r| r.cooldown_us),
+        daily_cap: seller.and_then(|r| r.daily_cap),
         monthly_cap: body.monthly_cap,
-        payment_method: tally_engine::name(tally_engine::DEFAULT_PAYMENT_METHOD),
+        payment_method: seller.map_or(
+            tally_engine::name(tally_engine::DEFAULT_PAYMENT_METHOD),
+            |r| r.payment_method,
+        ),
     };
     command(
         &state,
@@ -1168,7 +1317,7 @@ pub(crate) async fn set_auto(
     Ok(Json(json!({
         "asset": code.as_str(), "threshold": dec(body.threshold),
         "amount": body.amount.map(dec), "target": body.target.map(dec),
-        "daily_cap": body.daily_cap.map(dec), "monthly_cap": body.monthly_cap.map(dec),
+        "daily_cap": rule.daily_cap.map(dec), "monthly_cap": body.monthly_cap.map(dec),
         "enabled": true,
     })))
 }
@@ -1180,6 +1329,7 @@ pub(crate) async fn remove_auto(
     Path(code): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let code = asset("asset", &code)?;
+    not_frozen(&view_of(&state, session.wallet).await?)?;
     command(
         &state,
         fresh_id(),
@@ -1221,6 +1371,13 @@ mod tests {
             Some("http://127.0.0.1:8420")
         );
         assert_eq!(origin("nope"), None);
+        assert_eq!(origin("https://a@b.test/x"), None);
+        assert_eq!(origin("https://b.test; script-src *"), None);
+        assert_eq!(origin("javascript://x"), None);
+        assert_eq!(
+            origin("https://js.stripe.com/v3/?x=1").as_deref(),
+            Some("https://js.stripe.com")
+        );
         assert_eq!(
             html_escape("<a href=\"x\">'"),
             "&lt;a href=&quot;x&quot;&gt;&#39;"

@@ -59,6 +59,10 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         .route("/topups/{topup}", get(get_topup))
         .route("/portal/sessions", post(create_portal_session))
         .route(
+            "/wallets/{wallet}/portal-sessions",
+            axum::routing::delete(end_portal_sessions),
+        )
+        .route(
             "/webhook_endpoints",
             post(create_webhook_endpoint).get(list_webhook_endpoints),
         )
@@ -155,6 +159,20 @@ impl FromRequestParts<Arc<ApiState>> for Caller {
             let session = crate::console::cookie(&parts.headers, crate::console::COOKIE)
                 .and_then(|id| state.console.session(&id));
             return match session {
+                // Keys are minted and revoked with the bearer key only: a page script that
+                // got hold of a console session cannot make itself a lasting admin key.
+                Some(_)
+                    if parts
+                        .extensions
+                        .get::<axum::extract::OriginalUri>()
+                        .map_or(parts.uri.path(), |u| u.0.path())
+                        .starts_with("/v1/keys") =>
+                {
+                    Err(failed("console_keys", ErrorCode::Unauthenticated).with(
+                        "detail",
+                        "API keys are managed with a bearer key, not the console",
+                    ))
+                }
                 Some((key, csrf)) => {
                     let reads = parts.method == Method::GET || parts.method == Method::HEAD;
                     let sent = parts
@@ -417,6 +435,7 @@ pub(crate) async fn test_draft(
     Path(plan): Path<String>,
     Body(body): Body<DraftTest>,
 ) -> Result<Json<DraftTestReport>, ApiError> {
+    caller.admin()?;
     let plan = name("plan", &plan)?;
     let events = match (&body.events, body.from, body.to) {
         (Some(events), None, None) => events
@@ -2032,4 +2051,33 @@ pub(crate) async fn list_plans(
         })),
         other => Err(unexpected(other)),
     }
+}
+
+/// The portal sessions ended by [`end_portal_sessions`].
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct PortalSessionsEnded {
+    /// The wallet.
+    pub wallet: String,
+    /// How many live sessions were ended.
+    pub ended: usize,
+}
+
+/// End every portal session of a wallet at once (a leaked link, a customer who left); links
+/// already made stay usable until used or expired, so make new ones only when wanted.
+#[utoipa::path(delete, path = "/v1/wallets/{wallet}/portal-sessions", tag = "portal",
+    params(("wallet" = String, Path)),
+    responses((status = 200, body = PortalSessionsEnded), (status = "4XX", body = ErrorBody), (status = "5XX", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn end_portal_sessions(
+    State(state): AppState,
+    caller: Caller,
+    Path(wallet): Path<String>,
+) -> Result<Json<PortalSessionsEnded>, ApiError> {
+    caller.admin()?;
+    let wallet = wallet_id(&wallet)?;
+    let ended = crate::portal::end_wallet_sessions(&state, wallet.as_str())?;
+    Ok(Json(PortalSessionsEnded {
+        wallet: wallet.as_str().into(),
+        ended,
+    }))
 }

@@ -85,6 +85,9 @@ pub async fn start_http(
         let scheme = if config.http_tls { "https" } else { "http" };
         format!("{scheme}://{}", server.local_addr())
     });
+    // Cookies are Secure under TLS, and also when the public URL is https (a TLS proxy in
+    // front of a plain listener).
+    let cookies_secure = config.http_tls || public_url.starts_with("https://");
     let portal = tally_api::portal::Portal::open(
         &config.data_dir,
         tally_api::portal::PortalConfig {
@@ -94,12 +97,12 @@ pub async fn start_http(
             stripe_js: config.portal_stripe_js.clone(),
             stripe_key: config.stripe_publishable_key.clone().unwrap_or_default(),
             frame_ancestors: config.portal_frame_ancestors.clone(),
-            secure: config.http_tls,
+            secure: cookies_secure,
         },
     )
     .map_err(Error)?;
     state.set_portal(portal);
-    state.console().set_secure(config.http_tls);
+    state.console().set_secure(cookies_secure);
     Ok((state, server))
 }
 

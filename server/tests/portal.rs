@@ -136,6 +136,16 @@ async fn portal_sessions_are_one_time_scoped_and_expire() {
         url,
         "a retry gets the same link"
     );
+    let conflict = site
+        .http
+        .post(format!("{}/v1/portal/sessions", site.base))
+        .bearer_auth(ADMIN)
+        .header("Idempotency-Key", "link-1")
+        .json(&json!({"wallet": "w1", "return_url": "https://elsewhere.example.com/"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(conflict.status(), 409, "the same key with another body");
     let (status, cookie) = site.open(&url).await;
     assert_eq!(status, 303);
     let set = cookie.unwrap();
@@ -204,6 +214,37 @@ async fn portal_sessions_are_one_time_scoped_and_expire() {
         422,
         "no card saved: auto top-up cannot charge"
     );
+    // A frozen wallet's settings stay as they are.
+    site.admin(
+        post.clone(),
+        "/v1/wallets/w1/freeze",
+        "w1-freeze",
+        Value::Null,
+    )
+    .await;
+    assert_eq!(put(Some(&csrf)).await, 409);
+    site.admin(
+        post.clone(),
+        "/v1/wallets/w1/unfreeze",
+        "w1-unfreeze",
+        Value::Null,
+    )
+    .await;
+
+    // The seller can end a wallet's sessions at once.
+    let (_, cookie) = site.open(&site.link("w1", "link-3").await).await;
+    let w1_again = session_cookie(&cookie.unwrap());
+    assert_eq!(site.get("/portal/api/wallet", &w1_again).await.0, 200);
+    let ended = site
+        .admin(
+            reqwest::Method::DELETE,
+            "/v1/wallets/w1/portal-sessions",
+            "end-w1",
+            Value::Null,
+        )
+        .await;
+    assert!(ended["ended"].as_u64().unwrap() >= 1, "{ended}");
+    assert_eq!(site.get("/portal/api/wallet", &w1_again).await.0, 401);
 
     // Unauthenticated and expired sessions get nothing.
     assert_eq!(
@@ -373,6 +414,18 @@ async fn the_console_signs_in_with_an_admin_key_and_tests_drafts_on_recorded_usa
     assert_eq!(freeze(None).await, 403);
     assert_eq!(freeze(Some("forged")).await, 403);
     assert_eq!(freeze(Some(&csrf)).await, 200);
+    // Keys are not the console's: a session cannot mint a lasting admin key.
+    let minted = site
+        .http
+        .post(format!("{}/v1/keys", site.base))
+        .header("Cookie", &cookie)
+        .header("X-CSRF-Token", &csrf)
+        .header("Idempotency-Key", "mint")
+        .json(&json!({"label": "stolen", "scope": "admin"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(minted.status(), 401);
 
     // Plans with their rules in the draft's own shape, and a draft tested on recorded usage.
     let (_, body) = site.get("/v1/plans", &cookie).await;
