@@ -356,7 +356,7 @@ impl Client {
             send,
             rx,
             pending,
-            permits,
+            (permits, session.in_flight_max),
             alive.clone(),
             config
                 .batch_max
@@ -708,7 +708,7 @@ async fn write_calls(
     mut send: SendStream,
     mut rx: mpsc::Receiver<Call>,
     pending: Arc<Mutex<Pending>>,
-    permits: Arc<Semaphore>,
+    (permits, permits_total): (Arc<Semaphore>, u32),
     alive: Arc<AtomicBool>,
     batch_max: usize,
 ) {
@@ -723,7 +723,15 @@ async fn write_calls(
             }
         }
         for (message, targets) in frames(&mut calls) {
-            let Ok(permit) = permits.clone().acquire_owned().await else {
+            // The server counts in-flight items, not frames: a batch takes a permit per item
+            // (all of them at most: one batch always fits on an idle connection).
+            let items = match &message {
+                Message::UsageBatch(items) => items.len(),
+                Message::ReserveBatch(items) => items.len(),
+                _ => 1,
+            };
+            let items = (items.max(1) as u64).min(u64::from(permits_total)) as u32;
+            let Ok(permit) = permits.clone().acquire_many_owned(items).await else {
                 return;
             };
             let id = NEXT_FRAME_ID.fetch_add(1, Ordering::Relaxed);

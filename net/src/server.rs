@@ -77,7 +77,9 @@ pub struct Limits {
     /// Most bidirectional streams a connection may have open (QUIC stream credit: a client
     /// cannot open more until one ends).
     pub streams_max: u32,
-    /// Most requests a connection may have unanswered; more are answered `TooManyInFlight`.
+    /// Most request items a connection may have unanswered (a batch counts each of its items);
+    /// more are answered `TooManyInFlight`, except that one frame always fits on a connection
+    /// with nothing in flight.
     pub in_flight_max: u32,
     /// Largest frame payload accepted.
     pub frame_payload_max: u32,
@@ -98,7 +100,7 @@ impl Default for Limits {
         Limits {
             connections_max: 1024,
             streams_max: 64,
-            in_flight_max: 4096,
+            in_flight_max: 16_384,
             frame_payload_max: FRAME_PAYLOAD_BYTES_MAX,
             batch_items_max: BATCH_ITEMS_MAX as u32,
             idle_timeout: Duration::from_secs(30),
@@ -256,7 +258,7 @@ struct ConnState {
     key: OnceLock<Arc<LiveKey>>,
     /// Largest answer payload the client accepts (from `Hello`).
     peer_payload_max: AtomicU32,
-    in_flight: AtomicU32,
+    in_flight: Arc<AtomicU32>,
 }
 
 struct OpenGuard<'a>(&'a AtomicU64);
@@ -301,7 +303,7 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
         hello: AtomicBool::new(false),
         key: OnceLock::new(),
         peer_payload_max: AtomicU32::new(FRAME_PAYLOAD_BYTES_MAX),
-        in_flight: AtomicU32::new(0),
+        in_flight: Arc::new(AtomicU32::new(0)),
     });
     // Authenticate in time or give the slot back.
     tokio::spawn({
@@ -543,9 +545,18 @@ async fn request(id: u64, frame: &Frame<'_>, conn: &ConnState, shared: &Shared) 
             return now(id, error(ErrorCode::Malformed, e.to_string()));
         }
     };
-    let in_flight = conn.in_flight.fetch_add(1, Ordering::AcqRel);
-    if in_flight >= shared.limits.in_flight_max {
-        conn.in_flight.fetch_sub(1, Ordering::AcqRel);
+    // In flight counts items, not frames: a batch of 8,192 events is 8,192. A frame that does
+    // not fit is refused, except on a connection with nothing in flight (one batch of at most
+    // `batch_items_max` always fits), so decoding can never run ahead of applying unbounded.
+    let weight = match &message {
+        Message::UsageBatch(items) => items.len(),
+        Message::ReserveBatch(items) => items.len(),
+        _ => 1,
+    }
+    .clamp(1, u32::MAX as usize) as u32;
+    let in_flight = conn.in_flight.fetch_add(weight, Ordering::AcqRel);
+    if in_flight > 0 && in_flight.saturating_add(weight) > shared.limits.in_flight_max {
+        conn.in_flight.fetch_sub(weight, Ordering::AcqRel);
         return now(
             id,
             error(
@@ -557,9 +568,10 @@ async fn request(id: u64, frame: &Frame<'_>, conn: &ConnState, shared: &Shared) 
             ),
         );
     }
-    // From here the writer releases the in-flight slot once the answer is written.
+    // From here the writer releases the in-flight slot once the answer is written (one per
+    // answer; a batch's other items when its answer is ready, below).
     let backend = &shared.backend;
-    match message {
+    let out = match message {
         Message::Request(request) => {
             let catalog = request.command.wallet().is_none();
             let reply = backend.command(request);
@@ -654,7 +666,7 @@ async fn request(id: u64, frame: &Frame<'_>, conn: &ConnState, shared: &Shared) 
         }
         // Only request kinds reach here (the caller handled the rest), but never panic on it.
         other => {
-            conn.in_flight.fetch_sub(1, Ordering::AcqRel);
+            conn.in_flight.fetch_sub(weight, Ordering::AcqRel);
             now(
                 id,
                 error(
@@ -663,6 +675,20 @@ async fn request(id: u64, frame: &Frame<'_>, conn: &ConnState, shared: &Shared) 
                 ),
             )
         }
+    };
+    match out {
+        Out::Later(id, fut) if weight > 1 => {
+            let counter = Arc::clone(&conn.in_flight);
+            Out::Later(
+                id,
+                Box::pin(async move {
+                    let message = fut.await;
+                    counter.fetch_sub(weight - 1, Ordering::AcqRel);
+                    message
+                }),
+            )
+        }
+        other => other,
     }
 }
 

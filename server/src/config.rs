@@ -52,7 +52,7 @@ pub struct Config {
     pub connections_max: u32,
     /// Most streams one connection may have open.
     pub streams_max: u32,
-    /// Most requests one connection may have unanswered.
+    /// Most request items one connection may have unanswered (a batch counts each item).
     pub in_flight_max: u32,
     /// Threads of the network runtime.
     pub net_threads: usize,
@@ -141,7 +141,7 @@ impl Default for Config {
             tls_key: None,
             connections_max: 1024,
             streams_max: 64,
-            in_flight_max: 4096,
+            in_flight_max: 16_384,
             net_threads: 2,
             auth_deadline_ms: 10_000,
             http_listen: "127.0.0.1:7480".into(),

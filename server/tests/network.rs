@@ -882,3 +882,55 @@ async fn a_request_over_the_limits_is_refused_before_it_is_logged() {
     assert!(reply.code.is_ok(), "{reply:?}");
     running.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_limits_count_batch_items_not_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = Running::start_with(tally_server::Config {
+        in_flight_max: 64,
+        ..common::config(dir.path(), 1)
+    });
+    let admin = running.client(ADMIN_KEY).await;
+    setup_catalog(&admin, &["w1"]).await;
+    admin.command(grant(1, "w1", "1000000")).await.unwrap();
+    let batch = |from: u128, n: u128| {
+        Message::UsageBatch(
+            (from..from + n)
+                .map(|i| {
+                    let r = usage(i, "w1", 1, DebitMode::Strict);
+                    match r.command {
+                        Command::Usage(u) => (r.id, u),
+                        _ => unreachable!(),
+                    }
+                })
+                .collect(),
+        )
+    };
+    let raw = raw_connect(&running).await;
+    let mut s = raw.authed(ADMIN_KEY).await;
+    // One batch larger than the limit fits on an idle connection.
+    s.write(10, &batch(1_000, 100)).await;
+    match s.read().await {
+        Some((10, Message::BatchReply(outcomes))) => assert_eq!(outcomes.len(), 100),
+        other => panic!("unexpected {other:?}"),
+    }
+    // Two batches of 60 in one write: the second arrives while the first's 60 items are in
+    // flight (they wait for a WAL sync), and 60 + 60 > 64 is refused.
+    let mut bytes = Vec::new();
+    batch(2_000, 60).encode(11, &mut bytes).unwrap();
+    batch(3_000, 60).encode(12, &mut bytes).unwrap();
+    s.write_bytes(&bytes).await;
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        answers.push(s.read().await.unwrap());
+    }
+    assert!(
+        matches!(&answers[0], (11, Message::BatchReply(o)) if o.len() == 60),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(&answers[1], (12, Message::Error(e)) if e.code == ErrorCode::TooManyInFlight),
+        "{answers:?}"
+    );
+    running.stop().await;
+}
