@@ -23,6 +23,7 @@ pub mod model;
 pub mod openapi;
 pub mod portal;
 mod routes;
+mod session;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -37,7 +37,9 @@ use crate::error::ApiError;
 use crate::json::{self, asset, name};
 use crate::model::CreateTopUp;
 use crate::routes::{ask, start_topup, Path};
+use crate::session::{cookie, random_token, same, sha256_hex};
 use crate::ApiState;
+use tally_outbound::now_us;
 
 /// The page and its assets, compiled in.
 const INDEX_HTML: &str = include_str!("../portal/index.html");
@@ -106,29 +108,6 @@ pub(crate) struct Session {
     pub(crate) wallet: WalletId,
     csrf: String,
     return_url: String,
-}
-
-fn sha256_hex(text: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-fn random_token() -> String {
-    use ring::rand::SecureRandom;
-    let mut bytes = [0u8; 32];
-    ring::rand::SystemRandom::new()
-        .fill(&mut bytes)
-        .expect("the system's random source works");
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
 }
 
 /// A store failure as the customer sees it: no path, no SQL, only that it failed.
@@ -468,18 +447,6 @@ fn html_escape(text: &str) -> String {
     out
 }
 
-fn cookie_value(headers: &axum::http::HeaderMap) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|c| {
-            let (k, v) = c.trim().split_once('=')?;
-            (k == COOKIE).then(|| v.to_string())
-        })
-}
-
 /// The session of a portal request; state-changing requests must carry its CSRF token.
 pub(crate) struct PortalSession(pub(crate) Session);
 
@@ -497,7 +464,7 @@ impl FromRequestParts<Arc<ApiState>> for PortalSession {
                 "the portal session has expired: open the billing portal again from the app",
             )
         };
-        let cookie = cookie_value(&parts.headers).ok_or_else(expired)?;
+        let cookie = cookie(&parts.headers, COOKIE).ok_or_else(expired)?;
         let session = portal.session(&cookie)?.ok_or_else(expired)?;
         if parts.method != Method::GET && parts.method != Method::HEAD {
             let sent = parts
@@ -505,11 +472,7 @@ impl FromRequestParts<Arc<ApiState>> for PortalSession {
                 .get("x-csrf-token")
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
-            // Compared in constant time: how much matched must not leak through timing.
-            let (a, b) = (sent.as_bytes(), session.csrf.as_bytes());
-            let same =
-                a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
-            if !same {
+            if !same(sent, &session.csrf) {
                 return Err(ApiError::transport(
                     ErrorCode::OutOfScope,
                     "send the page's CSRF token in X-CSRF-Token",
@@ -662,7 +625,7 @@ pub(crate) async fn page(
     let Ok(portal) = portal(&state) else {
         return error_page(StatusCode::NOT_FOUND, "The billing portal is not enabled.");
     };
-    let session = match cookie_value(&headers).map(|c| portal.session(&c)) {
+    let session = match cookie(&headers, COOKIE).map(|c| portal.session(&c)) {
         Some(Ok(Some(s))) => s,
         Some(Err(e)) => return e.into_response(),
         _ => {
@@ -743,17 +706,7 @@ pub(crate) async fn wallet(
     State(state): State<Arc<ApiState>>,
     PortalSession(session): PortalSession,
 ) -> Result<Json<Value>, ApiError> {
-    let view = match ask(
-        &state,
-        Query::Wallet {
-            wallet: session.wallet,
-        },
-    )
-    .await?
-    {
-        QueryReply::Wallet(w) => w,
-        _ => return Err(ApiError::invalid("unexpected answer")),
-    };
+    let view = view_of(&state, session.wallet).await?;
     let balances: Vec<Value> = view
         .balances
         .iter()
@@ -1112,17 +1065,7 @@ pub(crate) async fn card_setup(
     PortalSession(session): PortalSession,
 ) -> Result<Json<Value>, ApiError> {
     let stripe = Arc::clone(state.stripe()?);
-    let view = match ask(
-        &state,
-        Query::Wallet {
-            wallet: session.wallet,
-        },
-    )
-    .await?
-    {
-        QueryReply::Wallet(w) => w,
-        _ => return Err(ApiError::invalid("unexpected answer")),
-    };
+    let view = view_of(&state, session.wallet).await?;
     not_frozen(&view)?;
     // Each setup is a call to Stripe on the seller's account: bounded per wallet.
     portal(&state)?.limit(session.wallet.as_str(), "card", CARD_SETUPS_PER_HOUR)?;
@@ -1168,17 +1111,7 @@ pub(crate) async fn card_saved(
     crate::routes::Body(body): crate::routes::Body<SavedCard>,
 ) -> Result<Json<Value>, ApiError> {
     let stripe = Arc::clone(state.stripe()?);
-    let view = match ask(
-        &state,
-        Query::Wallet {
-            wallet: session.wallet,
-        },
-    )
-    .await?
-    {
-        QueryReply::Wallet(w) => w,
-        _ => return Err(ApiError::invalid("unexpected answer")),
-    };
+    let view = view_of(&state, session.wallet).await?;
     not_frozen(&view)?;
     let customer = view
         .customer
@@ -1261,17 +1194,7 @@ pub(crate) async fn set_auto(
     crate::routes::Body(body): crate::routes::Body<AutoTopUp>,
 ) -> Result<Json<Value>, ApiError> {
     let code = asset("asset", &body.asset)?;
-    let view = match ask(
-        &state,
-        Query::Wallet {
-            wallet: session.wallet,
-        },
-    )
-    .await?
-    {
-        QueryReply::Wallet(w) => w,
-        _ => return Err(ApiError::invalid("unexpected answer")),
-    };
+    let view = view_of(&state, session.wallet).await?;
     not_frozen(&view)?;
     if view.payment_method.is_none() {
         return Err(ApiError::invalid(

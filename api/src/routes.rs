@@ -24,6 +24,7 @@ use crate::idempotency;
 use crate::json::{asset, name};
 use crate::model::*;
 use crate::{ApiState, BODY_BYTES_MAX, PAGE_LIMIT_MAX};
+use tally_outbound::now_us;
 
 type AppState = State<Arc<ApiState>>;
 
@@ -156,7 +157,7 @@ impl FromRequestParts<Arc<ApiState>> for Caller {
         let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
             // The console's session cookie stands for the admin key it signed in with; a
             // request that changes state must also carry the session's CSRF token.
-            let session = crate::console::cookie(&parts.headers, crate::console::COOKIE)
+            let session = crate::session::cookie(&parts.headers, crate::console::COOKIE)
                 .and_then(|id| state.console.session(&id));
             return match session {
                 // Keys are minted and revoked with the bearer key only: a page script that
@@ -180,7 +181,7 @@ impl FromRequestParts<Arc<ApiState>> for Caller {
                         .get("x-csrf-token")
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("");
-                    if reads || crate::console::same(sent, &csrf) {
+                    if reads || crate::session::same(sent, &csrf) {
                         Ok(Caller(key))
                     } else {
                         Err(failed("csrf", ErrorCode::OutOfScope)
@@ -2010,12 +2011,6 @@ pub(crate) async fn webhook_attempts(
             })
             .collect(),
     }))
-}
-
-fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
 }
 
 /// Open the billing portal for one wallet's customer: a one-time link (valid `expires_in`

@@ -67,6 +67,14 @@ impl Tagged {
     }
 }
 
+/// The wall clock in microseconds since the Unix epoch (0 before it), as the payments store and
+/// the webhook sender keep time.
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
 /// A request id derived from `text`: the first 128 bits of its SHA-256. The same text always
 /// gives the same id, so work repeated after a crash or a retry is a repeated request to the
 /// engine, answered with its first reply (Stripe outcomes, webhook events, HTTP idempotency

@@ -35,7 +35,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rust_decimal::Decimal;
 use serde_json::Value;
@@ -51,7 +51,7 @@ use tally_engine::{AssetCode, Command, Name, PaymentEvent, Reply, Request, Resul
 
 use crate::payments::{Inserted, Kind, Payments, State, TopUp};
 use crate::webhooks::Notice;
-use crate::{derived_id, Error};
+use crate::{derived_id, now_us, Error};
 
 /// Stripe's settings. The secrets never reach a log line (`Debug` redacts them).
 #[derive(Clone)]
@@ -144,12 +144,6 @@ impl std::fmt::Debug for Stripe {
             .field("config", &self.config)
             .finish()
     }
-}
-
-fn now_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
 }
 
 /// Waits before the next attempt after `attempts` attempts: one second, doubling, at most

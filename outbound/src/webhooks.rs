@@ -31,7 +31,7 @@ use serde_json::{json, Value};
 use tally_engine::{Effect, Timestamp};
 
 use crate::payments::Payments;
-use crate::{Error, Tagged};
+use crate::{now_us, Error, Tagged};
 
 /// Every notice type, as endpoints filter them.
 pub const EVENT_TYPES: [&str; 10] = [
@@ -270,15 +270,6 @@ pub fn signature(secret: &str, id: &str, timestamp: i64, body: &str) -> Option<S
     ))
 }
 
-fn random_hex(bytes: usize) -> String {
-    use ring::rand::SecureRandom;
-    let mut buf = vec![0u8; bytes];
-    ring::rand::SystemRandom::new()
-        .fill(&mut buf)
-        .expect("the system's random source works");
-    buf.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Waits before attempt `attempts + 1`: `base` doubling, at most 10 hours.
 fn backoff_us(base_us: i64, attempts: u32) -> i64 {
     base_us
@@ -326,10 +317,11 @@ impl Payments {
                 s.to_string()
             }
             None => {
-                let hex = random_hex(32);
-                let bytes: Vec<u8> = (0..32)
-                    .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap_or(0))
-                    .collect();
+                use ring::rand::SecureRandom;
+                let mut bytes = [0u8; 32];
+                ring::rand::SystemRandom::new()
+                    .fill(&mut bytes)
+                    .expect("the system's random source works");
                 format!(
                     "whsec_{}",
                     base64::engine::general_purpose::STANDARD.encode(bytes)
@@ -650,12 +642,6 @@ impl std::fmt::Debug for Sender {
             .field("retry_base", &self.retry_base)
             .finish()
     }
-}
-
-fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
 }
 
 impl Sender {
