@@ -16,7 +16,7 @@ use crate::command::{
     Command, CreateWallet, DebitMode, Grant, GrantSource, PaymentEvent, Reply, ReplyValue, Request,
     ReserveAmount, TopUpAmount, TopUpPrice, TopUpRule, UsageEvent,
 };
-use crate::hash::{fingerprint, StableHasher};
+use crate::hash::{fingerprint, scope_of, StableHasher};
 use crate::money::{self, ASSET_SCALE_MAX};
 use crate::output::{Account, Alert, Effect, EntryKind, JournalEntry, MarginRecord, TopUpRequest};
 use crate::pricing::{self, Quantity};
@@ -58,6 +58,12 @@ pub const USD_VALUE_SCALE_MAX: u32 = 10;
 pub const COST_SCALE_MAX: u32 = 12;
 /// Priority of grants created by top-ups: after promotions and refunds at the default 0.
 pub const TOPUP_PRIORITY: u32 = 100;
+/// How long a requested top-up may wait for its outcome. After that it counts as failed with
+/// reason [`TOPUP_TIMED_OUT`] (so one lost outcome cannot stop auto top-up for good); a success
+/// reported later is still credited.
+pub const TOPUP_IN_FLIGHT_TIMEOUT_US: i64 = Timestamp::HOUR_US;
+/// The failure reason of a top-up whose outcome never came.
+pub const TOPUP_TIMED_OUT: &str = "timed_out";
 /// A top-up rule's payment method that stands for the wallet's default payment method.
 pub const DEFAULT_PAYMENT_METHOD: &str = "default";
 
@@ -83,7 +89,8 @@ struct Index {
     assets: Map<AssetCode, u32>,
     products: Map<Name, u32>,
     plans: Map<Name, u32>,
-    requests: Map<RequestId, u64>,
+    /// (request id, scope) → sequence number in `state.requests`.
+    requests: Map<(RequestId, u64), u64>,
     timers: BTreeSet<Timer>,
     /// Open holds over all wallets (for the server's metrics).
     holds_open: u64,
@@ -96,6 +103,7 @@ enum TimerKind {
     GrantExpiring,
     HoldDeadline,
     TopUpRetry,
+    TopUpTimeout,
 }
 
 /// How many balances of one wallet [`Effect::BalanceAlert`] watches (the first ones created).
@@ -202,18 +210,38 @@ fn credit(balance: &mut Balance, mut grant: GrantState) -> Decimal {
     paid
 }
 
+/// What a debit consumed, for the refund of the charge: a refund credit never outlives, and is
+/// spent in the place of, the credit that paid.
+#[derive(Clone, Copy, Debug)]
+struct Debited {
+    /// What the grants could not cover: new debt.
+    debt: Decimal,
+    /// The priority of the first grant consumed (0 when none was).
+    priority: u32,
+    /// The latest expiry among the grants consumed; `None` when any of them never expires or
+    /// part of the amount became debt (a refund of that part is as good as cash).
+    expires_at: Option<Timestamp>,
+}
+
 /// Takes `amount` from the active grants in consumption order, writing one journal entry per
-/// grant part; what the grants cannot cover becomes debt. Returns the debt added.
+/// grant part; what the grants cannot cover becomes debt.
+///
+/// Money behind open holds is set aside: the grants give at most `active − held`, and the rest
+/// of the amount becomes debt even when the grants still hold more. A hold's settlement closes
+/// the hold first, so the money it reserved is free for its own charge.
 fn debit(
     balance: &mut Balance,
     amount: Decimal,
     wallet: WalletId,
     to: Account,
     out: &mut Out<'_>,
-) -> Decimal {
+) -> Debited {
     let asset = balance.asset;
-    let mut left = amount;
+    let free = (balance.active - balance.held).max(Decimal::ZERO);
+    let mut left = amount.min(free);
     let mut taken = Decimal::ZERO;
+    let mut priority = None;
+    let mut expires_at = Some(Timestamp(i64::MIN));
     let mut i = 0;
     while !left.is_zero() && i < balance.grants.len() {
         let grant = &mut balance.grants[i];
@@ -221,6 +249,11 @@ fn debit(
         grant.remaining -= part;
         left -= part;
         taken += part;
+        priority.get_or_insert(grant.priority);
+        expires_at = match (expires_at, grant.expires_at) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            _ => None,
+        };
         let (id, exhausted) = (grant.id, grant.remaining.is_zero());
         out.entry(
             EntryKind::Debit,
@@ -237,24 +270,35 @@ fn debit(
         }
     }
     balance.active -= taken;
-    if !left.is_zero() {
-        balance.debt += left;
+    let debt = amount - taken;
+    if !debt.is_zero() {
+        balance.debt += debt;
         out.entry(
             EntryKind::Debt,
             asset,
-            left,
+            debt,
             Account::Wallet(wallet),
             to,
             None,
         );
+        expires_at = None;
     }
-    left
+    if taken.is_zero() {
+        expires_at = None;
+    }
+    Debited {
+        debt,
+        priority: priority.unwrap_or(0),
+        expires_at,
+    }
 }
 
-/// Refuses a debit of `amount` whose shortfall would overflow the debt.
+/// Refuses a debit of `amount` whose shortfall (what the grants may not give, holds set aside)
+/// would overflow the debt.
 fn check_debt_room(balance: Option<&Balance>, amount: Decimal) -> Result<(), ResultCode> {
     if let Some(balance) = balance {
-        let shortfall = (amount - balance.active).max(Decimal::ZERO);
+        let free = (balance.active - balance.held).max(Decimal::ZERO);
+        let shortfall = (amount - free).max(Decimal::ZERO);
         money::add(balance.debt, shortfall)?;
     }
     Ok(())
@@ -361,13 +405,13 @@ impl Engine {
                 timers.insert(timer(h.deadline, TimerKind::HoldDeadline, h.id.0));
             }
             for t in &wallet.topups {
+                let asset = u64::from(self.index.assets[&t.asset]);
                 if t.retry_armed {
-                    let asset = self.index.assets[&t.asset];
-                    timers.insert(timer(
-                        t.next_allowed,
-                        TimerKind::TopUpRetry,
-                        u64::from(asset),
-                    ));
+                    timers.insert(timer(t.next_allowed, TimerKind::TopUpRetry, asset));
+                }
+                if let Some(flight) = t.in_flight {
+                    let at = flight.at.add_us(TOPUP_IN_FLIGHT_TIMEOUT_US);
+                    timers.insert(timer(at, TimerKind::TopUpTimeout, asset));
                 }
             }
         }
@@ -421,7 +465,7 @@ impl Engine {
             if front.at.0 >= horizon {
                 break;
             }
-            self.index.requests.remove(&front.id);
+            self.index.requests.remove(&(front.id, front.scope));
             self.state.requests.pop_front();
             self.state.requests_first_seq += 1;
         }
@@ -432,7 +476,8 @@ impl Engine {
     pub fn handle_request(&mut self, now: Timestamp, request: &Request) -> Reply {
         self.handle_timeout(now);
         let fingerprint = fingerprint(&request.command);
-        if let Some(&seq) = self.index.requests.get(&request.id) {
+        let scope = scope_of(request.command.wallet());
+        if let Some(&seq) = self.index.requests.get(&(request.id, scope)) {
             let slot = (seq - self.state.requests_first_seq) as usize;
             let first = self
                 .state
@@ -462,12 +507,13 @@ impl Engine {
         let seq = self.state.requests_first_seq + self.state.requests.len() as u64;
         self.state.requests.push_back(Remembered {
             id: request.id,
+            scope,
             fingerprint,
             at: self.state.now,
             reply,
             charge: self.charge.take(),
         });
-        self.index.requests.insert(request.id, seq);
+        self.index.requests.insert((request.id, scope), seq);
         self.request = None;
         reply
     }
@@ -937,11 +983,15 @@ impl Engine {
             expires_at,
             source,
         };
+        let kind = match source {
+            GrantSource::Refund => EntryKind::Refund,
+            _ => EntryKind::Grant,
+        };
         let mut out = out!(self);
         let wallet = wallet_mut(&mut self.state.wallets, w);
         let wallet_id = wallet.id;
         out.entry(
-            EntryKind::Grant,
+            kind,
             asset,
             amount,
             from,
@@ -961,6 +1011,7 @@ impl Engine {
                 dispute_lost: false,
                 refunded: Decimal::ZERO,
                 refund_removed: Decimal::ZERO,
+                expired: Decimal::ZERO,
             });
         }
         let balance = wallet.balance_mut(&asset);
@@ -1098,13 +1149,16 @@ impl Engine {
         Ok(p)
     }
 
-    /// Validates an event's cost and time.
-    fn check_event(&self, event: &UsageEvent) -> Result<(), ResultCode> {
+    /// Validates an event's cost and time. No event may lie more than `future_skew_us` ahead.
+    /// Strict usage asks permission for work about to be done, so it must also be recent
+    /// (within the idempotency window); recorded usage and settlements report work already
+    /// served, which is always recorded however late it arrives.
+    fn check_event(&self, event: &UsageEvent, late_allowed: bool) -> Result<(), ResultCode> {
         money::check_amount_or_zero(event.cost_usd, COST_SCALE_MAX)?;
         let now = self.state.now;
         let config = &self.state.config;
         if event.occurred_at > now.add_us(config.future_skew_us)
-            || event.occurred_at < now.add_us(-config.idempotency_retention_us)
+            || (!late_allowed && event.occurred_at < now.add_us(-config.idempotency_retention_us))
         {
             return Err(ResultCode::TimestampOutOfRange);
         }
@@ -1160,7 +1214,7 @@ impl Engine {
 
     fn usage(&mut self, event: &UsageEvent) -> Handled {
         let w = self.wallet_index(&event.wallet)?;
-        self.check_event(event)?;
+        self.check_event(event, event.mode == DebitMode::Record)?;
         let priced = self.price(
             w,
             &event.product,
@@ -1199,13 +1253,14 @@ impl Engine {
         let wallet = wallet_mut(&mut self.state.wallets, w);
         let wallet_id = wallet.id;
         let balance = wallet.balance_mut(&asset.code);
-        let debt_added = debit(
+        let debited = debit(
             balance,
             priced.amount,
             wallet_id,
             Account::Revenue,
             &mut out,
         );
+        let debt_added = debited.debt;
         let available = balance.available();
         wallet.margin.add_event(revenue_usd, cost_usd);
         let margins = &mut self.state.margins;
@@ -1247,6 +1302,8 @@ impl Engine {
             plan: priced.plan,
             version: priced.version,
             hour: occurred_at.hour(),
+            priority: debited.priority,
+            expires_at: debited.expires_at,
         });
         self.check_topup(w, asset.code);
         ReplyValue::Charge {
@@ -1361,7 +1418,7 @@ impl Engine {
             return Err(ResultCode::InvalidArgument.into());
         }
         let i = self.open_hold(w, hold)?;
-        self.check_event(usage)?;
+        self.check_event(usage, true)?;
         let priced = self.price(
             w,
             &usage.product,
@@ -1380,20 +1437,24 @@ impl Engine {
             priced.amount,
         )?;
         self.close_hold(w, i, HoldEnd::Settled);
-        Ok(self.charge(
+        let value = self.charge(
             w,
             asset,
             priced,
             revenue_usd,
             usage.cost_usd,
             usage.occurred_at,
-        ))
+        );
+        // The charge had first call on what the hold kept from expiring; the rest goes now.
+        self.expire_overdue(w, asset.code);
+        Ok(value)
     }
 
     fn release(&mut self, wallet: &WalletId, hold: HoldId) -> Handled {
         let w = self.wallet_index(wallet)?;
         let i = self.open_hold(w, hold)?;
-        self.close_hold(w, i, HoldEnd::Released);
+        let hold = self.close_hold(w, i, HoldEnd::Released);
+        self.expire_overdue(w, hold.asset);
         Ok(ReplyValue::None)
     }
 
@@ -1404,7 +1465,7 @@ impl Engine {
         let &seq = self
             .index
             .requests
-            .get(&event)
+            .get(&(event, scope_of(Some(wallet))))
             .ok_or(ResultCode::UnknownEvent)?;
         let slot = (seq - self.state.requests_first_seq) as usize;
         let charge = self
@@ -1459,10 +1520,24 @@ impl Engine {
         wallet_mut(&mut self.state.wallets, w)
             .margin
             .add_refund(refund_usd);
-        let granted = self.add_grant(w, asset.code, amount, 0, None, None, GrantSource::Refund);
+        // The credit takes the place of what paid for the event: the first paying grant's
+        // priority and the latest expiry among the paying grants. Credit whose time has passed
+        // expires at once (it would have expired unspent had the event not happened).
+        let granted = self.add_grant(
+            w,
+            asset.code,
+            amount,
+            charge.priority,
+            None,
+            charge.expires_at,
+            GrantSource::Refund,
+        );
         let ReplyValue::Grant { grant, .. } = granted else {
             unreachable!("add_grant grants")
         };
+        if charge.expires_at.is_some_and(|t| t <= self.state.now) {
+            self.expire_overdue(w, asset.code);
+        }
         Ok(ReplyValue::Refund {
             grant,
             refunded: amount,
@@ -1491,8 +1566,8 @@ impl Engine {
             .chain(&balance.pending)
             .find(|g| g.id == grant)
             .map_or(Decimal::ZERO, |g| g.remaining);
-        // What a refund already took out was returned, not spent.
-        let spent = p.amount - p.refund_removed - remaining;
+        // What a refund already took out was returned, and what expired was never spent.
+        let spent = p.amount - p.refund_removed - p.expired - remaining;
         money::add(balance.debt, spent)?;
         let mut out = out!(self);
         let wallet = wallet_mut(&mut self.state.wallets, w);
@@ -1512,8 +1587,19 @@ impl Engine {
         }
         balance.debt += spent;
         let (from, to) = (Account::Wallet(wallet_id), Account::Dispute);
-        let clawed = p.amount - p.refund_removed;
+        let clawed = p.amount - p.refund_removed - p.expired;
         out.entry(EntryKind::Dispute, p.asset, clawed, from, to, Some(grant));
+        // The breakage booked when part of this credit expired is reversed: the payment
+        // behind it is disputed.
+        let (from, to) = (Account::Breakage, Account::Dispute);
+        out.entry(
+            EntryKind::Dispute,
+            p.asset,
+            p.expired,
+            from,
+            to,
+            Some(grant),
+        );
         // A disputed wallet never triggers a top-up here: charging the card that just charged
         // back would be the wrong reflex. The next debit checks the rule as usual.
         Ok(ReplyValue::Dispute {
@@ -1536,8 +1622,9 @@ impl Engine {
         if !p.disputed || p.dispute_lost {
             return Err(ResultCode::NotDisputed.into());
         }
-        // What a refund removed before the dispute stays returned.
-        let amount = p.amount - p.refund_removed;
+        // What a refund removed before the dispute stays returned, and what expired stays
+        // expired (its breakage is booked again).
+        let amount = p.amount - p.refund_removed - p.expired;
         if let Some(balance) = wallet.balance(&p.asset) {
             money::add(balance.ledger(), amount)?;
         }
@@ -1563,6 +1650,15 @@ impl Engine {
         let wallet = wallet_mut(&mut self.state.wallets, w);
         let (from, to) = (Account::Dispute, Account::Wallet(wallet.id));
         out.entry(EntryKind::DisputeWon, p.asset, amount, from, to, Some(id));
+        let (from, to) = (Account::Dispute, Account::Breakage);
+        out.entry(
+            EntryKind::DisputeWon,
+            p.asset,
+            p.expired,
+            from,
+            to,
+            Some(p.grant),
+        );
         // The payment record now points at the restored grant, so a second dispute claws it.
         wallet.payments[payment].grant = id;
         wallet.payments[payment].expires_at = expires_at;
@@ -1627,7 +1723,7 @@ impl Engine {
         let wallet = wallet_mut(&mut self.state.wallets, w);
         let wallet_id = wallet.id;
         let balance = wallet.balance_mut(&asset.code);
-        let debt_added = debit(balance, -amount, wallet_id, Account::Adjustment, &mut out);
+        let debt_added = debit(balance, -amount, wallet_id, Account::Adjustment, &mut out).debt;
         let available = balance.available();
         self.check_topup(w, asset.code);
         Ok(ReplyValue::Charge {
@@ -1831,11 +1927,25 @@ impl Engine {
         let now = self.state.now;
         let wallet = wallet_mut(&mut self.state.wallets, w);
         let mut arm = None;
+        let mut mismatch = false;
         if let Some(t) = wallet.topups.iter_mut().find(|t| t.asset == asset) {
-            if t.in_flight.is_some_and(|f| f.trigger == trigger) {
+            if let Some(flight) = t.in_flight.filter(|f| f.trigger == trigger) {
                 t.in_flight = None;
                 t.failures = 0;
                 t.last_failure = None;
+                // The processor took another amount than was asked: it is credited (it was
+                // paid), counted against the caps as taken, and the rule stops until someone
+                // sets it again, because whatever charges the card is not doing what it says.
+                if amount != flight.amount {
+                    mismatch = true;
+                    t.flagged = true;
+                    if t.day == flight.at.day() {
+                        t.day_total = (t.day_total - flight.amount + amount).max(Decimal::ZERO);
+                    }
+                    if t.month == flight.at.month() {
+                        t.month_total = (t.month_total - flight.amount + amount).max(Decimal::ZERO);
+                    }
+                }
                 let cooldown = t.rule.map_or(0, |r| r.cooldown_us);
                 t.next_allowed = now.add_us(cooldown);
                 if t.rule.is_some() && cooldown > 0 {
@@ -1843,6 +1953,13 @@ impl Engine {
                     arm = Some(t.next_allowed);
                 }
             }
+        }
+        let wallet_id = wallet.id;
+        if mismatch {
+            self.effects.push_back(Effect::TopUpExhausted {
+                wallet: wallet_id,
+                asset,
+            });
         }
         let source = GrantSource::TopUp { payment_id };
         let value = self.add_grant(w, asset, amount, TOPUP_PRIORITY, None, None, source);
@@ -1863,26 +1980,43 @@ impl Engine {
     ) -> Handled {
         let w = self.wallet_index(wallet)?;
         let asset_index = self.asset_index(&asset)?;
+        let t = self.state.wallets[w as usize]
+            .topups
+            .iter()
+            .find(|t| t.asset == asset)
+            .ok_or(ResultCode::NoTopUpRule)?;
+        if t.in_flight.is_none_or(|f| f.trigger != trigger) {
+            return Err(ResultCode::StaleTopUp.into());
+        }
+        // Money that was not taken does not count against the caps.
+        self.fail_topup(w, asset_index, reason, true);
+        Ok(ReplyValue::None)
+    }
+
+    /// Ends wallet `w`'s top-up in flight for asset `asset_index` as failed: counts the failure,
+    /// backs off, and flags the rule after `attempts_max` failures in a row. `not_taken` says
+    /// the processor declined it, so its amount stops counting against the caps; a top-up that
+    /// timed out may still have been charged and keeps counting.
+    fn fail_topup(&mut self, w: u32, asset_index: u32, reason: Name, not_taken: bool) {
+        let asset = self.state.assets[asset_index as usize].code;
         let now = self.state.now;
         let wallet = wallet_mut(&mut self.state.wallets, w);
         let wallet_id = wallet.id;
-        let t = wallet
-            .topups
-            .iter_mut()
-            .find(|t| t.asset == asset)
-            .ok_or(ResultCode::NoTopUpRule)?;
-        let Some(flight) = t.in_flight.filter(|f| f.trigger == trigger) else {
-            return Err(ResultCode::StaleTopUp.into());
+        let Some(t) = wallet.topups.iter_mut().find(|t| t.asset == asset) else {
+            return;
         };
-        t.in_flight = None;
+        let Some(flight) = t.in_flight.take() else {
+            return;
+        };
         t.failures += 1;
         t.last_failure = Some(reason);
-        // Money that was not taken does not count against the daily cap.
-        if t.day == flight.at.day() {
-            t.day_total -= flight.amount.min(t.day_total);
-        }
-        if t.month == flight.at.month() {
-            t.month_total -= flight.amount.min(t.month_total);
+        if not_taken {
+            if t.day == flight.at.day() {
+                t.day_total -= flight.amount.min(t.day_total);
+            }
+            if t.month == flight.at.month() {
+                t.month_total -= flight.amount.min(t.month_total);
+            }
         }
         let attempts_max = t.rule.map_or(1, |r| r.attempts_max);
         if t.failures >= attempts_max {
@@ -1891,7 +2025,7 @@ impl Engine {
                 wallet: wallet_id,
                 asset,
             });
-            return Ok(ReplyValue::None);
+            return;
         }
         // Back off: the cooldown doubles with each failure in a row (at least one second).
         let base = t
@@ -1903,7 +2037,6 @@ impl Engine {
         t.retry_armed = true;
         let at = t.next_allowed;
         self.timer(at, TimerKind::TopUpRetry, w, u64::from(asset_index));
-        Ok(ReplyValue::None)
     }
 
     /// Requests a top-up if wallet `w`'s rule for `asset` says so now.
@@ -2003,6 +2136,12 @@ impl Engine {
         });
         t.day_total += amount;
         t.month_total += amount;
+        self.index.timers.insert(Timer {
+            at: now.add_us(TOPUP_IN_FLIGHT_TIMEOUT_US),
+            kind: TimerKind::TopUpTimeout,
+            wallet: w,
+            id: u64::from(self.index.assets[&asset]),
+        });
         self.effects.push_back(Effect::TopUpRequested(TopUpRequest {
             wallet: wallet_id,
             asset,
@@ -2018,6 +2157,61 @@ impl Engine {
 
     // ----- timers --------------------------------------------------------------------------
 
+    /// Breaks what the expired grants of wallet `w` in `asset` hold beyond what its open holds
+    /// need. Money behind a hold is set aside, expiry included: the expired grants together
+    /// keep at most `held − (what the grants that have not expired hold)`, and give up the rest
+    /// as breakage, soonest expiry first. Runs when a grant's expiry comes and whenever a hold
+    /// closes, so what a hold kept alive expires as soon as the hold no longer needs it.
+    fn expire_overdue(&mut self, w: u32, asset: AssetCode) {
+        let now = self.state.now;
+        let overdue = |g: &GrantState| g.expires_at.is_some_and(|t| t <= now);
+        let Some(b) = self.state.wallets[w as usize]
+            .balances
+            .iter()
+            .position(|b| b.asset == asset && b.grants.iter().any(overdue))
+        else {
+            return;
+        };
+        let mut out = out!(self);
+        let wallet = wallet_mut(&mut self.state.wallets, w);
+        let wallet_id = wallet.id;
+        let balance = &mut wallet.balances[b];
+        let mut order: Vec<(Timestamp, GrantId, usize)> = Vec::new();
+        let mut overdue_total = Decimal::ZERO;
+        for (i, g) in balance.grants.iter().enumerate() {
+            if let Some(at) = g.expires_at.filter(|&t| t <= now) {
+                order.push((at, g.id, i));
+                overdue_total += g.remaining;
+            }
+        }
+        order.sort_unstable();
+        let fresh = balance.active - overdue_total;
+        let keep = (balance.held - fresh).max(Decimal::ZERO).min(overdue_total);
+        let mut to_break = overdue_total - keep;
+        for &(_, id, i) in &order {
+            if to_break.is_zero() {
+                break;
+            }
+            let grant = &mut balance.grants[i];
+            let part = to_break.min(grant.remaining);
+            grant.remaining -= part;
+            to_break -= part;
+            balance.active -= part;
+            let (from, to) = (Account::Wallet(wallet_id), Account::Breakage);
+            out.entry(EntryKind::Breakage, asset, part, from, to, Some(id));
+            if let GrantSource::TopUp { .. } = grant.source {
+                if let Some(p) = wallet.payments.iter_mut().find(|p| p.grant == id) {
+                    p.expired += part;
+                }
+            }
+        }
+        let before = balance.grants.len();
+        balance.grants.retain(|g| !g.remaining.is_zero());
+        if balance.grants.len() != before || overdue_total != keep {
+            self.check_topup(w, asset);
+        }
+    }
+
     fn fire(&mut self, timer: Timer) {
         let w = timer.wallet;
         match timer.kind {
@@ -2032,26 +2226,13 @@ impl Engine {
                 }
             }
             TimerKind::GrantExpiry => {
-                let mut out = out!(self);
-                let wallet = wallet_mut(&mut self.state.wallets, w);
-                let wallet_id = wallet.id;
-                for balance in &mut wallet.balances {
-                    if let Some(i) = balance.grants.iter().position(|g| g.id.0 == timer.id) {
-                        let grant = balance.grants.remove(i);
-                        balance.active -= grant.remaining;
-                        let (from, to) = (Account::Wallet(wallet_id), Account::Breakage);
-                        let asset = balance.asset;
-                        out.entry(
-                            EntryKind::Breakage,
-                            asset,
-                            grant.remaining,
-                            from,
-                            to,
-                            Some(grant.id),
-                        );
-                        self.check_topup(w, asset);
-                        return;
-                    }
+                let asset = self.state.wallets[w as usize]
+                    .balances
+                    .iter()
+                    .find(|b| b.grants.iter().any(|g| g.id.0 == timer.id))
+                    .map(|b| b.asset);
+                if let Some(asset) = asset {
+                    self.expire_overdue(w, asset);
                 }
             }
             TimerKind::GrantExpiring => {
@@ -2076,7 +2257,21 @@ impl Engine {
             }
             TimerKind::HoldDeadline => {
                 if let Ok(i) = self.open_hold(w, HoldId(timer.id)) {
-                    self.close_hold(w, i, HoldEnd::Expired);
+                    let hold = self.close_hold(w, i, HoldEnd::Expired);
+                    self.expire_overdue(w, hold.asset);
+                }
+            }
+            TimerKind::TopUpTimeout => {
+                let asset = self.state.assets[timer.id as usize].code;
+                let overdue = self.state.wallets[w as usize]
+                    .topups
+                    .iter()
+                    .find(|t| t.asset == asset)
+                    .and_then(|t| t.in_flight)
+                    .is_some_and(|f| f.at.add_us(TOPUP_IN_FLIGHT_TIMEOUT_US) <= timer.at);
+                if overdue {
+                    let reason = Name::new(TOPUP_TIMED_OUT).expect("a valid name");
+                    self.fail_topup(w, timer.id as u32, reason, false);
                 }
             }
             TimerKind::TopUpRetry => {
@@ -2187,7 +2382,7 @@ fn restore(state: State) -> Result<Engine, RestoreError> {
     for (i, r) in state.requests.iter().enumerate() {
         if index
             .requests
-            .insert(r.id, state.requests_first_seq + i as u64)
+            .insert((r.id, r.scope), state.requests_first_seq + i as u64)
             .is_some()
         {
             return fail(format!("request {:?} remembered twice", r.id));

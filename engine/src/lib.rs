@@ -46,22 +46,45 @@
 //!   becomes debt.
 //! - Grants are consumed when usage is applied, by the grants active at that time; an event's own
 //!   `occurred_at` chooses the plan version and the margin hour. Events may be up to
-//!   `future_skew_us` (5 min) ahead and no older than the idempotency window (24 h by default).
+//!   `future_skew_us` (5 min) ahead. Strict usage asks permission for work about to be done and
+//!   must be no older than the idempotency window (24 h by default); recorded usage and
+//!   settlements report work already served and are recorded however late they arrive.
 //! - Frozen wallets refuse strict usage and reserves; record usage, settles, grants and refunds
 //!   still apply (they describe what already happened).
 //! - Holds last at most 7 days. A settle after the deadline gets `HoldExpired`; the last 64 closed
 //!   holds of a wallet are remembered to give that precise answer.
-//! - A refund credits a new grant (source `Refund`, priority 0) and refers to the usage by its
-//!   request id, so refunds are possible within the idempotency window; later corrections are
-//!   adjustments. A debit adjustment is charged like record usage.
+//! - Money behind open holds is set aside. Other debits (strict or recorded usage, debit
+//!   adjustments) take from the grants at most `active − held`; the rest of the amount becomes
+//!   debt. A settlement closes its hold first, so it spends what the hold reserved. Expiry never
+//!   takes held money either: an expired grant keeps what the holds need beyond the grants that
+//!   have not expired, and gives that up as breakage as soon as the holds close. Processor
+//!   events (a chargeback, a refund of a top-up) are not held back by holds: they take the
+//!   grant's remainder, and a settlement that then finds too little creates debt.
+//! - A refund credits a new grant (source `Refund`, journal kind `Refund`) and refers to the
+//!   usage by its request id, so refunds are possible within the idempotency window; later
+//!   corrections are adjustments. The credit takes the place of what paid: it gets the priority
+//!   of the first grant the charge consumed and expires with the latest-expiring paying grant
+//!   (never, if a paying grant never expires or part of the charge became debt); if that time
+//!   has passed it expires at once. A debit adjustment is charged like record usage.
 //! - Top-up grants get priority 100, so promotions and refunds (priority 0 by default) are spent
 //!   first. A successful top-up is always credited, even for a stale trigger: money taken is
 //!   never lost. Its payment id makes a repeat a no-op. A failure backs off (cooldown doubled per
 //!   failure, at least 1 s) and after `attempts_max` failures in a row the wallet is flagged.
-//! - A dispute claws back the grant's remainder and turns the spent part into debt; winning it
-//!   credits the same amount again as a new grant (which pays that debt first).
+//!   A top-up whose outcome has not come after [`TOPUP_IN_FLIGHT_TIMEOUT_US`] (1 h) counts as a
+//!   failure ([`TOPUP_TIMED_OUT`]), so one lost outcome cannot stop auto top-up for good; its
+//!   amount keeps counting against the caps (it may have been charged), and a success reported
+//!   later is still credited. A success of another amount than requested is credited and stops
+//!   the rule (flagged, `TopUpExhausted`): whatever charges the card is not doing what it says.
+//!   Frozen wallets and wallets with an open chargeback never trigger a top-up.
+//! - A dispute claws back the grant's remainder and turns the spent part into debt; what expired
+//!   unspent was never spent, so it is not debt: its breakage is moved to the dispute account.
+//!   Winning credits the clawed amount again as a new grant (which pays that debt first) with the
+//!   original expiry, and books the expired part as breakage again. A lost dispute is final.
+//! - Request ids are scoped by wallet: the idempotency key is (wallet, request id), and catalog
+//!   commands share one scope. The same id used for two wallets names two requests, wherever the
+//!   two wallets live (shards cannot disagree). Bodies are compared by a 128-bit fingerprint.
 //! - Request ids are remembered for `idempotency_retention_us` (24 h by default); the table costs
-//!   about 230 bytes per request inside the window (a 192-byte record plus its index entry).
+//!   about 250 bytes per request inside the window (a 208-byte record plus its index entry).
 
 mod code;
 mod command;
@@ -83,9 +106,9 @@ pub use engine::{digest_state, Engine, RestoreError};
 pub use engine::{
     ASSETS_MAX, ASSIGNMENTS_MAX, ATTRIBUTES_MAX, DEFAULT_PAYMENT_METHOD, HOLDS_MAX,
     HOLD_DURATION_MAX_US, METADATA_MAX, PLANS_MAX, PRODUCTS_MAX, QUANTITIES_MAX, REASON_BYTES_MAX,
-    TOPUP_PRIORITY,
+    TOPUP_IN_FLIGHT_TIMEOUT_US, TOPUP_PRIORITY, TOPUP_TIMED_OUT,
 };
-pub use hash::{fingerprint, shard_for, StableHasher};
+pub use hash::{fingerprint, scope_of, shard_for, StableHasher};
 pub use money::{dec, Rounding, AMOUNT_MAX, QUANTITY_MAX};
 pub use output::{Account, Alert, Effect, EntryKind, JournalEntry, MarginRecord, TopUpRequest};
 pub use pricing::{Component, PriceModel, PriceRule, Quantity, Tier};

@@ -446,6 +446,10 @@ pub struct Payment {
     /// credit already spent removes nothing).
     #[serde(with = "dec")]
     pub refund_removed: Decimal,
+    /// How much of the grant expired unspent (breakage). A dispute turns into debt only what
+    /// was spent, never what expired.
+    #[serde(with = "dec")]
+    pub expired: Decimal,
 }
 
 /// A manual adjustment, for audit.
@@ -469,8 +473,10 @@ pub struct AdjustmentRecord {
 pub struct Remembered {
     /// The request id.
     pub id: RequestId,
+    /// Its idempotency scope ([`crate::hash::scope_of`]: the wallet, or 0 for the catalog).
+    pub scope: u64,
     /// Fingerprint of the command body.
-    pub fingerprint: u64,
+    pub fingerprint: u128,
     /// When it was applied.
     pub at: Timestamp,
     /// The reply it got.
@@ -639,6 +645,11 @@ pub struct ChargeRef {
     pub version: u32,
     /// Hour bucket of the event.
     pub hour: i64,
+    /// The priority a refund credit gets: that of the first grant the charge consumed.
+    pub priority: u32,
+    /// When a refund credit expires: the latest expiry among the grants that paid, `None` if
+    /// one of them never expires or part of the charge became debt.
+    pub expires_at: Option<Timestamp>,
 }
 
 /// Running revenue and cost.
@@ -703,7 +714,8 @@ mod tests {
     fn remembered(id: u128) -> Remembered {
         Remembered {
             id: RequestId(id),
-            fingerprint: id as u64,
+            scope: 1,
+            fingerprint: id,
             at: Timestamp(id as i64),
             reply: Reply {
                 code: crate::ResultCode::Ok,
@@ -731,7 +743,7 @@ mod tests {
         assert_eq!(snapshot.front().map(|r| r.id), Some(RequestId(0)));
         assert_eq!(
             snapshot.get(REQUESTS_CHUNK + 5).map(|r| r.fingerprint),
-            Some(REQUESTS_CHUNK as u64 + 5)
+            Some(REQUESTS_CHUNK as u128 + 5)
         );
         assert_eq!(requests.len(), n - REQUESTS_CHUNK - 5 + 1);
         assert_eq!(
@@ -758,6 +770,6 @@ mod tests {
         // The idempotency table holds one `Remembered` per request in the window; the crate
         // docs quote its size. Growing it is a memory decision, so it is pinned here.
         let size = std::mem::size_of::<Remembered>();
-        assert!(size <= 192, "Remembered grew to {size} bytes");
+        assert!(size <= 208, "Remembered grew to {size} bytes");
     }
 }

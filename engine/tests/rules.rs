@@ -1746,3 +1746,374 @@ fn a_won_dispute_keeps_an_expiry_that_passed_meanwhile() {
     assert_eq!((last.kind, last.amount), (EntryKind::Breakage, d("10")));
     h.check_ledger();
 }
+
+// ----- issue 14: rules that lost money or trust -------------------------------------------
+
+fn hold_usd(h: &mut Harness, w: WalletId, amount: &str, lasts_us: i64) -> HoldId {
+    hold_of(h.ok(Command::Reserve {
+        wallet: w,
+        amount: ReserveAmount::Fixed {
+            asset: usd(),
+            amount: d(amount),
+        },
+        deadline: h.now.add_us(lasts_us),
+    }))
+}
+
+#[test]
+fn late_recorded_usage_is_recorded_but_late_strict_usage_is_refused() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.grant(w, "10");
+    let served = h.now;
+    h.advance(3 * 24 * HOUR); // three days: past the 24 h window
+    let mut late = h.event(w, "1000", "0", DebitMode::Record);
+    late.occurred_at = served;
+    // Record mode reports work already served: it is always recorded, in its own hour.
+    assert_eq!(charged(h.run(Command::Usage(late.clone()))), d("1"));
+    assert_eq!(h.margins.last().unwrap().occurred_at, served);
+    assert_eq!(
+        h.margin(MarginScope::Hours {
+            from: served,
+            to: served.add_us(SECOND)
+        })
+        .revenue_usd,
+        d("1")
+    );
+    // Strict usage asks permission now; a stale one is refused.
+    late.mode = DebitMode::Strict;
+    h.rejects(Command::Usage(late), ResultCode::TimestampOutOfRange);
+    // The future bound stays for both.
+    let mut ahead = h.event(w, "1000", "0", DebitMode::Record);
+    ahead.occurred_at = h.now.add_us(HOUR);
+    h.rejects(Command::Usage(ahead), ResultCode::TimestampOutOfRange);
+    h.check_ledger();
+}
+
+fn usd_rule(threshold: &str, amount: &str, attempts_max: u32) -> TopUpRule {
+    TopUpRule {
+        asset: usd(),
+        threshold: d(threshold),
+        amount: TopUpAmount::Fixed(d(amount)),
+        attempts_max,
+        cooldown_us: 0,
+        daily_cap: Some(d("100")),
+        monthly_cap: None,
+        payment_method: n("pm_card"),
+    }
+}
+
+/// What wallet `w`'s USD rule counts against its daily cap today.
+fn requested_today(h: &Harness, w: WalletId) -> Decimal {
+    let state = h.engine.state();
+    let wallet = state.wallets.iter().find(|x| x.id == w).unwrap();
+    wallet.topups[0].day_total
+}
+
+#[test]
+fn a_top_up_whose_outcome_never_comes_times_out_and_auto_top_up_goes_on() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.billing(w);
+    h.grant(w, "10");
+    h.ok(Command::SetTopUpRule {
+        wallet: w,
+        rule: usd_rule("5", "20", 3),
+    });
+    h.usage(w, "6000", "0", DebitMode::Strict); // 4 < 5: trigger 1
+    assert_eq!(h.topups.len(), 1);
+    // The outcome is lost. Before the timeout nothing more is asked.
+    h.advance(TOPUP_IN_FLIGHT_TIMEOUT_US - SECOND);
+    h.usage(w, "1000", "0", DebitMode::Strict);
+    assert_eq!(h.topups.len(), 1);
+    h.advance(SECOND);
+    let status = &h.view(w).topups[0];
+    assert!(status.in_flight.is_none(), "{status:?}");
+    assert_eq!(status.last_failure, Some(n(TOPUP_TIMED_OUT)));
+    assert_eq!(status.failures, 1);
+    // After the back-off (1 s for a rule without cooldown) the rule asks again.
+    h.advance(SECOND);
+    assert_eq!(h.topups.len(), 2);
+    assert_eq!(h.topups[1].trigger, 2);
+    // The first charge may have been taken: it still counts against the daily cap (20 + 20).
+    assert_eq!(requested_today(&h, w), d("40"));
+    // A failure reported for the timed-out trigger is stale; its late success is credited.
+    h.rejects(
+        Command::TopUpFailed {
+            wallet: w,
+            asset: usd(),
+            trigger: 1,
+            reason: n("card_declined"),
+        },
+        ResultCode::StaleTopUp,
+    );
+    h.ok(Command::TopUpSucceeded {
+        wallet: w,
+        asset: usd(),
+        trigger: 1,
+        payment_id: n("pi_late"),
+        amount: d("20"),
+    });
+    assert_eq!(h.balance(w).available, d("23"));
+    // The timeout survives a restart: a fresh engine from the state times trigger 2 out too.
+    let state = h.engine.state().clone();
+    h.engine = Engine::from_state(state).unwrap();
+    h.advance(TOPUP_IN_FLIGHT_TIMEOUT_US);
+    assert_eq!(h.view(w).topups[0].failures, 2);
+    h.check_ledger();
+}
+
+#[test]
+fn a_top_up_of_another_amount_than_asked_is_credited_and_stops_the_rule() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.billing(w);
+    h.grant(w, "10");
+    h.ok(Command::SetTopUpRule {
+        wallet: w,
+        rule: usd_rule("5", "20", 3),
+    });
+    h.usage(w, "6000", "0", DebitMode::Strict);
+    assert_eq!(h.topups[0].amount, d("20"));
+    h.ok(Command::TopUpSucceeded {
+        wallet: w,
+        asset: usd(),
+        trigger: 1,
+        payment_id: n("pi_1"),
+        amount: d("200"),
+    });
+    // Paid is paid: 4 + 200. But the rule is stopped and the operator told.
+    assert_eq!(h.balance(w).available, d("204"));
+    assert_eq!(h.view(w).topup_flagged, vec![usd()]);
+    assert_eq!(requested_today(&h, w), d("200"));
+    assert_eq!(h.exhausted, vec![(w, usd())]);
+    h.usage(w, "200000", "0", DebitMode::Strict); // 4 left: below the threshold
+    assert_eq!(h.topups.len(), 1, "a stopped rule asks for nothing");
+    h.check_ledger();
+}
+
+#[test]
+fn money_behind_a_hold_is_set_aside_from_other_debits() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.grant(w, "10");
+    let hold = hold_usd(&mut h, w, "8", HOUR);
+    // Recorded usage of 5 finds 2 free: the other 3 is debt, the hold keeps its 8.
+    let reply = h.usage(w, "5000", "0", DebitMode::Record);
+    assert!(
+        matches!(reply.value, ReplyValue::Charge { debt_added, available, .. }
+            if debt_added == d("3") && available == d("-3")),
+        "{reply:?}"
+    );
+    let b = h.balance(w);
+    assert_eq!((b.held, b.debt), (d("8"), d("3")));
+    // A debit adjustment likewise.
+    let reply = h.run(Command::Adjust {
+        wallet: w,
+        asset: usd(),
+        amount: d("-1"),
+        reason: "correction".into(),
+    });
+    assert!(matches!(reply.value, ReplyValue::Charge { debt_added, .. } if debt_added == d("1")));
+    // The hold's own settlement spends what it set aside.
+    let usage = h.event(w, "8000", "0", DebitMode::Strict);
+    let reply = h.run(Command::Settle {
+        wallet: w,
+        hold,
+        usage,
+    });
+    assert!(
+        matches!(reply.value, ReplyValue::Charge { charged, debt_added, .. }
+            if charged == d("8") && debt_added == d("0")),
+        "{reply:?}"
+    );
+    let b = h.balance(w);
+    assert_eq!((b.available, b.held, b.debt), (d("-4"), d("0"), d("4")));
+    h.check_ledger();
+}
+
+#[test]
+fn expiry_never_takes_the_money_behind_a_hold() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    let expires = h.now.add_us(HOUR);
+    h.grant_with(w, "10", 0, Some(expires), GrantSource::Promotion);
+    let hold = hold_usd(&mut h, w, "6", 2 * HOUR);
+    h.advance(HOUR + SECOND);
+    // The grant expired: 4 left as breakage, the 6 behind the hold is kept for it.
+    let b = h.balance(w);
+    assert_eq!((b.available, b.held, b.ledger), (d("0"), d("6"), d("6")));
+    let breakage: Decimal = h
+        .journal
+        .iter()
+        .filter(|j| j.kind == EntryKind::Breakage)
+        .map(|j| j.amount)
+        .sum();
+    assert_eq!(breakage, d("4"));
+    // Settling for 2 spends from it; the 4 no longer needed expires at once.
+    let usage = h.event(w, "2000", "0", DebitMode::Record);
+    let reply = h.run(Command::Settle {
+        wallet: w,
+        hold,
+        usage,
+    });
+    assert!(matches!(reply.value, ReplyValue::Charge { debt_added, .. } if debt_added.is_zero()));
+    let b = h.balance(w);
+    assert_eq!((b.available, b.held, b.ledger), (d("0"), d("0"), d("0")));
+    let breakage: Decimal = h
+        .journal
+        .iter()
+        .filter(|j| j.kind == EntryKind::Breakage)
+        .map(|j| j.amount)
+        .sum();
+    assert_eq!(breakage, d("8"));
+
+    // A hold that is released or expires gives its kept money to breakage the same way.
+    let v = h.wallet("beta");
+    h.grant_with(v, "5", 0, Some(h.now.add_us(HOUR)), GrantSource::Promotion);
+    hold_usd(&mut h, v, "5", 2 * HOUR);
+    h.advance(HOUR + SECOND);
+    assert_eq!(h.balance(v).ledger, d("5"));
+    h.advance(HOUR);
+    assert_eq!(h.balance(v).ledger, d("0"));
+    h.check_ledger();
+}
+
+#[test]
+fn a_dispute_of_an_expired_top_up_turns_only_the_spent_part_into_debt() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    let g = h.grant_with(
+        w,
+        "10",
+        TOPUP_PRIORITY,
+        Some(h.now.add_us(HOUR)),
+        GrantSource::TopUp {
+            payment_id: n("pi_1"),
+        },
+    );
+    h.usage(w, "3000", "0", DebitMode::Strict); // 3 spent
+    h.advance(2 * HOUR); // 7 expired
+    let value = h.ok(Command::Dispute {
+        wallet: w,
+        grant: g,
+        freeze: false,
+    });
+    assert_eq!(
+        value,
+        ReplyValue::Dispute {
+            clawed_back: d("0"),
+            debt_added: d("3")
+        }
+    );
+    let b = h.balance(w);
+    assert_eq!((b.debt, b.ledger), (d("3"), d("-3")));
+    // The breakage booked for the 7 is reversed into the dispute.
+    let accounts = h.accounts();
+    let usd = usd();
+    assert_eq!(accounts[&(usd, Account::Breakage)], d("0"));
+    assert_eq!(accounts[&(usd, Account::Dispute)], d("10"));
+    // Won: the 3 of debt is paid back, and the 7 is breakage again.
+    h.ok(Command::DisputeWon {
+        wallet: w,
+        grant: g,
+    });
+    h.advance(SECOND);
+    let accounts = h.accounts();
+    assert_eq!(h.balance(w).ledger, d("0"));
+    assert_eq!(accounts[&(usd, Account::Breakage)], d("7"));
+    assert_eq!(accounts[&(usd, Account::Dispute)], d("0"));
+    h.check_ledger();
+}
+
+#[test]
+fn a_refund_credit_keeps_the_priority_and_expiry_of_what_paid() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    let expires = h.now.add_us(HOUR);
+    h.grant_with(w, "5", 3, Some(expires), GrantSource::Promotion);
+    h.grant(w, "5"); // priority 0, never expires: consumed first
+    h.run_id(
+        500,
+        Command::Usage(h.event(w, "7000", "0", DebitMode::Strict)),
+    ); // 5 + 2
+    let value = h.ok(refund(w, 500, Some("4")));
+    let ReplyValue::Refund { grant, .. } = value else {
+        panic!("{value:?}")
+    };
+    let last = *h.journal.last().unwrap();
+    assert_eq!(
+        (last.kind, last.from, last.grant),
+        (EntryKind::Refund, Account::Refund, Some(grant))
+    );
+    // Paid by a never-expiring grant (and an expiring one): the credit never expires, and
+    // is spent where the first paying grant was.
+    let view = h.view(w);
+    let credit = view.grants.iter().find(|g| g.id == grant).unwrap();
+    assert_eq!((credit.priority, credit.expires_at), (0, None));
+
+    // Paid only by expiring credit: the refund expires with it; after that, at once.
+    let v = h.wallet("beta");
+    h.grant_with(v, "5", 7, Some(expires), GrantSource::Promotion);
+    h.run_id(
+        600,
+        Command::Usage(h.event(v, "2000", "0", DebitMode::Strict)),
+    );
+    h.run_id(
+        601,
+        Command::Usage(h.event(v, "2000", "0", DebitMode::Strict)),
+    );
+    let ReplyValue::Refund { grant, .. } = h.ok(refund(v, 600, None)) else {
+        panic!()
+    };
+    let view = h.view(v);
+    let credit = view.grants.iter().find(|g| g.id == grant).unwrap();
+    assert_eq!((credit.priority, credit.expires_at), (7, Some(expires)));
+    h.advance(2 * HOUR);
+    assert_eq!(h.balance(v).ledger, d("0"));
+    h.ok(refund(v, 601, None));
+    let last = *h.journal.last().unwrap();
+    assert_eq!((last.kind, last.amount), (EntryKind::Breakage, d("2")));
+    assert_eq!(h.balance(v).ledger, d("0"));
+    // Usage that went into debt refunds as cash: it pays the debt, never expires.
+    let x = h.wallet("gamma");
+    h.run_id(
+        700,
+        Command::Usage(h.event(x, "2000", "0", DebitMode::Record)),
+    );
+    h.ok(refund(x, 700, None));
+    assert_eq!((h.balance(x).debt, h.balance(x).ledger), (d("0"), d("0")));
+    h.check_ledger();
+}
+
+#[test]
+fn request_ids_are_scoped_by_wallet_so_shards_cannot_disagree() {
+    // Two wallets on one engine, and the same two on two engines (two shards): the same request
+    // id applies once per wallet either way.
+    let mut one = Harness::new();
+    let (a, b) = (one.wallet("a"), one.wallet("b"));
+    one.grant(a, "5");
+    one.grant(b, "5");
+    let ua = Command::Usage(one.event(a, "1000", "0", DebitMode::Strict));
+    let ub = Command::Usage(one.event(b, "1000", "0", DebitMode::Strict));
+    assert_eq!(charged(one.run_id(900, ua.clone())), d("1"));
+    assert_eq!(charged(one.run_id(900, ub.clone())), d("1"));
+    // Exact repeats are repeats; a changed body for the same wallet is a conflict.
+    assert_eq!(charged(one.run_id(900, ua.clone())), d("1"));
+    assert_eq!(one.balance(a).available, d("4"));
+    let changed = Command::Usage(one.event(a, "1001", "0", DebitMode::Strict));
+    assert_eq!(
+        one.run_id(900, changed).code,
+        ResultCode::IdempotencyConflict
+    );
+    let mut two = [Harness::new(), Harness::new()];
+    two[0].wallet("a");
+    two[1].wallet("b");
+    two[0].grant(a, "5");
+    two[1].grant(b, "5");
+    two[0].run_id(900, ua);
+    two[1].run_id(900, ub);
+    assert_eq!(two[0].balance(a), one.balance(a));
+    assert_eq!(two[1].balance(b), one.balance(b));
+    one.check_ledger();
+}
