@@ -53,11 +53,23 @@ fn main() {
         wallets = n;
     }
 
+    // The idempotency window in request ids: 10 M by default under --bench (a realistic memory
+    // bound; 24 h at these rates would not fit in any machine's memory), TALLY_BENCH_WINDOW_IDS
+    // overrides it.
+    let window: u64 = std::env::var("TALLY_BENCH_WINDOW_IDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if bench { 10_000_000 } else { 100_000 });
+
     let started = Instant::now();
-    let mut workload = Workload::new(wallets, 0x7a11);
-    eprintln!("setup: {wallets} wallets in {:.1?}", started.elapsed());
+    let mut workload = Workload::with_window(wallets, 0x7a11, window);
+    eprintln!(
+        "setup: {wallets} wallets, window {window} ids, in {:.1?}",
+        started.elapsed()
+    );
 
     // Warm up past the idempotency window so every table has reached its steady size.
+    let warmup = warmup.max(window as usize + window as usize / 20);
     for _ in 0..warmup {
         workload.debit();
     }
@@ -74,7 +86,7 @@ fn main() {
     rates.sort_by(f64::total_cmp);
     let median = rates[rates.len() / 2];
     println!(
-        "engine_apply: wallets={wallets} debits_per_run={run} runs={runs} \
+        "engine_apply: wallets={wallets} window_ids={window} debits_per_run={run} runs={runs} \
          median_debits_per_s={median:.0} min={:.0} max={:.0} allocations_per_debit={:.6} rejected={}",
         rates[0],
         rates[rates.len() - 1],

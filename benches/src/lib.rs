@@ -198,6 +198,10 @@ pub struct Workload {
     ring: Vec<Request>,
     next: usize,
     next_id: u128,
+    /// Every wallet's id: each debit picks one at random, so all of them are touched.
+    wallets: Vec<WalletId>,
+    /// The xorshift state that picks them.
+    pick: u64,
     /// Debits applied that were not `Ok` (should stay 0).
     pub rejected: u64,
 }
@@ -206,8 +210,16 @@ impl Workload {
     /// `wallets` wallets, each on plan `std` with two grants: a large expiring one at priority
     /// 0 and a larger one without expiry at priority 5.
     pub fn new(wallets: usize, seed: u64) -> Workload {
+        Workload::with_window(wallets, seed, 100_000)
+    }
+
+    /// Like [`Workload::new`], with an idempotency window that holds `window_ids` request ids in
+    /// steady state (the retention is `window_ids` × [`STEP_US`] of simulated time, at least a
+    /// second).
+    pub fn with_window(wallets: usize, seed: u64, window_ids: u64) -> Workload {
+        let retention = (window_ids as i64 * STEP_US).max(Timestamp::SECOND_US);
         let config = Config {
-            idempotency_retention_us: Timestamp::SECOND_US,
+            idempotency_retention_us: retention,
             ..Config::default()
         };
         let mut w = Workload {
@@ -216,6 +228,8 @@ impl Workload {
             ring: Vec::with_capacity(RING),
             next: 0,
             next_id: 1,
+            wallets: Vec::new(),
+            pick: seed.rotate_left(17) | 1,
             rejected: 0,
         };
         for command in catalog() {
@@ -265,6 +279,7 @@ impl Workload {
                 command: Command::Usage(event),
             });
         }
+        w.wallets = ids;
         w
     }
 
@@ -293,8 +308,15 @@ impl Workload {
         self.next = (self.next + 1) % RING;
         request.id = RequestId(self.next_id);
         self.next_id += 1;
+        // The ring gives the event's shape; the wallet is drawn afresh, so every wallet is
+        // touched (a ring alone would touch at most RING of them).
+        self.pick ^= self.pick << 13;
+        self.pick ^= self.pick >> 7;
+        self.pick ^= self.pick << 17;
+        let wallet = self.wallets[(self.pick % self.wallets.len() as u64) as usize];
         if let Command::Usage(event) = &mut request.command {
             event.occurred_at = self.now;
+            event.wallet = wallet;
         }
         let reply = self.engine.handle_request(self.now, request);
         let mut effects = 0;

@@ -20,9 +20,10 @@ use crate::hash::{fingerprint, scope_of, StableHasher};
 use crate::money::{self, ASSET_SCALE_MAX};
 use crate::output::{Account, Alert, Effect, EntryKind, JournalEntry, MarginRecord, TopUpRequest};
 use crate::pricing::{self, Quantity};
+use crate::remember::{self, Key};
 use crate::state::{
     AdjustmentRecord, Asset, Assignment, Balance, ChargeRef, ClosedHold, Config, GrantState, Hold,
-    HoldEnd, InFlight, Payment, Plan, PlanVersion, Product, Remembered, State, TopUpState, Wallet,
+    HoldEnd, InFlight, Payment, Plan, PlanVersion, Product, State, TopUpState, Wallet,
     CLOSED_HOLDS_KEPT,
 };
 use crate::types::{AssetCode, GrantId, HoldId, Name, RequestId, Timestamp, WalletId};
@@ -78,8 +79,12 @@ pub struct Engine {
     effects: VecDeque<Effect>,
     /// The request being applied, for journal entries; `None` while timers fire.
     request: Option<RequestId>,
-    /// Set by a charging handler for the idempotency record.
+    /// The key of the request being applied.
+    key: Key,
+    /// Set by a charging handler: what a refund of the request will need.
     charge: Option<ChargeRef>,
+    /// Request ids forgotten before their retention passed, because the table was full.
+    evicted: u64,
 }
 
 /// Lookup structures derived from the state.
@@ -89,8 +94,10 @@ struct Index {
     assets: Map<AssetCode, u32>,
     products: Map<Name, u32>,
     plans: Map<Name, u32>,
-    /// (request id, scope) → sequence number in `state.requests`.
-    requests: Map<(RequestId, u64), u64>,
+    /// Positions (sequence numbers, truncated) of `state.requests`, by key.
+    requests: hashbrown::HashTable<u32>,
+    /// When the newest of `state.legacy` was applied.
+    legacy_newest: u32,
     timers: BTreeSet<Timer>,
     /// Open holds over all wallets (for the server's metrics).
     holds_open: u64,
@@ -118,6 +125,15 @@ struct Timer {
     kind: TimerKind,
     wallet: u32,
     id: u64,
+}
+
+/// Where a refundable charge is kept.
+#[derive(Clone, Copy, Debug)]
+enum ChargeAt {
+    /// At this position of `state.charges`.
+    Log(usize),
+    /// With the request a previous format remembered.
+    Legacy(RequestId),
 }
 
 /// Why a [`State`] cannot be restored.
@@ -349,7 +365,9 @@ impl Engine {
             index: Index::default(),
             effects: VecDeque::new(),
             request: None,
+            key: Key([0; 3]),
             charge: None,
+            evicted: 0,
         }
     }
 
@@ -458,16 +476,168 @@ impl Engine {
             self.balance_alerts(timer.wallet, &before);
         }
         self.state.now = now;
-        let horizon = now
-            .0
-            .saturating_sub(self.state.config.idempotency_retention_us);
-        while let Some(front) = self.state.requests.front() {
-            if front.at.0 >= horizon {
-                break;
+        // Whole seconds: an id is kept up to a second longer than the window, never shorter.
+        let horizon = remember::seconds(Timestamp(
+            now.0
+                .saturating_sub(self.state.config.idempotency_retention_us),
+        ));
+        while self.state.requests.front().is_some_and(|r| r.at < horizon) {
+            self.forget_request();
+        }
+        // Requests remembered by a previous format go all at once, when the window has passed
+        // over the newest of them.
+        if !self.state.legacy.is_empty() && self.index.legacy_newest < horizon {
+            self.state.legacy.clear();
+        }
+    }
+
+    /// Request ids forgotten before their retention passed because the table was full
+    /// ([`Config::idempotency_max_ids`]); not part of the state.
+    pub fn idempotency_evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    /// Forgets the oldest remembered request.
+    fn forget_request(&mut self) {
+        let (state, index) = (&mut self.state, &mut self.index);
+        let Some(&front) = state.requests.front() else {
+            return;
+        };
+        let seq = state.requests_first_seq;
+        if let Ok(entry) = index
+            .requests
+            .find_entry(front.key.hash(), |&p| p == seq as u32)
+        {
+            entry.remove();
+        }
+        if front.spilled() {
+            state.spilled.remove(&seq);
+        }
+        state.requests.pop_front();
+        state.requests_first_seq += 1;
+        // A charge is refundable while its request is remembered.
+        while state
+            .charges
+            .front()
+            .is_some_and(|c| c.seq < state.requests_first_seq)
+        {
+            state.charges.pop_front();
+        }
+    }
+
+    /// The position of the remembered request `key` in `state.requests`.
+    fn find_request(&self, key: Key) -> Option<usize> {
+        let first = self.state.requests_first_seq as u32;
+        let requests = &self.state.requests;
+        self.index
+            .requests
+            .find(key.hash(), |&p| {
+                requests
+                    .get(p.wrapping_sub(first) as usize)
+                    .is_some_and(|r| r.key == key)
+            })
+            .map(|&p| p.wrapping_sub(first) as usize)
+    }
+
+    /// Where the charge a refund of `event` for wallet `wallet` names is kept, if anywhere.
+    /// The charge log is ordered by request sequence number, so it needs no index of its own:
+    /// the request is found by its key, its charge by binary search (refunds are rare).
+    fn find_charge(&self, wallet: &WalletId, event: RequestId) -> Option<ChargeAt> {
+        if let Some(slot) = self.find_request(Key::of(scope_of(Some(wallet)), event)) {
+            let seq = self.state.requests_first_seq + slot as u64;
+            let charges = &self.state.charges;
+            let (mut lo, mut hi) = (0, charges.len());
+            while lo < hi {
+                let mid = (lo + hi) / 2;
+                if charges.get(mid).is_some_and(|c| c.seq < seq) {
+                    lo = mid + 1;
+                } else {
+                    hi = mid;
+                }
             }
-            self.index.requests.remove(&(front.id, front.scope));
-            self.state.requests.pop_front();
-            self.state.requests_first_seq += 1;
+            return charges
+                .get(lo)
+                .filter(|c| c.seq == seq)
+                .map(|_| ChargeAt::Log(lo));
+        }
+        self.state
+            .legacy
+            .get(&event)
+            .and_then(|r| r.charge)
+            .map(|_| ChargeAt::Legacy(event))
+    }
+
+    fn charge_at(&self, at: ChargeAt) -> ChargeRef {
+        match at {
+            ChargeAt::Log(i) => *self.state.charges.get(i).expect("found"),
+            ChargeAt::Legacy(id) => self.state.legacy[&id].charge.expect("found"),
+        }
+    }
+
+    fn charge_at_mut(&mut self, at: ChargeAt) -> &mut ChargeRef {
+        match at {
+            ChargeAt::Log(i) => self.state.charges.get_mut(i).expect("found"),
+            ChargeAt::Legacy(id) => self
+                .state
+                .legacy
+                .get_mut(&id)
+                .and_then(|r| r.charge.as_mut())
+                .expect("found"),
+        }
+    }
+
+    /// The reply remembered at position `slot`, with the available balance of now.
+    fn remembered_reply(&self, slot: usize, wallet: Option<&WalletId>) -> Reply {
+        let record = self
+            .state
+            .requests
+            .get(slot)
+            .expect("indexed requests are remembered");
+        if record.spilled() {
+            let seq = self.state.requests_first_seq + slot as u64;
+            return self.state.spilled[&seq];
+        }
+        let wallet = wallet
+            .and_then(|w| self.index.wallets.get(w))
+            .map(|&w| &self.state.wallets[w as usize]);
+        record.unpack(
+            |i| self.state.assets[i as usize].code,
+            |asset| {
+                wallet
+                    .and_then(|w| w.balance(&asset))
+                    .map_or(Decimal::ZERO, Balance::available)
+            },
+        )
+    }
+
+    /// Remembers the request being applied (`self.key`) with its reply, and its charge if it
+    /// made one. Forgets the oldest id first if the table is full.
+    fn remember(&mut self, fingerprint: u64, reply: &Reply) {
+        if self.state.requests.len() as u64 >= self.state.config.idempotency_max_ids {
+            self.forget_request();
+            self.evicted += 1;
+        }
+        let at = remember::seconds(self.state.now);
+        let key = self.key;
+        let assets = &self.index.assets;
+        let (record, spilled) =
+            remember::remember(key, at, fingerprint, reply, |a| assets.get(a).copied());
+        let seq = self.state.requests_first_seq + self.state.requests.len() as u64;
+        self.state.requests.push_back(record);
+        if let Some(reply) = spilled {
+            self.state.spilled.insert(seq, reply);
+        }
+        let (state, index) = (&self.state, &mut self.index);
+        let first = state.requests_first_seq as u32;
+        index.requests.insert_unique(key.hash(), seq as u32, |&p| {
+            state
+                .requests
+                .get(p.wrapping_sub(first) as usize)
+                .map_or(0, |r| r.key.hash())
+        });
+        if let Some(mut charge) = self.charge.take() {
+            charge.seq = seq;
+            self.state.charges.push_back(charge);
         }
     }
 
@@ -476,25 +646,28 @@ impl Engine {
     pub fn handle_request(&mut self, now: Timestamp, request: &Request) -> Reply {
         self.handle_timeout(now);
         let fingerprint = fingerprint(&request.command);
-        let scope = scope_of(request.command.wallet());
-        if let Some(&seq) = self.index.requests.get(&(request.id, scope)) {
-            let slot = (seq - self.state.requests_first_seq) as usize;
-            let first = self
-                .state
-                .requests
-                .get(slot)
-                .expect("indexed requests are remembered");
-            return if first.fingerprint == fingerprint {
-                first.reply
+        let wallet = request.command.wallet();
+        let key = Key::of(scope_of(wallet), request.id);
+        if let Some(old) = self.state.legacy.get(&request.id) {
+            // Remembered by a previous format, by id alone: a repeat or a conflict, as then.
+            return if old.fingerprint == fingerprint {
+                old.reply
+            } else {
+                Reply::rejected(ResultCode::IdempotencyConflict)
+            };
+        }
+        if let Some(slot) = self.find_request(key) {
+            let first = self.state.requests.get(slot).expect("found");
+            return if first.fingerprint() == fingerprint {
+                self.remembered_reply(slot, wallet)
             } else {
                 Reply::rejected(ResultCode::IdempotencyConflict)
             };
         }
         self.request = Some(request.id);
+        self.key = key;
         self.charge = None;
-        let before = request
-            .command
-            .wallet()
+        let before = wallet
             .and_then(|w| self.index.wallets.get(w).copied())
             .map(|w| (w, self.levels(w)));
         let reply = match self.apply(&request.command) {
@@ -504,16 +677,7 @@ impl Engine {
         if let Some((w, before)) = before {
             self.balance_alerts(w, &before);
         }
-        let seq = self.state.requests_first_seq + self.state.requests.len() as u64;
-        self.state.requests.push_back(Remembered {
-            id: request.id,
-            scope,
-            fingerprint,
-            at: self.state.now,
-            reply,
-            charge: self.charge.take(),
-        });
-        self.index.requests.insert((request.id, scope), seq);
+        self.remember(fingerprint, &reply);
         self.request = None;
         reply
     }
@@ -1294,6 +1458,7 @@ impl Engine {
             occurred_at,
         }));
         self.charge = Some(ChargeRef {
+            seq: 0,
             wallet: w,
             asset: priced.asset,
             charged: priced.amount,
@@ -1462,19 +1627,10 @@ impl Engine {
 
     fn refund(&mut self, wallet: &WalletId, event: RequestId, amount: Option<Decimal>) -> Handled {
         let w = self.wallet_index(wallet)?;
-        let &seq = self
-            .index
-            .requests
-            .get(&(event, scope_of(Some(wallet))))
+        let at = self
+            .find_charge(wallet, event)
             .ok_or(ResultCode::UnknownEvent)?;
-        let slot = (seq - self.state.requests_first_seq) as usize;
-        let charge = self
-            .state
-            .requests
-            .get(slot)
-            .expect("indexed requests are remembered")
-            .charge
-            .ok_or(ResultCode::UnknownEvent)?;
+        let charge = self.charge_at(at);
         if charge.wallet != w {
             return Err(ResultCode::UnknownEvent.into());
         }
@@ -1492,14 +1648,7 @@ impl Engine {
         if let Some(balance) = self.state.wallets[w as usize].balance(&asset.code) {
             money::add(balance.ledger(), amount)?;
         }
-        let entry = self
-            .state
-            .requests
-            .get_mut(slot)
-            .expect("indexed requests are remembered");
-        if let Some(c) = entry.charge.as_mut() {
-            c.refunded += amount;
-        }
+        self.charge_at_mut(at).refunded += amount;
         let margins = &mut self.state.margins;
         margins.total.add_refund(refund_usd);
         margins
@@ -2379,23 +2528,62 @@ fn restore(state: State) -> Result<Engine, RestoreError> {
             }
         }
     }
+    let first = state.requests_first_seq;
     for (i, r) in state.requests.iter().enumerate() {
-        if index
+        let seq = first + i as u64;
+        if r.spilled() != state.spilled.contains_key(&seq) {
+            return fail(format!(
+                "remembered request #{seq} and its kept reply disagree"
+            ));
+        }
+        let requests = &state.requests;
+        let duplicate = index
             .requests
-            .insert((r.id, r.scope), state.requests_first_seq + i as u64)
-            .is_some()
-        {
-            return fail(format!("request {:?} remembered twice", r.id));
+            .find(r.key.hash(), |&p| {
+                requests
+                    .get(p.wrapping_sub(first as u32) as usize)
+                    .map(|x| x.key)
+                    == Some(r.key)
+            })
+            .is_some();
+        if duplicate {
+            return fail(format!("request key {:?} remembered twice", r.key));
         }
-        if let Some(c) = r.charge {
-            let valid = (c.wallet as usize) < state.wallets.len()
-                && (c.asset as usize) < state.assets.len()
-                && (c.product as usize) < state.products.len()
-                && c.refunded <= c.charged;
-            if !valid {
-                return fail(format!("request {:?} refers to missing objects", r.id));
-            }
+        index
+            .requests
+            .insert_unique(r.key.hash(), seq as u32, |&p| {
+                requests
+                    .get(p.wrapping_sub(first as u32) as usize)
+                    .map_or(0, |x| x.key.hash())
+            });
+    }
+    if state.requests.iter().filter(|r| r.spilled()).count() != state.spilled.len() {
+        return fail("kept replies without a remembered request".into());
+    }
+    index.legacy_newest = state.legacy.values().map(|r| r.at).max().unwrap_or(0);
+    let requests_end = state.requests_first_seq + state.requests.len() as u64;
+    let legacy = state.legacy.values().filter_map(|r| r.charge);
+    for c in state.charges.iter().copied().chain(legacy) {
+        let valid = (c.wallet as usize) < state.wallets.len()
+            && (c.asset as usize) < state.assets.len()
+            && (c.product as usize) < state.products.len()
+            && state
+                .plans
+                .get(c.plan as usize)
+                .is_some_and(|p| c.version >= 1 && c.version as usize <= p.versions.len())
+            && c.refunded <= c.charged;
+        if !valid {
+            return fail(format!("charge #{} refers to missing objects", c.seq));
         }
+    }
+    let mut previous = None;
+    for c in state.charges.iter() {
+        let in_order = previous.is_none_or(|p| p < c.seq)
+            && (state.requests_first_seq..requests_end).contains(&c.seq);
+        if !in_order {
+            return fail(format!("charge #{} is out of order", c.seq));
+        }
+        previous = Some(c.seq);
     }
     engine.rebuild_timers();
     Ok(engine)

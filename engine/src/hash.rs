@@ -97,16 +97,14 @@ impl Hasher for StableHasher {
     }
 }
 
-/// The fingerprint of any hashable value (a command body): 128 bits from two independently
-/// seeded passes, so that two different bodies under one request id are told apart with a
-/// chance of confusion of about 2^-128 per pair (the hash is unkeyed: it guards against
-/// accidents and client bugs, not against a caller who crafts collisions for its own ids).
-pub fn fingerprint<T: std::hash::Hash + ?Sized>(value: &T) -> u128 {
-    let mut low = StableHasher::new(0x7a11_7f1e);
-    value.hash(&mut low);
-    let mut high = StableHasher::new(0x5eed_f00d_0b0d_1e55);
-    value.hash(&mut high);
-    (u128::from(high.finish()) << 64) | u128::from(low.finish())
+/// The fingerprint of any hashable value (a command body). It tells a repeat from a changed body
+/// under one request id; two different bodies agree by accident with a chance of 2^-64 (the hash
+/// is unkeyed: it guards against accidents and client bugs, not against a caller crafting
+/// collisions for its own ids).
+pub fn fingerprint<T: std::hash::Hash + ?Sized>(value: &T) -> u64 {
+    let mut hasher = StableHasher::new(0x7a11_7f1e);
+    value.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// The idempotency scope of a request: its wallet (a stable 64-bit hash of the id), or 0 for

@@ -82,18 +82,30 @@
 //!   original expiry, and books the expired part as breakage again. A lost dispute is final.
 //! - Request ids are scoped by wallet: the idempotency key is (wallet, request id), and catalog
 //!   commands share one scope. The same id used for two wallets names two requests, wherever the
-//!   two wallets live (shards cannot disagree). Bodies are compared by a 128-bit fingerprint.
-//! - Request ids are remembered for `idempotency_retention_us` (24 h by default); the table costs
-//!   about 250 bytes per request inside the window (a 208-byte record plus its index entry).
+//!   two wallets live (shards cannot disagree). Keys are kept as 96-bit digests and bodies
+//!   compared by a 64-bit fingerprint.
+//! - Request ids are remembered for `idempotency_retention_us` (24 h by default) in a compact
+//!   table (`remember`): 40 bytes per id plus its index entry (5–10 bytes), about 48 in all, so a
+//!   GiB holds 22 M ids (24 hours at 250 requests/s). The table holds at most
+//!   `idempotency_max_ids` (16 M by default); when full, the oldest id is forgotten early and
+//!   [`Engine::idempotency_evicted`] counts it. A repeat gets the first reply's code and values,
+//!   except the `available` of a charge or hold, which is the balance now. Rejections cost the
+//!   same 40 bytes (they carry no value to keep).
+//! - Refunds name the charged event by its request id within the idempotency window; each charge
+//!   keeps a ~90-byte record while its request is remembered (what a refund needs: the amount, what refunds took
+//!   already, the margin buckets and the credit's terms). Past the window a refund is
+//!   `UnknownEvent` and the correction is an adjustment.
 
 mod code;
 mod command;
 mod engine;
 mod hash;
+pub mod legacy;
 mod money;
 mod output;
 mod pricing;
 mod query;
+mod remember;
 mod state;
 mod types;
 

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::command::{GrantSource, Reply, TopUpRule};
 use crate::money::dec;
 use crate::pricing::PriceRule;
+pub use crate::remember::{Fifo, Key, Remembered};
 use crate::types::{AssetCode, GrantId, HoldId, Name, RequestId, Timestamp, WalletId};
 
 /// Settings that are part of the state: changing them changes what replay produces.
@@ -22,6 +23,12 @@ pub struct Config {
     /// usage event can be refunded by its id within the window; events older than the window
     /// are refused. Default 24 hours.
     pub idempotency_retention_us: i64,
+    /// The most request ids remembered at once. When the table is full the oldest id is
+    /// forgotten before its retention has passed (counted by
+    /// [`crate::Engine::idempotency_evicted`]), so memory stays bounded whatever the rate: about
+    /// 48 bytes per id, so a GiB holds 22 M ids, a 24-hour window at 250 requests/s. Default
+    /// 16 M (about 770 MiB when full).
+    pub idempotency_max_ids: u64,
     /// How far in the future an event's `occurred_at` may be. Default 5 minutes.
     pub future_skew_us: i64,
     /// A balance whose available value in USD falls below this during one input produces an
@@ -37,6 +44,7 @@ impl Default for Config {
     fn default() -> Config {
         Config {
             idempotency_retention_us: 24 * Timestamp::HOUR_US,
+            idempotency_max_ids: 16_000_000,
             future_skew_us: 5 * 60 * Timestamp::SECOND_US,
             low_balance_usd: Decimal::ZERO,
             grant_expiring_lead_us: 3 * Timestamp::DAY_US,
@@ -51,6 +59,9 @@ impl Config {
             .contains(&self.idempotency_retention_us)
         {
             return Err("idempotency_retention_us must be between 1 second and 366 days".into());
+        }
+        if !(1_000..=1 << 31).contains(&self.idempotency_max_ids) {
+            return Err("idempotency_max_ids must be between 1000 and 2^31".into());
         }
         if !(0..=Timestamp::DAY_US).contains(&self.future_skew_us) {
             return Err("future_skew_us must be between 0 and 1 day".into());
@@ -83,9 +94,17 @@ pub struct State {
     /// changes one that a checkpoint still shares (copy-on-write).
     pub wallets: Vec<Arc<Wallet>>,
     /// Remembered requests, oldest first.
-    pub requests: Requests,
+    pub requests: Fifo<Remembered>,
     /// Sequence number of `requests[0]`.
     pub requests_first_seq: u64,
+    /// Replies too big for their packed record, by the record's sequence number.
+    pub spilled: BTreeMap<u64, Reply>,
+    /// Charges a refund may name, oldest first: those of the remembered requests (usage and
+    /// settles), ordered by their request's sequence number.
+    pub charges: Fifo<ChargeRef>,
+    /// Requests remembered by a previous format, by id alone (see [`crate::legacy`]); empty once
+    /// the idempotency window has passed over them.
+    pub legacy: BTreeMap<RequestId, crate::legacy::LegacyRequest>,
     /// Margin aggregates of this shard.
     pub margins: Margins,
     /// Next grant id.
@@ -106,8 +125,11 @@ impl State {
             products: Vec::new(),
             plans: Vec::new(),
             wallets: Vec::new(),
-            requests: Requests::default(),
+            requests: Fifo::default(),
             requests_first_seq: 0,
+            spilled: BTreeMap::new(),
+            charges: Fifo::default(),
+            legacy: BTreeMap::new(),
             margins: Margins::default(),
             next_grant: 1,
             next_hold: 1,
@@ -468,165 +490,11 @@ pub struct AdjustmentRecord {
     pub reason: String,
 }
 
-/// A remembered request: the idempotency record.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Remembered {
-    /// The request id.
-    pub id: RequestId,
-    /// Its idempotency scope ([`crate::hash::scope_of`]: the wallet, or 0 for the catalog).
-    pub scope: u64,
-    /// Fingerprint of the command body.
-    pub fingerprint: u128,
-    /// When it was applied.
-    pub at: Timestamp,
-    /// The reply it got.
-    pub reply: Reply,
-    /// For charged usage: what refunds need.
-    pub charge: Option<ChargeRef>,
-}
-
-/// Entries per chunk of [`Requests`].
-const REQUESTS_CHUNK: usize = 4096;
-
-/// Remembered requests, oldest first, stored in chunks that a checkpoint shares copy-on-write:
-/// copying the table copies chunk pointers, and the engine copies a chunk only when it changes
-/// one that a checkpoint still holds. Every chunk but the last is full. A chunk freed from the
-/// front is kept and reused, so a steady stream of requests allocates nothing.
-#[derive(Clone, Default)]
-pub struct Requests {
-    chunks: VecDeque<Arc<Vec<Remembered>>>,
-    /// Entries of `chunks[0]` already forgotten.
-    skip: usize,
-    len: usize,
-    spare: Option<Arc<Vec<Remembered>>>,
-}
-
-impl Requests {
-    /// Remembered requests.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// True when nothing is remembered.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    fn locate(&self, i: usize) -> Option<(usize, usize)> {
-        (i < self.len).then(|| {
-            let at = self.skip + i;
-            (at / REQUESTS_CHUNK, at % REQUESTS_CHUNK)
-        })
-    }
-
-    /// The `i`-th oldest entry.
-    pub fn get(&self, i: usize) -> Option<&Remembered> {
-        let (chunk, offset) = self.locate(i)?;
-        self.chunks[chunk].get(offset)
-    }
-
-    /// The `i`-th oldest entry, for changing (its chunk is copied first if shared).
-    pub fn get_mut(&mut self, i: usize) -> Option<&mut Remembered> {
-        let (chunk, offset) = self.locate(i)?;
-        Arc::make_mut(&mut self.chunks[chunk]).get_mut(offset)
-    }
-
-    /// The oldest entry.
-    pub fn front(&self) -> Option<&Remembered> {
-        self.get(0)
-    }
-
-    /// Appends the newest entry.
-    pub fn push_back(&mut self, entry: Remembered) {
-        if self.chunks.back().is_none_or(|c| c.len() == REQUESTS_CHUNK) {
-            let chunk = self
-                .spare
-                .take()
-                .unwrap_or_else(|| Arc::new(Vec::with_capacity(REQUESTS_CHUNK)));
-            self.chunks.push_back(chunk);
-        }
-        let last = self.chunks.back_mut().expect("a chunk was just ensured");
-        Arc::make_mut(last).push(entry);
-        self.len += 1;
-    }
-
-    /// Forgets the oldest entry.
-    pub fn pop_front(&mut self) {
-        if self.len == 0 {
-            return;
-        }
-        self.len -= 1;
-        self.skip += 1;
-        if self.skip == REQUESTS_CHUNK {
-            let mut chunk = self.chunks.pop_front().expect("skip counts into a chunk");
-            self.skip = 0;
-            // Reuse the chunk (and its `Arc`) unless a checkpoint still holds it.
-            if let Some(entries) = Arc::get_mut(&mut chunk) {
-                entries.clear();
-                self.spare = Some(chunk);
-            }
-        }
-    }
-
-    /// Entries, oldest first.
-    pub fn iter(&self) -> impl Iterator<Item = &Remembered> + '_ {
-        (0..self.len).filter_map(|i| self.get(i))
-    }
-}
-
-impl PartialEq for Requests {
-    fn eq(&self, other: &Requests) -> bool {
-        self.len == other.len && self.iter().eq(other.iter())
-    }
-}
-
-impl Eq for Requests {}
-
-impl std::fmt::Debug for Requests {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Requests")
-            .field("len", &self.len)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Serialize for Requests {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeSeq;
-        let mut seq = serializer.serialize_seq(Some(self.len))?;
-        for entry in self.iter() {
-            seq.serialize_element(entry)?;
-        }
-        seq.end()
-    }
-}
-
-impl<'de> Deserialize<'de> for Requests {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Requests, D::Error> {
-        struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = Requests;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a sequence of remembered requests")
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Requests, A::Error> {
-                let mut requests = Requests::default();
-                while let Some(entry) = seq.next_element()? {
-                    requests.push_back(entry);
-                }
-                Ok(requests)
-            }
-        }
-        deserializer.deserialize_seq(Visitor)
-    }
-}
-
-/// What a refund needs to know of a charged event.
+/// What a refund needs to know of a charged event, kept for the idempotency window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChargeRef {
+    /// The sequence number of the request that made it (in `State::requests`).
+    pub seq: u64,
     /// Wallet index.
     pub wallet: u32,
     /// Asset index.
@@ -711,65 +579,12 @@ pub struct Margins {
 mod tests {
     use super::*;
 
-    fn remembered(id: u128) -> Remembered {
-        Remembered {
-            id: RequestId(id),
-            scope: 1,
-            fingerprint: id,
-            at: Timestamp(id as i64),
-            reply: Reply {
-                code: crate::ResultCode::Ok,
-                value: crate::ReplyValue::None,
-            },
-            charge: None,
-        }
-    }
-
-    #[test]
-    fn requests_are_chunked_copy_on_write() {
-        let mut requests = Requests::default();
-        let n = REQUESTS_CHUNK * 2 + 10;
-        for i in 0..n as u128 {
-            requests.push_back(remembered(i));
-        }
-        let snapshot = requests.clone();
-        for _ in 0..REQUESTS_CHUNK + 5 {
-            requests.pop_front();
-        }
-        requests.get_mut(0).expect("present").fingerprint = 7;
-        requests.push_back(remembered(99_999));
-        // The copy is untouched by later changes.
-        assert_eq!(snapshot.len(), n);
-        assert_eq!(snapshot.front().map(|r| r.id), Some(RequestId(0)));
-        assert_eq!(
-            snapshot.get(REQUESTS_CHUNK + 5).map(|r| r.fingerprint),
-            Some(REQUESTS_CHUNK as u128 + 5)
-        );
-        assert_eq!(requests.len(), n - REQUESTS_CHUNK - 5 + 1);
-        assert_eq!(
-            requests.front().map(|r| (r.id, r.fingerprint)),
-            Some((RequestId(REQUESTS_CHUNK as u128 + 5), 7))
-        );
-        let ids: Vec<u128> = requests.iter().map(|r| r.id.0).collect();
-        assert_eq!(ids.last(), Some(&99_999));
-        assert_eq!(ids.len(), requests.len());
-        // Serde sees a flat sequence and rebuilds an equal table.
-        let config = bincode::config::standard();
-        let bytes = bincode::serde::encode_to_vec(&requests, config).unwrap();
-        let (back, _): (Requests, usize) =
-            bincode::serde::decode_from_slice(&bytes, config).unwrap();
-        assert_eq!(back, requests);
-        while !requests.is_empty() {
-            requests.pop_front();
-        }
-        assert_eq!(requests.front(), None);
-    }
-
     #[test]
     fn record_sizes_stay_small() {
-        // The idempotency table holds one `Remembered` per request in the window; the crate
-        // docs quote its size. Growing it is a memory decision, so it is pinned here.
-        let size = std::mem::size_of::<Remembered>();
-        assert!(size <= 208, "Remembered grew to {size} bytes");
+        // One `Remembered` per request in the window, one `ChargeRef` per charge a refund may
+        // still name; the crate docs quote both sizes. Growing one is a memory decision.
+        assert_eq!(std::mem::size_of::<Remembered>(), 40);
+        let size = std::mem::size_of::<ChargeRef>();
+        assert!(size <= 104, "ChargeRef grew to {size} bytes");
     }
 }

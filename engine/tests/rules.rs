@@ -2117,3 +2117,65 @@ fn request_ids_are_scoped_by_wallet_so_shards_cannot_disagree() {
     assert_eq!(two[1].balance(b), one.balance(b));
     one.check_ledger();
 }
+
+#[test]
+fn the_idempotency_table_is_bounded_and_forgets_the_oldest_first() {
+    let mut h = Harness::new_with(Config {
+        idempotency_max_ids: 1_000,
+        ..Config::default()
+    });
+    let w = h.wallet("acme");
+    h.grant(w, "100");
+    let first = h.next_id;
+    let usage = Command::Usage(h.event(w, "1", "0", DebitMode::Strict)); // 0.001
+    let reply = h.run_id(first, usage.clone());
+    assert_eq!(charged(reply), d("0.001"));
+    // A repeat gets the first outcome and amounts, and the balance as it is now.
+    h.ok(Command::Grant(grant_of(w, "5")));
+    let again = h.run_id(first, usage.clone());
+    assert_eq!(
+        again.value,
+        ReplyValue::Charge {
+            asset: usd(),
+            charged: d("0.001"),
+            debt_added: d("0"),
+            available: d("104.999")
+        }
+    );
+    assert_eq!(h.engine.state().requests.len(), h.next_id as usize - 1);
+    // 1,000 more requests: the table never holds more than 1,000, the oldest go first.
+    for _ in 0..1_000 {
+        h.usage(w, "1", "0", DebitMode::Record);
+    }
+    assert_eq!(h.engine.state().requests.len(), 1_000);
+    assert!(h.engine.idempotency_evicted() > 0);
+    let newest = h.next_id - 1;
+    assert_eq!(
+        charged(h.run_id(
+            newest,
+            Command::Usage(h.event(w, "1", "0", DebitMode::Record))
+        )),
+        d("0.001")
+    );
+    assert_eq!(h.balance(w).available, d("103.999"));
+    // The first id was forgotten early: the same body now applies again (the documented cost
+    // of a bound too small for the rate).
+    let reapplied = h.run_id(first, usage);
+    assert_eq!(charged(reapplied), d("0.001"));
+    assert_eq!(h.balance(w).available, d("103.998"));
+    // Snapshot and restore keep the table and its answers.
+    let state = h.engine.state().clone();
+    let restored = Engine::from_state(state).unwrap();
+    assert_eq!(restored.digest(), h.engine.digest());
+    h.engine = restored;
+    assert_eq!(
+        h.run_id(
+            newest,
+            Command::Usage(h.event(w, "1", "0", DebitMode::Record))
+        )
+        .code,
+        ResultCode::Ok
+    );
+    assert_eq!(h.balance(w).available, d("103.998"));
+    h.check_ledger();
+}

@@ -41,6 +41,9 @@ pub struct Config {
     pub snapshots_keep: usize,
     /// Idempotency window, seconds.
     pub idempotency_retention_secs: u64,
+    /// Most request ids each shard remembers at once (about 48 bytes each); beyond it the
+    /// oldest are forgotten before the window ends.
+    pub idempotency_max_ids: u64,
     /// Where the QUIC listener binds (`host:port`).
     pub listen: String,
     /// A PEM certificate chain to serve instead of the generated self-signed one (with
@@ -136,6 +139,7 @@ impl Default for Config {
             snapshot_every_secs: 600,
             snapshots_keep: 2,
             idempotency_retention_secs: 24 * 3600,
+            idempotency_max_ids: 16_000_000,
             listen: "127.0.0.1:7400".into(),
             tls_cert: None,
             tls_key: None,
@@ -197,6 +201,8 @@ pub struct Overrides {
     pub snapshots_keep: Option<usize>,
     /// See [`Config::idempotency_retention_secs`].
     pub idempotency_retention_secs: Option<u64>,
+    /// See [`Config::idempotency_max_ids`].
+    pub idempotency_max_ids: Option<u64>,
     /// See [`Config::listen`].
     pub listen: Option<String>,
     /// See [`Config::http_listen`].
@@ -288,6 +294,7 @@ const ENV: &[(&str, &str)] = &[
         "TALLY_IDEMPOTENCY_RETENTION_SECS",
         "idempotency_retention_secs",
     ),
+    ("TALLY_IDEMPOTENCY_MAX_IDS", "idempotency_max_ids"),
     ("TALLY_LISTEN", "listen"),
     ("TALLY_HTTP_LISTEN", "http_listen"),
     ("TALLY_AUTH_DEADLINE_MS", "auth_deadline_ms"),
@@ -398,6 +405,7 @@ impl Overrides {
             snapshot_every_secs,
             snapshots_keep,
             idempotency_retention_secs,
+            idempotency_max_ids,
             listen,
             http_listen,
             auth_deadline_ms,
@@ -592,6 +600,9 @@ impl Config {
         if !(1..=1000).contains(&self.snapshots_keep) {
             return bad("snapshots_keep", "must be between 1 and 1000");
         }
+        if !(1_000..=1 << 31).contains(&self.idempotency_max_ids) {
+            return bad("idempotency_max_ids", "must be between 1000 and 2147483648");
+        }
         if !(1..=366 * 24 * 3600).contains(&self.idempotency_retention_secs) {
             return bad(
                 "idempotency_retention_secs",
@@ -605,6 +616,7 @@ impl Config {
     pub fn engine(&self) -> tally_engine::Config {
         tally_engine::Config {
             idempotency_retention_us: self.idempotency_retention_secs as i64 * 1_000_000,
+            idempotency_max_ids: self.idempotency_max_ids,
             low_balance_usd: self.alert_low_balance_usd,
             grant_expiring_lead_us: self.alert_grant_expiring_secs as i64 * 1_000_000,
             ..tally_engine::Config::default()

@@ -176,6 +176,10 @@ pub struct ShardMetrics {
     pub holds_open: Gauge,
     /// WAL records appended.
     pub records: Counter,
+    /// Request ids the shard remembers.
+    pub idempotency_ids: Gauge,
+    /// Request ids forgotten before their retention passed (the table was full).
+    pub idempotency_evicted: Gauge,
 }
 
 impl ShardMetrics {
@@ -188,7 +192,12 @@ impl ShardMetrics {
             sync_seconds: metrics::histogram!("tally_wal_sync_duration_seconds", "shard" => s.clone()),
             durable_lsn: metrics::gauge!("tally_wal_durable_lsn", "shard" => s.clone()),
             holds_open: metrics::gauge!("tally_holds_open", "shard" => s.clone()),
-            records: metrics::counter!("tally_wal_records_total", "shard" => s),
+            records: metrics::counter!("tally_wal_records_total", "shard" => s.clone()),
+            idempotency_ids: metrics::gauge!("tally_idempotency_ids", "shard" => s.clone()),
+            idempotency_evicted: metrics::gauge!(
+                "tally_idempotency_evicted_total",
+                "shard" => s
+            ),
         }
     }
 }

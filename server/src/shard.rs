@@ -446,6 +446,12 @@ impl Shard {
         self.records_since_checkpoint += logged;
         self.metrics.records.increment(logged);
         self.metrics.holds_open.set(self.engine.holds_open() as f64);
+        self.metrics
+            .idempotency_ids
+            .set(self.engine.state().requests.len() as f64);
+        self.metrics
+            .idempotency_evicted
+            .set(self.engine.idempotency_evicted() as f64);
         self.park(end_lsn, ready, effects);
         if !checkpoint_requests.is_empty() {
             // A checkpoint needs a durable state: wait for this batch first.

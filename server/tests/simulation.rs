@@ -255,7 +255,12 @@ fn simulate(seed: u64) {
         for (_, _, request, reply) in &acked {
             let again = engine.handle_request(retry_at, request);
             while engine.poll_effect().is_some() {}
-            assert_eq!(again, *reply, "seed {seed}: a retry got a different reply");
+            // The balance a charge or hold reports is the one at the time of the repeat.
+            assert_eq!(
+                without_available(again),
+                without_available(*reply),
+                "seed {seed}: a retry got a different reply"
+            );
         }
         assert_eq!(
             engine.digest(),
@@ -296,4 +301,16 @@ fn seeded_simulation_with_crashes_torn_writes_and_failed_syncs() {
     for seed in seeds {
         simulate(seed);
     }
+}
+
+/// `reply` with the `available` balance of a charge or hold zeroed: a repeat reports the balance
+/// at its own time, and everything else as the first reply did.
+fn without_available(mut reply: Reply) -> Reply {
+    match &mut reply.value {
+        ReplyValue::Charge { available, .. } | ReplyValue::Hold { available, .. } => {
+            *available = Decimal::ZERO
+        }
+        _ => {}
+    }
+    reply
 }

@@ -179,6 +179,7 @@ impl SnapshotDir {
         }
         flushed.map_err(Error::io("write", &temp.path))?;
         let header = Header {
+            version: crate::format::FORMAT_VERSION,
             shard,
             shard_count,
             lsn,
@@ -461,17 +462,18 @@ fn load_checked(info: &SnapshotInfo) -> Result<(Header, State)> {
             crc: 0,
         },
     );
-    let state = decode_state(&mut reader, header.payload_bytes).map_err(|e| match e {
-        bincode::error::DecodeError::Io { inner, .. }
-            if inner.kind() != std::io::ErrorKind::UnexpectedEof =>
-        {
-            Error::io("read", &info.path)(inner)
-        }
-        e => Error::malformed(
-            &info.path,
-            format!("the payload does not decode as a shard state: {e}"),
-        ),
-    })?;
+    let state =
+        decode_state(&mut reader, header.payload_bytes, header.version).map_err(|e| match e {
+            bincode::error::DecodeError::Io { inner, .. }
+                if inner.kind() != std::io::ErrorKind::UnexpectedEof =>
+            {
+                Error::io("read", &info.path)(inner)
+            }
+            e => Error::malformed(
+                &info.path,
+                format!("the payload does not decode as a shard state: {e}"),
+            ),
+        })?;
     let unread = reader.buffer().len() as u64 + reader.get_ref().inner.limit();
     if unread != 0 {
         return Err(Error::malformed(

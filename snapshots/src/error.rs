@@ -8,7 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::format::FORMAT_VERSION;
+use crate::format::{FORMAT_VERSION, FORMAT_VERSION_OLDEST};
 
 /// Result alias of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -134,8 +134,9 @@ impl fmt::Display for Error {
             ),
             Self::UnsupportedVersion { path, version } => write!(
                 f,
-                "snapshot {} is in format version {version}, but this build reads only version \
-                 {FORMAT_VERSION}; run the tally release that wrote it, or {MOVE_AWAY}",
+                "snapshot {} is in format version {version}, but this build reads versions \
+                 {FORMAT_VERSION_OLDEST} to {FORMAT_VERSION}; run the tally release that wrote \
+                 it, or {MOVE_AWAY}",
                 path.display()
             ),
             Self::Truncated {

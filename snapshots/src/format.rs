@@ -15,8 +15,12 @@ use crate::error::{Error, Result};
 
 /// The first 8 bytes of every snapshot file.
 pub const MAGIC: [u8; 8] = *b"TALLYSNP";
-/// The format version this build writes, and the only one it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build reads. Version 1 (the shard state before the compact
+/// idempotency table) is converted on load by `tally_engine::legacy`; the next checkpoint writes
+/// version 2.
+pub const FORMAT_VERSION_OLDEST: u32 = 1;
 /// Size of the fixed header; the payload starts right after it.
 pub const HEADER_BYTES: usize = 64;
 /// Largest payload a snapshot may have (64 GiB). A shard state bigger than this needs more
@@ -47,6 +51,8 @@ pub(crate) fn bincode_config() -> bincode::config::Configuration {
 /// The parsed, checked header of a snapshot file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
+    /// The format version the file is in (this build writes [`FORMAT_VERSION`]).
+    pub version: u32,
     /// Index of the shard whose state this is.
     pub shard: u32,
     /// Number of shards of the deployment that wrote it.
@@ -101,7 +107,7 @@ impl Header {
             return Err(truncated());
         };
         let version = u32::from_le_bytes(version.try_into().expect("4 bytes"));
-        if version != FORMAT_VERSION {
+        if !(FORMAT_VERSION_OLDEST..=FORMAT_VERSION).contains(&version) {
             return Err(Error::UnsupportedVersion {
                 path: path.to_path_buf(),
                 version,
@@ -122,6 +128,7 @@ impl Header {
             });
         }
         let header = Header {
+            version,
             shard: u32_at(12),
             shard_count: u32_at(16),
             lsn: u64_at(24),
@@ -278,6 +285,7 @@ const CLAIM_BYTES_PER_BYTE_MAX: u64 = 16;
 pub(crate) fn decode_state<R: bincode::de::read::Reader>(
     reader: R,
     payload_bytes: u64,
+    version: u32,
 ) -> std::result::Result<State, bincode::error::DecodeError> {
     let claims_max = payload_bytes.saturating_mul(CLAIM_BYTES_PER_BYTE_MAX);
     macro_rules! with_smallest_limit {
@@ -285,7 +293,14 @@ pub(crate) fn decode_state<R: bincode::de::read::Reader>(
             $(
                 if claims_max <= 1 << $bits {
                     let config = bincode_config().with_limit::<{ 1usize << $bits }>();
-                    return bincode::serde::decode_from_reader(reader, config);
+                    return if version == 1 {
+                        bincode::serde::decode_from_reader::<tally_engine::legacy::StateV1, _, _>(
+                            reader, config,
+                        )
+                        .map(State::from)
+                    } else {
+                        bincode::serde::decode_from_reader(reader, config)
+                    };
                 }
             )*
         };
@@ -337,6 +352,7 @@ mod tests {
     #[test]
     fn header_round_trips() {
         let header = Header {
+            version: FORMAT_VERSION,
             shard: 2,
             shard_count: 4,
             lsn: u64::MAX,

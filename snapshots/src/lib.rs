@@ -71,4 +71,7 @@ mod format;
 
 pub use dir::{read_header, Recovered, SnapshotDir, SnapshotInfo, Warning};
 pub use error::{Error, Result};
-pub use format::{Header, FORMAT_VERSION, HEADER_BYTES, MAGIC, PAYLOAD_BYTES_MAX, SHARD_COUNT_MAX};
+pub use format::{
+    Header, FORMAT_VERSION, FORMAT_VERSION_OLDEST, HEADER_BYTES, MAGIC, PAYLOAD_BYTES_MAX,
+    SHARD_COUNT_MAX,
+};

@@ -178,20 +178,22 @@ fn a_future_version_is_its_own_error() {
     let (_tmp, dir) = tempdir();
     let shard = Shard::new(1);
     let info = write(&dir, 0, 1, 3, &shard.engine);
-    // A version-2 writer would lay out its own header; only magic and version are shared.
+    // A later writer would lay out its own header; only magic and version are shared.
+    let future = FORMAT_VERSION + 1;
     let mut bytes = fs::read(&info.path).unwrap();
-    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    bytes[8..12].copy_from_slice(&future.to_le_bytes());
     let crc = crc32c::crc32c(&bytes[..60]);
     bytes[60..64].copy_from_slice(&crc.to_le_bytes());
     fs::write(&info.path, &bytes).unwrap();
     for error in [dir.verify(&info).unwrap_err(), dir.load(&info).unwrap_err()] {
         assert!(
-            matches!(&error, Error::UnsupportedVersion { version: 2, path } if *path == info.path),
+            matches!(&error, Error::UnsupportedVersion { version, path }
+                if *version == future && *path == info.path),
             "{error:?}"
         );
         let message = error.to_string();
-        assert!(message.contains("version 2"), "{message}");
-        assert!(message.contains("reads only version 1"), "{message}");
+        assert!(message.contains(&format!("version {future}")), "{message}");
+        assert!(message.contains("reads versions 1 to 2"), "{message}");
     }
 }
 
@@ -562,4 +564,59 @@ fn shard_threads_can_share_one_directory_while_it_is_pruned() {
             dir.verify(&info).unwrap();
         }
     }
+}
+
+#[test]
+fn a_version_1_snapshot_is_converted_on_load() {
+    use tally_engine::{Command, Reply, ReplyValue, Request, RequestId, ResultCode};
+    let (_tmp, dir) = tempdir();
+    let shard = Shard::new(3);
+    let state = shard.engine.state().clone();
+    // What the previous release wrote: the same wallets, one remembered request.
+    let reply = Reply {
+        code: ResultCode::Ok,
+        value: ReplyValue::None,
+    };
+    let command = Command::Freeze {
+        wallet: state.wallets[0].id,
+    };
+    let fingerprint = tally_engine::fingerprint(&command);
+    let v1 = tally_engine::legacy::v1_for_tests(
+        &state,
+        &[(RequestId(77), fingerprint, state.now, reply)],
+    );
+    let payload = bincode::serde::encode_to_vec(&v1, bincode::config::standard()).unwrap();
+    let info = write(&dir, 0, 1, 3, &shard.engine);
+    let header = Header {
+        version: 1,
+        payload_bytes: payload.len() as u64,
+        payload_crc32c: crc32c::crc32c(&payload),
+        ..read_header(&info.path).unwrap()
+    };
+    let mut bytes = header.to_bytes().to_vec();
+    bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let crc = crc32c::crc32c(&bytes[..60]);
+    bytes[60..64].copy_from_slice(&crc.to_le_bytes());
+    bytes.extend_from_slice(&payload);
+    fs::write(&info.path, &bytes).unwrap();
+
+    dir.verify(&info).unwrap();
+    let loaded = dir.load(&info).unwrap();
+    assert_eq!(loaded.wallets, state.wallets);
+    assert_eq!(loaded.legacy.len(), 1);
+    let mut engine = Engine::from_state(loaded).unwrap();
+    // The request remembered by version 1 is still a repeat (by id, as then), not applied again.
+    let request = Request {
+        id: RequestId(77),
+        command,
+    };
+    assert_eq!(engine.handle_request(state.now, &request), reply);
+    assert!(!engine.state().wallets[0].frozen);
+    // Past the window, the old records are gone and the id is free.
+    let later = state
+        .now
+        .add_us(state.config.idempotency_retention_us + 2_000_000);
+    assert_eq!(engine.handle_request(later, &request).code, ResultCode::Ok);
+    assert!(engine.state().legacy.is_empty());
+    assert!(engine.state().wallets[0].frozen);
 }

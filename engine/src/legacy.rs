@@ -1,0 +1,282 @@
+//! Reading a shard state written by the previous snapshot format (version 1), so that a data
+//! directory written by the previous release still opens.
+//!
+//! Version 1 differs from the current state in four places: the settings had no
+//! `idempotency_max_ids`; a top-up payment did not track what of it expired; a remembered
+//! request was a 192-byte record keyed by its id alone (per shard, not per wallet) that carried
+//! the reply whole and, for a charge, what a refund needs. Converting keeps every wallet exactly
+//! and keeps the old records in [`crate::state::State::legacy`], where they answer repeats by id
+//! alone, as version 1 did, and hold what a refund of their charges needs, until the idempotency
+//! window has passed over them.
+//!
+//! What cannot be recovered: how much of a payment had expired before the upgrade (it counts as
+//! zero, so a later dispute of a top-up that expired before the upgrade treats the expired part
+//! as spent, as version 1 did).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use crate::command::Reply;
+use crate::money::dec;
+use crate::remember::seconds;
+use crate::state::{
+    AdjustmentRecord, Asset, Assignment, Balance, ChargeRef, ClosedHold, Config, Hold, Margin,
+    Margins, Payment, Plan, Product, State, TopUpState, Wallet,
+};
+use crate::types::{AssetCode, GrantId, Name, RequestId, Timestamp, WalletId};
+
+/// The settings of version 1.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+struct ConfigV1 {
+    idempotency_retention_us: i64,
+    future_skew_us: i64,
+    #[serde(with = "dec")]
+    low_balance_usd: Decimal,
+    grant_expiring_lead_us: i64,
+}
+
+/// A shard state in snapshot format version 1.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StateV1 {
+    config: ConfigV1,
+    now: Timestamp,
+    assets: Vec<Asset>,
+    products: Vec<Product>,
+    plans: Vec<Plan>,
+    wallets: Vec<WalletV1>,
+    requests: Vec<RememberedV1>,
+    requests_first_seq: u64,
+    margins: Margins,
+    next_grant: u64,
+    next_hold: u64,
+    journal_seq: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct WalletV1 {
+    id: WalletId,
+    created_at: Timestamp,
+    frozen: bool,
+    customer: Option<Name>,
+    payment_method: Option<Name>,
+    metadata: Vec<(Name, Name)>,
+    balances: Vec<Balance>,
+    holds: Vec<Hold>,
+    closed_holds: VecDeque<ClosedHold>,
+    plans: Vec<Assignment>,
+    topups: Vec<TopUpState>,
+    payments: Vec<PaymentV1>,
+    adjustments: Vec<AdjustmentRecord>,
+    margin: Margin,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+struct PaymentV1 {
+    payment_id: Name,
+    grant: GrantId,
+    asset: AssetCode,
+    #[serde(with = "dec")]
+    amount: Decimal,
+    priority: u32,
+    expires_at: Option<Timestamp>,
+    disputed: bool,
+    dispute_lost: bool,
+    #[serde(with = "dec")]
+    refunded: Decimal,
+    #[serde(with = "dec")]
+    refund_removed: Decimal,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+struct RememberedV1 {
+    id: RequestId,
+    fingerprint: u64,
+    at: Timestamp,
+    reply: Reply,
+    charge: Option<ChargeRefV1>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+struct ChargeRefV1 {
+    wallet: u32,
+    asset: u32,
+    #[serde(with = "dec")]
+    charged: Decimal,
+    #[serde(with = "dec")]
+    refunded: Decimal,
+    product: u32,
+    plan: u32,
+    version: u32,
+    hour: i64,
+}
+
+/// A request remembered by version 1: found by its id alone, whatever its wallet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LegacyRequest {
+    /// Fingerprint of the body (the same function as today's).
+    pub fingerprint: u64,
+    /// When it was applied, in whole seconds.
+    pub at: u32,
+    /// The reply it got.
+    pub reply: Reply,
+    /// For a charge: what a refund of it needs.
+    pub charge: Option<ChargeRef>,
+}
+
+impl From<StateV1> for State {
+    fn from(old: StateV1) -> State {
+        let config = Config {
+            idempotency_retention_us: old.config.idempotency_retention_us,
+            future_skew_us: old.config.future_skew_us,
+            low_balance_usd: old.config.low_balance_usd,
+            grant_expiring_lead_us: old.config.grant_expiring_lead_us,
+            ..Config::default()
+        };
+        let mut state = State::new(config);
+        state.now = old.now;
+        state.assets = old.assets;
+        state.products = old.products;
+        state.plans = old.plans;
+        state.margins = old.margins;
+        state.next_grant = old.next_grant;
+        state.next_hold = old.next_hold;
+        state.journal_seq = old.journal_seq;
+        let mut legacy = BTreeMap::new();
+        for r in &old.requests {
+            let charge = r.charge.map(|c| ChargeRef {
+                seq: 0,
+                wallet: c.wallet,
+                asset: c.asset,
+                charged: c.charged,
+                refunded: c.refunded,
+                product: c.product,
+                plan: c.plan,
+                version: c.version,
+                hour: c.hour,
+                // Version 1 credited refunds at priority 0 without expiry.
+                priority: 0,
+                expires_at: None,
+            });
+            legacy.insert(
+                r.id,
+                LegacyRequest {
+                    fingerprint: r.fingerprint,
+                    at: seconds(r.at),
+                    reply: r.reply,
+                    charge,
+                },
+            );
+        }
+        state.legacy = legacy;
+        state.wallets = old
+            .wallets
+            .into_iter()
+            .map(|w| {
+                Arc::new(Wallet {
+                    id: w.id,
+                    created_at: w.created_at,
+                    frozen: w.frozen,
+                    customer: w.customer,
+                    payment_method: w.payment_method,
+                    metadata: w.metadata,
+                    balances: w.balances,
+                    holds: w.holds,
+                    closed_holds: w.closed_holds,
+                    plans: w.plans,
+                    topups: w.topups,
+                    payments: w
+                        .payments
+                        .into_iter()
+                        .map(|p| Payment {
+                            payment_id: p.payment_id,
+                            grant: p.grant,
+                            asset: p.asset,
+                            amount: p.amount,
+                            priority: p.priority,
+                            expires_at: p.expires_at,
+                            disputed: p.disputed,
+                            dispute_lost: p.dispute_lost,
+                            refunded: p.refunded,
+                            refund_removed: p.refund_removed,
+                            expired: Decimal::ZERO,
+                        })
+                        .collect(),
+                    adjustments: w.adjustments,
+                    margin: w.margin,
+                })
+            })
+            .collect();
+        state
+    }
+}
+
+/// A version-1 state with `state`'s catalog and wallets and the given remembered requests (id,
+/// fingerprint, time, reply; no charges), for tests of the conversion.
+#[doc(hidden)]
+pub fn v1_for_tests(state: &State, requests: &[(RequestId, u64, Timestamp, Reply)]) -> StateV1 {
+    StateV1 {
+        config: ConfigV1 {
+            idempotency_retention_us: state.config.idempotency_retention_us,
+            future_skew_us: state.config.future_skew_us,
+            low_balance_usd: state.config.low_balance_usd,
+            grant_expiring_lead_us: state.config.grant_expiring_lead_us,
+        },
+        now: state.now,
+        assets: state.assets.clone(),
+        products: state.products.clone(),
+        plans: state.plans.clone(),
+        wallets: state
+            .wallets
+            .iter()
+            .map(|w| WalletV1 {
+                id: w.id,
+                created_at: w.created_at,
+                frozen: w.frozen,
+                customer: w.customer,
+                payment_method: w.payment_method,
+                metadata: w.metadata.clone(),
+                balances: w.balances.clone(),
+                holds: w.holds.clone(),
+                closed_holds: w.closed_holds.clone(),
+                plans: w.plans.clone(),
+                topups: w.topups.clone(),
+                payments: w
+                    .payments
+                    .iter()
+                    .map(|p| PaymentV1 {
+                        payment_id: p.payment_id,
+                        grant: p.grant,
+                        asset: p.asset,
+                        amount: p.amount,
+                        priority: p.priority,
+                        expires_at: p.expires_at,
+                        disputed: p.disputed,
+                        dispute_lost: p.dispute_lost,
+                        refunded: p.refunded,
+                        refund_removed: p.refund_removed,
+                    })
+                    .collect(),
+                adjustments: w.adjustments.clone(),
+                margin: w.margin,
+            })
+            .collect(),
+        requests: requests
+            .iter()
+            .map(|&(id, fingerprint, at, reply)| RememberedV1 {
+                id,
+                fingerprint,
+                at,
+                reply,
+                charge: None,
+            })
+            .collect(),
+        requests_first_seq: 0,
+        margins: state.margins.clone(),
+        next_grant: state.next_grant,
+        next_hold: state.next_hold,
+        journal_seq: state.journal_seq,
+    }
+}
