@@ -461,6 +461,15 @@ impl Engine {
     /// ids older than the retention window. Time never goes backwards: an earlier `now` is
     /// treated as the latest time seen.
     pub fn handle_timeout(&mut self, now: Timestamp) {
+        self.advance(now, usize::MAX);
+    }
+
+    /// Advances time to `now` (see [`Engine::handle_timeout`]), forgetting at most
+    /// `forget_max` request ids that left the window. A request forgets a few (ids leave the
+    /// window a whole second at a time, and forgetting them all at once would stall the one
+    /// request that happens to cross the second); what stays a little longer is still a repeat,
+    /// which is the safe side. A timer tick forgets all of them.
+    fn advance(&mut self, now: Timestamp, forget_max: usize) {
         let now = now.max(self.state.now);
         self.request = None;
         // Each timer fires at its own time, whenever the loop gets round to calling this: what a
@@ -481,8 +490,11 @@ impl Engine {
             now.0
                 .saturating_sub(self.state.config.idempotency_retention_us),
         ));
-        while self.state.requests.front().is_some_and(|r| r.at < horizon) {
+        let mut forgotten = 0;
+        while forgotten < forget_max && self.state.requests.front().is_some_and(|r| r.at < horizon)
+        {
             self.forget_request();
+            forgotten += 1;
         }
         // Requests remembered by a previous format go all at once, when the window has passed
         // over the newest of them.
@@ -644,7 +656,8 @@ impl Engine {
     /// Applies one request at time `now` and returns its reply. Effects are queued for
     /// [`Engine::poll_effect`].
     pub fn handle_request(&mut self, now: Timestamp, request: &Request) -> Reply {
-        self.handle_timeout(now);
+        // Two ids forgotten per id remembered: a backlog drains at one per request.
+        self.advance(now, 2);
         let fingerprint = fingerprint(&request.command);
         let wallet = request.command.wallet();
         let key = Key::of(scope_of(wallet), request.id);

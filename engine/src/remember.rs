@@ -288,7 +288,8 @@ pub struct Fifo<T: Clone> {
     /// Entries of `chunks[0]` already forgotten.
     skip: usize,
     len: usize,
-    spare: Option<Arc<Vec<T>>>,
+    /// Emptied chunks kept for reuse (at most [`Fifo::spares_max`]).
+    spares: Vec<Arc<Vec<T>>>,
 }
 
 impl<T: Clone> Default for Fifo<T> {
@@ -297,7 +298,7 @@ impl<T: Clone> Default for Fifo<T> {
             chunks: VecDeque::new(),
             skip: 0,
             len: 0,
-            spare: None,
+            spares: Vec::new(),
         }
     }
 }
@@ -341,8 +342,8 @@ impl<T: Clone> Fifo<T> {
     pub fn push_back(&mut self, entry: T) {
         if self.chunks.back().is_none_or(|c| c.len() == CHUNK) {
             let chunk = self
-                .spare
-                .take()
+                .spares
+                .pop()
                 .unwrap_or_else(|| Arc::new(Vec::with_capacity(CHUNK)));
             self.chunks.push_back(chunk);
         }
@@ -363,10 +364,19 @@ impl<T: Clone> Fifo<T> {
             self.skip = 0;
             // Reuse the chunk (and its `Arc`) unless a checkpoint still holds it.
             if let Some(entries) = Arc::get_mut(&mut chunk) {
-                entries.clear();
-                self.spare = Some(chunk);
+                if self.spares.len() < self.spares_max() {
+                    entries.clear();
+                    self.spares.push(chunk);
+                }
             }
         }
+    }
+
+    /// How many emptied chunks are kept: an eighth of those in use (at least 16), so that
+    /// entries forgotten in bursts and added steadily reuse memory instead of allocating, and a
+    /// table that shrinks gives most of it back.
+    fn spares_max(&self) -> usize {
+        (self.chunks.len() / 8).max(16)
     }
 
     /// Entries, oldest first.
