@@ -311,11 +311,15 @@ fn debit(
 
 /// Refuses a debit of `amount` whose shortfall (what the grants may not give, holds set aside)
 /// would overflow the debt.
-fn check_debt_room(balance: Option<&Balance>, amount: Decimal) -> Result<(), ResultCode> {
+fn check_debt_room(
+    balance: Option<&Balance>,
+    amount: Decimal,
+    scale: u32,
+) -> Result<(), ResultCode> {
     if let Some(balance) = balance {
         let free = (balance.active - balance.held).max(Decimal::ZERO);
         let shortfall = (amount - free).max(Decimal::ZERO);
-        money::add(balance.debt, shortfall)?;
+        money::within(money::add(balance.debt, shortfall)?, scale)?;
     }
     Ok(())
 }
@@ -1096,7 +1100,7 @@ impl Engine {
         }
         let wallet = &self.state.wallets[w as usize];
         if let Some(balance) = wallet.balance(&g.asset) {
-            money::add(balance.ledger(), g.amount)?;
+            money::within(money::add(balance.ledger(), g.amount)?, asset.scale)?;
         }
         let grant = self.add_grant(
             w,
@@ -1404,7 +1408,9 @@ impl Engine {
         let wallet = &self.state.wallets[w as usize];
         match event.mode {
             DebitMode::Strict => check_spend(wallet, asset.code, priced.amount)?,
-            DebitMode::Record => check_debt_room(wallet.balance(&asset.code), priced.amount)?,
+            DebitMode::Record => {
+                check_debt_room(wallet.balance(&asset.code), priced.amount, asset.scale)?
+            }
         }
         Ok(self.charge(
             w,
@@ -1613,6 +1619,7 @@ impl Engine {
         check_debt_room(
             self.state.wallets[w as usize].balance(&asset.code),
             priced.amount,
+            asset.scale,
         )?;
         self.close_hold(w, i, HoldEnd::Settled);
         let value = self.charge(
@@ -1659,7 +1666,7 @@ impl Engine {
         }
         let refund_usd = money::mul_exact(amount, asset.usd_value)?;
         if let Some(balance) = self.state.wallets[w as usize].balance(&asset.code) {
-            money::add(balance.ledger(), amount)?;
+            money::within(money::add(balance.ledger(), amount)?, asset.scale)?;
         }
         self.charge_at_mut(at).refunded += amount;
         let margins = &mut self.state.margins;
@@ -1730,7 +1737,8 @@ impl Engine {
             .map_or(Decimal::ZERO, |g| g.remaining);
         // What a refund already took out was returned, and what expired was never spent.
         let spent = p.amount - p.refund_removed - p.expired - remaining;
-        money::add(balance.debt, spent)?;
+        let scale = self.state.assets[self.index.assets[&p.asset] as usize].scale;
+        money::within(money::add(balance.debt, spent)?, scale)?;
         let mut out = out!(self);
         let wallet = wallet_mut(&mut self.state.wallets, w);
         let wallet_id = wallet.id;
@@ -1788,7 +1796,8 @@ impl Engine {
         // expired (its breakage is booked again).
         let amount = p.amount - p.refund_removed - p.expired;
         if let Some(balance) = wallet.balance(&p.asset) {
-            money::add(balance.ledger(), amount)?;
+            let scale = self.state.assets[self.index.assets[&p.asset] as usize].scale;
+            money::within(money::add(balance.ledger(), amount)?, scale)?;
         }
         wallet_mut(&mut self.state.wallets, w).payments[payment].disputed = false;
         let now = self.state.now;
@@ -1855,10 +1864,10 @@ impl Engine {
         let balance = self.state.wallets[w as usize].balance(&asset.code);
         if amount > Decimal::ZERO {
             if let Some(balance) = balance {
-                money::add(balance.ledger(), amount)?;
+                money::within(money::add(balance.ledger(), amount)?, asset.scale)?;
             }
         } else {
-            check_debt_room(balance, -amount)?;
+            check_debt_room(balance, -amount, asset.scale)?;
         }
         let record = AdjustmentRecord {
             request: self.request.expect("adjustments come from requests"),
@@ -2083,7 +2092,7 @@ impl Engine {
             return Ok(value);
         }
         if let Some(balance) = self.state.wallets[w as usize].balance(&asset) {
-            money::add(balance.ledger(), amount)?;
+            money::within(money::add(balance.ledger(), amount)?, a.scale)?;
         }
         // Money was taken: the grant is added whatever the trigger, so no payment is ever lost.
         let now = self.state.now;

@@ -35,7 +35,11 @@
 //! # Decisions where the brief is silent
 //!
 //! - Amounts are `rust_decimal::Decimal` everywhere. An amount a command carries must be positive,
-//!   at most 10^18 and no finer than its asset's scale. Charges are computed exactly (a product
+//!   at most 10^18 (and at most 10^(28 − scale) for assets with more than 10 decimal places) and
+//!   no finer than its asset's scale. Balance totals (ledger, debt) stay within the same bound,
+//!   so every number has at most 28 digits and balance arithmetic never rounds (`Decimal` would
+//!   round silently past its 96-bit mantissa): a grant, refund or debit that would cross it is
+//!   refused with `AmountOverflow` and changes nothing. Charges are computed exactly (a product
 //!   that would need rounding inside `Decimal` is refused with `AmountOverflow`) and rounded to
 //!   the asset's scale once, in the rounding mode the matching price rule names.
 //! - Tiered prices apply to the quantity of one event (per-event tiers), not to cumulative usage

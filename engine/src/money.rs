@@ -77,8 +77,29 @@ pub fn check_amount_or_zero(amount: Decimal, scale: u32) -> Result<Decimal, Resu
     check_limit(amount, scale)
 }
 
+/// The largest amount, and the largest balance total (ledger, debt), of an asset with `scale`
+/// decimal places: 10^18 units, and at most 10^(28 − scale) so that every such number has at
+/// most 28 digits. Any sum or difference of a few of them then fits `Decimal`'s 96-bit mantissa
+/// exactly (7.9 × 10^28), so balance arithmetic never rounds: what would exceed it is refused
+/// with [`ResultCode::AmountOverflow`] before anything changes.
+pub fn limit(scale: u32) -> Decimal {
+    if scale <= 10 {
+        AMOUNT_MAX
+    } else {
+        Decimal::from_i128_with_scale(10i128.pow(28 - scale.min(28)), 0)
+    }
+}
+
+/// `value` if its magnitude is within [`limit`]`(scale)`, else [`ResultCode::AmountOverflow`].
+pub fn within(value: Decimal, scale: u32) -> Result<Decimal, ResultCode> {
+    if value.abs() > limit(scale) {
+        return Err(ResultCode::AmountOverflow);
+    }
+    Ok(value)
+}
+
 fn check_limit(amount: Decimal, scale: u32) -> Result<Decimal, ResultCode> {
-    if amount > AMOUNT_MAX {
+    if amount > limit(scale) {
         return Err(ResultCode::AmountOverflow);
     }
     if significant_scale(amount) > scale {
@@ -118,14 +139,19 @@ pub fn mul_exact(a: Decimal, b: Decimal) -> Result<Decimal, ResultCode> {
     Ok(product)
 }
 
-/// `a + b`, or [`ResultCode::AmountOverflow`].
+/// `a + b` exactly, or [`ResultCode::AmountOverflow`] (also when `Decimal` would have to round
+/// the sum to fit its mantissa, which `checked_add` does silently).
 pub fn add(a: Decimal, b: Decimal) -> Result<Decimal, ResultCode> {
-    a.checked_add(b).ok_or(ResultCode::AmountOverflow)
+    let sum = a.checked_add(b).ok_or(ResultCode::AmountOverflow)?;
+    if sum.scale() < a.scale().max(b.scale()) && !sum.is_zero() {
+        return Err(ResultCode::AmountOverflow);
+    }
+    Ok(sum)
 }
 
-/// `a - b`, or [`ResultCode::AmountOverflow`].
+/// `a - b` exactly, or [`ResultCode::AmountOverflow`] (see [`add`]).
 pub fn sub(a: Decimal, b: Decimal) -> Result<Decimal, ResultCode> {
-    a.checked_sub(b).ok_or(ResultCode::AmountOverflow)
+    add(a, -b)
 }
 
 /// Serde encoding for `Decimal`: its 16 raw bytes in compact binary formats (bincode: the WAL and

@@ -225,7 +225,7 @@ pub fn charge(
         total = total.max(minimum);
     }
     let rounded = rule.rounding.apply(total, scale);
-    if rounded > money::AMOUNT_MAX {
+    if rounded > money::limit(scale) {
         return Err(ResultCode::AmountOverflow);
     }
     Ok(rounded)

@@ -994,7 +994,9 @@ fn amounts_are_exact_and_bounded() {
         ResultCode::AmountOverflow,
     );
     h.ok(grant("1.100000"));
-    h.ok(grant("1000000000000000000"));
+    h.ok(grant("999999999999999998.9"));
+    // The ledger is at the limit (10^18): one millionth more is refused, not rounded.
+    h.rejects(grant("0.000001"), ResultCode::AmountOverflow);
     // A quantity near the limit times a price would overflow the charge: refused, not rounded.
     h.ok(Command::DraftPlan {
         plan: n("pricey"),
@@ -2177,5 +2179,55 @@ fn the_idempotency_table_is_bounded_and_forgets_the_oldest_first() {
         ResultCode::Ok
     );
     assert_eq!(h.balance(w).available, d("103.998"));
+    h.check_ledger();
+}
+
+#[test]
+fn balances_of_a_fine_asset_stay_exact_or_are_refused() {
+    // An asset with 18 decimal places: Decimal holds 28 digits, so balances are capped at 10^10
+    // units and every sum stays exact. Before, three grants of 2.6 × 10^10 summed to a rounded
+    // ledger without a word.
+    let mut h = Harness::new();
+    h.ok(Command::DefineAsset {
+        code: asset("ETH"),
+        scale: 18,
+        usd_value: d("3000"),
+    });
+    let w = h.wallet("acme");
+    let grant = |amount: &str| {
+        Command::Grant(Grant {
+            asset: asset("ETH"),
+            ..grant_of(w, amount)
+        })
+    };
+    h.rejects(
+        grant("26000000000.000000000000000001"),
+        ResultCode::AmountOverflow,
+    );
+    h.ok(grant("9999999999.999999999999999999"));
+    h.rejects(grant("0.000000000000000002"), ResultCode::AmountOverflow);
+    h.rejects(grant("1"), ResultCode::AmountOverflow);
+    let view = h.view(w);
+    let eth = view
+        .balances
+        .iter()
+        .find(|b| b.asset == asset("ETH"))
+        .unwrap();
+    assert_eq!(eth.ledger, d("9999999999.999999999999999999"));
+    // A debit adjustment beyond the debt limit is refused too.
+    h.ok(Command::Adjust {
+        wallet: w,
+        asset: asset("ETH"),
+        amount: d("-9999999999.999999999999999999"),
+        reason: "spent".into(),
+    });
+    let more = Command::Adjust {
+        wallet: w,
+        asset: asset("ETH"),
+        amount: d("-9999999999.999999999999999999"),
+        reason: "more".into(),
+    };
+    h.ok(more.clone()); // all of it debt, at the limit
+    h.rejects(more, ResultCode::AmountOverflow);
     h.check_ledger();
 }
