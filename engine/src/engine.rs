@@ -2138,7 +2138,8 @@ impl Engine {
             let asset_index = self.asset_index(&asset)?;
             self.timer(at, TimerKind::TopUpRetry, w, u64::from(asset_index));
         }
-        self.check_topup(w, asset);
+        // The wallet's one top-up in flight has ended: any asset may need one now.
+        self.check_all_topups(w);
         Ok(value)
     }
 
@@ -2196,6 +2197,7 @@ impl Engine {
                 wallet: wallet_id,
                 asset,
             });
+            self.check_all_topups(w);
             return;
         }
         // Back off: the cooldown doubles with each failure in a row (at least one second).
@@ -2208,6 +2210,8 @@ impl Engine {
         t.retry_armed = true;
         let at = t.next_allowed;
         self.timer(at, TimerKind::TopUpRetry, w, u64::from(asset_index));
+        // The wallet's one top-up in flight has ended: another asset may need one now.
+        self.check_all_topups(w);
     }
 
     /// Requests a top-up if wallet `w`'s rule for `asset` says so now.
@@ -2225,6 +2229,11 @@ impl Engine {
             .map_or(Decimal::ZERO, Balance::available);
         if t.flagged || t.in_flight.is_some() || now < t.next_allowed || available >= rule.threshold
         {
+            return;
+        }
+        // At most one top-up in flight per wallet, whatever the asset: one card, one charge at
+        // a time. The others are checked again when its outcome comes.
+        if wallet.topups.iter().any(|o| o.in_flight.is_some()) {
             return;
         }
         // Never charge a frozen wallet, or the card behind an open chargeback; and only a

@@ -2231,3 +2231,45 @@ fn balances_of_a_fine_asset_stay_exact_or_are_refused() {
     h.rejects(more, ResultCode::AmountOverflow);
     h.check_ledger();
 }
+
+#[test]
+fn a_wallet_has_at_most_one_top_up_in_flight_whatever_the_asset() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.billing(w);
+    h.ok(Command::SetTopUpRule {
+        wallet: w,
+        rule: usd_rule("5", "20", 3),
+    });
+    h.ok(Command::SetTopUpRule {
+        wallet: w,
+        rule: TopUpRule {
+            asset: asset("credits"),
+            threshold: d("100"),
+            amount: TopUpAmount::Fixed(d("500")),
+            ..usd_rule("5", "20", 3)
+        },
+    });
+    // Both balances are below their thresholds; only one charge goes out.
+    assert_eq!(h.topups.len(), 1);
+    let first = h.topups[0];
+    // When its outcome comes, the other asset's turn comes.
+    h.ok(Command::TopUpSucceeded {
+        wallet: w,
+        asset: first.asset,
+        trigger: first.trigger,
+        payment_id: n("pi_1"),
+        amount: first.amount,
+    });
+    assert_eq!(h.topups.len(), 2);
+    assert_ne!(h.topups[1].asset, first.asset);
+    // A failure ends it just as well.
+    let second = h.topups[1];
+    h.ok(Command::TopUpFailed {
+        wallet: w,
+        asset: second.asset,
+        trigger: second.trigger,
+        reason: n("card_declined"),
+    });
+    h.check_ledger();
+}
