@@ -70,6 +70,37 @@ pub const DEFAULT_PAYMENT_METHOD: &str = "default";
 
 type Map<K, V> = HashMap<K, V, RandomState>;
 
+/// Wallet id → position in `state.wallets`: a table of 4-byte positions hashed by the id and
+/// compared against the wallet itself, which the caller reads next anyway. A map holding a copy
+/// of every 64-byte id cost a cache miss of its own per lookup and 72 bytes per wallet.
+#[derive(Debug, Default)]
+struct WalletIndex {
+    table: hashbrown::HashTable<u32>,
+    hasher: RandomState,
+}
+
+impl WalletIndex {
+    fn hash(&self, id: &WalletId) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.hasher, id)
+    }
+
+    /// The position of wallet `id`.
+    fn get(&self, wallets: &[Arc<Wallet>], id: &WalletId) -> Option<u32> {
+        self.table
+            .find(self.hash(id), |&i| wallets[i as usize].id == *id)
+            .copied()
+    }
+
+    /// Files wallet `wallets[i]` (whose id is not filed yet).
+    fn insert(&mut self, wallets: &[Arc<Wallet>], i: u32) {
+        let hash = self.hash(&wallets[i as usize].id);
+        let hasher = &self.hasher;
+        self.table.insert_unique(hash, i, |&j| {
+            std::hash::BuildHasher::hash_one(hasher, &wallets[j as usize].id)
+        });
+    }
+}
+
 /// A deterministic billing state machine for one shard. See the crate docs for the run-loop
 /// contract.
 #[derive(Debug)]
@@ -90,7 +121,7 @@ pub struct Engine {
 /// Lookup structures derived from the state.
 #[derive(Debug, Default)]
 struct Index {
-    wallets: Map<WalletId, u32>,
+    wallets: WalletIndex,
     assets: Map<AssetCode, u32>,
     products: Map<Name, u32>,
     plans: Map<Name, u32>,
@@ -412,7 +443,10 @@ impl Engine {
                     timers.insert(timer(at, TimerKind::GrantEffective, g.id.0));
                 }
                 for g in balance.grants.iter().chain(&balance.pending) {
-                    if let Some(at) = g.expires_at {
+                    // A grant whose expiry has come was dealt with when it came: what it still
+                    // holds is kept for open holds, and goes when they close. Re-arming it would
+                    // break it early.
+                    if let Some(at) = g.expires_at.filter(|&at| at > self.state.now) {
                         timers.insert(timer(at, TimerKind::GrantExpiry, g.id.0));
                         // Notices already due fired before this state was saved.
                         if let Some(notice) = self.expiring_at(at) {
@@ -465,15 +499,6 @@ impl Engine {
     /// ids older than the retention window. Time never goes backwards: an earlier `now` is
     /// treated as the latest time seen.
     pub fn handle_timeout(&mut self, now: Timestamp) {
-        self.advance(now, usize::MAX);
-    }
-
-    /// Advances time to `now` (see [`Engine::handle_timeout`]), forgetting at most
-    /// `forget_max` request ids that left the window. A request forgets a few (ids leave the
-    /// window a whole second at a time, and forgetting them all at once would stall the one
-    /// request that happens to cross the second); what stays a little longer is still a repeat,
-    /// which is the safe side. A timer tick forgets all of them.
-    fn advance(&mut self, now: Timestamp, forget_max: usize) {
         let now = now.max(self.state.now);
         self.request = None;
         // Each timer fires at its own time, whenever the loop gets round to calling this: what a
@@ -489,17 +514,20 @@ impl Engine {
             self.balance_alerts(timer.wallet, &before);
         }
         self.state.now = now;
-        // Whole seconds: an id is kept up to a second longer than the window, never shorter.
-        let horizon = remember::seconds(Timestamp(
-            now.0
-                .saturating_sub(self.state.config.idempotency_retention_us),
-        ));
-        let mut forgotten = 0;
-        while forgotten < forget_max && self.state.requests.front().is_some_and(|r| r.at < horizon)
+        // By 10-ms ticks: an id is kept up to 10 ms longer than the window, never shorter, and
+        // ids leave a few at a time (a whole second at once stalled the request that crossed
+        // it). What is forgotten depends only on the time, never on how often this is called,
+        // so replay forgets exactly what the live shard forgot.
+        let retention = self.state.config.idempotency_retention_us;
+        while self
+            .state
+            .requests
+            .front()
+            .is_some_and(|r| remember::forgotten(r.at, now, retention))
         {
             self.forget_request();
-            forgotten += 1;
         }
+        let horizon = remember::seconds(Timestamp(now.0.saturating_sub(retention)));
         // Requests remembered by a previous format go all at once, when the window has passed
         // over the newest of them.
         if !self.state.legacy.is_empty() && self.index.legacy_newest < horizon {
@@ -614,8 +642,8 @@ impl Engine {
             return self.state.spilled[&seq];
         }
         let wallet = wallet
-            .and_then(|w| self.index.wallets.get(w))
-            .map(|&w| &self.state.wallets[w as usize]);
+            .and_then(|w| self.index.wallets.get(&self.state.wallets, w))
+            .map(|w| &self.state.wallets[w as usize]);
         record.unpack(
             |i| self.state.assets[i as usize].code,
             |asset| {
@@ -633,7 +661,7 @@ impl Engine {
             self.forget_request();
             self.evicted += 1;
         }
-        let at = remember::seconds(self.state.now);
+        let at = remember::tick(self.state.now) as u32;
         let key = self.key;
         let assets = &self.index.assets;
         let (record, spilled) =
@@ -660,8 +688,7 @@ impl Engine {
     /// Applies one request at time `now` and returns its reply. Effects are queued for
     /// [`Engine::poll_effect`].
     pub fn handle_request(&mut self, now: Timestamp, request: &Request) -> Reply {
-        // Two ids forgotten per id remembered: a backlog drains at one per request.
-        self.advance(now, 2);
+        self.handle_timeout(now);
         let fingerprint = fingerprint(&request.command);
         let wallet = request.command.wallet();
         let key = Key::of(scope_of(wallet), request.id);
@@ -685,7 +712,7 @@ impl Engine {
         self.key = key;
         self.charge = None;
         let before = wallet
-            .and_then(|w| self.index.wallets.get(w).copied())
+            .and_then(|w| self.index.wallets.get(&self.state.wallets, w))
             .map(|w| (w, self.levels(w)));
         let reply = match self.apply(&request.command) {
             Ok(value) => Reply::ok(value),
@@ -792,8 +819,7 @@ impl Engine {
     pub(crate) fn wallet_index(&self, wallet: &WalletId) -> Result<u32, ResultCode> {
         self.index
             .wallets
-            .get(wallet)
-            .copied()
+            .get(&self.state.wallets, wallet)
             .ok_or(ResultCode::UnknownWallet)
     }
 
@@ -944,7 +970,12 @@ impl Engine {
     // ----- wallets -------------------------------------------------------------------------
 
     fn create_wallet(&mut self, c: &CreateWallet) -> Handled {
-        if self.index.wallets.contains_key(&c.wallet) {
+        if self
+            .index
+            .wallets
+            .get(&self.state.wallets, &c.wallet)
+            .is_some()
+        {
             return Err(ResultCode::WalletExists.into());
         }
         if c.metadata.len() > METADATA_MAX || c.overdraft.len() > ASSETS_MAX {
@@ -965,9 +996,7 @@ impl Engine {
             crate::state::grow_tight(&mut balances);
             balances.push(balance);
         }
-        self.index
-            .wallets
-            .insert(c.wallet, self.state.wallets.len() as u32);
+        let position = self.state.wallets.len() as u32;
         self.state.wallets.push(Arc::new(Wallet {
             id: c.wallet,
             created_at: self.state.now,
@@ -984,6 +1013,7 @@ impl Engine {
             adjustments: Vec::new(),
             margin: Default::default(),
         }));
+        self.index.wallets.insert(&self.state.wallets, position);
         self.effects
             .push_back(Effect::WalletCreated { wallet: c.wallet });
         Ok(ReplyValue::None)
@@ -1039,8 +1069,15 @@ impl Engine {
         if wallet.topups.is_empty() {
             return;
         }
-        let assets: Vec<AssetCode> = wallet.topups.iter().map(|t| t.asset).collect();
-        for asset in assets {
+        // In the order the assets were declared, so which one goes first never depends on the
+        // order the rules were set in.
+        let mut assets: Vec<(u32, AssetCode)> = wallet
+            .topups
+            .iter()
+            .map(|t| (self.index.assets[&t.asset], t.asset))
+            .collect();
+        assets.sort_unstable();
+        for (_, asset) in assets {
             self.check_topup(w, asset);
         }
     }
@@ -1412,14 +1449,16 @@ impl Engine {
                 check_debt_room(wallet.balance(&asset.code), priced.amount, asset.scale)?
             }
         }
-        Ok(self.charge(
+        let value = self.charge(
             w,
             asset,
             priced,
             revenue_usd,
             event.cost_usd,
             event.occurred_at,
-        ))
+        );
+        self.check_topup(w, asset.code);
+        Ok(value)
     }
 
     /// Debits a priced, validated charge and records its margin.
@@ -1489,7 +1528,7 @@ impl Engine {
             priority: debited.priority,
             expires_at: debited.expires_at,
         });
-        self.check_topup(w, asset.code);
+        // The caller checks the top-up rule once the whole command is done.
         ReplyValue::Charge {
             asset: asset.code,
             charged: priced.amount,
@@ -1622,7 +1661,7 @@ impl Engine {
             asset.scale,
         )?;
         self.close_hold(w, i, HoldEnd::Settled);
-        let value = self.charge(
+        let mut value = self.charge(
             w,
             asset,
             priced,
@@ -1630,8 +1669,15 @@ impl Engine {
             usage.cost_usd,
             usage.occurred_at,
         );
-        // The charge had first call on what the hold kept from expiring; the rest goes now.
+        // The charge had first call on what the hold kept from expiring; the rest goes now, and
+        // the reply and the top-up rule see the balance after it.
         self.expire_overdue(w, asset.code);
+        if let ReplyValue::Charge { available, .. } = &mut value {
+            *available = self.state.wallets[w as usize]
+                .balance(&asset.code)
+                .map_or(Decimal::ZERO, Balance::available);
+        }
+        self.check_topup(w, asset.code);
         Ok(value)
     }
 
@@ -1761,15 +1807,9 @@ impl Engine {
         out.entry(EntryKind::Dispute, p.asset, clawed, from, to, Some(grant));
         // The breakage booked when part of this credit expired is reversed: the payment
         // behind it is disputed.
+        // The payment's breakage, booked under one or more of its grants: named by none.
         let (from, to) = (Account::Breakage, Account::Dispute);
-        out.entry(
-            EntryKind::Dispute,
-            p.asset,
-            p.expired,
-            from,
-            to,
-            Some(grant),
-        );
+        out.entry(EntryKind::Dispute, p.asset, p.expired, from, to, None);
         // A disputed wallet never triggers a top-up here: charging the card that just charged
         // back would be the wrong reflex. The next debit checks the rule as usual.
         Ok(ReplyValue::Dispute {
@@ -1801,6 +1841,18 @@ impl Engine {
         }
         wallet_mut(&mut self.state.wallets, w).payments[payment].disputed = false;
         let now = self.state.now;
+        if amount.is_zero() {
+            // Nothing to restore (all of it was refunded or had expired): no new grant, the
+            // expired part is breakage again.
+            let mut out = out!(self);
+            let (from, to) = (Account::Dispute, Account::Breakage);
+            out.entry(EntryKind::DisputeWon, p.asset, p.expired, from, to, None);
+            self.check_topup(w, p.asset);
+            return Ok(ReplyValue::Grant {
+                grant: p.grant,
+                debt_paid: Decimal::ZERO,
+            });
+        }
         let id = GrantId(self.state.next_grant);
         self.state.next_grant += 1;
         // An expiry that passed during the dispute is kept: the restored credit expires at once
@@ -1821,21 +1873,18 @@ impl Engine {
         let wallet = wallet_mut(&mut self.state.wallets, w);
         let (from, to) = (Account::Dispute, Account::Wallet(wallet.id));
         out.entry(EntryKind::DisputeWon, p.asset, amount, from, to, Some(id));
+        // The payment's breakage, booked under one or more of its grants: named by none.
         let (from, to) = (Account::Dispute, Account::Breakage);
-        out.entry(
-            EntryKind::DisputeWon,
-            p.asset,
-            p.expired,
-            from,
-            to,
-            Some(p.grant),
-        );
+        out.entry(EntryKind::DisputeWon, p.asset, p.expired, from, to, None);
         // The payment record now points at the restored grant, so a second dispute claws it.
         wallet.payments[payment].grant = id;
         wallet.payments[payment].expires_at = expires_at;
         let debt_paid = credit(wallet.balance_mut(&p.asset), restored);
         if let Some(at) = expires_at {
             self.arm_expiry(at, w, id.0);
+            if at <= now {
+                self.expire_overdue(w, p.asset);
+            }
         }
         // An open dispute held top-ups back; this may have been the last one.
         self.check_topup(w, p.asset);
@@ -2514,9 +2563,10 @@ fn restore(state: State) -> Result<Engine, RestoreError> {
         }
     }
     for (i, wallet) in state.wallets.iter().enumerate() {
-        if index.wallets.insert(wallet.id, i as u32).is_some() {
+        if index.wallets.get(&state.wallets, &wallet.id).is_some() {
             return fail(format!("wallet {} appears twice", wallet.id));
         }
+        index.wallets.insert(&state.wallets, i as u32);
         for balance in &wallet.balances {
             if !index.assets.contains_key(&balance.asset) {
                 return fail(format!(

@@ -53,9 +53,27 @@ impl Key {
     }
 }
 
-/// Whole seconds since the Unix epoch, as remembered (saturating to `u32`: until 2106).
+/// Whole seconds since the Unix epoch (saturating to `u32`: until 2106).
 pub fn seconds(t: Timestamp) -> u32 {
     (t.0.div_euclid(Timestamp::SECOND_US)).clamp(0, i64::from(u32::MAX)) as u32
+}
+
+/// The length of a [`tick`]: 10 ms.
+pub const TICK_US: i64 = 10_000;
+
+/// The 10-ms tick of `t` (floor), the full number.
+pub fn tick(t: Timestamp) -> i64 {
+    t.0.div_euclid(TICK_US)
+}
+
+/// Whether a record made in tick `at` (its low 32 bits, as stored) has left the window at
+/// `now`: its tick is before the tick of `now − retention`. The low 32 bits of a tick wrap every
+/// 497 days, more than the longest retention (366 days), so the age read from them is exact.
+pub fn forgotten(at: u32, now: Timestamp, retention_us: i64) -> bool {
+    let now_tick = tick(now);
+    let age = u64::from((now_tick as u32).wrapping_sub(at));
+    let limit = (now_tick - tick(Timestamp(now.0.saturating_sub(retention_us)))) as u64;
+    age > limit
 }
 
 /// What the packed reply holds.
@@ -78,7 +96,7 @@ enum Tag {
 pub struct Remembered {
     /// Digest of its scope and id.
     pub key: Key,
-    /// When it was applied, in whole seconds ([`seconds`]).
+    /// When it was applied: the low 32 bits of its 10-ms [`tick`].
     pub at: u32,
     /// The 64-bit fingerprint of its body, as two halves (keeps the record 4-byte aligned).
     pub fingerprint: [u32; 2],

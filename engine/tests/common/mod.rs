@@ -319,23 +319,142 @@ impl Harness {
         accounts
     }
 
-    /// The ledger invariants: the journal is gapless, sums to zero per asset, and each wallet's
-    /// account equals the wallet's ledger balance.
+    /// The balance of `wallet` in `asset` (empty when the wallet never touched the asset).
+    pub fn balance_in(&self, wallet: WalletId, asset: AssetCode) -> BalanceView {
+        match self
+            .engine
+            .query(&Query::Balance { wallet, asset })
+            .unwrap()
+        {
+            QueryReply::Balance(b) => b,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// What the journal says happened to each grant it names.
+    pub fn grant_flows(&self) -> BTreeMap<GrantId, GrantFlow> {
+        let mut flows: BTreeMap<GrantId, GrantFlow> = BTreeMap::new();
+        for j in &self.journal {
+            let Some(grant) = j.grant else { continue };
+            let flow = flows.entry(grant).or_default();
+            let (into_wallet, out_of_wallet) = (
+                matches!(j.to, Account::Wallet(_)),
+                matches!(j.from, Account::Wallet(_)),
+            );
+            match (j.kind, into_wallet, out_of_wallet) {
+                (EntryKind::Grant | EntryKind::DisputeWon | EntryKind::Refund, true, false) => {
+                    flow.credited += j.amount;
+                    flow.creations += 1;
+                }
+                (EntryKind::Debit, false, true) => flow.debited += j.amount,
+                (EntryKind::Breakage, false, true) => flow.broken += j.amount,
+                (EntryKind::Dispute, false, true) => flow.clawed += j.amount,
+                (EntryKind::Dispute, false, false) if j.from == Account::Breakage => {
+                    flow.reversed += j.amount
+                }
+                (EntryKind::Refund, false, true) => flow.refunded += j.amount,
+                (EntryKind::DisputeWon, false, false) if j.to == Account::Breakage => {
+                    flow.rebooked += j.amount
+                }
+                _ => flow.unexpected += 1,
+            }
+            let wallet = match (j.from, j.to) {
+                (Account::Wallet(w), _) | (_, Account::Wallet(w)) => Some(w),
+                _ => None,
+            };
+            if flow.first.is_none() {
+                flow.first = Some(j.kind);
+                flow.wallet = wallet;
+                flow.asset = Some(j.asset);
+            } else if (wallet.is_some() && wallet != flow.wallet) || flow.asset != Some(j.asset) {
+                flow.unexpected += 1;
+            }
+        }
+        flows
+    }
+
+    /// The ledger invariants, each of which a wrong journal or state can break (a journal
+    /// summing to zero per asset proves nothing: every entry moves an amount from one account to
+    /// another, so it holds by construction):
+    ///
+    /// - the journal sequence is gapless from 1, amounts are positive, time never goes backwards
+    ///   and no entry is later than the harness clock;
+    /// - each entry kind moves money between the accounts it may (a `Debit` leaves a wallet for
+    ///   revenue or an adjustment and names a grant, a `Debt` names none, ...);
+    /// - every grant the journal names was created by exactly one entry, the first naming it,
+    ///   and all entries naming it are in one wallet and asset;
+    /// - every live grant of the state was credited its `amount`, and what the journal took out
+    ///   of it by name leaves at least its `remaining` (the difference is the debt it paid on
+    ///   arrival, never more than its amount);
+    /// - each wallet's account equals the wallet's ledger balance, and the journal has no money
+    ///   in a wallet balance the state does not have;
+    /// - per asset, the revenue account equals the sum charged by the margin records of the
+    ///   usage and settles applied;
+    /// - the accounts that only ever give (promotion, top-up clearing, refund) are not positive,
+    ///   and those that only ever receive net (revenue, breakage, dispute) are not negative.
     pub fn check_ledger(&self) {
+        let mut last_at = Timestamp(i64::MIN);
         for (i, j) in self.journal.iter().enumerate() {
-            assert_eq!(j.seq, i as u64 + 1, "journal sequence has a gap");
-            assert!(j.amount > Decimal::ZERO);
+            assert_eq!(j.seq, i as u64 + 1, "journal sequence has a gap at {j:?}");
+            assert!(
+                j.amount > Decimal::ZERO,
+                "a journal amount is not positive: {j:?}"
+            );
+            assert!(j.at >= last_at, "journal time went backwards at {j:?}");
+            assert!(j.at <= self.now, "journal entry from the future: {j:?}");
+            last_at = j.at;
+            assert!(
+                entry_shape_ok(j),
+                "journal entry of an impossible shape: {j:?}"
+            );
         }
+
+        let flows = self.grant_flows();
+        for (grant, flow) in &flows {
+            assert_eq!(
+                flow.unexpected, 0,
+                "grant {grant:?}: unexpected entries {flow:?}"
+            );
+            assert_eq!(flow.creations, 1, "grant {grant:?} created {flow:?}");
+            assert!(
+                matches!(
+                    flow.first,
+                    Some(EntryKind::Grant | EntryKind::DisputeWon | EntryKind::Refund)
+                ),
+                "grant {grant:?} was named before it was created: {flow:?}"
+            );
+            // What was spent, expired or refunded of a grant is at most its credit. (A
+            // dispute's entries are not bounded per grant: they settle the whole payment,
+            // whose credit may have passed through several grants by then.)
+            assert!(
+                flow.debited + flow.broken + flow.refunded <= flow.credited,
+                "grant {grant:?} gave more than it got: {flow:?}"
+            );
+        }
+
         let accounts = self.accounts();
-        let mut per_asset: BTreeMap<AssetCode, Decimal> = BTreeMap::new();
-        for ((asset, _), amount) in &accounts {
-            *per_asset.entry(*asset).or_insert(Decimal::ZERO) += *amount;
-        }
-        for (asset, sum) in per_asset {
-            assert_eq!(sum, Decimal::ZERO, "journal of {asset} sums to {sum}");
-        }
+        let mut wallet_balances = BTreeMap::new();
         for wallet in &self.engine.state().wallets {
             for balance in &wallet.balances {
+                wallet_balances.insert((balance.asset, wallet.id), balance.ledger());
+                for g in balance.grants.iter().chain(&balance.pending) {
+                    let flow = flows
+                        .get(&g.id)
+                        .unwrap_or_else(|| panic!("grant {:?} is not in the journal", g.id));
+                    assert_eq!(flow.wallet, Some(wallet.id), "grant {:?} wallet", g.id);
+                    assert_eq!(flow.asset, Some(balance.asset), "grant {:?} asset", g.id);
+                    assert_eq!(flow.credited, g.amount, "grant {:?} credit", g.id);
+                    let net =
+                        flow.credited - flow.debited - flow.broken - flow.clawed - flow.refunded
+                            + flow.reversed;
+                    let debt_paid = net - g.remaining;
+                    assert!(
+                        debt_paid >= Decimal::ZERO && debt_paid <= g.amount,
+                        "grant {:?}: the journal leaves {net} of it, the state {}",
+                        g.id,
+                        g.remaining
+                    );
+                }
                 let account = accounts
                     .get(&(balance.asset, Account::Wallet(wallet.id)))
                     .copied()
@@ -343,11 +462,49 @@ impl Harness {
                 assert_eq!(
                     account,
                     balance.ledger(),
-                    "wallet {} {}",
+                    "wallet {} {}: journal account vs ledger",
                     wallet.id,
                     balance.asset
                 );
             }
+        }
+        for ((asset, account), amount) in &accounts {
+            match account {
+                Account::Wallet(w) => assert!(
+                    wallet_balances.contains_key(&(*asset, *w)) || amount.is_zero(),
+                    "the journal holds {amount} {asset} for wallet {w}, which has no such balance"
+                ),
+                Account::Promotion | Account::TopUpClearing | Account::Refund => assert!(
+                    *amount <= Decimal::ZERO,
+                    "{account:?} {asset} received money: {amount}"
+                ),
+                Account::Revenue | Account::Breakage | Account::Dispute => assert!(
+                    *amount >= Decimal::ZERO,
+                    "{account:?} {asset} gave money: {amount}"
+                ),
+                Account::Adjustment => {}
+            }
+        }
+
+        let mut charged: BTreeMap<AssetCode, Decimal> = BTreeMap::new();
+        for m in &self.margins {
+            *charged.entry(m.asset).or_insert(Decimal::ZERO) += m.charged;
+        }
+        let assets: std::collections::BTreeSet<AssetCode> = charged
+            .keys()
+            .copied()
+            .chain(accounts.keys().map(|(a, _)| *a))
+            .collect();
+        for asset in assets {
+            let revenue = accounts
+                .get(&(asset, Account::Revenue))
+                .copied()
+                .unwrap_or(Decimal::ZERO);
+            let margin = charged.get(&asset).copied().unwrap_or(Decimal::ZERO);
+            assert_eq!(
+                revenue, margin,
+                "{asset}: the revenue account differs from the sum charged by usage and settles"
+            );
         }
     }
 
@@ -359,5 +516,69 @@ impl Harness {
         let restored = Engine::from_state(state).unwrap();
         assert_eq!(restored.digest(), self.engine.digest());
         restored
+    }
+}
+
+/// What the journal says happened to one grant (see [`Harness::grant_flows`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GrantFlow {
+    /// The wallet and asset of its first entry.
+    pub wallet: Option<WalletId>,
+    pub asset: Option<AssetCode>,
+    /// The kind of its first entry.
+    pub first: Option<EntryKind>,
+    /// Credited into the wallet when it was created (`Grant`, `DisputeWon`, refund credit).
+    pub credited: Decimal,
+    /// Creation entries (exactly one for a well-formed grant).
+    pub creations: u32,
+    /// Consumed by usage, settles and debit adjustments.
+    pub debited: Decimal,
+    /// Expired as breakage.
+    pub broken: Decimal,
+    /// Taken back by a dispute (wallet to dispute).
+    pub clawed: Decimal,
+    /// Breakage of it reversed by a dispute (breakage to dispute).
+    pub reversed: Decimal,
+    /// Returned by a refund of its payment (wallet to top-up clearing).
+    pub refunded: Decimal,
+    /// Reversed breakage booked as breakage again when its dispute was won (dispute to
+    /// breakage).
+    pub rebooked: Decimal,
+    /// Entries that should not name a grant this way, or that name it in another wallet or
+    /// asset.
+    pub unexpected: u32,
+}
+
+/// Whether a journal entry moves money between accounts its kind may move it between.
+pub fn entry_shape_ok(j: &JournalEntry) -> bool {
+    use Account::*;
+    let wallet = |a: Account| matches!(a, Wallet(_));
+    match j.kind {
+        EntryKind::Grant => {
+            matches!(j.from, TopUpClearing | Promotion | Refund | Adjustment)
+                && wallet(j.to)
+                && j.grant.is_some()
+        }
+        EntryKind::Debit => {
+            wallet(j.from) && matches!(j.to, Revenue | Adjustment) && j.grant.is_some()
+        }
+        EntryKind::Debt => {
+            wallet(j.from) && matches!(j.to, Revenue | Adjustment) && j.grant.is_none()
+        }
+        EntryKind::Breakage => wallet(j.from) && j.to == Breakage && j.grant.is_some(),
+        EntryKind::Refund => {
+            j.grant.is_some()
+                && ((wallet(j.from) && j.to == TopUpClearing) || (j.from == Refund && wallet(j.to)))
+        }
+        EntryKind::Dispute => {
+            // A clawback names the disputed grant; a reversal of breakage names none.
+            j.to == Dispute
+                && ((wallet(j.from) && j.grant.is_some())
+                    || (j.from == Breakage && j.grant.is_none()))
+        }
+        EntryKind::DisputeWon => {
+            j.from == Dispute
+                && ((wallet(j.to) && j.grant.is_some()) || (j.to == Breakage && j.grant.is_none()))
+        }
     }
 }
