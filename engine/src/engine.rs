@@ -1441,7 +1441,7 @@ impl Engine {
             event.occurred_at,
         )?;
         let asset = self.state.assets[priced.asset as usize];
-        let revenue_usd = money::mul_exact(priced.amount, asset.usd_value)?;
+        let revenue_usd = money::usd_valuation(priced.amount, asset.usd_value)?;
         let wallet = &self.state.wallets[w as usize];
         match event.mode {
             DebitMode::Strict => check_spend(wallet, asset.code, priced.amount)?,
@@ -1654,7 +1654,7 @@ impl Engine {
         if asset.code != hold_asset {
             return Err(ResultCode::AssetMismatch.into());
         }
-        let revenue_usd = money::mul_exact(priced.amount, asset.usd_value)?;
+        let revenue_usd = money::usd_valuation(priced.amount, asset.usd_value)?;
         check_debt_room(
             self.state.wallets[w as usize].balance(&asset.code),
             priced.amount,
@@ -1710,7 +1710,7 @@ impl Engine {
         if amount > left {
             return Err(ResultCode::RefundExceedsCharge.into());
         }
-        let refund_usd = money::mul_exact(amount, asset.usd_value)?;
+        let refund_usd = money::usd_valuation(amount, asset.usd_value)?;
         if let Some(balance) = self.state.wallets[w as usize].balance(&asset.code) {
             money::within(money::add(balance.ledger(), amount)?, asset.scale)?;
         }

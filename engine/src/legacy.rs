@@ -20,7 +20,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use crate::command::Reply;
-use crate::money::dec;
+use crate::money::{dec, Usd};
 use crate::remember::seconds;
 use crate::state::{
     AdjustmentRecord, Asset, Assignment, Balance, ChargeRef, ClosedHold, Config, Hold, Margin,
@@ -49,7 +49,7 @@ pub struct StateV1 {
     wallets: Vec<WalletV1>,
     requests: Vec<RememberedV1>,
     requests_first_seq: u64,
-    margins: Margins,
+    margins: MarginsV1,
     next_grant: u64,
     next_hold: u64,
     journal_seq: u64,
@@ -70,7 +70,75 @@ struct WalletV1 {
     topups: Vec<TopUpState>,
     payments: Vec<PaymentV1>,
     adjustments: Vec<AdjustmentRecord>,
-    margin: Margin,
+    margin: MarginV1,
+}
+
+/// Margin totals of version 1: `Decimal`s.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+struct MarginV1 {
+    events: u64,
+    #[serde(with = "dec")]
+    revenue_usd: Decimal,
+    #[serde(with = "dec")]
+    cost_usd: Decimal,
+    #[serde(with = "dec")]
+    refunded_usd: Decimal,
+}
+
+impl From<MarginV1> for Margin {
+    fn from(m: MarginV1) -> Margin {
+        Margin {
+            events: m.events,
+            revenue_usd: Usd::of(m.revenue_usd),
+            cost_usd: Usd::of(m.cost_usd),
+            refunded_usd: Usd::of(m.refunded_usd),
+        }
+    }
+}
+
+impl From<&Margin> for MarginV1 {
+    fn from(m: &Margin) -> MarginV1 {
+        MarginV1 {
+            events: m.events,
+            revenue_usd: m.revenue_usd.to_decimal(),
+            cost_usd: m.cost_usd.to_decimal(),
+            refunded_usd: m.refunded_usd.to_decimal(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct MarginsV1 {
+    total: MarginV1,
+    by_product: BTreeMap<u32, MarginV1>,
+    by_plan: BTreeMap<(u32, u32), MarginV1>,
+    by_hour: BTreeMap<i64, MarginV1>,
+}
+
+impl From<MarginsV1> for Margins {
+    fn from(m: MarginsV1) -> Margins {
+        Margins {
+            total: m.total.into(),
+            by_product: m
+                .by_product
+                .into_iter()
+                .map(|(k, v)| (k, v.into()))
+                .collect(),
+            by_plan: m.by_plan.into_iter().map(|(k, v)| (k, v.into())).collect(),
+            by_hour: m.by_hour.into_iter().map(|(k, v)| (k, v.into())).collect(),
+        }
+    }
+}
+
+impl From<&Margins> for MarginsV1 {
+    fn from(m: &Margins) -> MarginsV1 {
+        MarginsV1 {
+            total: (&m.total).into(),
+            by_product: m.by_product.iter().map(|(k, v)| (*k, v.into())).collect(),
+            by_plan: m.by_plan.iter().map(|(k, v)| (*k, v.into())).collect(),
+            by_hour: m.by_hour.iter().map(|(k, v)| (*k, v.into())).collect(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
@@ -140,7 +208,7 @@ impl From<StateV1> for State {
         state.assets = old.assets;
         state.products = old.products;
         state.plans = old.plans;
-        state.margins = old.margins;
+        state.margins = old.margins.into();
         state.next_grant = old.next_grant;
         state.next_hold = old.next_hold;
         state.journal_seq = old.journal_seq;
@@ -205,7 +273,7 @@ impl From<StateV1> for State {
                         })
                         .collect(),
                     adjustments: w.adjustments,
-                    margin: w.margin,
+                    margin: w.margin.into(),
                 })
             })
             .collect();
@@ -260,7 +328,7 @@ pub fn v1_for_tests(state: &State, requests: &[(RequestId, u64, Timestamp, Reply
                     })
                     .collect(),
                 adjustments: w.adjustments.clone(),
-                margin: w.margin,
+                margin: (&w.margin).into(),
             })
             .collect(),
         requests: requests
@@ -274,7 +342,7 @@ pub fn v1_for_tests(state: &State, requests: &[(RequestId, u64, Timestamp, Reply
             })
             .collect(),
         requests_first_seq: 0,
-        margins: state.margins.clone(),
+        margins: (&state.margins).into(),
         next_grant: state.next_grant,
         next_hold: state.next_hold,
         journal_seq: state.journal_seq,

@@ -39,7 +39,12 @@
 //!   no finer than its asset's scale. Balance totals (ledger, debt) stay within the same bound,
 //!   so every number has at most 28 digits and balance arithmetic never rounds (`Decimal` would
 //!   round silently past its 96-bit mantissa): a grant, refund or debit that would cross it is
-//!   refused with `AmountOverflow` and changes nothing. Charges are computed exactly (a product
+//!   refused with `AmountOverflow` and changes nothing.
+//! - Margin is in USD: a charge is valued at its asset's USD value to 18 decimal places (half to
+//!   even; exact for every asset whose scale and USD value need no more), costs carry at most 12,
+//!   and totals are kept as exact integers of 10^-18 USD ([`Usd`]), so no total ever rounds
+//!   (they saturate at 1.7 × 10^20 USD). A report shows a total as a `Decimal`: exact up to
+//!   79 billion USD, its last places rounded beyond. Charges are computed exactly (a product
 //!   that would need rounding inside `Decimal` is refused with `AmountOverflow`) and rounded to
 //!   the asset's scale once, in the rounding mode the matching price rule names.
 //! - Tiered prices apply to the quantity of one event (per-event tiers), not to cumulative usage
@@ -125,7 +130,7 @@ pub use engine::{
     TOPUP_IN_FLIGHT_TIMEOUT_US, TOPUP_PRIORITY, TOPUP_TIMED_OUT,
 };
 pub use hash::{fingerprint, scope_of, shard_for, StableHasher};
-pub use money::{dec, Rounding, AMOUNT_MAX, QUANTITY_MAX};
+pub use money::{dec, Rounding, Usd, AMOUNT_MAX, QUANTITY_MAX, USD_SCALE};
 pub use output::{Account, Alert, Effect, EntryKind, JournalEntry, MarginRecord, TopUpRequest};
 pub use pricing::{Component, PriceModel, PriceRule, Quantity, Tier};
 pub use query::{

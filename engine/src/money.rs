@@ -154,6 +154,72 @@ pub fn sub(a: Decimal, b: Decimal) -> Result<Decimal, ResultCode> {
     add(a, -b)
 }
 
+/// Decimal places of USD valuations: a charge times its asset's USD value is valued to 10^-18
+/// USD (half to even; exact whenever the product has no more places, as with any asset of up to
+/// 18 places worth a whole number of dollars, or 9 places worth up to 9 decimals). Vendor costs
+/// carry at most 12 places. Margin totals add these up exactly, as [`Usd`].
+pub const USD_SCALE: u32 = 18;
+
+/// `amount` of an asset worth `usd_value` per unit, in USD to [`USD_SCALE`] places, or
+/// [`ResultCode::AmountOverflow`] when the exact product does not fit a `Decimal`.
+pub fn usd_valuation(amount: Decimal, usd_value: Decimal) -> Result<Decimal, ResultCode> {
+    let exact = mul_exact(amount, usd_value)?;
+    Ok(exact.round_dp_with_strategy(USD_SCALE, RoundingStrategy::MidpointNearestEven))
+}
+
+/// A running USD total in units of 10^-18 USD. Sums of valuations never round; a total saturates
+/// at ±1.7 × 10^20 USD, beyond any real ledger.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct Usd(pub i128);
+
+impl Usd {
+    /// A USD value of at most [`USD_SCALE`] places (finer ones are rounded half to even).
+    pub fn of(value: Decimal) -> Usd {
+        let value = if value.scale() > USD_SCALE {
+            value.round_dp_with_strategy(USD_SCALE, RoundingStrategy::MidpointNearestEven)
+        } else {
+            value
+        };
+        let units = value
+            .mantissa()
+            .saturating_mul(10i128.pow(USD_SCALE - value.scale()));
+        Usd(units)
+    }
+
+    /// `self + other`.
+    pub fn add(self, other: Usd) -> Usd {
+        Usd(self.0.saturating_add(other.0))
+    }
+
+    /// `self − other`.
+    pub fn sub(self, other: Usd) -> Usd {
+        Usd(self.0.saturating_sub(other.0))
+    }
+
+    /// The total as a `Decimal`: exact when it fits 28 digits (any total up to 79 billion USD,
+    /// and larger ones without trailing places), else its smallest places rounded half to even
+    /// to fit.
+    pub fn to_decimal(self) -> Decimal {
+        const MANTISSA_MAX: u128 = (1 << 96) - 1;
+        let (mut m, mut scale) = (self.0, USD_SCALE);
+        while scale > 0 && (m % 10 == 0 || m.unsigned_abs() > MANTISSA_MAX) {
+            let (q, r) = (m.div_euclid(10), m.rem_euclid(10));
+            m = if r > 5 || (r == 5 && q % 2 != 0) {
+                q + 1
+            } else {
+                q
+            };
+            scale -= 1;
+        }
+        if m.unsigned_abs() > MANTISSA_MAX {
+            return if m > 0 { Decimal::MAX } else { Decimal::MIN };
+        }
+        Decimal::from_i128_with_scale(m, scale)
+    }
+}
+
 /// Serde encoding for `Decimal`: its 16 raw bytes in compact binary formats (bincode: the WAL and
 /// snapshots), its exact decimal string in human-readable ones (JSON). `rust_decimal`'s own
 /// `Deserialize` needs `deserialize_any`, which bincode does not support.
@@ -300,5 +366,48 @@ mod tests {
         let mut bad = Decimal::ONE.serialize();
         bad[2] = 29; // scale 29
         assert_eq!(dec::from_bytes(bad), None);
+    }
+}
+
+#[cfg(test)]
+mod usd_tests {
+    use super::*;
+
+    fn d(s: &str) -> Decimal {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn usd_totals_never_round() {
+        // Adding a billion dollars to an atto-dollar: a Decimal sum keeps 28 digits and rounds
+        // the atto-dollar away; the total keeps it.
+        let big = d("1000000000000");
+        let tiny = d("0.000000000000000001");
+        assert_ne!(
+            big + tiny - big,
+            tiny,
+            "Decimal rounds this (the reason for Usd)"
+        );
+        let total = Usd::of(big).add(Usd::of(tiny)).sub(Usd::of(big));
+        assert_eq!(total.to_decimal(), tiny);
+        // Exact when it fits, whatever the magnitude, and without trailing places.
+        assert_eq!(Usd::of(d("12.50")).to_decimal().to_string(), "12.5");
+        assert_eq!(
+            Usd::of(d("-3.25")).add(Usd::of(d("1"))).to_decimal(),
+            d("-2.25")
+        );
+        // Too many digits for a Decimal: the smallest places are rounded for display only.
+        let huge = Usd::of(big).add(Usd::of(big)).add(Usd::of(tiny));
+        assert_eq!(huge.to_decimal(), d("2000000000000.0000000000000000"));
+    }
+
+    #[test]
+    fn valuations_keep_18_places() {
+        assert_eq!(usd_valuation(d("1.5"), d("0.01")).unwrap(), d("0.015"));
+        // 10 + 10 places: the 19th and 20th are rounded half to even.
+        let v = usd_valuation(d("0.0000000001"), d("0.0000000015")).unwrap();
+        assert_eq!(v, d("0.000000000000000000"));
+        let v = usd_valuation(d("0.000000001"), d("0.0000000015")).unwrap();
+        assert_eq!(v, d("0.000000000000000002"));
     }
 }

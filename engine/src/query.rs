@@ -319,10 +319,10 @@ impl From<Margin> for MarginView {
     fn from(m: Margin) -> MarginView {
         MarginView {
             events: m.events,
-            revenue_usd: m.revenue_usd,
-            cost_usd: m.cost_usd,
-            refunded_usd: m.refunded_usd,
-            margin_usd: m.margin_usd(),
+            revenue_usd: m.revenue_usd.to_decimal(),
+            cost_usd: m.cost_usd.to_decimal(),
+            refunded_usd: m.refunded_usd.to_decimal(),
+            margin_usd: m.margin_usd().to_decimal(),
         }
     }
 }
@@ -658,7 +658,7 @@ impl Engine {
                     &event.attributes,
                 )
                 .ok()?;
-            money::mul_exact(amount, state.assets[version.asset as usize].usd_value).ok()
+            money::usd_valuation(amount, state.assets[version.asset as usize].usd_value).ok()
         };
         for event in events {
             let row = rows.entry(event.wallet).or_default();

@@ -11,7 +11,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use crate::command::{GrantSource, Reply, TopUpRule};
-use crate::money::dec;
+use crate::money::{dec, Usd};
 use crate::pricing::PriceRule;
 pub use crate::remember::{Fifo, Key, Remembered};
 use crate::types::{AssetCode, GrantId, HoldId, Name, RequestId, Timestamp, WalletId};
@@ -520,45 +520,42 @@ pub struct ChargeRef {
     pub expires_at: Option<Timestamp>,
 }
 
-/// Running revenue and cost.
+/// Running revenue and cost, as exact USD totals ([`crate::money::Usd`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Margin {
     /// Priced events.
     pub events: u64,
-    /// Revenue in USD, net of refunds.
-    #[serde(with = "dec")]
-    pub revenue_usd: Decimal,
-    /// Vendor cost in USD.
-    #[serde(with = "dec")]
-    pub cost_usd: Decimal,
-    /// Refunds in USD (already taken out of `revenue_usd`).
-    #[serde(with = "dec")]
-    pub refunded_usd: Decimal,
+    /// Revenue, net of refunds.
+    pub revenue_usd: Usd,
+    /// Vendor cost.
+    pub cost_usd: Usd,
+    /// Refunds (already taken out of `revenue_usd`).
+    pub refunded_usd: Usd,
 }
 
 impl Margin {
-    /// Revenue − cost. Report figures saturate rather than overflow.
-    pub fn margin_usd(&self) -> Decimal {
-        self.revenue_usd.saturating_sub(self.cost_usd)
+    /// Revenue − cost.
+    pub fn margin_usd(&self) -> Usd {
+        self.revenue_usd.sub(self.cost_usd)
     }
 
     pub(crate) fn add_event(&mut self, revenue_usd: Decimal, cost_usd: Decimal) {
         self.events += 1;
-        self.revenue_usd = self.revenue_usd.saturating_add(revenue_usd);
-        self.cost_usd = self.cost_usd.saturating_add(cost_usd);
+        self.revenue_usd = self.revenue_usd.add(Usd::of(revenue_usd));
+        self.cost_usd = self.cost_usd.add(Usd::of(cost_usd));
     }
 
     pub(crate) fn add_refund(&mut self, refund_usd: Decimal) {
-        self.revenue_usd = self.revenue_usd.saturating_sub(refund_usd);
-        self.refunded_usd = self.refunded_usd.saturating_add(refund_usd);
+        self.revenue_usd = self.revenue_usd.sub(Usd::of(refund_usd));
+        self.refunded_usd = self.refunded_usd.add(Usd::of(refund_usd));
     }
 
     /// Adds another aggregate (for merging shards or hours).
     pub fn merge(&mut self, other: &Margin) {
         self.events += other.events;
-        self.revenue_usd = self.revenue_usd.saturating_add(other.revenue_usd);
-        self.cost_usd = self.cost_usd.saturating_add(other.cost_usd);
-        self.refunded_usd = self.refunded_usd.saturating_add(other.refunded_usd);
+        self.revenue_usd = self.revenue_usd.add(other.revenue_usd);
+        self.cost_usd = self.cost_usd.add(other.cost_usd);
+        self.refunded_usd = self.refunded_usd.add(other.refunded_usd);
     }
 }
 

@@ -14,8 +14,8 @@ use std::task::{Context, Poll};
 
 use crossbeam_channel::{Sender, TrySendError};
 use tally_engine::{
-    shard_for, Margin, MarginScope, Query, QueryReply, Reply, Request, ResultCode, WalletFilter,
-    WalletId, WalletPage,
+    shard_for, Margin, MarginScope, Query, QueryReply, Reply, Request, ResultCode, Usd,
+    WalletFilter, WalletId, WalletPage,
 };
 use tokio::sync::oneshot::{self, Receiver};
 
@@ -407,9 +407,9 @@ fn merge_margin(
         QueryReply::Margin(m) => {
             total.merge(&Margin {
                 events: m.events,
-                revenue_usd: m.revenue_usd,
-                cost_usd: m.cost_usd,
-                refunded_usd: m.refunded_usd,
+                revenue_usd: Usd::of(m.revenue_usd),
+                cost_usd: Usd::of(m.cost_usd),
+                refunded_usd: Usd::of(m.refunded_usd),
             });
             Ok(())
         }
