@@ -450,7 +450,7 @@ impl Engine {
                         timers.insert(timer(at, TimerKind::GrantExpiry, g.id.0));
                         // Notices already due fired before this state was saved.
                         if let Some(notice) = self.expiring_at(at) {
-                            if notice >= self.state.now && notice < at {
+                            if notice > self.state.now && notice < at {
                                 timers.insert(timer(notice, TimerKind::GrantExpiring, g.id.0));
                             }
                         }
@@ -559,6 +559,8 @@ impl Engine {
         }
         state.requests.pop_front();
         state.requests_first_seq += 1;
+        // Requests of a previous format are all older than any of today's: they go first.
+        state.legacy.clear();
         // A charge is refundable while its request is remembered.
         while state
             .charges
@@ -658,6 +660,14 @@ impl Engine {
     /// made one. Forgets the oldest id first if the table is full.
     fn remember(&mut self, fingerprint: u64, reply: &Reply) {
         if self.state.requests.len() as u64 >= self.state.config.idempotency_max_ids {
+            // Forgotten before its time: from now on the table answers only for ids applied
+            // after the end of that id's tick.
+            if let Some(front) = self.state.requests.front() {
+                let now_tick = remember::tick(self.state.now);
+                let age = i64::from((now_tick as u32).wrapping_sub(front.at));
+                let end = Timestamp((now_tick - age + 1) * remember::TICK_US);
+                self.state.remembered_from = self.state.remembered_from.max(end);
+            }
             self.forget_request();
             self.evicted += 1;
         }
@@ -1240,6 +1250,8 @@ impl Engine {
             }
             None => credit(balance, grant),
         };
+        // New credit covers open holds: expired grants kept behind them may go now.
+        self.expire_overdue(w, asset);
         if let Some(at) = effective_at {
             self.timer(at, TimerKind::GrantEffective, w, id.0);
         }
@@ -1316,9 +1328,17 @@ impl Engine {
     fn arm_expiry(&mut self, at: Timestamp, w: u32, id: u64) {
         self.timer(at, TimerKind::GrantExpiry, w, id);
         if let Some(notice) = self.expiring_at(at) {
-            let notice = notice.max(self.state.now);
-            if notice < at {
+            if notice > self.state.now {
                 self.timer(notice, TimerKind::GrantExpiring, w, id);
+            } else if self.state.now < at {
+                // Already inside the lead time: the notice goes now, not at the next input (a
+                // restore in between would lose it).
+                self.fire(Timer {
+                    at: self.state.now,
+                    kind: TimerKind::GrantExpiring,
+                    wallet: w,
+                    id,
+                });
             }
         }
     }
@@ -1368,16 +1388,25 @@ impl Engine {
     }
 
     /// Validates an event's cost and time. No event may lie more than `future_skew_us` ahead.
-    /// Strict usage asks permission for work about to be done, so it must also be recent
-    /// (within the idempotency window); recorded usage and settlements report work already
-    /// served, which is always recorded however late it arrives.
-    fn check_event(&self, event: &UsageEvent, late_allowed: bool) -> Result<(), ResultCode> {
+    ///
+    /// A usage event (strict or recorded) must also be recent enough that, had it been applied
+    /// before under the same id, that id is still remembered: an application happens no earlier
+    /// than `occurred_at − future_skew`, so that time must not be before the oldest time the
+    /// table still answers for (the window, or later if ids were forgotten early because the
+    /// table was full). Otherwise a retry could be charged twice, and it is refused with
+    /// `TimestampOutOfRange`; backfills older than the window need a longer window.
+    /// Settlements name their hold, which can be settled once, so they are never too late.
+    fn check_event(&self, event: &UsageEvent, settles_a_hold: bool) -> Result<(), ResultCode> {
         money::check_amount_or_zero(event.cost_usd, COST_SCALE_MAX)?;
         let now = self.state.now;
         let config = &self.state.config;
-        if event.occurred_at > now.add_us(config.future_skew_us)
-            || (!late_allowed && event.occurred_at < now.add_us(-config.idempotency_retention_us))
-        {
+        if event.occurred_at > now.add_us(config.future_skew_us) {
+            return Err(ResultCode::TimestampOutOfRange);
+        }
+        let horizon = now
+            .add_us(-config.idempotency_retention_us)
+            .max(self.state.remembered_from);
+        if !settles_a_hold && event.occurred_at.add_us(-config.future_skew_us) < horizon {
             return Err(ResultCode::TimestampOutOfRange);
         }
         Ok(())
@@ -1432,7 +1461,7 @@ impl Engine {
 
     fn usage(&mut self, event: &UsageEvent) -> Handled {
         let w = self.wallet_index(&event.wallet)?;
-        self.check_event(event, event.mode == DebitMode::Record)?;
+        self.check_event(event, false)?;
         let priced = self.price(
             w,
             &event.product,
@@ -1672,6 +1701,7 @@ impl Engine {
         // The charge had first call on what the hold kept from expiring; the rest goes now, and
         // the reply and the top-up rule see the balance after it.
         self.expire_overdue(w, asset.code);
+        self.pay_debt(w, asset.code);
         if let ReplyValue::Charge { available, .. } = &mut value {
             *available = self.state.wallets[w as usize]
                 .balance(&asset.code)
@@ -1686,6 +1716,7 @@ impl Engine {
         let i = self.open_hold(w, hold)?;
         let hold = self.close_hold(w, i, HoldEnd::Released);
         self.expire_overdue(w, hold.asset);
+        self.pay_debt(w, hold.asset);
         Ok(ReplyValue::None)
     }
 
@@ -1882,10 +1913,10 @@ impl Engine {
         let debt_paid = credit(wallet.balance_mut(&p.asset), restored);
         if let Some(at) = expires_at {
             self.arm_expiry(at, w, id.0);
-            if at <= now {
-                self.expire_overdue(w, p.asset);
-            }
         }
+        // New credit (or credit whose expiry passed during the dispute): expired grants go as
+        // far as open holds do not need them.
+        self.expire_overdue(w, p.asset);
         // An open dispute held top-ups back; this may have been the last one.
         self.check_topup(w, p.asset);
         Ok(ReplyValue::Grant {
@@ -2305,6 +2336,12 @@ impl Engine {
         }) else {
             return;
         };
+        // Never ask for more than the balance can take: a success must always be creditable.
+        let limit = money::limit(self.state.assets[self.index.assets[&asset] as usize].scale);
+        let room = limit
+            - wallet
+                .balance(&asset)
+                .map_or(Decimal::ZERO, Balance::ledger);
         let wallet = wallet_mut(&mut self.state.wallets, w);
         let default_method = wallet.payment_method;
         let wallet_id = wallet.id;
@@ -2342,7 +2379,10 @@ impl Engine {
                 amount = amount.min(left);
             }
         }
-        if amount <= Decimal::ZERO || amount > money::AMOUNT_MAX {
+        if amount > room {
+            amount = (room / step).floor() * step;
+        }
+        if amount <= Decimal::ZERO || amount > limit {
             return;
         }
         let payment_method = if rule.payment_method.as_str() == DEFAULT_PAYMENT_METHOD {
@@ -2385,6 +2425,35 @@ impl Engine {
     }
 
     // ----- timers --------------------------------------------------------------------------
+
+    /// Pays wallet `w`'s debt in `asset` from its grants in consumption order, as far as they
+    /// are free (not behind open holds). Debt next to free credit exists only because a hold set
+    /// the credit aside when a debit came; once the hold closes the credit pays it, as it would
+    /// have without the hold. The ledger does not change (credit and debt shrink together), so
+    /// there is no journal entry, as when a new grant pays debt.
+    fn pay_debt(&mut self, w: u32, asset: AssetCode) {
+        let Some(b) = self.state.wallets[w as usize]
+            .balances
+            .iter()
+            .position(|b| b.asset == asset && b.debt > Decimal::ZERO && b.active > b.held)
+        else {
+            return;
+        };
+        let balance = &mut wallet_mut(&mut self.state.wallets, w).balances[b];
+        let mut left = balance.debt.min(balance.active - balance.held);
+        let paid = left;
+        for grant in balance.grants.iter_mut() {
+            if left.is_zero() {
+                break;
+            }
+            let part = left.min(grant.remaining);
+            grant.remaining -= part;
+            left -= part;
+        }
+        balance.grants.retain(|g| !g.remaining.is_zero());
+        balance.active -= paid;
+        balance.debt -= paid;
+    }
 
     /// Breaks what the expired grants of wallet `w` in `asset` hold beyond what its open holds
     /// need. Money behind a hold is set aside, expiry included: the expired grants together
@@ -2449,7 +2518,9 @@ impl Engine {
                 for balance in &mut wallet.balances {
                     if let Some(i) = balance.pending.iter().position(|g| g.id.0 == timer.id) {
                         let grant = balance.pending.remove(i);
+                        let asset = balance.asset;
                         credit(balance, grant);
+                        self.expire_overdue(w, asset);
                         return;
                     }
                 }
@@ -2488,6 +2559,7 @@ impl Engine {
                 if let Ok(i) = self.open_hold(w, HoldId(timer.id)) {
                     let hold = self.close_hold(w, i, HoldEnd::Expired);
                     self.expire_overdue(w, hold.asset);
+                    self.pay_debt(w, hold.asset);
                 }
             }
             TimerKind::TopUpTimeout => {
@@ -2612,6 +2684,9 @@ fn restore(state: State) -> Result<Engine, RestoreError> {
     let first = state.requests_first_seq;
     for (i, r) in state.requests.iter().enumerate() {
         let seq = first + i as u64;
+        if !r.is_valid(state.assets.len()) {
+            return fail(format!("remembered request #{seq} cannot be read"));
+        }
         if r.spilled() != state.spilled.contains_key(&seq) {
             return fail(format!(
                 "remembered request #{seq} and its kept reply disagree"

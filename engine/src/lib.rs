@@ -55,9 +55,14 @@
 //!   becomes debt.
 //! - Grants are consumed when usage is applied, by the grants active at that time; an event's own
 //!   `occurred_at` chooses the plan version and the margin hour. Events may be up to
-//!   `future_skew_us` (5 min) ahead. Strict usage asks permission for work about to be done and
-//!   must be no older than the idempotency window (24 h by default); recorded usage and
-//!   settlements report work already served and are recorded however late they arrive.
+//!   `future_skew_us` (5 min) ahead. A usage event, strict or recorded, must be recent enough
+//!   that an earlier application of its id would still be remembered: `occurred_at − 5 min` no
+//!   earlier than the start of the idempotency window (24 h by default, later if ids were
+//!   forgotten early because the table was full). An older event is refused with
+//!   `TimestampOutOfRange`, because its retry could no longer be told from a new event and would
+//!   be charged twice; recorded usage reported late is recorded as long as this holds, and
+//!   backfills older than that need a longer window (48 bytes per id). A settlement names its
+//!   hold, which settles once, so it is accepted however late its event occurred.
 //! - Frozen wallets refuse strict usage and reserves; record usage, settles, grants and refunds
 //!   still apply (they describe what already happened).
 //! - Holds last at most 7 days. A settle after the deadline gets `HoldExpired`; the last 64 closed
@@ -66,7 +71,9 @@
 //!   adjustments) take from the grants at most `active − held`; the rest of the amount becomes
 //!   debt. A settlement closes its hold first, so it spends what the hold reserved. Expiry never
 //!   takes held money either: an expired grant keeps what the holds need beyond the grants that
-//!   have not expired, and gives that up as breakage as soon as the holds close. Processor
+//!   have not expired, and gives that up as breakage as soon as the holds close or new credit
+//!   covers them. When a hold closes, free credit pays any debt that the set-aside caused (it
+//!   would have paid it without the hold; no journal entry, as when a grant pays debt). Processor
 //!   events (a chargeback, a refund of a top-up) are not held back by holds: they take the
 //!   grant's remainder, and a settlement that then finds too little creates debt.
 //! - A refund credits a new grant (source `Refund`, journal kind `Refund`) and refers to the

@@ -189,12 +189,12 @@ impl Usd {
     }
 
     /// `self + other`.
-    pub fn add(self, other: Usd) -> Usd {
+    pub fn saturating_add(self, other: Usd) -> Usd {
         Usd(self.0.saturating_add(other.0))
     }
 
     /// `self − other`.
-    pub fn sub(self, other: Usd) -> Usd {
+    pub fn saturating_sub(self, other: Usd) -> Usd {
         Usd(self.0.saturating_sub(other.0))
     }
 
@@ -388,16 +388,22 @@ mod usd_tests {
             tiny,
             "Decimal rounds this (the reason for Usd)"
         );
-        let total = Usd::of(big).add(Usd::of(tiny)).sub(Usd::of(big));
+        let total = Usd::of(big)
+            .saturating_add(Usd::of(tiny))
+            .saturating_sub(Usd::of(big));
         assert_eq!(total.to_decimal(), tiny);
         // Exact when it fits, whatever the magnitude, and without trailing places.
         assert_eq!(Usd::of(d("12.50")).to_decimal().to_string(), "12.5");
         assert_eq!(
-            Usd::of(d("-3.25")).add(Usd::of(d("1"))).to_decimal(),
+            Usd::of(d("-3.25"))
+                .saturating_add(Usd::of(d("1")))
+                .to_decimal(),
             d("-2.25")
         );
         // Too many digits for a Decimal: the smallest places are rounded for display only.
-        let huge = Usd::of(big).add(Usd::of(big)).add(Usd::of(tiny));
+        let huge = Usd::of(big)
+            .saturating_add(Usd::of(big))
+            .saturating_add(Usd::of(tiny));
         assert_eq!(huge.to_decimal(), d("2000000000000.0000000000000000"));
     }
 

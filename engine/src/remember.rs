@@ -8,7 +8,7 @@
 //! whose numbers do not fit the packed form is kept whole in a side map (rare: amounts with more
 //! than 18 significant digits, refunds). What the reply said about the wallet's *available*
 //! balance (charges and holds) is not kept: a repeat gets the first reply's outcome and amounts,
-//! and the balance as it is now.
+//! and the balance as it is now (a reply kept whole is repeated whole).
 //!
 //! Records live in a FIFO of fixed-size chunks shared copy-on-write with checkpoints (copying the
 //! table copies chunk pointers; the engine copies a chunk only when it changes one that a
@@ -126,6 +126,14 @@ impl Remembered {
     /// True when the reply is kept whole in the side map.
     pub fn spilled(&self) -> bool {
         self.tag() == Tag::Spilled as u8
+    }
+
+    /// Whether the record can be unpacked: a known result code, and an asset index below
+    /// `assets` where the reply names an asset (checked when a state is restored).
+    pub fn is_valid(&self, assets: usize) -> bool {
+        let names_asset = [Tag::Charge as u8, Tag::Hold as u8, Tag::Shortfall as u8];
+        self.code().is_some()
+            && (!names_asset.contains(&self.tag()) || ((self.packed >> 20) as usize) < assets)
     }
 
     fn a(&self) -> i64 {
@@ -300,7 +308,6 @@ pub(crate) fn remember(
 const CHUNK: usize = 4096;
 
 /// A FIFO of records in chunks shared copy-on-write (see the module docs).
-#[derive(Clone)]
 pub struct Fifo<T: Clone> {
     chunks: VecDeque<Arc<Vec<T>>>,
     /// Entries of `chunks[0]` already forgotten.
@@ -308,6 +315,19 @@ pub struct Fifo<T: Clone> {
     len: usize,
     /// Emptied chunks kept for reuse (at most [`Fifo::spares_max`]).
     spares: Vec<Arc<Vec<T>>>,
+}
+
+impl<T: Clone> Clone for Fifo<T> {
+    /// Copies the chunk pointers; the spare chunks stay with the original (a copy sharing them
+    /// would make every reuse a copy).
+    fn clone(&self) -> Self {
+        Fifo {
+            chunks: self.chunks.clone(),
+            skip: self.skip,
+            len: self.len,
+            spares: Vec::new(),
+        }
+    }
 }
 
 impl<T: Clone> Default for Fifo<T> {

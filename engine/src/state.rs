@@ -102,6 +102,10 @@ pub struct State {
     /// Charges a refund may name, oldest first: those of the remembered requests (usage and
     /// settles), ordered by their request's sequence number.
     pub charges: Fifo<ChargeRef>,
+    /// The table answers for ids applied from this time on: the window's start, or later when
+    /// ids were forgotten early because the table was full. Usage that occurred before it is
+    /// refused (a retry of it could no longer be recognised).
+    pub remembered_from: Timestamp,
     /// Requests remembered by a previous format, by id alone (see [`crate::legacy`]); empty once
     /// the idempotency window has passed over them.
     pub legacy: BTreeMap<RequestId, crate::legacy::LegacyRequest>,
@@ -129,6 +133,7 @@ impl State {
             requests_first_seq: 0,
             spilled: BTreeMap::new(),
             charges: Fifo::default(),
+            remembered_from: Timestamp(i64::MIN),
             legacy: BTreeMap::new(),
             margins: Margins::default(),
             next_grant: 1,
@@ -536,26 +541,26 @@ pub struct Margin {
 impl Margin {
     /// Revenue − cost.
     pub fn margin_usd(&self) -> Usd {
-        self.revenue_usd.sub(self.cost_usd)
+        self.revenue_usd.saturating_sub(self.cost_usd)
     }
 
     pub(crate) fn add_event(&mut self, revenue_usd: Decimal, cost_usd: Decimal) {
         self.events += 1;
-        self.revenue_usd = self.revenue_usd.add(Usd::of(revenue_usd));
-        self.cost_usd = self.cost_usd.add(Usd::of(cost_usd));
+        self.revenue_usd = self.revenue_usd.saturating_add(Usd::of(revenue_usd));
+        self.cost_usd = self.cost_usd.saturating_add(Usd::of(cost_usd));
     }
 
     pub(crate) fn add_refund(&mut self, refund_usd: Decimal) {
-        self.revenue_usd = self.revenue_usd.sub(Usd::of(refund_usd));
-        self.refunded_usd = self.refunded_usd.add(Usd::of(refund_usd));
+        self.revenue_usd = self.revenue_usd.saturating_sub(Usd::of(refund_usd));
+        self.refunded_usd = self.refunded_usd.saturating_add(Usd::of(refund_usd));
     }
 
     /// Adds another aggregate (for merging shards or hours).
     pub fn merge(&mut self, other: &Margin) {
         self.events += other.events;
-        self.revenue_usd = self.revenue_usd.add(other.revenue_usd);
-        self.cost_usd = self.cost_usd.add(other.cost_usd);
-        self.refunded_usd = self.refunded_usd.add(other.refunded_usd);
+        self.revenue_usd = self.revenue_usd.saturating_add(other.revenue_usd);
+        self.cost_usd = self.cost_usd.saturating_add(other.cost_usd);
+        self.refunded_usd = self.refunded_usd.saturating_add(other.refunded_usd);
     }
 }
 

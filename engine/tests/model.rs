@@ -887,6 +887,7 @@ impl Model {
                     if self.break_overdue(w, a) > 0 {
                         self.check_topup(w, a);
                     }
+                    self.pay_debt(w, a);
                 }
             }
             T_RETRY => self.check_topup(w, key as usize),
@@ -908,8 +909,43 @@ impl Model {
 
     // ----- money movements -------------------------------------------------------------------
 
-    /// Makes grant `g` active; it pays the debt first. Returns the debt paid.
+    /// Pays the debt of wallet `w` in asset `a` from its free grants (not behind holds) in
+    /// consumption order, once a hold closed (rule 2): no journal entry, as when a new grant pays
+    /// debt.
+    fn pay_debt(&mut self, w: usize, a: usize) {
+        if !self.fixes.holds_aside {
+            return;
+        }
+        let free = (self.active(w, a) - self.held(w, a)).max(0);
+        let mut left = self.wallets[w].debt[a].min(free);
+        self.wallets[w].debt[a] -= left;
+        for g in self.consumption_order(w, a) {
+            if left == 0 {
+                break;
+            }
+            let x = &mut self.grants[g];
+            let part = left.min(x.remaining);
+            left -= part;
+            x.remaining -= part;
+            x.debt_paid += part;
+            if x.remaining == 0 {
+                x.state = GState::Gone;
+            }
+        }
+    }
+
+    /// Makes grant `g` active; it pays the debt first; then expired grants kept behind holds go
+    /// as far as the holds no longer need them (rule 2). Returns the debt paid.
     fn credit(&mut self, g: usize) -> i128 {
+        let paid = self.credit_only(g);
+        let (w, a) = (self.grants[g].wallet, self.grants[g].asset);
+        if self.break_overdue(w, a) > 0 {
+            self.check_topup(w, a);
+        }
+        paid
+    }
+
+    fn credit_only(&mut self, g: usize) -> i128 {
         let (w, a) = (self.grants[g].wallet, self.grants[g].asset);
         let paid = self.wallets[w].debt[a].min(self.grants[g].remaining);
         self.wallets[w].debt[a] -= paid;
@@ -1336,6 +1372,7 @@ impl Model {
                 if self.break_overdue(w, a) > 0 {
                     self.check_topup(w, a);
                 }
+                self.pay_debt(w, a);
                 Ok(ReplyValue::None)
             }
             Command::Refund {
@@ -1604,7 +1641,18 @@ impl Model {
             return err(ResultCode::PrecisionExceedsScale);
         }
         let at = e.occurred_at.0;
-        if at > self.now + SKEW || (!late_ok && at < self.now - RETENTION) {
+        if at > self.now + SKEW {
+            return err(ResultCode::TimestampOutOfRange);
+        }
+        // Rule 1: a settlement is never too late (its hold settles once). A usage event must be
+        // recent enough that an earlier application of its id (no earlier than occurred_at −
+        // skew) is still remembered; without rule 1, recent by the window alone.
+        let too_old = if self.fixes.late_record {
+            !late_ok && at - SKEW < self.now - RETENTION
+        } else {
+            at < self.now - RETENTION
+        };
+        if too_old {
             return err(ResultCode::TimestampOutOfRange);
         }
         Ok(())
@@ -1659,7 +1707,8 @@ impl Model {
     fn usage(&mut self, e: &UsageEvent) -> Res<ReplyValue> {
         let w = self.wallet(&e.wallet)?;
         let strict = e.mode == DebitMode::Strict;
-        self.check_event(e, !strict && self.fixes.late_record)?;
+        let _ = strict;
+        self.check_event(e, false)?;
         let (a, amount, p) =
             self.price(w, &e.product, &e.quantities, &e.attributes, e.occurred_at.0)?;
         if strict {
@@ -1795,6 +1844,7 @@ impl Model {
         // Then what the hold kept from expiring goes. Reading: the reply's `available` and the
         // top-up check see the balance after the whole settle.
         self.break_overdue(w, a);
+        self.pay_debt(w, a);
         self.check_topup(w, a);
         let ReplyValue::Charge {
             asset,

@@ -1763,17 +1763,19 @@ fn hold_usd(h: &mut Harness, w: WalletId, amount: &str, lasts_us: i64) -> HoldId
 }
 
 #[test]
-fn late_recorded_usage_is_recorded_but_late_strict_usage_is_refused() {
+fn late_usage_is_recorded_while_a_retry_of_it_would_still_be_recognised() {
     let mut h = Harness::new();
     let w = h.wallet("acme");
     h.grant(w, "10");
     let served = h.now;
-    h.advance(3 * 24 * HOUR); // three days: past the 24 h window
+    // Recorded usage reported 23 hours late is recorded, in the hour it occurred.
+    h.advance(23 * HOUR);
     let mut late = h.event(w, "1000", "0", DebitMode::Record);
     late.occurred_at = served;
-    // Record mode reports work already served: it is always recorded, in its own hour.
-    assert_eq!(charged(h.run(Command::Usage(late.clone()))), d("1"));
-    assert_eq!(h.margins.last().unwrap().occurred_at, served);
+    assert_eq!(
+        charged(h.run_id(7_001, Command::Usage(late.clone()))),
+        d("1")
+    );
     assert_eq!(
         h.margin(MarginScope::Hours {
             from: served,
@@ -1782,10 +1784,33 @@ fn late_recorded_usage_is_recorded_but_late_strict_usage_is_refused() {
         .revenue_usd,
         d("1")
     );
-    // Strict usage asks permission now; a stale one is refused.
-    late.mode = DebitMode::Strict;
-    h.rejects(Command::Usage(late), ResultCode::TimestampOutOfRange);
-    // The future bound stays for both.
+    // Its retry a day later must not be charged again: the id is forgotten by then, and only
+    // the event's age tells it apart, so an event that old is refused.
+    h.advance(24 * HOUR + SECOND);
+    h.rejects(
+        Command::Usage(late.clone()),
+        ResultCode::TimestampOutOfRange,
+    );
+    assert_eq!(
+        h.run_id(7_001, Command::Usage(late)).code,
+        ResultCode::TimestampOutOfRange
+    );
+    assert_eq!(h.balance(w).available, d("9"));
+    // A settlement is never too late: its hold can be settled once.
+    let hold = hold_usd(&mut h, w, "2", 7 * 24 * HOUR);
+    let reserved = h.now;
+    h.advance(3 * 24 * HOUR);
+    let mut usage = h.event(w, "2000", "0", DebitMode::Record);
+    usage.occurred_at = reserved;
+    assert_eq!(
+        charged(h.run(Command::Settle {
+            wallet: w,
+            hold,
+            usage
+        })),
+        d("2")
+    );
+    // The future bound stays for all.
     let mut ahead = h.event(w, "1000", "0", DebitMode::Record);
     ahead.occurred_at = h.now.add_us(HOUR);
     h.rejects(Command::Usage(ahead), ResultCode::TimestampOutOfRange);
@@ -2147,6 +2172,7 @@ fn the_idempotency_table_is_bounded_and_forgets_the_oldest_first() {
     assert_eq!(h.engine.state().requests.len(), h.next_id as usize - 1);
     // 1,000 more requests: the table never holds more than 1,000, the oldest go first.
     for _ in 0..1_000 {
+        h.advance(SECOND);
         h.usage(w, "1", "0", DebitMode::Record);
     }
     assert_eq!(h.engine.state().requests.len(), 1_000);
@@ -2160,11 +2186,10 @@ fn the_idempotency_table_is_bounded_and_forgets_the_oldest_first() {
         d("0.001")
     );
     assert_eq!(h.balance(w).available, d("103.999"));
-    // The first id was forgotten early: the same body now applies again (the documented cost
-    // of a bound too small for the rate).
-    let reapplied = h.run_id(first, usage);
-    assert_eq!(charged(reapplied), d("0.001"));
-    assert_eq!(h.balance(w).available, d("103.998"));
+    // The first id was forgotten early, so the table no longer answers for events that old:
+    // its retry is refused rather than charged again.
+    assert_eq!(h.run_id(first, usage).code, ResultCode::TimestampOutOfRange);
+    assert_eq!(h.balance(w).available, d("103.999"));
     // Snapshot and restore keep the table and its answers.
     let state = h.engine.state().clone();
     let restored = Engine::from_state(state).unwrap();
@@ -2178,7 +2203,7 @@ fn the_idempotency_table_is_bounded_and_forgets_the_oldest_first() {
         .code,
         ResultCode::Ok
     );
-    assert_eq!(h.balance(w).available, d("103.998"));
+    assert_eq!(h.balance(w).available, d("103.999"));
     h.check_ledger();
 }
 
