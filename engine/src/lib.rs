@@ -150,6 +150,13 @@ pub use types::{
     AssetCode, GrantId, HoldId, InlineStr, Name, NameError, RequestId, Timestamp, WalletId,
 };
 
+/// The version of the billing rules: two builds with the same version apply the same inputs to
+/// the same outcomes. A WAL written under one version is replayed only by a build of the same
+/// version (the server refuses otherwise); bump it with any change of a rule's outcome.
+/// Version 2: issue 14 (holds set aside, per-wallet idempotency, top-up timeouts, exact
+/// balances, ...).
+pub const RULES_VERSION: u32 = 2;
+
 /// Every public type, for `use tally_engine::prelude::*` in tests and tools.
 pub mod prelude {
     pub use crate::*;

@@ -5,6 +5,8 @@
 //! ```text
 //! <data-dir>/LOCK              flock'ed by the running server; a second process is refused
 //! <data-dir>/shards            the shard count, fixed at creation
+//! <data-dir>/RULES             the version of the billing rules its WAL records were applied
+//!                              under (`tally_engine::RULES_VERSION`)
 //! <data-dir>/shard-NNN/wal/    each shard's WAL segments
 //! <data-dir>/snapshots/        checkpoints (see docs/snapshot-format.md)
 //! <data-dir>/outbound/         JSON-lines exports and their progress
@@ -56,6 +58,66 @@ pub trait Store: Checkpoints {
     fn load_newest(&self, shard: u32) -> Result<Loaded, String>;
     /// Another handle on the same storage, for another shard thread.
     fn clone_box(&self) -> Box<dyn Store>;
+}
+
+/// `<data-dir>/RULES`.
+const RULES_FILE: &str = "RULES";
+
+/// The rules version `<data-dir>/RULES` names (`None`: no file, a directory written by a release
+/// from before the file, or a new one).
+fn rules_of(data_dir: &Path) -> Result<Option<u32>, Error> {
+    let path = data_dir.join(RULES_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().map(Some).map_err(|_| {
+            Error(format!(
+                "{} does not hold a rules version: {:?}",
+                path.display(),
+                text.trim()
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error(format!("cannot read {}: {e}", path.display()))),
+    }
+}
+
+/// Refuses to replay `pending` WAL records of `shard` that were applied under other rules than
+/// this build's.
+fn check_rules(data_dir: &Path, shard: u32, pending: u64) -> Result<(), Error> {
+    match rules_of(data_dir)? {
+        Some(v) if v == tally_engine::RULES_VERSION => Ok(()),
+        Some(v) if v > tally_engine::RULES_VERSION => Err(Error(format!(
+            "this data directory was written by a newer tally release (billing rules version \
+             {v}; this release has {}): run that release",
+            tally_engine::RULES_VERSION
+        ))),
+        _ if pending > 0 => Err(Error(format!(
+            "shard {shard}: this data directory was written by an earlier tally release, and its \
+             WAL holds {pending} records after the last checkpoint that were applied under that \
+             release's billing rules; replaying them under this release's rules could change \
+             what was acknowledged. Start the earlier release once more and stop it with \
+             SIGTERM (a clean stop writes a checkpoint and leaves nothing to replay), then start \
+             this release"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Records in `<data-dir>/RULES` that the WAL's records from now on are applied under this
+/// build's rules (written once every shard has recovered).
+fn write_rules(data_dir: &Path) -> Result<(), Error> {
+    if rules_of(data_dir)? == Some(tally_engine::RULES_VERSION) {
+        return Ok(());
+    }
+    let path = data_dir.join(RULES_FILE);
+    let temp = data_dir.join("RULES.tmp");
+    let fail = |e: std::io::Error| Error(format!("cannot write {}: {e}", path.display()));
+    let mut file = File::create(&temp).map_err(fail)?;
+    writeln!(file, "{}", tally_engine::RULES_VERSION).map_err(fail)?;
+    file.sync_all().map_err(fail)?;
+    std::fs::rename(&temp, &path).map_err(fail)?;
+    File::open(data_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(fail)
 }
 
 /// Holds `<data-dir>/LOCK` for as long as it lives.
@@ -195,6 +257,10 @@ pub fn recover_shard(
     if let Some(cut) = &wal.recovery().truncated {
         warnings.push(format!("shard {shard}: cut a torn WAL tail: {cut:?}"));
     }
+    // WAL records are inputs, and replay re-applies them under this build's rules: records that
+    // an earlier release applied (and answered) under other rules must not be replayed.
+    let pending = wal.recovery().next_lsn.saturating_sub(checkpoint_lsn + 1);
+    check_rules(&config.data_dir, shard, pending)?;
     if wal.first_lsn() > checkpoint_lsn + 1 {
         return Err(Error(format!(
             "shard {shard}: the WAL starts at LSN {} but the checkpoint ends at {checkpoint_lsn}: \
@@ -408,6 +474,9 @@ impl Server {
                 })
                 .collect()
         });
+        if recoveries.iter().all(Result::is_ok) {
+            write_rules(&config.data_dir)?;
+        }
         for (shard, recovery) in (0..count).zip(recoveries) {
             let (engine, wal, report) = recovery?;
             for warning in &report.warnings {

@@ -303,3 +303,69 @@ fn wallets_are_listed_per_shard_after_the_writes_queued_before() {
     assert_eq!(page.next, None);
     server.shutdown().unwrap();
 }
+
+/// A store that keeps no checkpoint: every restart replays the whole WAL.
+#[derive(Clone, Default)]
+struct NoCheckpoints;
+
+impl Checkpoints for NoCheckpoints {
+    fn write(&self, _: u32, lsn: u64, _: Timestamp, _: &State) -> Result<u64, String> {
+        Ok(lsn + 1)
+    }
+}
+
+impl Store for NoCheckpoints {
+    fn load_newest(&self, _: u32) -> Result<tally_server::Loaded, String> {
+        Ok((None, Vec::new()))
+    }
+    fn clone_box(&self) -> Box<dyn Store> {
+        Box::new(NoCheckpoints)
+    }
+}
+
+#[test]
+fn a_wal_written_under_other_billing_rules_is_not_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("RULES");
+    let wallets = vec![String::from("alice")];
+    let server = Server::start(&config(dir.path(), 1), Box::new(NoCheckpoints)).unwrap();
+    setup(&server.handle(), &wallets);
+    server.shutdown().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&rules).unwrap().trim(),
+        RULES_VERSION.to_string()
+    );
+
+    // As an earlier release left it: no RULES file, and WAL records to replay. Refused, saying
+    // what to do.
+    std::fs::remove_file(&rules).unwrap();
+    let error = Server::start(&config(dir.path(), 1), Box::new(NoCheckpoints))
+        .err()
+        .expect("an earlier release's WAL is not replayed");
+    let message = error.to_string();
+    assert!(message.contains("earlier tally release"), "{message}");
+    assert!(message.contains("SIGTERM"), "{message}");
+    assert!(!rules.exists());
+    // A newer release's: refused too.
+    std::fs::write(&rules, format!("{}\n", RULES_VERSION + 1)).unwrap();
+    let error = Server::start(&config(dir.path(), 1), Box::new(NoCheckpoints))
+        .err()
+        .expect("a newer release's WAL is not replayed");
+    assert!(error.to_string().contains("newer tally release"), "{error}");
+
+    // An earlier release that stopped cleanly left nothing to replay: it starts, and says so.
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("RULES");
+    let store = MemoryStore::default();
+    let server = Server::start(&config(dir.path(), 1), Box::new(store.clone())).unwrap();
+    setup(&server.handle(), &wallets);
+    server.shutdown().unwrap();
+    std::fs::remove_file(&rules).unwrap();
+    let server = Server::start(&config(dir.path(), 1), Box::new(store)).unwrap();
+    assert!(server.recovered().iter().all(|r| r.replayed == 0));
+    server.shutdown().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&rules).unwrap().trim(),
+        RULES_VERSION.to_string()
+    );
+}
