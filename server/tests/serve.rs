@@ -339,18 +339,18 @@ fn a_wal_written_under_other_billing_rules_is_not_replayed() {
     // As an earlier release left it: no RULES file, and WAL records to replay. Refused, saying
     // what to do.
     std::fs::remove_file(&rules).unwrap();
-    let error = Server::start(&config(dir.path(), 1), Box::new(NoCheckpoints))
-        .err()
-        .expect("an earlier release's WAL is not replayed");
+    let Err(error) = Server::start(&config(dir.path(), 1), Box::new(NoCheckpoints)) else {
+        panic!("an earlier release's WAL was replayed");
+    };
     let message = error.to_string();
     assert!(message.contains("earlier tally release"), "{message}");
     assert!(message.contains("SIGTERM"), "{message}");
     assert!(!rules.exists());
     // A newer release's: refused too.
     std::fs::write(&rules, format!("{}\n", RULES_VERSION + 1)).unwrap();
-    let error = Server::start(&config(dir.path(), 1), Box::new(NoCheckpoints))
-        .err()
-        .expect("a newer release's WAL is not replayed");
+    let Err(error) = Server::start(&config(dir.path(), 1), Box::new(NoCheckpoints)) else {
+        panic!("a newer release's WAL was replayed");
+    };
     assert!(error.to_string().contains("newer tally release"), "{error}");
 
     // An earlier release that stopped cleanly left nothing to replay: it starts, and says so.
