@@ -442,7 +442,7 @@ fn cli_client_drives_a_running_server() {
     let doc = admin(&server, &["margin", "--wallet", "w1", "--json"])
         .ok()
         .json();
-    assert_eq!(doc["margin"]["cost_usd"], "0.10");
+    assert_eq!(doc["margin"]["cost_usd"], "0.1");
     let doc = admin(
         &server,
         &["margin", "--plan", "std", "--version", "1", "--json"],
