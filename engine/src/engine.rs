@@ -1390,11 +1390,13 @@ impl Engine {
     /// Validates an event's cost and time. No event may lie more than `future_skew_us` ahead.
     ///
     /// A usage event (strict or recorded) must also be recent enough that, had it been applied
-    /// before under the same id, that id is still remembered: an application happens no earlier
-    /// than `occurred_at − future_skew`, so that time must not be before the oldest time the
-    /// table still answers for (the window, or later if ids were forgotten early because the
-    /// table was full). Otherwise a retry could be charged twice, and it is refused with
-    /// `TimestampOutOfRange`; backfills older than the window need a longer window.
+    /// before under the same id, that id is still remembered: an application happened no
+    /// earlier than `occurred_at` minus the largest lead any applied event has had (how far its
+    /// `occurred_at` was ahead of the shard's clock; zero unless clients send future times), so
+    /// that time must not be before the oldest time the table still answers for (the window, or
+    /// later if ids were forgotten early because the table was full). Otherwise a retry could
+    /// be charged twice, and it is refused with `TimestampOutOfRange`; backfills older than the
+    /// window need a longer window.
     /// Settlements name their hold, which can be settled once, so they are never too late.
     fn check_event(&self, event: &UsageEvent, settles_a_hold: bool) -> Result<(), ResultCode> {
         money::check_amount_or_zero(event.cost_usd, COST_SCALE_MAX)?;
@@ -1406,7 +1408,7 @@ impl Engine {
         let horizon = now
             .add_us(-config.idempotency_retention_us)
             .max(self.state.remembered_from);
-        if !settles_a_hold && event.occurred_at.add_us(-config.future_skew_us) < horizon {
+        if !settles_a_hold && event.occurred_at.add_us(-self.state.max_lead_us) < horizon {
             return Err(ResultCode::TimestampOutOfRange);
         }
         Ok(())
@@ -1486,6 +1488,9 @@ impl Engine {
             event.cost_usd,
             event.occurred_at,
         );
+        // How far ahead of the clock an applied event may be: what the horizon must allow for.
+        let lead = event.occurred_at.0.saturating_sub(self.state.now.0);
+        self.state.max_lead_us = self.state.max_lead_us.max(lead);
         self.check_topup(w, asset.code);
         Ok(value)
     }

@@ -204,6 +204,8 @@ impl From<StateV1> for State {
             ..Config::default()
         };
         let mut state = State::new(config);
+        // Version 1 did not track how far ahead events were: assume the most it allowed.
+        state.max_lead_us = config.future_skew_us;
         state.now = old.now;
         state.assets = old.assets;
         state.products = old.products;

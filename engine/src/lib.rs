@@ -56,8 +56,9 @@
 //! - Grants are consumed when usage is applied, by the grants active at that time; an event's own
 //!   `occurred_at` chooses the plan version and the margin hour. Events may be up to
 //!   `future_skew_us` (5 min) ahead. A usage event, strict or recorded, must be recent enough
-//!   that an earlier application of its id would still be remembered: `occurred_at − 5 min` no
-//!   earlier than the start of the idempotency window (24 h by default, later if ids were
+//!   that an earlier application of its id would still be remembered: `occurred_at`, less the
+//!   largest lead an applied event has had (how far ahead of the clock; zero unless clients send
+//!   future times), no earlier than the start of the idempotency window (24 h by default, later if ids were
 //!   forgotten early because the table was full). An older event is refused with
 //!   `TimestampOutOfRange`, because its retry could no longer be told from a new event and would
 //!   be charged twice; recorded usage reported late is recorded as long as this holds, and

@@ -106,6 +106,9 @@ pub struct State {
     /// ids were forgotten early because the table was full. Usage that occurred before it is
     /// refused (a retry of it could no longer be recognised).
     pub remembered_from: Timestamp,
+    /// The largest lead (`occurred_at` − the shard's clock) of any usage event applied: an
+    /// earlier application of an event happened no earlier than its `occurred_at` minus this.
+    pub max_lead_us: i64,
     /// Requests remembered by a previous format, by id alone (see [`crate::legacy`]); empty once
     /// the idempotency window has passed over them.
     pub legacy: BTreeMap<RequestId, crate::legacy::LegacyRequest>,
@@ -134,6 +137,7 @@ impl State {
             spilled: BTreeMap::new(),
             charges: Fifo::default(),
             remembered_from: Timestamp(i64::MIN),
+            max_lead_us: 0,
             legacy: BTreeMap::new(),
             margins: Margins::default(),
             next_grant: 1,

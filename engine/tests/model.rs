@@ -44,7 +44,8 @@ use tally_engine::*;
 
 /// The rules decided for issue 14 ("Engine v2") that change what the engine did before:
 ///
-/// 1. recorded usage and settles are accepted however late (strict usage keeps the window);
+/// 1. settles are accepted however late; usage (strict or recorded) while a retry of it would
+///    still be recognised (occurred_at less the largest lead seen, within the window);
 /// 2. money behind open holds is set aside from other debits and from expiry;
 /// 3. a dispute of a partly expired top-up makes only the spent part debt and reverses the
 ///    breakage (a won dispute books it as breakage again);
@@ -653,6 +654,8 @@ enum Outcome {
 }
 
 struct Model {
+    /// The largest lead (occurred_at − now) of an applied usage event (rule 1).
+    max_lead: i64,
     fixes: Fixes,
     now: i64,
     request: Option<u128>,
@@ -693,6 +696,7 @@ fn coded<T>(r: Result<T, ResultCode>) -> Res<T> {
 impl Model {
     fn new(fixes: Fixes, now: i64) -> Model {
         Model {
+            max_lead: 0,
             fixes,
             now,
             request: None,
@@ -1645,10 +1649,11 @@ impl Model {
             return err(ResultCode::TimestampOutOfRange);
         }
         // Rule 1: a settlement is never too late (its hold settles once). A usage event must be
-        // recent enough that an earlier application of its id (no earlier than occurred_at −
-        // skew) is still remembered; without rule 1, recent by the window alone.
+        // recent enough that an earlier application of its id (no earlier than occurred_at less
+        // the largest lead an applied event has had) is still remembered; without rule 1,
+        // recent by the window alone.
         let too_old = if self.fixes.late_record {
-            !late_ok && at - SKEW < self.now - RETENTION
+            !late_ok && at - self.max_lead < self.now - RETENTION
         } else {
             at < self.now - RETENTION
         };
@@ -1707,7 +1712,6 @@ impl Model {
     fn usage(&mut self, e: &UsageEvent) -> Res<ReplyValue> {
         let w = self.wallet(&e.wallet)?;
         let strict = e.mode == DebitMode::Strict;
-        let _ = strict;
         self.check_event(e, false)?;
         let (a, amount, p) =
             self.price(w, &e.product, &e.quantities, &e.attributes, e.occurred_at.0)?;
@@ -1715,6 +1719,7 @@ impl Model {
             self.check_spend(w, a, amount)?;
         }
         let value = self.charge(w, a, amount, p, e);
+        self.max_lead = self.max_lead.max(e.occurred_at.0 - self.now);
         self.check_topup(w, a);
         Ok(value)
     }
