@@ -60,8 +60,8 @@ impl Config {
         {
             return Err("idempotency_retention_us must be between 1 second and 366 days".into());
         }
-        if !(1_000..=1 << 31).contains(&self.idempotency_max_ids) {
-            return Err("idempotency_max_ids must be between 1000 and 2^31".into());
+        if !(1..=1 << 31).contains(&self.idempotency_max_ids) {
+            return Err("idempotency_max_ids must be between 1 and 2^31".into());
         }
         if !(0..=Timestamp::DAY_US).contains(&self.future_skew_us) {
             return Err("future_skew_us must be between 0 and 1 day".into());

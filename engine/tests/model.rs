@@ -656,6 +656,11 @@ enum Outcome {
 struct Model {
     /// The largest lead (occurred_at − now) of an applied usage event (rule 1).
     max_lead: i64,
+    /// Most request ids remembered at once (rule 8); the oldest goes first when full.
+    max_ids: usize,
+    /// Ids applied before this were forgotten early (the table was full): usage older than it
+    /// is refused (rule 1).
+    remembered_from: i64,
     fixes: Fixes,
     now: i64,
     request: Option<u128>,
@@ -697,6 +702,8 @@ impl Model {
     fn new(fixes: Fixes, now: i64) -> Model {
         Model {
             max_lead: 0,
+            max_ids: usize::MAX,
+            remembered_from: i64::MIN,
             fixes,
             now,
             request: None,
@@ -1315,6 +1322,14 @@ impl Model {
                 self.holds[h].id = Some(hold);
             }
         }
+        if self.fixes.compact_ids && self.requests.len() >= self.max_ids {
+            // The table is full: the oldest id goes before its time, and the table no longer
+            // answers for anything applied in its tick or before.
+            stat(|| "idempotency: an id forgotten early".into());
+            let oldest = self.requests.remove(0);
+            let end = (oldest.at.div_euclid(TICK) + 1) * TICK;
+            self.remembered_from = self.remembered_from.max(end);
+        }
         self.requests.push(MRequest {
             scope: self.scope(command),
             id,
@@ -1653,11 +1668,14 @@ impl Model {
         // the largest lead an applied event has had) is still remembered; without rule 1,
         // recent by the window alone.
         let too_old = if self.fixes.late_record {
-            !late_ok && at - self.max_lead < self.now - RETENTION
+            !late_ok && at - self.max_lead < (self.now - RETENTION).max(self.remembered_from)
         } else {
             at < self.now - RETENTION
         };
         if too_old {
+            if at >= self.now - RETENTION {
+                stat(|| "usage: refused, older than the table answers for".into());
+            }
             return err(ResultCode::TimestampOutOfRange);
         }
         Ok(())
@@ -2763,9 +2781,15 @@ fn unit(a: usize) -> Decimal {
 }
 
 impl Test {
-    fn new(fixes: Fixes) -> Test {
+    fn new(fixes: Fixes, max_ids: usize) -> Test {
         let mut h = Harness::bare();
+        let config = Config {
+            idempotency_max_ids: max_ids as u64,
+            ..Config::default()
+        };
+        h.engine = Engine::new(config);
         let mut m = Model::new(fixes, h.now.0);
+        m.max_ids = max_ids;
         let mut sent = Vec::new();
         let mut catalog = Vec::new();
         for (a, def) in ASSETS.iter().enumerate() {
@@ -4261,7 +4285,10 @@ impl Test {
         self.check_journal();
 
         // Replaying the command log into a fresh engine rebuilds the same state.
-        let mut replay = Engine::new(Config::default());
+        let mut replay = Engine::new(Config {
+            idempotency_max_ids: self.m.max_ids as u64,
+            ..Config::default()
+        });
         for (now, request) in &self.h.log {
             replay.handle_request(*now, request);
             while replay.poll_effect().is_some() {}
@@ -4313,17 +4340,28 @@ fn ops_max() -> usize {
 
 #[test]
 fn engine_matches_the_reference_model() {
+    run_model(cases(), 16_000_000);
+}
+
+/// The same with a table of 24 request ids, so that ids are forgotten early (the bound) in most
+/// cases: repeats, refunds and late usage after an early eviction.
+#[test]
+fn engine_matches_the_reference_model_with_a_small_idempotency_table() {
+    run_model(cases() / 3, 24);
+}
+
+fn run_model(cases: u32, max_ids: usize) {
     use proptest::test_runner::{Config, TestRunner};
     // Failures are not persisted: a seed replays a different sequence once the generator
     // changes, and the shrunk case printed on failure is the useful record.
     let mut runner = TestRunner::new(Config {
-        cases: cases(),
+        cases,
         failure_persistence: None,
         ..Config::default()
     });
     let fixes = Fixes::from_env();
     let result = runner.run(&proptest::collection::vec(op(), 1..ops_max()), |ops| {
-        let mut t = Test::new(fixes);
+        let mut t = Test::new(fixes, max_ids);
         for op in &ops {
             t.run(op);
         }
