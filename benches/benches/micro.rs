@@ -242,6 +242,8 @@ fn recovery(base: &Path, wallets: usize, records: u64, full: bool) {
         config.wal_segment_bytes = 4 << 20;
     }
     let store = SnapshotStore::open(&config).expect("snapshot store");
+    // The WAL below is written under this build's billing rules, as a server would record.
+    tally_server::write_rules(&config.data_dir).expect("rules file");
 
     // The checkpoint: wallets set up two days earlier (so their setup request ids have left
     // the 24 h idempotency window), taken at START. The setup commands count as logged records

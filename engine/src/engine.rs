@@ -541,6 +541,49 @@ impl Engine {
         self.evicted
     }
 
+    /// Forgets the oldest remembered request before its time (the table is full): from now on
+    /// the table answers only for ids applied after the end of that id's tick.
+    fn evict_oldest(&mut self) {
+        if let Some(front) = self.state.requests.front() {
+            let now_tick = remember::tick(self.state.now);
+            let age = i64::from((now_tick as u32).wrapping_sub(front.at));
+            let end = Timestamp((now_tick - age + 1) * remember::TICK_US);
+            self.state.remembered_from = self.state.remembered_from.max(end);
+            self.forget_request();
+            self.evicted += 1;
+        }
+    }
+
+    /// Changes the idempotency settings at `now`. This is an input like a request: log it, and
+    /// replay applies it at the same point. A shorter window or a smaller bound forgets ids at
+    /// once (the oldest first); a longer window does not bring back ids already forgotten, so
+    /// usage older than the old window stays refused until the new one has filled.
+    pub fn set_idempotency(
+        &mut self,
+        now: Timestamp,
+        retention_us: i64,
+        max_ids: u64,
+    ) -> Result<(), String> {
+        let config = Config {
+            idempotency_retention_us: retention_us,
+            idempotency_max_ids: max_ids,
+            ..self.state.config
+        };
+        config.validate()?;
+        self.handle_timeout(now);
+        let old_start = self
+            .state
+            .now
+            .add_us(-self.state.config.idempotency_retention_us);
+        self.state.remembered_from = self.state.remembered_from.max(old_start);
+        self.state.config = config;
+        self.handle_timeout(now);
+        while self.state.requests.len() as u64 > max_ids {
+            self.evict_oldest();
+        }
+        Ok(())
+    }
+
     /// Forgets the oldest remembered request.
     fn forget_request(&mut self) {
         let (state, index) = (&mut self.state, &mut self.index);
@@ -660,16 +703,7 @@ impl Engine {
     /// made one. Forgets the oldest id first if the table is full.
     fn remember(&mut self, fingerprint: u64, reply: &Reply) {
         if self.state.requests.len() as u64 >= self.state.config.idempotency_max_ids {
-            // Forgotten before its time: from now on the table answers only for ids applied
-            // after the end of that id's tick.
-            if let Some(front) = self.state.requests.front() {
-                let now_tick = remember::tick(self.state.now);
-                let age = i64::from((now_tick as u32).wrapping_sub(front.at));
-                let end = Timestamp((now_tick - age + 1) * remember::TICK_US);
-                self.state.remembered_from = self.state.remembered_from.max(end);
-            }
-            self.forget_request();
-            self.evicted += 1;
+            self.evict_oldest();
         }
         let at = remember::tick(self.state.now) as u32;
         let key = self.key;

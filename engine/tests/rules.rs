@@ -2358,3 +2358,39 @@ fn a_restored_shard_keeps_what_a_hold_kept_from_expiring() {
     assert_eq!(live, again);
     assert_eq!(restored.digest(), h.engine.digest());
 }
+
+#[test]
+fn idempotency_settings_can_change_as_an_input() {
+    let mut h = Harness::new_with(Config {
+        idempotency_max_ids: 100,
+        ..Config::default()
+    });
+    let w = h.wallet("acme");
+    h.grant(w, "10");
+    let first = h.next_id;
+    let usage = Command::Usage(h.event(w, "1000", "0", DebitMode::Record));
+    h.run_id(first, usage.clone());
+    for _ in 0..20 {
+        h.advance(SECOND);
+        h.usage(w, "0", "0", DebitMode::Record);
+    }
+    let before = h.engine.state().requests.len();
+    // A smaller bound forgets the oldest at once; the first usage's retry is then refused, not
+    // charged again.
+    h.engine.set_idempotency(h.now, 24 * HOUR, 10).unwrap();
+    assert_eq!(h.engine.state().requests.len(), 10);
+    assert!(before > 10);
+    assert_eq!(h.run_id(first, usage).code, ResultCode::TimestampOutOfRange);
+    assert_eq!(h.balance(w).available, d("9"));
+    // A longer window does not claim to remember what the shorter one forgot.
+    h.engine.set_idempotency(h.now, HOUR, 100).unwrap();
+    h.advance(2 * HOUR);
+    h.engine.set_idempotency(h.now, 24 * HOUR, 100).unwrap();
+    let mut old = h.event(w, "1000", "0", DebitMode::Record);
+    old.occurred_at = h.now.add_us(-90 * 60 * SECOND);
+    h.rejects(Command::Usage(old), ResultCode::TimestampOutOfRange);
+    // Bad settings are refused and change nothing.
+    assert!(h.engine.set_idempotency(h.now, 0, 100).is_err());
+    assert_eq!(h.engine.state().config.idempotency_retention_us, 24 * HOUR);
+    h.check_ledger();
+}

@@ -29,6 +29,7 @@ pub use clock::{Clock, SystemClock};
 pub use config::{Config, ConfigError, DurabilitySetting, Overrides};
 pub use handle::{Handle, PendingBatch, PendingQuery, PendingReply, QueryAnswer};
 pub use server::{
-    recover_shard, wal_dir, DataDirLock, Error, Loaded, Recovered, Server, Store, Until,
+    recover_shard, wal_dir, write_rules, DataDirLock, Error, Loaded, Recovered, Server, Store,
+    Until,
 };
 pub use shard::{CallError, CheckpointReport, Checkpoints};

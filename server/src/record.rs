@@ -28,6 +28,14 @@ pub enum LogEntry {
     /// `Engine::handle_timeout(at)`: logged when an idle shard fires due timers, so that their
     /// effects have an LSN and replay fires them at the same point.
     Tick,
+    /// `Engine::set_idempotency(at, ..)`: logged when a shard starts with other idempotency
+    /// settings than its state's, so that replay applies them at the same point.
+    Settings {
+        /// The new window.
+        idempotency_retention_us: i64,
+        /// The new bound.
+        idempotency_max_ids: u64,
+    },
 }
 
 /// Why a WAL record's payload cannot be decoded.

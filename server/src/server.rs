@@ -103,8 +103,9 @@ fn check_rules(data_dir: &Path, shard: u32, pending: u64) -> Result<(), Error> {
 }
 
 /// Records in `<data-dir>/RULES` that the WAL's records from now on are applied under this
-/// build's rules (written once every shard has recovered).
-fn write_rules(data_dir: &Path) -> Result<(), Error> {
+/// build's rules (written once every shard has recovered; tools that write a WAL themselves, such
+/// as the benches, call it too).
+pub fn write_rules(data_dir: &Path) -> Result<(), Error> {
     if rules_of(data_dir)? == Some(tally_engine::RULES_VERSION) {
         return Ok(());
     }
@@ -290,6 +291,15 @@ pub fn recover_shard(
                 }
                 LogEntry::Tick => {
                     engine.handle_timeout(decoded.at);
+                    None
+                }
+                LogEntry::Settings {
+                    idempotency_retention_us,
+                    idempotency_max_ids,
+                } => {
+                    engine
+                        .set_idempotency(decoded.at, idempotency_retention_us, idempotency_max_ids)
+                        .map_err(|e| Error(format!("shard {shard}: WAL record {}: {e}", r.lsn)))?;
                     None
                 }
             };
@@ -504,7 +514,8 @@ impl Server {
                 checkpoints.clone(),
                 options.clone(),
             )
-            .replayed(replayed);
+            .replayed(replayed)
+            .settings(config.engine());
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("tally-shard-{shard}"))

@@ -166,6 +166,8 @@ pub struct Shard {
     pending: VecDeque<Pending>,
     buf: Vec<u8>,
     records_since_checkpoint: u64,
+    /// Idempotency settings to log and apply first (see [`Shard::settings`]).
+    settings: Option<(i64, u64)>,
     last_checkpoint: Instant,
     metrics: ShardMetrics,
 }
@@ -197,6 +199,64 @@ impl Shard {
         self
     }
 
+    /// The idempotency settings the shard should run with: if its state has others (or the
+    /// shard is new), the first thing the shard does is log and apply them
+    /// (`LogEntry::Settings`).
+    pub fn settings(mut self, wanted: tally_engine::Config) -> Shard {
+        let have = self.engine.state().config;
+        // A new shard logs them too, as its first record: replay without a checkpoint then
+        // starts from the settings the records were applied under, whatever the configuration
+        // says by then.
+        let fresh = self.wal.next_lsn() == 1;
+        if fresh
+            || (have.idempotency_retention_us, have.idempotency_max_ids)
+                != (wanted.idempotency_retention_us, wanted.idempotency_max_ids)
+        {
+            self.settings = Some((wanted.idempotency_retention_us, wanted.idempotency_max_ids));
+        }
+        self
+    }
+
+    /// Logs and applies the idempotency settings set by [`Shard::settings`], if any.
+    fn apply_settings(&mut self) -> Result<(), CallError> {
+        let Some((retention, max_ids)) = self.settings.take() else {
+            return Ok(());
+        };
+        let now = self.now();
+        record::encode(
+            &LogRecord {
+                at: now,
+                entry: LogEntry::Settings {
+                    idempotency_retention_us: retention,
+                    idempotency_max_ids: max_ids,
+                },
+            },
+            &mut self.buf,
+        );
+        let lsn = self
+            .wal
+            .append(&self.buf)
+            .map_err(|e| CallError::Poisoned(e.to_string()))?;
+        self.wal
+            .seal()
+            .map_err(|e| CallError::Poisoned(e.to_string()))?;
+        self.engine
+            .set_idempotency(now, retention, max_ids)
+            .map_err(CallError::Poisoned)?;
+        tracing::info!(
+            shard = self.index,
+            idempotency_retention_us = retention,
+            idempotency_max_ids = max_ids,
+            "idempotency settings changed"
+        );
+        let mut effects = Vec::new();
+        self.drain_effects(lsn, now, None, &mut effects);
+        self.applied_lsn = lsn;
+        self.records_since_checkpoint += 1;
+        self.park(lsn, Vec::new(), effects);
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         index: u32,
@@ -226,6 +286,7 @@ impl Shard {
             pending: VecDeque::new(),
             buf: Vec::with_capacity(4096),
             records_since_checkpoint: 0,
+            settings: None,
             last_checkpoint: Instant::now(),
             metrics: ShardMetrics::new(index),
         }
@@ -272,6 +333,7 @@ impl Shard {
         sync_tx: &Sender<()>,
         synced_rx: &Receiver<Result<u64, String>>,
     ) -> Result<u64, CallError> {
+        self.apply_settings()?;
         let mut batch: Vec<Message> = Vec::with_capacity(self.options.batch_max);
         let mut syncing = false;
         let mut stopping = false;

@@ -369,3 +369,48 @@ fn a_wal_written_under_other_billing_rules_is_not_replayed() {
         RULES_VERSION.to_string()
     );
 }
+
+#[test]
+fn idempotency_settings_change_at_a_restart_and_replay_applies_them_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let wallets = vec![String::from("alice")];
+    let with_max = |max: u64| {
+        let mut c = config(dir.path(), 1);
+        c.idempotency_max_ids = max;
+        c
+    };
+    // No checkpoints: every start replays the whole WAL, settings records included.
+    let server = Server::start(&with_max(5_000), Box::new(NoCheckpoints)).unwrap();
+    setup(&server.handle(), &wallets);
+    let handle = server.handle();
+    assert!(handle
+        .call(grant(1_000, "alice", "10"))
+        .unwrap()
+        .code
+        .is_ok());
+    let digests = server.shutdown().unwrap();
+
+    // Restart with another bound: replay runs under the logged one (same digest), then the
+    // shard logs and applies the new one.
+    let server = Server::start(&with_max(1_000), Box::new(NoCheckpoints)).unwrap();
+    let recovered: Vec<u64> = server.recovered().iter().map(|r| r.digest).collect();
+    assert_eq!(
+        recovered, digests,
+        "replay ran under the settings of its records"
+    );
+    let handle = server.handle();
+    // A repeat is still a repeat.
+    assert_eq!(
+        handle.call(grant(1_000, "alice", "10")).unwrap().code,
+        ResultCode::Ok
+    );
+    assert_eq!(available(&handle, "alice"), d("10"));
+    let digests = server.shutdown().unwrap();
+    // And a third start, with the same bound, replays both settings records in order.
+    let server = Server::start(&with_max(1_000), Box::new(NoCheckpoints)).unwrap();
+    let recovered: Vec<u64> = server.recovered().iter().map(|r| r.digest).collect();
+    assert_eq!(recovered, digests);
+    server.shutdown().unwrap();
+    // A bound below 1,000 is refused by the configuration before anything starts.
+    assert!(Server::start(&with_max(10), Box::new(NoCheckpoints)).is_err());
+}

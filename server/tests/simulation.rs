@@ -120,6 +120,12 @@ fn recover(
                     engine.handle_request(decoded.at, request);
                 }
                 LogEntry::Tick => engine.handle_timeout(decoded.at),
+                LogEntry::Settings {
+                    idempotency_retention_us,
+                    idempotency_max_ids,
+                } => engine
+                    .set_idempotency(decoded.at, *idempotency_retention_us, *idempotency_max_ids)
+                    .unwrap(),
             }
             while engine.poll_effect().is_some() {}
             log.push((r.lsn, decoded));
@@ -215,7 +221,7 @@ fn simulate(seed: u64) {
             .iter()
             .filter_map(|(lsn, r)| match &r.entry {
                 LogEntry::Request(request) => Some((*lsn, request.id)),
-                LogEntry::Tick => None,
+                LogEntry::Tick | LogEntry::Settings { .. } => None,
             })
             .collect();
         for (lsn, _, request, _) in acked.iter().filter(|a| a.0 > first) {
