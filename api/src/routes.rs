@@ -1745,8 +1745,17 @@ pub(crate) async fn start_topup(
     let price = a
         .topup_price
         .ok_or_else(|| ApiError::rejected(tally_engine::ResultCode::NoTopUpPrice))?;
-    if body.amount <= rust_decimal::Decimal::ZERO || body.amount > tally_engine::AMOUNT_MAX {
+    if body.amount <= rust_decimal::Decimal::ZERO {
         return Err(ApiError::invalid("amount must be positive"));
+    }
+    // Never charge what the wallet could not be credited: the asset's bound less its ledger.
+    let ledger = view
+        .balances
+        .iter()
+        .find(|b| b.asset == code)
+        .map_or(rust_decimal::Decimal::ZERO, |b| b.ledger);
+    if body.amount > tally_engine::amount_limit(a.scale) - ledger {
+        return Err(ApiError::rejected(tally_engine::ResultCode::AmountOverflow));
     }
     if body.amount.normalize().scale() > a.scale {
         return Err(ApiError::invalid(format!(

@@ -682,21 +682,30 @@ impl Engine {
             .requests
             .get(slot)
             .expect("indexed requests are remembered");
-        if record.spilled() {
-            let seq = self.state.requests_first_seq + slot as u64;
-            return self.state.spilled[&seq];
-        }
         let wallet = wallet
             .and_then(|w| self.index.wallets.get(&self.state.wallets, w))
             .map(|w| &self.state.wallets[w as usize]);
-        record.unpack(
-            |i| self.state.assets[i as usize].code,
-            |asset| {
-                wallet
-                    .and_then(|w| w.balance(&asset))
-                    .map_or(Decimal::ZERO, Balance::available)
-            },
-        )
+        let available_now = |asset: AssetCode| {
+            wallet
+                .and_then(|w| w.balance(&asset))
+                .map_or(Decimal::ZERO, Balance::available)
+        };
+        if record.spilled() {
+            // Kept whole, and repeated like a packed one: the balance is the one of now.
+            let seq = self.state.requests_first_seq + slot as u64;
+            let mut reply = self.state.spilled[&seq];
+            match &mut reply.value {
+                ReplyValue::Charge {
+                    asset, available, ..
+                }
+                | ReplyValue::Hold {
+                    asset, available, ..
+                } => *available = available_now(*asset),
+                _ => {}
+            }
+            return reply;
+        }
+        record.unpack(|i| self.state.assets[i as usize].code, available_now)
     }
 
     /// Remembers the request being applied (`self.key`) with its reply, and its charge if it

@@ -83,8 +83,7 @@
 //!   of the first grant the charge consumed and expires with the latest-expiring paying grant
 //!   (never, if a paying grant never expires or part of the charge became debt); if that time
 //!   has passed it expires at once. A debit adjustment is charged like record usage.
-//! - Top-up grants get priority 100, so promotions and refunds (priority 0 by default) are spent
-//!   first. A successful top-up is always credited, even for a stale trigger: money taken is
+//! - Top-up grants get priority 100, so promotions (priority 0 by default) are spent first. A successful top-up is always credited, even for a stale trigger: money taken is
 //!   never lost. Its payment id makes a repeat a no-op. A failure backs off (cooldown doubled per
 //!   failure, at least 1 s) and after `attempts_max` failures in a row the wallet is flagged.
 //!   A top-up whose outcome has not come after [`TOPUP_IN_FLIGHT_TIMEOUT_US`] (1 h) counts as a
@@ -138,7 +137,7 @@ pub use engine::{
     TOPUP_IN_FLIGHT_TIMEOUT_US, TOPUP_PRIORITY, TOPUP_TIMED_OUT,
 };
 pub use hash::{fingerprint, scope_of, shard_for, StableHasher};
-pub use money::{dec, Rounding, Usd, AMOUNT_MAX, QUANTITY_MAX, USD_SCALE};
+pub use money::{dec, limit as amount_limit, Rounding, Usd, AMOUNT_MAX, QUANTITY_MAX, USD_SCALE};
 pub use output::{Account, Alert, Effect, EntryKind, JournalEntry, MarginRecord, TopUpRequest};
 pub use pricing::{Component, PriceModel, PriceRule, Quantity, Tier};
 pub use query::{

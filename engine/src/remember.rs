@@ -5,8 +5,9 @@
 //! second it was applied, a 64-bit fingerprint of its body, and its reply packed into two
 //! integers. The index over them is a table of 4-byte positions (with hashbrown's control byte
 //! and load factor, 5–10 bytes per id), so a remembered id costs about 48 bytes in all. A reply
-//! whose numbers do not fit the packed form is kept whole in a side map (rare: amounts with more
-//! than 18 significant digits, refunds). What the reply said about the wallet's *available*
+//! whose numbers do not fit the packed form is kept whole in a side map: refunds, and replies
+//! with a second amount (a charge's new debt, a hold's amount, a grant's debt paid) of more
+//! than 9 significant digits, or a first one of more than 18. What the reply said about the wallet's *available*
 //! balance (charges and holds) is not kept: a repeat gets the first reply's outcome and amounts,
 //! and the balance as it is now (a reply kept whole is repeated whole).
 //!

@@ -2394,3 +2394,27 @@ fn idempotency_settings_can_change_as_an_input() {
     assert_eq!(h.engine.state().config.idempotency_retention_us, 24 * HOUR);
     h.check_ledger();
 }
+
+#[test]
+fn a_repeat_of_a_reply_kept_whole_reports_the_balance_of_now_too() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    // 2,147,483,649 tokens at 0.001: a debt whose mantissa does not fit the packed record.
+    let usage = Command::Usage(h.event(w, "2147483649", "0", DebitMode::Record));
+    let first = h.run_id(4_242, usage.clone());
+    assert!(
+        matches!(first.value, ReplyValue::Charge { debt_added, .. } if debt_added == d("2147483.649"))
+    );
+    h.grant(w, "1000");
+    let again = h.run_id(4_242, usage);
+    assert_eq!(
+        again.value,
+        ReplyValue::Charge {
+            asset: usd(),
+            charged: d("2147483.649"),
+            debt_added: d("2147483.649"),
+            available: d("-2146483.649")
+        }
+    );
+    assert_eq!(h.balance(w).available, d("-2146483.649"));
+}

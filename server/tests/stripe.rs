@@ -701,6 +701,16 @@ async fn manual_top_ups_and_signed_webhooks_to_the_operator() {
         refuse("m-topup-4", json!({"asset": "EUR", "amount": "1"})).await,
         404
     );
+    // More than the balance could be credited (its ledger is already 15): refused before
+    // anything is charged.
+    assert_eq!(
+        refuse(
+            "m-topup-5",
+            json!({"asset": "USD", "amount": "1000000000000000000"})
+        )
+        .await,
+        422
+    );
     assert_eq!(
         intents(&stripe, &customer).await.len(),
         1,
