@@ -237,6 +237,42 @@ macro_rules! out {
     };
 }
 
+/// The remembered requests and the sequence number of the first: what the request index's
+/// 4-byte positions (sequence numbers, truncated) point into.
+type Remembers<'a> = (&'a remember::Fifo<remember::Remembered>, u64);
+
+/// The position in the remembered requests of the one with `key`, found through `index`.
+fn find_in(
+    index: &hashbrown::HashTable<u32>,
+    (requests, first): Remembers,
+    key: Key,
+) -> Option<usize> {
+    let first = first as u32;
+    index
+        .find(key.hash(), |&p| {
+            requests
+                .get(p.wrapping_sub(first) as usize)
+                .is_some_and(|r| r.key == key)
+        })
+        .map(|&p| p.wrapping_sub(first) as usize)
+}
+
+/// Files the remembered request with `key` at sequence number `seq` (already among the
+/// remembered requests) in `index`.
+fn file_in(
+    index: &mut hashbrown::HashTable<u32>,
+    (requests, first): Remembers,
+    key: Key,
+    seq: u64,
+) {
+    let first = first as u32;
+    index.insert_unique(key.hash(), seq as u32, |&p| {
+        requests
+            .get(p.wrapping_sub(first) as usize)
+            .map_or(0, |r| r.key.hash())
+    });
+}
+
 /// Wallet `w` for changing: copied first if a checkpoint still shares it (copy-on-write).
 fn wallet_mut(wallets: &mut [Arc<Wallet>], w: u32) -> &mut Wallet {
     Arc::make_mut(&mut wallets[w as usize])
@@ -616,16 +652,8 @@ impl Engine {
 
     /// The position of the remembered request `key` in `state.requests`.
     fn find_request(&self, key: Key) -> Option<usize> {
-        let first = self.state.requests_first_seq as u32;
-        let requests = &self.state.requests;
-        self.index
-            .requests
-            .find(key.hash(), |&p| {
-                requests
-                    .get(p.wrapping_sub(first) as usize)
-                    .is_some_and(|r| r.key == key)
-            })
-            .map(|&p| p.wrapping_sub(first) as usize)
+        let requests = (&self.state.requests, self.state.requests_first_seq);
+        find_in(&self.index.requests, requests, key)
     }
 
     /// Where the charge a refund of `event` for wallet `wallet` names is kept, if anywhere.
@@ -724,14 +752,8 @@ impl Engine {
         if let Some(reply) = spilled {
             self.state.spilled.insert(seq, reply);
         }
-        let (state, index) = (&self.state, &mut self.index);
-        let first = state.requests_first_seq as u32;
-        index.requests.insert_unique(key.hash(), seq as u32, |&p| {
-            state
-                .requests
-                .get(p.wrapping_sub(first) as usize)
-                .map_or(0, |r| r.key.hash())
-        });
+        let requests = (&self.state.requests, self.state.requests_first_seq);
+        file_in(&mut self.index.requests, requests, key, seq);
         if let Some(mut charge) = self.charge.take() {
             charge.seq = seq;
             self.state.charges.push_back(charge);
@@ -2740,26 +2762,11 @@ fn restore(state: State) -> Result<Engine, RestoreError> {
                 "remembered request #{seq} and its kept reply disagree"
             ));
         }
-        let requests = &state.requests;
-        let duplicate = index
-            .requests
-            .find(r.key.hash(), |&p| {
-                requests
-                    .get(p.wrapping_sub(first as u32) as usize)
-                    .map(|x| x.key)
-                    == Some(r.key)
-            })
-            .is_some();
-        if duplicate {
+        let requests = (&state.requests, first);
+        if find_in(&index.requests, requests, r.key).is_some() {
             return fail(format!("request key {:?} remembered twice", r.key));
         }
-        index
-            .requests
-            .insert_unique(r.key.hash(), seq as u32, |&p| {
-                requests
-                    .get(p.wrapping_sub(first as u32) as usize)
-                    .map_or(0, |x| x.key.hash())
-            });
+        file_in(&mut index.requests, requests, r.key, seq);
     }
     if state.requests.iter().filter(|r| r.spilled()).count() != state.spilled.len() {
         return fail("kept replies without a remembered request".into());
