@@ -1884,8 +1884,10 @@ impl Engine {
             .map_or(Decimal::ZERO, |g| g.remaining);
         // What a refund already took out was returned, and what expired was never spent.
         let spent = p.amount - p.refund_removed - p.expired - remaining;
-        let scale = self.state.assets[self.index.assets[&p.asset] as usize].scale;
-        money::within(money::add(balance.debt, spent)?, scale)?;
+        money::within(
+            money::add(balance.debt, spent)?,
+            self.asset(&p.asset)?.scale,
+        )?;
         let mut out = out!(self);
         let wallet = wallet_mut(&mut self.state.wallets, w);
         let wallet_id = wallet.id;
@@ -1937,8 +1939,10 @@ impl Engine {
         // expired (its breakage is booked again).
         let amount = p.amount - p.refund_removed - p.expired;
         if let Some(balance) = wallet.balance(&p.asset) {
-            let scale = self.state.assets[self.index.assets[&p.asset] as usize].scale;
-            money::within(money::add(balance.ledger(), amount)?, scale)?;
+            money::within(
+                money::add(balance.ledger(), amount)?,
+                self.asset(&p.asset)?.scale,
+            )?;
         }
         wallet_mut(&mut self.state.wallets, w).payments[payment].disputed = false;
         let now = self.state.now;
@@ -2399,15 +2403,14 @@ impl Engine {
         let Some(customer) = wallet.customer else {
             return;
         };
-        let Some((price, step)) = self.index.assets.get(&asset).and_then(|&i| {
-            let a = &self.state.assets[i as usize];
+        let Some((price, step, scale)) = self.asset(&asset).ok().and_then(|a| {
             let price = a.topup_price?;
-            Some((price, price.step(a.scale)?))
+            Some((price, price.step(a.scale)?, a.scale))
         }) else {
             return;
         };
         // Never ask for more than the balance can take: a success must always be creditable.
-        let limit = money::limit(self.state.assets[self.index.assets[&asset] as usize].scale);
+        let limit = money::limit(scale);
         let room = limit
             - wallet
                 .balance(&asset)
