@@ -29,7 +29,9 @@ pub struct Config {
     pub wal_segment_bytes: u64,
     /// Most requests one group commit takes.
     pub batch_max: usize,
-    /// Capacity of each shard's inbound queue; a full queue answers "busy".
+    /// Most requests waiting in each shard's inbound queue (a batch frame counts each of its
+    /// items); a request or batch that would go over it is answered "busy" (one always fits in
+    /// an empty queue).
     pub queue_depth: usize,
     /// Capacity of the outbound effect queue (shards wait when it is full).
     pub outbound_queue_depth: usize,

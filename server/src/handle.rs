@@ -12,19 +12,18 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use crossbeam_channel::{Sender, TrySendError};
 use tally_engine::{
     shard_for, Margin, MarginScope, Query, QueryReply, Reply, Request, ResultCode, Usd,
     WalletFilter, WalletId, WalletPage,
 };
 use tokio::sync::oneshot::{self, Receiver};
 
-use crate::shard::{CallError, CheckpointReport, Message};
+use crate::shard::{CallError, CheckpointReport, Inbound, Message, Refused};
 
 /// A cloneable entry point to all shards.
 #[derive(Clone, Debug)]
 pub struct Handle {
-    shards: Arc<[Sender<Message>]>,
+    shards: Arc<[Inbound]>,
     broadcast: Arc<Mutex<()>>,
     /// Per shard: whether its loop is still running (cleared when the thread ends).
     alive: Arc<[AtomicBool]>,
@@ -200,19 +199,19 @@ impl Handle {
             let (tx, rx) = oneshot::channel();
             match self.shards[shard].try_send(Message::Batch(requests, tx)) {
                 Ok(()) => parts.push((positions, rx)),
-                Err(TrySendError::Full(_)) => {
+                Err(Refused::Full) => {
                     for position in positions {
                         done.push((position, Err(CallError::Busy)));
                     }
                 }
-                Err(TrySendError::Disconnected(_)) => return Err(CallError::Stopped),
+                Err(Refused::Stopped) => return Err(CallError::Stopped),
             }
         }
         Ok(PendingBatch { parts, done, len })
     }
 
     pub(crate) fn new(
-        shards: Vec<Sender<Message>>,
+        shards: Vec<Inbound>,
         alive: Arc<[AtomicBool]>,
         lags: Arc<[Arc<tally_outbound::Lag>]>,
     ) -> Handle {
@@ -248,7 +247,7 @@ impl Handle {
         self.shards.len() as u32
     }
 
-    fn shard(&self, wallet: &WalletId) -> &Sender<Message> {
+    fn shard(&self, wallet: &WalletId) -> &Inbound {
         &self.shards[shard_for(wallet, self.shard_count()) as usize]
     }
 
@@ -263,8 +262,8 @@ impl Handle {
         let (tx, rx) = oneshot::channel();
         match self.shard(&wallet).try_send(Message::Request(request, tx)) {
             Ok(()) => Ok(PendingReply(rx)),
-            Err(TrySendError::Full(_)) => Err(CallError::Busy),
-            Err(TrySendError::Disconnected(_)) => Err(CallError::Stopped),
+            Err(Refused::Full) => Err(CallError::Busy),
+            Err(Refused::Stopped) => Err(CallError::Stopped),
         }
     }
 
@@ -320,7 +319,7 @@ impl Handle {
     }
 
     /// The shard that answers `query`, or `None` for shard-wide margins (merged over all).
-    fn query_route(&self, query: &Query) -> Option<&Sender<Message>> {
+    fn query_route(&self, query: &Query) -> Option<&Inbound> {
         Some(match query {
             Query::Wallet { wallet } | Query::Balance { wallet, .. } => self.shard(wallet),
             Query::PricePreview(event) => self.shard(&event.wallet),
@@ -330,12 +329,12 @@ impl Handle {
         })
     }
 
-    fn ask(shard: &Sender<Message>, query: Query) -> Result<Receiver<QueryAnswer>, CallError> {
+    fn ask(shard: &Inbound, query: Query) -> Result<Receiver<QueryAnswer>, CallError> {
         let (tx, rx) = oneshot::channel();
         match shard.try_send(Message::Query(query, tx)) {
             Ok(()) => Ok(rx),
-            Err(TrySendError::Full(_)) => Err(CallError::Busy),
-            Err(TrySendError::Disconnected(_)) => Err(CallError::Stopped),
+            Err(Refused::Full) => Err(CallError::Busy),
+            Err(Refused::Stopped) => Err(CallError::Stopped),
         }
     }
 
@@ -370,8 +369,8 @@ impl Handle {
         };
         match shard.try_send(message) {
             Ok(()) => Ok(rx),
-            Err(TrySendError::Full(_)) => Err(CallError::Busy),
-            Err(TrySendError::Disconnected(_)) => Err(CallError::Stopped),
+            Err(Refused::Full) => Err(CallError::Busy),
+            Err(Refused::Stopped) => Err(CallError::Stopped),
         }
     }
 
@@ -414,5 +413,68 @@ fn merge_margin(
             Ok(())
         }
         other => unreachable!("a margin query answered {other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shard::queue;
+    use tally_engine::{Command, RequestId};
+
+    fn freeze(id: u128, wallet: &WalletId) -> Request {
+        Request {
+            id: RequestId(id),
+            command: Command::Freeze {
+                wallet: *wallet,
+            },
+        }
+    }
+
+    #[test]
+    fn shard_queues_are_bounded_in_items_not_messages() {
+        let (inbound, rx, queued) = queue(10);
+        let handle = Handle::new(
+            vec![inbound],
+            Arc::from(vec![AtomicBool::new(true)]),
+            Arc::from(Vec::new()),
+        );
+        let wallet: WalletId = "w".parse().unwrap();
+        let batch = |from: u128, n: u128| (from..from + n).map(|i| freeze(i, &wallet)).collect();
+        // A batch of 8 fits an empty queue of 10; a second batch of 8 would make 16: busy, all of
+        // it, though it is one message where a message-bounded queue would take it.
+        let first = handle.submit_batch(batch(0, 8)).unwrap();
+        assert_eq!(queued.load(Ordering::Acquire), 8);
+        let second = handle.submit_batch(batch(100, 8)).unwrap().wait();
+        assert!(
+            second.iter().all(|r| r == &Err(CallError::Busy)),
+            "{second:?}"
+        );
+        // Single requests fill what is left, then are busy too.
+        let _a = handle.submit(freeze(200, &wallet)).unwrap();
+        let _b = handle.submit(freeze(201, &wallet)).unwrap();
+        assert_eq!(
+            handle.submit(freeze(202, &wallet)).unwrap_err(),
+            CallError::Busy
+        );
+        assert_eq!(queued.load(Ordering::Acquire), 10);
+        // The shard takes the batch (as its loop does: it subtracts the items it takes), and
+        // there is room again; a batch larger than the bound fits only an empty queue.
+        let taken = rx.try_recv().unwrap();
+        queued.fetch_sub(taken.items(), Ordering::AcqRel);
+        assert!(handle.submit(freeze(203, &wallet)).is_ok());
+        assert!(handle
+            .submit_batch(batch(300, 12))
+            .unwrap()
+            .wait()
+            .iter()
+            .all(|r| r == &Err(CallError::Busy)));
+        while let Ok(message) = rx.try_recv() {
+            queued.fetch_sub(message.items(), Ordering::AcqRel);
+        }
+        assert_eq!(queued.load(Ordering::Acquire), 0);
+        let big = handle.submit_batch(batch(400, 12)).unwrap();
+        assert_eq!(queued.load(Ordering::Acquire), 12);
+        drop((first, big, taken));
     }
 }

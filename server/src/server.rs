@@ -502,13 +502,13 @@ impl Server {
             );
             let replayed = report.replayed;
             recovered.push(report);
-            let (tx, rx) = crossbeam_channel::bounded(config.queue_depth);
+            let (tx, rx, queued) = crate::shard::queue(config.queue_depth);
             senders.push(tx);
             let runner = Shard::new(
                 shard,
                 engine,
                 wal,
-                rx,
+                (rx, queued),
                 outbound_tx.clone(),
                 clock(),
                 checkpoints.clone(),

@@ -14,10 +14,11 @@
 //! and the process must restart and recover. Nothing is retried in place.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{select, Receiver, Sender};
+use crossbeam_channel::{select, Receiver, Sender, TrySendError};
 use tally_engine::{
     Engine, Query, QueryReply, Reply, Request, ResultCode, State, Timestamp, WalletFilter,
     WalletPage,
@@ -117,6 +118,85 @@ pub enum Message {
     Stop,
 }
 
+impl Message {
+    /// How many requests this message queues: a batch counts each of its items, so a queue
+    /// bounded in items bounds the work waiting, whatever the frames look like.
+    pub fn items(&self) -> usize {
+        match self {
+            Message::Batch(requests, _) => requests.len(),
+            Message::Stop => 0,
+            _ => 1,
+        }
+    }
+}
+
+/// A shard's inbound queue, bounded in requests (a batch counts each of its items), not in
+/// messages: decoding can never run ahead of applying by more than `max` requests per shard.
+pub fn queue(max: usize) -> (Inbound, Receiver<Message>, Arc<AtomicUsize>) {
+    let (tx, rx) = crossbeam_channel::bounded(max.max(1));
+    let queued = Arc::new(AtomicUsize::new(0));
+    let inbound = Inbound {
+        tx,
+        queued: queued.clone(),
+        max: max.max(1),
+    };
+    (inbound, rx, queued)
+}
+
+/// Why [`Inbound`] did not take a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The queue holds its most requests.
+    Full,
+    /// The shard has stopped.
+    Stopped,
+}
+
+/// The sending side of a shard's queue (see [`queue`]).
+#[derive(Clone, Debug)]
+pub struct Inbound {
+    tx: Sender<Message>,
+    queued: Arc<AtomicUsize>,
+    max: usize,
+}
+
+impl Inbound {
+    /// Queues `message` unless that would put more than the bound's requests in the queue. One
+    /// message always fits in an empty queue, however many items it has (a batch is at most
+    /// [`BATCH_ITEMS_MAX`]).
+    pub fn try_send(&self, message: Message) -> Result<(), Refused> {
+        let items = message.items();
+        let before = self.queued.fetch_add(items, Ordering::AcqRel);
+        if before > 0 && before + items > self.max {
+            self.queued.fetch_sub(items, Ordering::AcqRel);
+            return Err(Refused::Full);
+        }
+        self.tx.try_send(message).map_err(|e| {
+            self.queued.fetch_sub(items, Ordering::AcqRel);
+            match e {
+                TrySendError::Full(_) => Refused::Full,
+                TrySendError::Disconnected(_) => Refused::Stopped,
+            }
+        })
+    }
+
+    /// Queues `message`, waiting while the channel is full (catalog broadcasts and control
+    /// messages, which must reach every shard). It counts against the bound like any other.
+    pub fn send(&self, message: Message) -> Result<(), Refused> {
+        let items = message.items();
+        self.queued.fetch_add(items, Ordering::AcqRel);
+        self.tx.send(message).map_err(|_| {
+            self.queued.fetch_sub(items, Ordering::AcqRel);
+            Refused::Stopped
+        })
+    }
+
+    /// Requests queued now.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+}
+
 /// Writes checkpoints of a shard's state; implemented over the snapshot directory.
 pub trait Checkpoints: Send + Sync + 'static {
     /// Writes `state` as the checkpoint of `shard` at `lsn`, prunes old ones, and returns the
@@ -156,6 +236,8 @@ pub struct Shard {
     applied_lsn: u64,
     last_now: Timestamp,
     inbound: Receiver<Message>,
+    /// Requests in `inbound` (see [`queue`]); the loop subtracts what it takes.
+    queued: Arc<AtomicUsize>,
     outbound: Sender<outbound::Message>,
     clock: Box<dyn Clock>,
     checkpoints: Arc<dyn Checkpoints>,
@@ -262,7 +344,7 @@ impl Shard {
         index: u32,
         engine: Engine,
         wal: Wal<FileStorage>,
-        inbound: Receiver<Message>,
+        (inbound, queued): (Receiver<Message>, Arc<AtomicUsize>),
         outbound: Sender<outbound::Message>,
         clock: Box<dyn Clock>,
         checkpoints: Arc<dyn Checkpoints>,
@@ -277,6 +359,7 @@ impl Shard {
             applied_lsn,
             last_now,
             inbound,
+            queued,
             outbound,
             clock,
             checkpoints,
@@ -417,8 +500,10 @@ impl Shard {
     /// Logs, seals and applies one batch. Returns true if it contained `Stop`.
     fn apply_batch(&mut self, batch: &mut Vec<Message>) -> Result<bool, CallError> {
         let now = self.now();
+        let items: usize = batch.iter().map(Message::items).sum();
+        let queued = self.queued.fetch_sub(items, Ordering::AcqRel) - items;
         self.metrics.batch_size.record(batch.len() as f64);
-        self.metrics.queue_depth.set(self.inbound.len() as f64);
+        self.metrics.queue_depth.set(queued as f64);
         let mut stop = false;
         let record_max = tally_wal::RECORD_PAYLOAD_MAX;
         // Log first: every request of the batch, then one seal. A request too large for a record
@@ -764,6 +849,7 @@ impl Shard {
             }
         }
         while let Ok(message) = self.inbound.try_recv() {
+            self.queued.fetch_sub(message.items(), Ordering::AcqRel);
             match message {
                 Message::Request(_, to) => {
                     let _ = to.send(Err(error.clone()));
