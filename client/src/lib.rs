@@ -552,6 +552,17 @@ fn connection_error(e: &quinn::ConnectionError) -> Error {
                 None => Error::ConnectionLost(format!("closed by the server ({number})")),
             }
         }
+        // Refused before the handshake: the server has its most connections (or handshakes).
+        quinn::ConnectionError::ConnectionClosed(close)
+            if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+        {
+            Error::Transport {
+                code: ErrorCode::TooManyConnections,
+                message: "the server refused the connection before the handshake: it has its \
+                          most connections open or in their handshake"
+                    .into(),
+            }
+        }
         other => Error::ConnectionLost(other.to_string()),
     }
 }

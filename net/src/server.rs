@@ -13,12 +13,23 @@
 //! the writer waits, the queue fills, the reader stops reading, and QUIC flow control stops the
 //! client's writes: nothing grows without bound. Catalog commands, key changes and snapshots are
 //! awaited by the reader before it reads on, so a stream never overtakes them.
+//!
+//! Connection slots cannot be held by clients that never authenticate. A connection takes a
+//! slot from its first packet: when the open and handshaking connections reach
+//! `connections_max`, a new one is refused before the TLS handshake (QUIC `CONNECTION_REFUSED`,
+//! which costs the server no cryptography). At most `unauthenticated_max` connections may be
+//! handshaking or waiting for their `Auth`: beyond it a new connection closes the oldest one
+//! still unauthenticated (`Unauthenticated`), or is refused if all of them are still in their
+//! handshake; and each must authenticate within `auth_deadline`. A client that authenticates
+//! within a round trip of its handshake therefore always gets in, however many idle
+//! connections an attacker opens.
 
+use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -72,8 +83,12 @@ pub trait Backend: Send + Sync + 'static {
 /// The server's limits.
 #[derive(Clone, Debug)]
 pub struct Limits {
-    /// Most connections open at once; more are closed with `TooManyConnections`.
+    /// Most connections open or in their handshake at once; more are refused before the TLS
+    /// handshake (the client reports `TooManyConnections`).
     pub connections_max: u32,
+    /// Most connections in their handshake or not yet authenticated; beyond it a new connection
+    /// closes the oldest unauthenticated one (or is refused while all are handshaking).
+    pub unauthenticated_max: u32,
     /// Most bidirectional streams a connection may have open (QUIC stream credit: a client
     /// cannot open more until one ends).
     pub streams_max: u32,
@@ -99,6 +114,7 @@ impl Default for Limits {
     fn default() -> Limits {
         Limits {
             connections_max: 1024,
+            unauthenticated_max: 256,
             streams_max: 64,
             in_flight_max: 16_384,
             frame_payload_max: FRAME_PAYLOAD_BYTES_MAX,
@@ -114,7 +130,11 @@ impl Default for Limits {
 #[derive(Debug, Default)]
 struct Stats {
     connections_open: AtomicU64,
+    /// Connections accepted whose handshake has not finished.
+    handshaking: AtomicU64,
     connections_refused: AtomicU64,
+    /// Unauthenticated connections closed to make room for a new one.
+    evicted_unauthenticated: AtomicU64,
     rejected_unauthenticated: AtomicU64,
     rejected_key: AtomicU64,
     rejected_scope: AtomicU64,
@@ -126,8 +146,10 @@ struct Stats {
 pub struct StatsSnapshot {
     /// Connections open now.
     pub connections_open: u64,
-    /// Connections closed at once because the limit was reached.
+    /// Connections refused or closed at once because the limit was reached.
     pub connections_refused: u64,
+    /// Unauthenticated connections closed to make room for a new one (`unauthenticated_max`).
+    pub evicted_unauthenticated: u64,
     /// Requests before a successful `Auth`.
     pub rejected_unauthenticated: u64,
     /// Unknown or revoked keys.
@@ -144,6 +166,55 @@ struct Shared {
     limits: Limits,
     stats: Stats,
     started: Instant,
+    /// Connections past their handshake that have not authenticated, oldest first.
+    unauthenticated: Mutex<VecDeque<(u64, Connection)>>,
+    serial: AtomicU64,
+}
+
+impl Shared {
+    fn unauthenticated(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, Connection)>> {
+        self.unauthenticated
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A connection finished its handshake: it waits for its `Auth` among the unauthenticated,
+    /// closing the oldest of them if they are at their most.
+    fn enter_unauthenticated(&self, serial: u64, conn: &Connection) {
+        let max = self.limits.unauthenticated_max.max(1) as usize;
+        let mut waiting = self.unauthenticated();
+        while waiting.len() >= max {
+            let Some((_, oldest)) = waiting.pop_front() else {
+                break;
+            };
+            self.stats
+                .evicted_unauthenticated
+                .fetch_add(1, Ordering::Relaxed);
+            auth_failure("evicted");
+            close(
+                &oldest,
+                ErrorCode::Unauthenticated,
+                "closed to make room: too many connections have not authenticated",
+            );
+        }
+        waiting.push_back((serial, conn.clone()));
+    }
+
+    /// A connection authenticated or ended.
+    fn leave_unauthenticated(&self, serial: u64) {
+        let mut waiting = self.unauthenticated();
+        if let Some(at) = waiting.iter().position(|(s, _)| *s == serial) {
+            waiting.remove(at);
+        }
+    }
+
+    fn refuse(&self, incoming: quinn::Incoming) {
+        self.stats
+            .connections_refused
+            .fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("tally_connections_refused_total", "transport" => "quic").increment(1);
+        incoming.refuse();
+    }
 }
 
 /// A running QUIC listener.
@@ -206,6 +277,8 @@ impl NetServer {
             limits,
             stats: Stats::default(),
             started: Instant::now(),
+            unauthenticated: Mutex::new(VecDeque::new()),
+            serial: AtomicU64::new(0),
         });
         let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
         Ok(NetServer {
@@ -227,6 +300,7 @@ impl NetServer {
         StatsSnapshot {
             connections_open: s.connections_open.load(Ordering::Relaxed),
             connections_refused: s.connections_refused.load(Ordering::Relaxed),
+            evicted_unauthenticated: s.evicted_unauthenticated.load(Ordering::Relaxed),
             rejected_unauthenticated: s.rejected_unauthenticated.load(Ordering::Relaxed),
             rejected_key: s.rejected_key.load(Ordering::Relaxed),
             rejected_scope: s.rejected_scope.load(Ordering::Relaxed),
@@ -247,6 +321,18 @@ impl NetServer {
 
 async fn accept_loop(endpoint: Endpoint, shared: Arc<Shared>) {
     while let Some(incoming) = endpoint.accept().await {
+        // Refused before any cryptography: a full server, or too many handshakes at once
+        // (handshakes cannot be closed to make room; authenticated-but-idle ones can).
+        let stats = &shared.stats;
+        let handshaking = stats.handshaking.load(Ordering::Acquire);
+        let taken = stats.connections_open.load(Ordering::Acquire) + handshaking;
+        if taken >= u64::from(shared.limits.connections_max)
+            || handshaking >= u64::from(shared.limits.unauthenticated_max.max(1))
+        {
+            shared.refuse(incoming);
+            continue;
+        }
+        stats.handshaking.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(serve_connection(incoming, shared.clone()));
     }
 }
@@ -254,6 +340,8 @@ async fn accept_loop(endpoint: Endpoint, shared: Arc<Shared>) {
 /// Per-connection state shared by its streams.
 struct ConnState {
     conn: Connection,
+    /// Its number among this server's connections.
+    serial: u64,
     hello: AtomicBool,
     key: OnceLock<Arc<LiveKey>>,
     /// Largest answer payload the client accepts (from `Hello`).
@@ -261,11 +349,15 @@ struct ConnState {
     in_flight: Arc<AtomicU32>,
 }
 
-struct OpenGuard<'a>(&'a AtomicU64);
+struct OpenGuard<'a>(&'a Shared, u64);
 
 impl Drop for OpenGuard<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0
+            .stats
+            .connections_open
+            .fetch_sub(1, Ordering::Relaxed);
+        self.0.leave_unauthenticated(self.1);
         metrics::gauge!("tally_connections_open", "transport" => "quic").decrement(1.0);
     }
 }
@@ -280,11 +372,16 @@ fn close(conn: &Connection, code: ErrorCode, reason: &str) {
 }
 
 async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
-    let Ok(conn) = incoming.await else { return };
+    let handshake = incoming.await;
     let stats = &shared.stats;
-    let open = stats.connections_open.fetch_add(1, Ordering::Relaxed) + 1;
+    // Counted as open before it stops counting as handshaking, so the accept loop never sees
+    // the slot free in between.
+    let open = stats.connections_open.fetch_add(1, Ordering::AcqRel) + 1;
+    stats.handshaking.fetch_sub(1, Ordering::AcqRel);
+    let serial = shared.serial.fetch_add(1, Ordering::Relaxed);
     metrics::gauge!("tally_connections_open", "transport" => "quic").increment(1.0);
-    let _guard = OpenGuard(&stats.connections_open);
+    let _guard = OpenGuard(&shared, serial);
+    let Ok(conn) = handshake else { return };
     if open > u64::from(shared.limits.connections_max) {
         stats.connections_refused.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("tally_connections_refused_total", "transport" => "quic").increment(1);
@@ -298,8 +395,10 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
         );
         return;
     }
+    shared.enter_unauthenticated(serial, &conn);
     let state = Arc::new(ConnState {
         conn: conn.clone(),
+        serial,
         hello: AtomicBool::new(false),
         key: OnceLock::new(),
         peer_payload_max: AtomicU32::new(FRAME_PAYLOAD_BYTES_MAX),
@@ -471,6 +570,7 @@ async fn step(frame: &Frame<'_>, conn: &ConnState, shared: &Shared) -> Out {
                     };
                     // Two streams racing to authenticate: the first wins; both were valid.
                     let _ = conn.key.set(live);
+                    shared.leave_unauthenticated(conn.serial);
                     now(id, answer)
                 }
                 None => {

@@ -63,6 +63,9 @@ pub struct Config {
     pub net_threads: usize,
     /// A QUIC connection must authenticate within this many milliseconds or is closed.
     pub auth_deadline_ms: u64,
+    /// Most QUIC connections in their handshake or not yet authenticated; beyond it a new one
+    /// closes the oldest unauthenticated connection (see `tally_net::Limits`).
+    pub unauthenticated_max: u32,
     /// Where the HTTP/JSON API binds (`host:port`).
     pub http_listen: String,
     /// Serve the HTTP API over TLS with the QUIC certificate.
@@ -150,6 +153,7 @@ impl Default for Config {
             in_flight_max: 16_384,
             net_threads: 2,
             auth_deadline_ms: 10_000,
+            unauthenticated_max: 256,
             http_listen: "127.0.0.1:7480".into(),
             http_tls: false,
             history_store: true,
@@ -211,6 +215,8 @@ pub struct Overrides {
     pub http_listen: Option<String>,
     /// See [`Config::auth_deadline_ms`].
     pub auth_deadline_ms: Option<u64>,
+    /// See [`Config::unauthenticated_max`].
+    pub unauthenticated_max: Option<u32>,
     /// See [`Config::http_tls`].
     pub http_tls: Option<bool>,
     /// See [`Config::history_store`].
@@ -300,6 +306,7 @@ const ENV: &[(&str, &str)] = &[
     ("TALLY_LISTEN", "listen"),
     ("TALLY_HTTP_LISTEN", "http_listen"),
     ("TALLY_AUTH_DEADLINE_MS", "auth_deadline_ms"),
+    ("TALLY_UNAUTHENTICATED_MAX", "unauthenticated_max"),
     ("TALLY_HTTP_TLS", "http_tls"),
     ("TALLY_HISTORY_STORE", "history_store"),
     ("TALLY_EXPORT_JSONL", "export_jsonl"),
@@ -411,6 +418,7 @@ impl Overrides {
             listen,
             http_listen,
             auth_deadline_ms,
+            unauthenticated_max,
             http_tls,
             history_store,
             export_jsonl,
@@ -497,6 +505,9 @@ impl Config {
         }
         if !(10..=600_000).contains(&self.auth_deadline_ms) {
             return bad("auth_deadline_ms", "must be between 10 and 600000");
+        }
+        if !(1..=1_000_000).contains(&self.unauthenticated_max) {
+            return bad("unauthenticated_max", "must be between 1 and 1000000");
         }
         if self.http_listen.parse::<std::net::SocketAddr>().is_err() {
             return bad("http_listen", "must be an address like 127.0.0.1:7480");

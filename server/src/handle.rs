@@ -425,9 +425,7 @@ mod tests {
     fn freeze(id: u128, wallet: &WalletId) -> Request {
         Request {
             id: RequestId(id),
-            command: Command::Freeze {
-                wallet: *wallet,
-            },
+            command: Command::Freeze { wallet: *wallet },
         }
     }
 

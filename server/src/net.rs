@@ -181,6 +181,7 @@ impl Backend for ShardBackend {
 pub fn limits(config: &Config) -> Limits {
     Limits {
         connections_max: config.connections_max,
+        unauthenticated_max: config.unauthenticated_max,
         streams_max: config.streams_max,
         in_flight_max: config.in_flight_max,
         auth_deadline: std::time::Duration::from_millis(config.auth_deadline_ms),

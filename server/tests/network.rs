@@ -934,3 +934,88 @@ async fn in_flight_limits_count_batch_items_not_frames() {
     );
     running.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_cannot_keep_a_client_with_a_key_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = Running::start_with(tally_server::Config {
+        connections_max: 6,
+        unauthenticated_max: 2,
+        // Long: here it is room, not the deadline, that closes idle connections.
+        auth_deadline_ms: 60_000,
+        ..common::config(dir.path(), 1)
+    });
+    let closed_for_room = |reason: &quinn::ConnectionError| {
+        matches!(reason, quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == quinn::VarInt::from_u32(ErrorCode::Unauthenticated as u32)
+                && c.reason.starts_with(b"closed to make room"))
+    };
+    let wait_closed = |raw: &Raw, which: &'static str| {
+        let conn = raw.conn.clone();
+        async move {
+            tokio::time::timeout(std::time::Duration::from_secs(5), conn.closed())
+                .await
+                .unwrap_or_else(|_| panic!("{which} was not closed to make room"))
+        }
+    };
+    // An idle connection: handshake and Hello, never Auth. The Welcome shows the server has
+    // counted it (it does so before it serves any stream), so the order below is the server's.
+    let idle = || async {
+        let raw = raw_connect(&running).await;
+        let mut s = raw.stream().await;
+        s.write(0, &hello(1, 1)).await;
+        assert!(matches!(s.read().await, Some((0, Message::Welcome(_)))));
+        (raw, s)
+    };
+    // Two connections that finish the handshake and never authenticate fill the room for them.
+    let (idle1, _s1) = idle().await;
+    let (idle2, _s2) = idle().await;
+    assert!(idle1.conn.close_reason().is_none() && idle2.conn.close_reason().is_none());
+    // A third closes the oldest.
+    let (idle3, _s3) = idle().await;
+    assert!(closed_for_room(&wait_closed(&idle1, "idle1").await));
+    assert!(idle2.conn.close_reason().is_none());
+    // A client with a key always gets in: it closes the oldest idle one, then authenticates
+    // and is no longer counted among the unauthenticated.
+    let client = running.client(ADMIN_KEY).await;
+    assert!(closed_for_room(&wait_closed(&idle2, "idle2").await));
+    client.health().await.unwrap();
+    assert_eq!(running.stats().evicted_unauthenticated, 2);
+    // Authenticated connections are never closed to make room: more idle ones rotate among
+    // themselves.
+    let (idle4, _s4) = idle().await;
+    let (idle5, _s5) = idle().await;
+    assert!(closed_for_room(&wait_closed(&idle3, "idle3").await));
+    client.health().await.unwrap();
+    assert!(idle5.conn.close_reason().is_none());
+    // Clients fill the slots (each new one closes an idle connection while it is itself
+    // unauthenticated, so count what is open), and the next is refused before its TLS
+    // handshake, which the client reports as 1014.
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(running.client(ADMIN_KEY).await);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    for _ in running.stats().connections_open..6 {
+        clients.push(running.client(ADMIN_KEY).await);
+    }
+    assert_eq!(running.stats().connections_open, 6);
+    let refused_before = running.stats().connections_refused;
+    let c = Client::connect(running.client_config(ADMIN_KEY)).await;
+    assert_eq!(transport_code(c), ErrorCode::TooManyConnections);
+    assert_eq!(running.stats().connections_refused, refused_before + 1);
+    // Refused by QUIC before the TLS handshake, not closed by the application after it.
+    match try_raw_connect(&running).await {
+        Err(quinn::ConnectionError::ConnectionClosed(close)) => {
+            assert_eq!(
+                close.error_code,
+                quinn::TransportErrorCode::CONNECTION_REFUSED
+            )
+        }
+        Err(other) => panic!("refused with {other:?}"),
+        Ok(_) => panic!("a connection past connections_max"),
+    }
+    client.health().await.unwrap();
+    drop((idle4, idle5, clients));
+    running.stop().await;
+}

@@ -37,6 +37,10 @@ impl Running {
         }
     }
 
+    pub fn stats(&self) -> tally_net::StatsSnapshot {
+        self.net.as_ref().unwrap().stats()
+    }
+
     pub fn addr(&self) -> std::net::SocketAddr {
         self.net.as_ref().unwrap().local_addr()
     }
@@ -74,6 +78,10 @@ pub struct RawStream {
 }
 
 pub async fn raw_connect(running: &Running) -> Raw {
+    try_raw_connect(running).await.unwrap()
+}
+
+pub async fn try_raw_connect(running: &Running) -> Result<Raw, quinn::ConnectionError> {
     let cert = tally_net::tls::load_certs(&running.cert())
         .unwrap()
         .remove(0);
@@ -82,12 +90,11 @@ pub async fn raw_connect(running: &Running) -> Raw {
     let conn = endpoint
         .connect(running.addr(), "localhost")
         .unwrap()
-        .await
-        .unwrap();
-    Raw {
+        .await?;
+    Ok(Raw {
         conn,
         _endpoint: endpoint,
-    }
+    })
 }
 
 impl Raw {
