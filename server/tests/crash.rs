@@ -8,7 +8,10 @@
 //! A second scenario kills the child right after a checkpoint it asked for returned, under
 //! light load, and then drops whatever the export files hold beyond their recorded progress (a
 //! power loss that loses unsynced writes): a checkpoint must never be durable before the effects
-//! it covers are, since recovery re-derives effects only from the WAL above it.
+//! it covers are, since recovery re-derives effects only from the WAL above it. A third kills
+//! the child while a WAL segment is being created (its `.wal.tmp` file exists): segments are the
+//! smallest allowed (64 KiB) in every scenario, so rotation and the deletion of old segments after
+//! checkpoints happen every few hundred records.
 //!
 //! This is a `harness = false` test: the same binary is the parent and, with
 //! `TALLY_CRASH_CHILD` set, the child.
@@ -39,6 +42,8 @@ fn crash_config(dir: &Path) -> Config {
     Config {
         snapshot_every_records: 300,
         snapshots_keep: 2,
+        // The smallest segments: rotation every few hundred records.
+        wal_segment_bytes: 64 * 1024,
         // The parent's PostgreSQL, for the scenario that exports to it.
         export_postgres: std::env::var("TALLY_CRASH_POSTGRES").ok(),
         ..config(dir, 2)
@@ -166,8 +171,9 @@ fn main() {
         return;
     }
     kill_after_checkpoint();
+    kill_during_rotation();
     kill_at_random();
-    println!("2 passed, 0 failed");
+    println!("3 passed, 0 failed");
 }
 
 /// Kills the child right after each checkpoint it asked for, with a power loss on the exports.
@@ -182,6 +188,40 @@ fn kill_after_checkpoint() {
         drop_unsynced_exports(&dir);
     }
     verify(&dir, "kill after checkpoint");
+}
+
+/// Whether a shard of `dir` is creating a WAL segment now (its temporary file exists).
+fn rotating(dir: &Path) -> bool {
+    (0..2).any(|shard| {
+        std::fs::read_dir(dir.join(format!("shard-{shard:03}")).join("wal"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+    })
+}
+
+/// Kills the child under load while a WAL segment is being created.
+fn kill_during_rotation() {
+    let exe = std::env::current_exe().unwrap();
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().to_path_buf();
+    let cycles = 6;
+    let mut caught = 0;
+    for cycle in 0..cycles {
+        let mut child = run_child(&exe, &dir, cycle, "load", "ready");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut seen = false;
+        while !seen && std::time::Instant::now() < deadline {
+            seen = rotating(&dir);
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        caught += usize::from(seen);
+    }
+    println!("crash test: {caught} of {cycles} kills landed while a WAL segment was being created");
+    assert!(caught > 0, "no kill landed during a rotation");
+    verify(&dir, "kill during rotation");
 }
 
 /// Kills the child under load at random moments, with the history exported to PostgreSQL.
