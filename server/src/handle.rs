@@ -29,6 +29,8 @@ pub struct Handle {
     alive: Arc<[AtomicBool]>,
     /// How far each effect sink (and the PostgreSQL export) is behind.
     lags: Arc<[Arc<tally_outbound::Lag>]>,
+    /// Where catalog commands are recorded before their broadcast (`crate::catalog`).
+    data_dir: Option<Arc<std::path::Path>>,
 }
 
 /// A reply that will arrive once the request's batch is durable.
@@ -220,7 +222,14 @@ impl Handle {
             broadcast: Arc::new(Mutex::new(())),
             alive,
             lags,
+            data_dir: None,
         }
+    }
+
+    /// Records catalog commands in `data_dir` before their broadcast (`crate::catalog`).
+    pub(crate) fn recording_catalog_in(mut self, data_dir: &std::path::Path) -> Handle {
+        self.data_dir = Some(Arc::from(data_dir));
+        self
     }
 
     /// Each sink's name and how far it is behind: `(name, effects, microseconds)`.
@@ -274,6 +283,16 @@ impl Handle {
         }
         // A poisoned lock only means another broadcaster panicked; the order is still ours.
         let _order = self.broadcast.lock().unwrap_or_else(|e| e.into_inner());
+        // Recorded first, so that a crash between two shards leaves the shards behind a command
+        // the next start can give them (`crate::catalog`).
+        if let Some(dir) = &self.data_dir {
+            crate::catalog::record(dir, &request).map_err(|e| {
+                CallError::Catalog(format!(
+                    "cannot record it in {}: {e}",
+                    dir.join(crate::catalog::FILE).display()
+                ))
+            })?;
+        }
         let mut waiting = Vec::with_capacity(self.shards.len());
         for shard in self.shards.iter() {
             let (tx, rx) = oneshot::channel();

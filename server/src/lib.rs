@@ -9,6 +9,7 @@
 //! This crate is the only place in tally that owns threads, files, clocks and signals. It knows
 //! the engine only through its `handle_*` / `poll_*` API and the WAL only as bytes.
 
+pub mod catalog;
 pub mod clock;
 pub mod config;
 pub mod handle;

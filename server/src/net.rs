@@ -43,6 +43,8 @@ pub fn error_code(error: &CallError) -> ErrorCode {
         CallError::Poisoned(_) => ErrorCode::Poisoned,
         CallError::TooLarge => ErrorCode::RequestTooLarge,
         CallError::Checkpoint(_) => ErrorCode::SnapshotFailed,
+        // The data directory cannot be written: as for a failed WAL, an operator must look.
+        CallError::Catalog(_) => ErrorCode::Poisoned,
     }
 }
 

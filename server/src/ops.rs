@@ -191,10 +191,37 @@ pub fn restore(
     std::fs::write(to.join("shards"), format!("{count}\n"))?;
     let target_store = SnapshotStore::open(&target)?;
     let mut reports = Vec::new();
+    let mut engines = Vec::new();
+    // The catalog commands that may have reached some shards and not others by the point
+    // restored to: the last one each shard replayed, and the last one the source recorded.
+    let mut candidates: Vec<tally_engine::Request> = crate::catalog::recorded(&config.data_dir)?
+        .into_iter()
+        .collect();
     for shard in 0..count {
         let (engine, wal, report) =
             recover_shard(config, source.as_ref(), shard, until, &mut |_| {})?;
+        if report.replayed > 0 {
+            candidates.extend(last_catalog_command(
+                &wal,
+                report.checkpoint_lsn + 1,
+                report.lsn,
+            )?);
+        }
         drop(wal);
+        engines.push(engine);
+        reports.push(report);
+    }
+    // A broadcast can straddle the point restored to; the shards behind get its command.
+    let states: Vec<&tally_engine::State> = engines.iter().map(|e| e.state()).collect();
+    if let Some((lagging, request)) = crate::catalog::explain(&states, &candidates)? {
+        for shard in lagging {
+            let engine = &mut engines[shard as usize];
+            engine.handle_request(engine.state().now, &request);
+            while engine.poll_effect().is_some() {}
+            reports[shard as usize].digest = engine.digest();
+        }
+    }
+    for (shard, (engine, report)) in (0..count).zip(engines.iter().zip(&reports)) {
         crate::shard::Checkpoints::write(
             &target_store,
             shard,
@@ -203,7 +230,6 @@ pub fn restore(
             engine.state(),
         )
         .map_err(anyhow::Error::msg)?;
-        reports.push(report);
     }
     print(json, &reports, || {
         let mut out = String::new();
@@ -220,6 +246,31 @@ pub fn restore(
         );
         out
     })
+}
+
+/// The last catalog command (a request for no wallet) among the WAL records `from..=to`.
+fn last_catalog_command(
+    wal: &tally_wal::Wal<tally_wal::FileStorage>,
+    from: u64,
+    to: u64,
+) -> Result<Option<tally_engine::Request>> {
+    let mut last = None;
+    let mut scan = wal.scan(from)?;
+    while let Some(record) = scan.next()? {
+        if record.lsn > to {
+            break;
+        }
+        if let Ok(crate::record::LogRecord {
+            entry: crate::record::LogEntry::Request(request),
+            ..
+        }) = crate::record::decode(record.payload)
+        {
+            if request.command.wallet().is_none() {
+                last = Some(request);
+            }
+        }
+    }
+    Ok(last)
 }
 
 #[derive(Serialize)]

@@ -7,6 +7,8 @@
 //! <data-dir>/shards            the shard count, fixed at creation
 //! <data-dir>/RULES             the version of the billing rules its WAL records were applied
 //!                              under (`tally_engine::RULES_VERSION`)
+//! <data-dir>/catalog-last      the last catalog command, recorded before its broadcast
+//!                              (`crate::catalog`)
 //! <data-dir>/shard-NNN/wal/    each shard's WAL segments
 //! <data-dir>/snapshots/        checkpoints (see docs/snapshot-format.md)
 //! <data-dir>/outbound/         JSON-lines exports and their progress
@@ -487,8 +489,15 @@ impl Server {
         if recoveries.iter().all(Result::is_ok) {
             write_rules(&config.data_dir)?;
         }
-        for (shard, recovery) in (0..count).zip(recoveries) {
-            let (engine, wal, report) = recovery?;
+        let recoveries: Vec<_> = recoveries.into_iter().collect::<Result<_, _>>()?;
+        // A crash during a catalog broadcast can leave shards behind by that one command: they
+        // get it before anything is served.
+        let catalog_behind = {
+            let states: Vec<&tally_engine::State> =
+                recoveries.iter().map(|(e, _, _)| e.state()).collect();
+            crate::catalog::behind(&config.data_dir, &states)?
+        };
+        for (shard, (engine, wal, report)) in (0..count).zip(recoveries) {
             for warning in &report.warnings {
                 tracing::warn!(shard, "{warning}");
             }
@@ -530,6 +539,25 @@ impl Server {
                     .map_err(|e| Error(format!("cannot start shard thread: {e}")))?,
             );
         }
+        if let Some((lagging, request)) = catalog_behind {
+            for shard in lagging {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                senders[shard as usize]
+                    .send(crate::shard::Message::Request(request.clone(), tx))
+                    .map_err(|_| Error(format!("shard {shard} stopped during recovery")))?;
+                let reply = rx
+                    .blocking_recv()
+                    .unwrap_or(Err(CallError::Stopped))
+                    .map_err(|e| Error(format!("shard {shard}: {e}")))?;
+                tracing::warn!(
+                    shard,
+                    request = %format!("{:032x}", request.id.0),
+                    code = ?reply.code,
+                    "the process stopped while it sent a catalog command to the shards; this shard \
+                     had not logged it and has now applied it"
+                );
+            }
+        }
         let export = match &config.export_postgres {
             Some(url) => Some(
                 outbound::PostgresExport::start(url, &config.data_dir, count)
@@ -541,7 +569,8 @@ impl Server {
             handle: Handle::new(senders, alive, {
                 lags.extend(export.as_ref().map(|e| e.lag()));
                 lags.into()
-            }),
+            })
+            .recording_catalog_in(&config.data_dir),
             shards: threads,
             outbound: Some(outbound),
             outbound_tx: Some(outbound_tx),

@@ -44,6 +44,8 @@ pub enum CallError {
     TooLarge,
     /// A checkpoint could not be written (nothing is lost: the WAL is kept).
     Checkpoint(String),
+    /// A catalog command could not be recorded before its broadcast (nothing was applied).
+    Catalog(String),
 }
 
 impl std::fmt::Display for CallError {
@@ -56,6 +58,9 @@ impl std::fmt::Display for CallError {
             }
             CallError::TooLarge => write!(f, "the request is too large for one WAL record"),
             CallError::Checkpoint(why) => write!(f, "checkpoint failed: {why}"),
+            CallError::Catalog(why) => {
+                write!(f, "the catalog command was not applied: {why}")
+            }
         }
     }
 }

@@ -414,3 +414,156 @@ fn idempotency_settings_change_at_a_restart_and_replay_applies_them_in_order() {
     // A bound below 1,000 is refused by the configuration before anything starts.
     assert!(Server::start(&with_max(10), Box::new(NoCheckpoints)).is_err());
 }
+
+/// Logs `request` in one shard's WAL only, as a crash in the middle of a broadcast leaves it.
+fn log_on_one_shard(config: &tally_server::Config, shard: u32, request: &Request) {
+    let dir = tally_server::server::wal_dir(&config.data_dir, shard);
+    let options = tally_wal::Options {
+        segment_bytes: config.wal_segment_bytes,
+        ..Default::default()
+    };
+    let mut wal = tally_wal::Wal::open_dir(dir, options).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64;
+    let mut bytes = Vec::new();
+    tally_server::record::encode_request(Timestamp(now), request, &mut bytes);
+    wal.append(&bytes).unwrap();
+    wal.commit().unwrap();
+}
+
+fn define_asset(id: u128, code: &str) -> Request {
+    Request {
+        id: RequestId(id),
+        command: Command::DefineAsset {
+            code: asset(code),
+            scale: 2,
+            usd_value: "1.25".parse().unwrap(),
+        },
+    }
+}
+
+#[test]
+fn a_catalog_command_that_reached_only_some_shards_reaches_the_others_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), 2);
+    let start = || {
+        Server::start(
+            &config,
+            Box::new(tally_server::store::SnapshotStore::open(&config).unwrap()),
+        )
+    };
+    let server = start().unwrap();
+    setup(&server.handle(), &["w".to_string()]);
+    // A broadcast records its command before any shard sees it.
+    let eur = define_asset(7_000, "EUR");
+    assert!(server.handle().call(eur.clone()).unwrap().code.is_ok());
+    let mut recorded = Vec::new();
+    tally_server::record::encode_request(Timestamp(0), &eur, &mut recorded);
+    let file = dir.path().join(tally_server::catalog::FILE);
+    assert_eq!(std::fs::read(&file).unwrap(), recorded);
+    server.shutdown().unwrap();
+
+    // The next broadcast is recorded and logged by shard 1 only; then the process dies.
+    let gbp = define_asset(7_001, "GBP");
+    tally_server::catalog::record(dir.path(), &gbp).unwrap();
+    log_on_one_shard(&config, 1, &gbp);
+    let gbp_on = |server: &Server| {
+        matches!(
+            server.handle().query(Query::Asset {
+                asset: asset("GBP")
+            }),
+            Ok(Ok(QueryReply::Asset(_)))
+        )
+    };
+    // The next start gives it to shard 0 (which answers catalog questions) before serving.
+    let server = start().unwrap();
+    assert!(gbp_on(&server), "shard 0 got the command at the start");
+    // Both shards now remember it: a retry is a repeat everywhere (shards would disagree on
+    // the reply otherwise), and the catalogs stay equal across another restart.
+    assert!(server.handle().call(gbp.clone()).unwrap().code.is_ok());
+    server.shutdown().unwrap();
+    let server = start().unwrap();
+    assert!(gbp_on(&server));
+
+    // The same for a command that is not idempotent by its content: publishing a plan's draft
+    // (a second publication would make another version). A new draft is broadcast whole; its
+    // publication reaches shard 1 only.
+    let draft = catalog()
+        .into_iter()
+        .find(|c| matches!(c, Command::DraftPlan { .. }))
+        .unwrap();
+    let reply = server.handle().call(Request {
+        id: RequestId(7_010),
+        command: draft,
+    });
+    assert!(reply.unwrap().code.is_ok());
+    server.shutdown().unwrap();
+    let publish = Request {
+        id: RequestId(7_011),
+        command: Command::PublishPlan { plan: name("std") },
+    };
+    tally_server::catalog::record(dir.path(), &publish).unwrap();
+    log_on_one_shard(&config, 1, &publish);
+    let server = start().unwrap();
+    let versions = |server: &Server| match server.handle().query(Query::Plans) {
+        Ok(Ok(QueryReply::Plans(plans))) => plans
+            .iter()
+            .find(|p| p.plan == name("std"))
+            .map(|p| p.versions.len()),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(versions(&server), Some(2), "shard 0 published it once");
+    // Shard 1 too has exactly two versions: version 2 can be assigned there, version 3 cannot.
+    let on_shard_1 = (0..)
+        .map(|i| format!("w{i}"))
+        .find(|w| shard_for(&name(w), 2) == 1)
+        .unwrap();
+    setup(&server.handle(), std::slice::from_ref(&on_shard_1));
+    let assign = |id: u128, version: u32| {
+        let request = Request {
+            id: RequestId(id),
+            command: Command::AssignPlan {
+                wallet: name(&on_shard_1),
+                plan: name("std"),
+                version,
+                effective_from: Timestamp(0),
+            },
+        };
+        server.handle().call(request).unwrap().code
+    };
+    assert!(assign(7_020, 2).is_ok());
+    assert!(!assign(7_021, 3).is_ok());
+    server.shutdown().unwrap();
+
+    // Catalogs that the last recorded command does not explain stop the start.
+    log_on_one_shard(&config, 1, &define_asset(7_002, "CHF"));
+    let Err(error) = start() else {
+        panic!("the start is refused")
+    };
+    assert!(error.0.contains("catalogs"), "{error}");
+    assert!(error.0.contains("does not explain"), "{error}");
+
+    // A point-in-time restore finds the command among what each shard replayed (as it would
+    // for a broadcast that straddles the point restored to), and gives it to the others.
+    let restored = tempfile::tempdir().unwrap();
+    let to = restored.path().join("data");
+    tally_server::ops::restore(&config, &[], &to, tally_server::Until::default(), true).unwrap();
+    let config = tally_server::Config {
+        data_dir: to,
+        ..config.clone()
+    };
+    let server = Server::start(
+        &config,
+        Box::new(tally_server::store::SnapshotStore::open(&config).unwrap()),
+    )
+    .unwrap();
+    assert!(matches!(
+        server.handle().query(Query::Asset {
+            asset: asset("CHF")
+        }),
+        Ok(Ok(QueryReply::Asset(_)))
+    ));
+    server.shutdown().unwrap();
+}
