@@ -73,13 +73,22 @@ fn start_child(dir: &Path) -> (Server, tally_server::Handle, std::fs::File) {
     (server, handle, acks)
 }
 
+/// The id of a child's `i`th usage event in `cycle`: above every id `setup` and the grants use
+/// (those are repeated every cycle, in the wallets' scopes too), and under 2^64 (the exports
+/// carry ids as JSON numbers). Ids of the form `(cycle + 1) × 10^7 + i` met `setup`'s at the
+/// hundredth cycle, which a 1,000-cycle run found as an idempotency conflict.
+fn usage_id(cycle: u128, i: u128) -> u128 {
+    assert!(cycle < 1 << 20 && i < 1 << 24);
+    (1 << 40) + (cycle << 24) + i
+}
+
 fn child(dir: PathBuf, cycle: u128) {
     let (_server, handle, mut acks) = start_child(&dir);
     println!("ready");
     std::io::stdout().flush().unwrap();
     let mut pending = VecDeque::new();
     for i in 0u128.. {
-        let id = (cycle + 1) * 10_000_000 + i;
+        let id = usage_id(cycle, i);
         let wallet = &wallets()[i as usize % WALLETS];
         let mode = if i % 3 == 0 {
             DebitMode::Record
@@ -93,7 +102,10 @@ fn child(dir: PathBuf, cycle: u128) {
         if pending.len() >= 64 {
             let (id, p) = pending.pop_front().unwrap();
             let reply = p.wait().unwrap();
-            assert!(reply.code.is_ok(), "{reply:?}");
+            assert!(
+                reply.code.is_ok(),
+                "request {id} (cycle {cycle}): {reply:?}"
+            );
             // One write per acknowledgement: the log holds only acknowledged ids.
             acks.write_all(format!("{id}\n").as_bytes()).unwrap();
         }
@@ -105,7 +117,7 @@ fn child(dir: PathBuf, cycle: u128) {
 fn child_checkpoint(dir: PathBuf, cycle: u128) {
     let (_server, handle, mut acks) = start_child(&dir);
     for i in 0..40u128 {
-        let id = (cycle + 1) * 10_000_000 + i;
+        let id = usage_id(cycle, i);
         let wallet = &wallets()[i as usize % WALLETS];
         let reply = handle
             .call(usage(id, wallet, 3, DebitMode::Strict))
@@ -119,6 +131,19 @@ fn child_checkpoint(dir: PathBuf, cycle: u128) {
     loop {
         std::thread::sleep(Duration::from_secs(1));
     }
+}
+
+/// Kills `child` (SIGKILL) and checks that it was still running: a child that stopped by itself
+/// (a failed assertion in its workload) fails the test.
+fn kill(child: &mut std::process::Child, cycle: u64) {
+    use std::os::unix::process::ExitStatusExt;
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "child {cycle} stopped by itself before it was killed: {status}"
+    );
 }
 
 fn run_child(
@@ -183,8 +208,7 @@ fn kill_after_checkpoint() {
     let dir = temp.path().to_path_buf();
     for cycle in 0..5 {
         let mut child = run_child(&exe, &dir, cycle, "checkpoint", "checkpointed");
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        kill(&mut child, cycle);
         drop_unsynced_exports(&dir);
     }
     verify(&dir, "kill after checkpoint");
@@ -215,8 +239,7 @@ fn kill_during_rotation() {
         while !seen && std::time::Instant::now() < deadline {
             seen = rotating(&dir);
         }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        kill(&mut child, cycle);
         caught += usize::from(seen);
     }
     println!("crash test: {caught} of {cycles} kills landed while a WAL segment was being created");
@@ -249,8 +272,7 @@ fn kill_at_random() {
         seed ^= seed >> 7;
         seed ^= seed << 17;
         std::thread::sleep(Duration::from_millis(20 + seed % 200));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        kill(&mut child, cycle);
     }
     verify(&dir, "kill at random");
 }
