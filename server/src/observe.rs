@@ -180,6 +180,8 @@ pub struct ShardMetrics {
     pub idempotency_ids: Gauge,
     /// Request ids forgotten before their retention passed (the table was full).
     pub idempotency_evicted: Gauge,
+    /// Reads of a wallet answered at once, their wallet's last write being durable already.
+    pub reads_early: Counter,
 }
 
 impl ShardMetrics {
@@ -196,8 +198,9 @@ impl ShardMetrics {
             idempotency_ids: metrics::gauge!("tally_idempotency_ids", "shard" => s.clone()),
             idempotency_evicted: metrics::gauge!(
                 "tally_idempotency_evicted_total",
-                "shard" => s
+                "shard" => s.clone()
             ),
+            reads_early: metrics::counter!("tally_reads_early_total", "shard" => s),
         }
     }
 }

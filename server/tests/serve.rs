@@ -567,3 +567,80 @@ fn a_catalog_command_that_reached_only_some_shards_reaches_the_others_at_the_nex
     ));
     server.shutdown().unwrap();
 }
+
+/// Polls `future` once, without waiting.
+fn poll_once<F: std::future::Future + Unpin>(future: &mut F) -> std::task::Poll<F::Output> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    std::pin::Pin::new(future).poll(&mut cx)
+}
+
+#[test]
+fn a_read_of_a_wallet_whose_writes_are_durable_does_not_wait_for_other_wallets_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    // One shard, so the two wallets' requests share its batches and syncs.
+    let config = config(dir.path(), 1);
+    let server = Server::start(
+        &config,
+        Box::new(tally_server::store::SnapshotStore::open(&config).unwrap()),
+    )
+    .unwrap();
+    let handle = server.handle();
+    setup(&handle, &["a".to_string(), "b".to_string()]);
+    for (id, wallet) in [(1, "a"), (2, "b")] {
+        assert!(handle.call(grant(id, wallet, "1000")).unwrap().code.is_ok());
+    }
+    // Many large writes to b in one batch (megabytes for its sync), then a read of a and a
+    // read of b behind them.
+    let big: Vec<Request> = (0..8192u128)
+        .map(|i| {
+            let mut request = usage(10_000 + i, "b", 1, DebitMode::Record);
+            if let Command::Usage(event) = &mut request.command {
+                event.attributes = (0..8)
+                    .map(|k| {
+                        (
+                            name(&format!("k{k}")),
+                            name(&format!("{k}{}", "v".repeat(60))),
+                        )
+                    })
+                    .collect();
+            }
+            request
+        })
+        .collect();
+    let mut writes = Box::pin(handle.submit_batch(big).unwrap().recv());
+    let balance = |wallet: &str| Query::Balance {
+        wallet: name(wallet),
+        asset: asset("USD"),
+    };
+    let read_a = handle.submit_query(balance("a")).unwrap();
+    let mut read_b = Box::pin(handle.submit_query(balance("b")).unwrap().recv());
+    // a's answer comes while b's writes still wait for their sync: had it waited for the
+    // batches before it, they would have been answered first.
+    let a = read_a.wait();
+    assert!(matches!(a, Ok(Ok(QueryReply::Balance(_)))), "{a:?}");
+    assert!(
+        poll_once(&mut writes).is_pending(),
+        "a's read waited for b's sync"
+    );
+    // b's read waits for b's writes, and sees them.
+    let replies = loop {
+        if let std::task::Poll::Ready(replies) = poll_once(&mut writes) {
+            break replies;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    };
+    assert!(replies
+        .iter()
+        .all(|r| r.as_ref().is_ok_and(|r| r.code.is_ok())));
+    let b = loop {
+        if let std::task::Poll::Ready(b) = poll_once(&mut read_b) {
+            break b;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    };
+    let Ok(Ok(QueryReply::Balance(b))) = b else {
+        panic!("{b:?}")
+    };
+    assert!(b.available < "1000".parse().unwrap(), "{b:?}");
+    server.shutdown().unwrap();
+}
