@@ -24,7 +24,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -237,6 +237,20 @@ pub fn recover_shard(
     until: Until,
     effects: &mut dyn FnMut(Tagged),
 ) -> Result<(Engine, Wal<FileStorage>, Recovered), Error> {
+    let (engine, wal, mut recovered) = replay_shard(config, store, shard, until, effects)?;
+    recovered.digest = engine.digest();
+    Ok((engine, wal, recovered))
+}
+
+/// [`recover_shard`] without the digest (`Recovered::digest` is 0): hashing a large state takes
+/// seconds, so `Server::start` computes it on another thread while the shard serves.
+fn replay_shard(
+    config: &Config,
+    store: &dyn Store,
+    shard: u32,
+    until: Until,
+    effects: &mut dyn FnMut(Tagged),
+) -> Result<(Engine, Wal<FileStorage>, Recovered), Error> {
     let (checkpoint, mut warnings) = store
         .load_newest(shard)
         .map_err(|e| Error(format!("shard {shard}: {e}")))?;
@@ -321,13 +335,12 @@ pub fn recover_shard(
             replayed += 1;
         }
     }
-    let digest = engine.digest();
     let recovered = Recovered {
         shard,
         checkpoint_lsn,
         replayed,
         lsn,
-        digest,
+        digest: 0,
         warnings,
     };
     Ok((engine, wal, recovered))
@@ -392,7 +405,10 @@ pub struct Server {
     outbound: Option<JoinHandle<Result<(), outbound::Error>>>,
     outbound_tx: Option<crossbeam_channel::Sender<outbound::Message>>,
     export: Option<outbound::PostgresExport>,
-    recovered: Vec<Recovered>,
+    /// What recovery found; the digests are filled in by [`Server::recovered`] when their
+    /// threads are done.
+    recovered: std::sync::OnceLock<Vec<Recovered>>,
+    digesting: Mutex<Option<(Vec<Recovered>, Vec<JoinHandle<u64>>)>>,
     payments_wake: Arc<tokio::sync::Notify>,
     notices_wake: Arc<tokio::sync::Notify>,
     _lock: DataDirLock,
@@ -431,6 +447,7 @@ impl Server {
         let mut senders = Vec::new();
         let mut threads = Vec::new();
         let mut recovered = Vec::new();
+        let mut digests = Vec::new();
         let alive: Arc<[AtomicBool]> = (0..count).map(|_| AtomicBool::new(true)).collect();
         let options = ShardOptions {
             batch_max: config.batch_max,
@@ -454,7 +471,7 @@ impl Server {
                         let mut replayed = Vec::new();
                         let mut outbound_gone = false;
                         let (engine, wal, report) =
-                            recover_shard(config, store, shard, Until::default(), &mut |t| {
+                            replay_shard(config, store, shard, Until::default(), &mut |t| {
                                 replayed.push(t);
                                 if replayed.len() >= CHUNK {
                                     let chunk =
@@ -506,9 +523,26 @@ impl Server {
                 checkpoint_lsn = report.checkpoint_lsn,
                 replayed = report.replayed,
                 lsn = report.lsn,
-                digest = %format!("{:016x}", report.digest),
                 "shard recovered"
             );
+            // The digest of the recovered state, off the start path: hashing a large state takes
+            // seconds. A copy of the state (wallets are shared copy-on-write, as for checkpoints)
+            // is hashed on a thread of its own; the log line comes when it is done.
+            digests.push({
+                let state = engine.state().clone();
+                std::thread::Builder::new()
+                    .name(format!("tally-digest-{shard}"))
+                    .spawn(move || {
+                        let digest = tally_engine::digest_state(&state);
+                        tracing::info!(
+                            shard,
+                            digest = %format!("{digest:016x}"),
+                            "recovered state digest"
+                        );
+                        digest
+                    })
+                    .map_err(|e| Error(format!("cannot start a digest thread: {e}")))?
+            });
             let replayed = report.replayed;
             recovered.push(report);
             let (tx, rx, queued) = crate::shard::queue(config.queue_depth);
@@ -575,7 +609,8 @@ impl Server {
             outbound: Some(outbound),
             outbound_tx: Some(outbound_tx),
             export,
-            recovered,
+            recovered: std::sync::OnceLock::new(),
+            digesting: Mutex::new(Some((recovered, digests))),
             payments_wake,
             notices_wake,
             _lock: lock,
@@ -598,8 +633,25 @@ impl Server {
     }
 
     /// What recovery found, per shard.
+    ///
+    /// The digests are computed on threads of their own after recovery; the first call waits
+    /// for them.
     pub fn recovered(&self) -> &[Recovered] {
-        &self.recovered
+        self.recovered.get_or_init(|| {
+            let taken = self
+                .digesting
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            let Some((mut recovered, digests)) = taken else {
+                return Vec::new();
+            };
+            for (report, digest) in recovered.iter_mut().zip(digests) {
+                // A panicking digest thread leaves 0, which no state hashes to in practice.
+                report.digest = digest.join().unwrap_or(0);
+            }
+            recovered
+        })
     }
 
     /// Stops intake, lets every shard finish and sync what it queued, flushes the outbound
