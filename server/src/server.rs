@@ -210,6 +210,9 @@ fn wal_options(config: &Config, first_lsn: u64) -> Options {
     }
 }
 
+/// Recovery's reports, and the threads computing their digests.
+type Digesting = (Vec<Recovered>, Vec<JoinHandle<u64>>);
+
 /// What recovering one shard found.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Recovered {
@@ -408,7 +411,7 @@ pub struct Server {
     /// What recovery found; the digests are filled in by [`Server::recovered`] when their
     /// threads are done.
     recovered: std::sync::OnceLock<Vec<Recovered>>,
-    digesting: Mutex<Option<(Vec<Recovered>, Vec<JoinHandle<u64>>)>>,
+    digesting: Mutex<Option<Digesting>>,
     payments_wake: Arc<tokio::sync::Notify>,
     notices_wake: Arc<tokio::sync::Notify>,
     _lock: DataDirLock,
