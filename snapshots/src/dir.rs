@@ -1,13 +1,12 @@
 //! The snapshot directory: atomic writes, listing, verification, loading with fallback, and
-//! pruning. Every file-system call of the crate is here.
+//! pruning. Every file-system call of the crate is made here, through [`Storage`].
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    fs::{self, File, OpenOptions},
     io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write},
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 use tally_engine::{State, Timestamp};
@@ -17,6 +16,7 @@ use crate::format::{
     bincode_config, check_shard, decode_state, file_name, parse_name, temp_file_name,
     ChecksumReader, ChecksumWriter, Header, Named, HEADER_BYTES, PAYLOAD_BYTES_MAX,
 };
+use crate::storage::{FileStorage, ReadFile, Storage};
 
 /// IO buffer for streaming payloads in and out.
 const BUFFER_BYTES: usize = 64 * 1024;
@@ -30,6 +30,9 @@ const BUFFER_BYTES: usize = 64 * 1024;
 #[derive(Debug)]
 pub struct SnapshotDir {
     path: PathBuf,
+    /// The file system: [`FileStorage`] unless a test opened the directory with
+    /// [`SnapshotDir::open_in`].
+    storage: Arc<dyn Storage>,
     /// Temp files being written right now through this value, which `prune` must not delete.
     writing: Mutex<BTreeSet<PathBuf>>,
 }
@@ -89,14 +92,21 @@ pub struct Recovered {
 }
 
 impl SnapshotDir {
-    /// Opens a snapshot directory, creating it (and syncing its parent) if it does not exist.
+    /// Opens a snapshot directory, creating it and any missing parents if it does not exist
+    /// (and syncing the parent of each directory it created, so they survive a power loss).
     /// Opening touches no file in it: temp files left by a crash are removed by
     /// [`SnapshotDir::prune`], so a read-only tool can open the directory of a running server.
     pub fn open(path: impl AsRef<Path>) -> Result<SnapshotDir> {
+        SnapshotDir::open_in(FileStorage, path)
+    }
+
+    /// [`SnapshotDir::open`] on another [`Storage`], such as the simulated disk of
+    /// [`crate::sim::SimStorage`] in power-loss tests.
+    pub fn open_in(storage: impl Storage, path: impl AsRef<Path>) -> Result<SnapshotDir> {
         let path = path.as_ref().to_path_buf();
-        match fs::metadata(&path) {
-            Ok(meta) if meta.is_dir() => {}
-            Ok(_) => {
+        match storage.is_dir(&path) {
+            Ok(true) => {}
+            Ok(false) => {
                 return Err(Error::Io {
                     operation: "open snapshot directory",
                     source: std::io::Error::other("it exists but is not a directory"),
@@ -104,15 +114,33 @@ impl SnapshotDir {
                 })
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                fs::create_dir_all(&path).map_err(Error::io("create snapshot directory", &path))?;
-                if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                    sync_dir(parent)?;
+                // The directories this call creates, deepest first.
+                let mut created = vec![path.as_path()];
+                for ancestor in path.ancestors().skip(1).map(or_current) {
+                    match storage.is_dir(ancestor) {
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                            created.push(ancestor)
+                        }
+                        _ => break,
+                    }
+                }
+                storage
+                    .create_dir(&path)
+                    .map_err(Error::io("create snapshot directory", &path))?;
+                // Each new directory is an entry of its parent: durable once the parent is synced
+                // (syncing only the nearest parent left new grandparents, and so the whole
+                // directory, to chance).
+                for dir in created.into_iter().rev() {
+                    if let Some(parent) = dir.parent().map(or_current) {
+                        sync_dir(&storage, parent)?;
+                    }
                 }
             }
             Err(e) => return Err(Error::io("open snapshot directory", &path)(e)),
         }
         Ok(SnapshotDir {
             path,
+            storage: Arc::new(storage),
             writing: Mutex::new(BTreeSet::new()),
         })
     }
@@ -144,17 +172,14 @@ impl SnapshotDir {
         let path = self.path.join(file_name(shard, lsn));
         let temp = TempFile::register(self, self.path.join(temp_file_name(shard, lsn)));
 
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&temp.path)
+        let mut file = self
+            .storage
+            .create(&temp.path)
             .map_err(Error::io("create temp file", &temp.path))?;
         // The header is written last, once the payload's length and checksum are known.
-        (&file)
-            .write_all(&[0; HEADER_BYTES])
+        file.write_all(&[0; HEADER_BYTES])
             .map_err(Error::io("write", &temp.path))?;
-        let mut out = BufWriter::with_capacity(BUFFER_BYTES, ChecksumWriter::new(&file));
+        let mut out = BufWriter::with_capacity(BUFFER_BYTES, ChecksumWriter::new(&mut file));
         let encoded = bincode::serde::encode_into_std_write(state, &mut out, bincode_config());
         let flushed = out.flush();
         // After a failed flush the unwritten bytes do not matter: the temp file is dropped.
@@ -187,16 +212,17 @@ impl SnapshotDir {
             payload_bytes: sink.bytes,
             payload_crc32c: sink.crc,
         };
-        (&file)
-            .seek(SeekFrom::Start(0))
-            .and_then(|_| (&file).write_all(&header.to_bytes()))
+        file.seek(SeekFrom::Start(0))
+            .and_then(|_| file.write_all(&header.to_bytes()))
             .map_err(Error::io("write header of", &temp.path))?;
-        file.sync_all()
+        file.sync()
             .map_err(Error::io("sync temp file", &temp.path))?;
         drop(file);
-        fs::rename(&temp.path, &path).map_err(Error::io("rename temp file into", &path))?;
+        self.storage
+            .rename(&temp.path, &path)
+            .map_err(Error::io("rename temp file into", &path))?;
         temp.renamed();
-        sync_dir(&self.path)?;
+        sync_dir(&*self.storage, &self.path)?;
         Ok(SnapshotInfo {
             path,
             shard,
@@ -212,13 +238,13 @@ impl SnapshotDir {
     pub fn list(&self) -> Result<Vec<SnapshotInfo>> {
         let mut infos = Vec::new();
         for (shard, lsn, path) in self.scan()?.snapshots {
-            let size_bytes = match fs::metadata(&path) {
-                Ok(meta) => meta.len(),
+            let size_bytes = match self.storage.size_bytes(&path) {
+                Ok(len) => len,
                 // Pruned by someone else between the scan and now.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(Error::io("read metadata of", &path)(e)),
             };
-            let header = read_header(&path).ok();
+            let header = read_header_in(&*self.storage, &path).ok();
             infos.push(SnapshotInfo {
                 path,
                 shard,
@@ -240,9 +266,9 @@ impl SnapshotDir {
     /// Checks a snapshot completely without decoding it: header, name, size and payload
     /// checksum. Returns the header.
     pub fn verify(&self, info: &SnapshotInfo) -> Result<Header> {
-        let mut file = open_checked(info)?;
+        let mut file = open_checked(&*self.storage, info)?;
         let header = file.header;
-        check_payload(&mut file.file, &info.path, &header)?;
+        check_payload(&mut *file.file, &info.path, &header)?;
         Ok(header)
     }
 
@@ -255,7 +281,7 @@ impl SnapshotDir {
     /// of the payload. The caller rebuilds the engine with `Engine::from_state`, which checks
     /// the state's own invariants.
     pub fn load(&self, info: &SnapshotInfo) -> Result<State> {
-        load_checked(info).map(|(_, state)| state)
+        load_checked(&*self.storage, info).map(|(_, state)| state)
     }
 
     /// Recovery for one shard: the newest snapshot that loads, falling back past unusable
@@ -283,7 +309,7 @@ impl SnapshotDir {
                 size_bytes: 0,
                 header: None,
             };
-            match load_checked(&info) {
+            match load_checked(&*self.storage, &info) {
                 Ok((header, state)) => {
                     info.header = Some(header);
                     info.size_bytes = header.file_bytes();
@@ -344,14 +370,14 @@ impl SnapshotDir {
         }
         let mut removed = Vec::new();
         for path in doomed {
-            match fs::remove_file(&path) {
+            match self.storage.remove(&path) {
                 Ok(()) => removed.push(path),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(Error::io("delete", &path)(e)),
             }
         }
         if !removed.is_empty() {
-            sync_dir(&self.path)?;
+            sync_dir(&*self.storage, &self.path)?;
         }
         Ok(removed)
     }
@@ -373,24 +399,21 @@ impl SnapshotDir {
     /// Reads the directory's names (no file contents).
     fn scan(&self) -> Result<Scan> {
         let mut scan = Scan::default();
-        let entries =
-            fs::read_dir(&self.path).map_err(Error::io("list snapshot directory", &self.path))?;
-        for entry in entries {
-            let entry = entry.map_err(Error::io("list snapshot directory", &self.path))?;
-            let name = entry.file_name();
+        let entries = self
+            .storage
+            .list(&self.path)
+            .map_err(Error::io("list snapshot directory", &self.path))?;
+        for (name, is_file) in entries {
             let Some(named) = name.to_str().and_then(parse_name) else {
                 continue;
             };
-            let is_file = entry
-                .file_type()
-                .map_err(Error::io("read file type in", &self.path))?
-                .is_file();
             if !is_file {
                 continue;
             }
+            let path = self.path.join(&name);
             match named {
-                Named::Snapshot { shard, lsn } => scan.snapshots.push((shard, lsn, entry.path())),
-                Named::Temp => scan.temps.push(entry.path()),
+                Named::Snapshot { shard, lsn } => scan.snapshots.push((shard, lsn, path)),
+                Named::Temp => scan.temps.push(path),
             }
         }
         scan.snapshots.sort_unstable();
@@ -438,7 +461,7 @@ impl Drop for TempFile<'_> {
     fn drop(&mut self) {
         if !self.renamed {
             // Best effort: a leftover temp file is harmless (never listed, pruned later).
-            let _ = fs::remove_file(&self.path);
+            let _ = self.dir.storage.remove(&self.path);
         }
         self.dir
             .writing
@@ -449,16 +472,16 @@ impl Drop for TempFile<'_> {
 }
 
 /// [`SnapshotDir::load`], also returning the checked header.
-fn load_checked(info: &SnapshotInfo) -> Result<(Header, State)> {
-    let OpenFile { mut file, header } = open_checked(info)?;
+fn load_checked(storage: &dyn Storage, info: &SnapshotInfo) -> Result<(Header, State)> {
+    let OpenFile { mut file, header } = open_checked(storage, info)?;
 
-    check_payload(&mut file, &info.path, &header)?;
+    check_payload(&mut *file, &info.path, &header)?;
     file.seek(SeekFrom::Start(HEADER_BYTES as u64))
         .map_err(Error::io("seek in", &info.path))?;
     let mut reader = BufReader::with_capacity(
         BUFFER_BYTES,
         ChecksumReader {
-            inner: (&file).take(header.payload_bytes),
+            inner: (&mut file).take(header.payload_bytes),
             crc: 0,
         },
     );
@@ -495,14 +518,14 @@ fn load_checked(info: &SnapshotInfo) -> Result<(Header, State)> {
 
 /// A snapshot file opened, with its header checked against its name and its size.
 struct OpenFile {
-    file: File,
+    file: Box<dyn ReadFile>,
     header: Header,
 }
 
-fn open_checked(info: &SnapshotInfo) -> Result<OpenFile> {
+fn open_checked(storage: &dyn Storage, info: &SnapshotInfo) -> Result<OpenFile> {
     let path = &info.path;
-    let mut file = File::open(path).map_err(Error::io("open", path))?;
-    let header = read_header_from(&mut file, path)?;
+    let mut file = storage.open(path).map_err(Error::io("open", path))?;
+    let header = read_header_from(&mut *file, path)?;
     if header.shard != info.shard || header.lsn != info.lsn {
         return Err(Error::malformed(
             path,
@@ -513,9 +536,8 @@ fn open_checked(info: &SnapshotInfo) -> Result<OpenFile> {
         ));
     }
     let size = file
-        .metadata()
-        .map_err(Error::io("read metadata of", path))?
-        .len();
+        .size_bytes()
+        .map_err(Error::io("read metadata of", path))?;
     let expected = header.file_bytes();
     if size < expected {
         return Err(Error::Truncated {
@@ -538,7 +560,7 @@ fn open_checked(info: &SnapshotInfo) -> Result<OpenFile> {
 }
 
 /// Streams the payload (the reader is positioned right after the header) through CRC32C.
-fn check_payload(file: &mut File, path: &Path, header: &Header) -> Result<()> {
+fn check_payload(file: &mut dyn ReadFile, path: &Path, header: &Header) -> Result<()> {
     let mut buf = vec![0u8; BUFFER_BYTES];
     let mut crc = 0u32;
     let mut left = header.payload_bytes;
@@ -571,11 +593,15 @@ fn check_payload(file: &mut File, path: &Path, header: &Header) -> Result<()> {
 
 /// Reads and checks the header of the file at `path`.
 pub fn read_header(path: &Path) -> Result<Header> {
-    let mut file = File::open(path).map_err(Error::io("open", path))?;
-    read_header_from(&mut file, path)
+    read_header_in(&FileStorage, path)
 }
 
-fn read_header_from(file: &mut File, path: &Path) -> Result<Header> {
+fn read_header_in(storage: &dyn Storage, path: &Path) -> Result<Header> {
+    let mut file = storage.open(path).map_err(Error::io("open", path))?;
+    read_header_from(&mut *file, path)
+}
+
+fn read_header_from(file: &mut dyn ReadFile, path: &Path) -> Result<Header> {
     let mut bytes = [0u8; HEADER_BYTES];
     let mut filled = 0;
     while filled < HEADER_BYTES {
@@ -590,10 +616,19 @@ fn read_header_from(file: &mut File, path: &Path) -> Result<Header> {
 }
 
 /// `fsync` on a directory makes renames, creations and deletions in it durable.
-fn sync_dir(path: &Path) -> Result<()> {
-    File::open(path)
-        .and_then(|dir| dir.sync_all())
+fn sync_dir(storage: &dyn Storage, path: &Path) -> Result<()> {
+    storage
+        .sync_dir(path)
         .map_err(Error::io("sync directory", path))
+}
+
+/// A relative path's parent is `""`: the current directory.
+fn or_current(path: &Path) -> &Path {
+    if path.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        path
+    }
 }
 
 const _: () = {

@@ -41,6 +41,9 @@
 //! * **Retention** ([`SnapshotDir::prune`]): keeps the newest K snapshots per shard (and always
 //!   the newest one that verifies), deletes temp files left by crashes.
 //!   [`SnapshotDir::oldest_kept_lsn`] tells the server which WAL records it may delete.
+//! * **Power loss is tested**: every file call goes through [`Storage`] ([`FileStorage`] unless
+//!   [`SnapshotDir::open_in`] is given another), and `tests/power_loss.rs` runs seeded
+//!   checkpoints and prunes on [`sim::SimStorage`], which drops what was not synced.
 //!
 //! ```
 //! use tally_engine::{Config, Engine, Timestamp};
@@ -68,6 +71,8 @@
 mod dir;
 mod error;
 mod format;
+pub mod sim;
+mod storage;
 
 pub use dir::{read_header, Recovered, SnapshotDir, SnapshotInfo, Warning};
 pub use error::{Error, Result};
@@ -75,3 +80,4 @@ pub use format::{
     Header, FORMAT_VERSION, FORMAT_VERSION_OLDEST, HEADER_BYTES, MAGIC, PAYLOAD_BYTES_MAX,
     SHARD_COUNT_MAX,
 };
+pub use storage::{FileStorage, ReadFile, Storage, WriteFile};
