@@ -9,12 +9,16 @@
 //! with mode 0600 (the caller prints it once). A revoked key stays in the file, marked, so its id
 //! is never reused; connections holding it see the revocation on their next request, through a
 //! shared flag.
+//!
+//! Every file-system call goes through [`storage::Storage`]: the real file system by default,
+//! the simulated disk of [`sim`] in the power-loss tests ([`KeyStore::open_in`]).
+
+pub mod sim;
+pub mod storage;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,6 +28,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 
 use crate::message::{Scope, API_KEY_BYTES_MAX};
+use storage::{FileStorage, Storage};
 
 /// The key file's name in the data directory.
 pub const KEYS_FILE: &str = "keys.json";
@@ -119,6 +124,9 @@ struct Inner {
 /// The server's API keys.
 pub struct KeyStore {
     path: PathBuf,
+    /// The file system: [`FileStorage`] unless a test opened the store with
+    /// [`KeyStore::open_in`].
+    storage: Arc<dyn Storage>,
     inner: Mutex<Inner>,
     /// Held by a change for its whole read-write-swap, so changes apply one at a time while
     /// `inner` is locked only to read or to swap: `authenticate`, on the network threads, never
@@ -157,9 +165,21 @@ impl KeyStore {
         data_dir: &Path,
         operator_key: Option<&str>,
     ) -> Result<(KeyStore, Bootstrap), KeyError> {
+        KeyStore::open_in(FileStorage, data_dir, operator_key)
+    }
+
+    /// [`KeyStore::open`] on another [`Storage`], such as the simulated disk of [`sim`] in
+    /// power-loss tests.
+    pub fn open_in(
+        storage: impl Storage,
+        data_dir: &Path,
+        operator_key: Option<&str>,
+    ) -> Result<(KeyStore, Bootstrap), KeyError> {
+        let store = Arc::new(storage);
+        let storage = &*store;
         let path = data_dir.join(KEYS_FILE);
-        let storage = |e: std::io::Error| KeyError::Storage(format!("{}: {e}", path.display()));
-        let (records, bootstrap) = match fs::read(&path) {
+        let failed = |e: std::io::Error| KeyError::Storage(format!("{}: {e}", path.display()));
+        let (records, bootstrap) = match storage.read(&path) {
             Ok(bytes) => {
                 let file: KeyFile = serde_json::from_slice(&bytes)
                     .map_err(|e| KeyError::Storage(format!("{}: {e}", path.display())))?;
@@ -187,7 +207,7 @@ impl KeyStore {
                     None => {
                         let key = generate_secret()?;
                         let file = data_dir.join(ADMIN_KEY_FILE);
-                        write_private(&file, format!("{key}\n").as_bytes())
+                        write_private(storage, &file, format!("{key}\n").as_bytes())
                             .map_err(|e| KeyError::Storage(format!("{}: {e}", file.display())))?;
                         (key.clone(), Bootstrap::Generated { key, file })
                     }
@@ -199,10 +219,10 @@ impl KeyStore {
                     sha256: hex(&hash(key.as_bytes())),
                     revoked: false,
                 }];
-                save(&path, &records).map_err(storage)?;
+                save(storage, &path, &records).map_err(failed)?;
                 (records, bootstrap)
             }
-            Err(e) => return Err(storage(e)),
+            Err(e) => return Err(failed(e)),
         };
         let mut inner = Inner {
             records: Vec::new(),
@@ -215,6 +235,7 @@ impl KeyStore {
         Ok((
             KeyStore {
                 path,
+                storage: store,
                 inner: Mutex::new(inner),
                 writer: Mutex::new(()),
             },
@@ -249,7 +270,7 @@ impl KeyStore {
             revoked: false,
         };
         records.push(record.clone());
-        save(&self.path, &records)
+        save(&*self.storage, &self.path, &records)
             .map_err(|e| KeyError::Storage(format!("{}: {e}", self.path.display())))?;
         self.lock().index(record, &self.path)?;
         Ok((id, secret))
@@ -272,7 +293,7 @@ impl KeyStore {
             return Err(KeyError::LastAdmin(id));
         }
         records[position].revoked = true;
-        save(&self.path, &records)
+        save(&*self.storage, &self.path, &records)
             .map_err(|e| KeyError::Storage(format!("{}: {e}", self.path.display())))?;
         let mut inner = self.lock();
         inner.records = records;
@@ -382,28 +403,23 @@ fn generate_secret() -> Result<String, KeyError> {
 }
 
 /// Writes `bytes` to a new file only its owner can read, synced.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
+fn write_private(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut file = storage.create_private(path)?;
     file.write_all(bytes)?;
-    file.sync_all()
+    file.sync()
 }
 
-fn save(path: &Path, records: &[KeyRecord]) -> std::io::Result<()> {
+fn save(storage: &dyn Storage, path: &Path, records: &[KeyRecord]) -> std::io::Result<()> {
     let file = KeyFile {
         version: 1,
         keys: records.to_vec(),
     };
     let json = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
     let tmp = path.with_extension("json.tmp");
-    write_private(&tmp, &json)?;
-    fs::rename(&tmp, path)?;
+    write_private(storage, &tmp, &json)?;
+    storage.rename(&tmp, path)?;
     if let Some(dir) = path.parent() {
-        fs::File::open(dir)?.sync_all()?;
+        storage.sync_dir(dir)?;
     }
     Ok(())
 }
@@ -411,6 +427,7 @@ fn save(path: &Path, records: &[KeyRecord]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn first_start_generates_an_admin_key_file_only_the_owner_reads() {
