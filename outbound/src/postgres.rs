@@ -79,17 +79,18 @@ impl PostgresExport {
             .parse()
             .map_err(|e| Error(format!("export_postgres: not a PostgreSQL URL: {e}")))?;
         let store = data_dir.join(sqlite::FILE);
-        // Mark every shard as exported from the start so retention keeps what is not copied.
+        // Prepared already (the usual case, see `prepare`): then nothing is written here, so a
+        // busy history writer cannot make this start wait on its lock.
         let conn = sqlite::open(&store)?;
-        conn.execute_batch(sqlite::SCHEMA)
-            .map_err(|e| sql("schema", e))?;
-        for shard in 0..shards {
-            conn.execute(
-                "INSERT OR IGNORE INTO export_cursor (sink, shard, lsn, idx) \
-                 VALUES ('postgres', ?1, 0, 0)",
-                [shard],
+        let marked: u32 = conn
+            .query_row(
+                "SELECT count(*) FROM export_cursor WHERE sink = 'postgres' AND shard < ?1",
+                [shards],
+                |row| row.get(0),
             )
-            .map_err(|e| sql("export cursor", e))?;
+            .unwrap_or(0);
+        if marked < shards {
+            Self::prepare(data_dir, shards)?;
         }
         let stop = Arc::new(AtomicBool::new(false));
         let lag = crate::Lag::new("postgres");
@@ -106,6 +107,26 @@ impl PostgresExport {
             thread: Some(thread),
             lag,
         })
+    }
+
+    /// Marks every shard as exported from the start, so that retention keeps what is not
+    /// copied yet. Call it before anything else writes the store (the server does, before its
+    /// outbound thread starts): the history writer holds its write lock for up to a second at a
+    /// time and takes it again at once, so a write racing it can wait past SQLite's busy
+    /// timeout, which failed a start during a large replay ("database is locked").
+    pub fn prepare(data_dir: &Path, shards: u32) -> Result<(), Error> {
+        let conn = sqlite::open(&data_dir.join(sqlite::FILE))?;
+        conn.execute_batch(sqlite::SCHEMA)
+            .map_err(|e| sql("schema", e))?;
+        for shard in 0..shards {
+            conn.execute(
+                "INSERT OR IGNORE INTO export_cursor (sink, shard, lsn, idx) \
+                 VALUES ('postgres', ?1, 0, 0)",
+                [shard],
+            )
+            .map_err(|e| sql("export cursor", e))?;
+        }
+        Ok(())
     }
 
     /// How far the export is behind the store.

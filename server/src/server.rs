@@ -445,6 +445,11 @@ impl Server {
         })?;
         let mut lags: Vec<Arc<outbound::Lag>> =
             sinks.iter().map(|s| outbound::Lag::new(s.name())).collect();
+        if config.export_postgres.is_some() {
+            // Before the outbound thread writes the history store (see `prepare`).
+            outbound::PostgresExport::prepare(&config.data_dir, count)
+                .map_err(|e| Error(e.to_string()))?;
+        }
         let (outbound_tx, outbound_rx) = crossbeam_channel::bounded(config.outbound_queue_depth);
         let outbound = outbound::spawn(sinks, outbound_rx, lags.clone());
         let mut senders = Vec::new();
