@@ -4,8 +4,16 @@
 //! Three depths: bytes that are not a snapshot at all; a valid snapshot with random damage
 //! (the checksums must catch every change); and damaged payloads under a freshly computed,
 //! matching header, which drives the bincode decoder itself over hostile input.
+//!
+//! Last, the `snapshot` fuzz target's own check (`fuzz/checks/snapshot.rs`, included here) runs
+//! on seeded random inputs: raw files, arbitrary payloads under a correct header, and damaged
+//! real states in formats 1 and 2. `fuzz/` runs the same check for millions of inputs
+//! (docs/operations.md, "Fuzzing").
 
 mod common;
+
+#[path = "../../fuzz/checks/snapshot.rs"]
+mod fuzz_check;
 
 use std::{fs, path::PathBuf, sync::OnceLock};
 
@@ -142,4 +150,12 @@ proptest! {
             ),
         }
     }
+}
+
+#[test]
+fn seeded_inputs_pass_the_snapshot_fuzz_check() {
+    let (_tmp, dir) = tempdir();
+    fuzz_check::input::run_seeded(0x7a11_0003, 1_000, 300, |input| {
+        fuzz_check::check(&dir, input)
+    });
 }

@@ -100,11 +100,13 @@ pub(crate) fn recover<S: Storage>(storage: &S, options: &Options) -> Result<Reco
         loop {
             match read_slot(&buffer, offset) {
                 Slot::End => break,
+                // No log reaches LSN u64::MAX (it would take 2^64 records): a record claiming
+                // it is damage, and stopping before it keeps `expected` from overflowing.
                 Slot::Valid {
                     header,
                     next_offset,
                     ..
-                } if header.lsn == expected => {
+                } if header.lsn == expected && expected != u64::MAX => {
                     if batch_start.is_none() {
                         batch_start = Some((
                             Position {
@@ -124,6 +126,9 @@ pub(crate) fn recover<S: Storage>(storage: &S, options: &Options) -> Result<Reco
                 }
                 other => {
                     let detail = match other {
+                        Slot::Valid { header, .. } if header.lsn == u64::MAX => {
+                            format!("record LSN {} is past the last LSN a log uses", header.lsn)
+                        }
                         Slot::Valid { header, .. } => {
                             format!("expected LSN {expected}, found LSN {}", header.lsn)
                         }
@@ -268,6 +273,14 @@ pub(crate) fn recover<S: Storage>(storage: &S, options: &Options) -> Result<Reco
 
 fn open_segment<S: Storage>(storage: &S, first_lsn: u64) -> Result<NamedSegment<S::Segment>> {
     let name = storage.describe(first_lsn);
+    // LSNs start at 1 (0 means "nothing" in `durable_lsn`), and `Options` refuse u64::MAX as a
+    // first LSN: a segment named so is damage or a stranger, and opening it would overflow.
+    if first_lsn == 0 || first_lsn == u64::MAX {
+        return Err(Error::BadSegment {
+            segment: name,
+            detail: format!("first LSN {first_lsn} is outside the LSNs a log uses"),
+        });
+    }
     let segment = storage.open(first_lsn).map_err(|source| Error::Io {
         operation: "open segment",
         target: name.clone(),
@@ -277,6 +290,17 @@ fn open_segment<S: Storage>(storage: &S, first_lsn: u64) -> Result<NamedSegment<
         return Err(Error::BadSegment {
             segment: name,
             detail: format!("only {} bytes long", segment.capacity()),
+        });
+    }
+    // Segments are created at their full size, a multiple of the alignment, so every record's
+    // padding fits and the walk never ends past the last byte. Any other size is damage.
+    if segment.capacity() % RECORD_ALIGN as u64 != 0 {
+        return Err(Error::BadSegment {
+            segment: name,
+            detail: format!(
+                "{} bytes long, not a multiple of {RECORD_ALIGN}: cut short or not a segment",
+                segment.capacity()
+            ),
         });
     }
     let mut header = [0u8; SEGMENT_HEADER_BYTES];
