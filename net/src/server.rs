@@ -15,14 +15,16 @@
 //! awaited by the reader before it reads on, so a stream never overtakes them.
 //!
 //! Connection slots cannot be held by clients that never authenticate. A connection takes a
-//! slot from its first packet: when the open and handshaking connections reach
-//! `connections_max`, a new one is refused before the TLS handshake (QUIC `CONNECTION_REFUSED`,
-//! which costs the server no cryptography). At most `unauthenticated_max` connections may be
-//! handshaking or waiting for their `Auth`: beyond it a new connection closes the oldest one
-//! still unauthenticated (`Unauthenticated`), or is refused if all of them are still in their
-//! handshake; and each must authenticate within `auth_deadline`. A client that authenticates
-//! within a round trip of its handshake therefore always gets in, however many idle
-//! connections an attacker opens.
+//! slot from its first packet. When the open and handshaking connections reach
+//! `connections_max`, a new one closes the oldest connection that has finished its handshake
+//! but not authenticated (`Unauthenticated`, "closed to make room"); if there is none, it is
+//! refused before the TLS handshake (QUIC `CONNECTION_REFUSED`, which costs the server no
+//! cryptography). At most `unauthenticated_max` connections may wait for their `Auth` (a new one
+//! closes the oldest), and at most `unauthenticated_max` may be in their handshake; past half of
+//! that, a client must first prove it owns its address with a stateless QUIC Retry, so forged
+//! Initial packets cannot fill the handshake slots, and a handshake must finish within
+//! `auth_deadline`, as must the `Auth` after it. A client that authenticates within a round trip
+//! of its handshake therefore gets in whenever some slot is held by a connection without a key.
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
@@ -132,6 +134,8 @@ struct Stats {
     connections_open: AtomicU64,
     /// Connections accepted whose handshake has not finished.
     handshaking: AtomicU64,
+    /// Open connections closed to make room whose tasks have not ended yet.
+    closing: AtomicU64,
     connections_refused: AtomicU64,
     /// Unauthenticated connections closed to make room for a new one.
     evicted_unauthenticated: AtomicU64,
@@ -167,43 +171,73 @@ struct Shared {
     stats: Stats,
     started: Instant,
     /// Connections past their handshake that have not authenticated, oldest first.
-    unauthenticated: Mutex<VecDeque<(u64, Connection)>>,
+    unauthenticated: Mutex<VecDeque<Arc<ConnState>>>,
     serial: AtomicU64,
 }
 
 impl Shared {
-    fn unauthenticated(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, Connection)>> {
+    fn unauthenticated(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<ConnState>>> {
         self.unauthenticated
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// A connection finished its handshake: it waits for its `Auth` among the unauthenticated,
-    /// closing the oldest of them if they are at their most.
-    fn enter_unauthenticated(&self, serial: u64, conn: &Connection) {
-        let max = self.limits.unauthenticated_max.max(1) as usize;
-        let mut waiting = self.unauthenticated();
-        while waiting.len() >= max {
-            let Some((_, oldest)) = waiting.pop_front() else {
-                break;
-            };
+    /// Closes the oldest connection that has not authenticated, to make room; false if there
+    /// is none. Its slot counts as free from now on (`closing`), though it is given back only
+    /// when its task ends.
+    fn evict_oldest(&self, waiting: &mut VecDeque<Arc<ConnState>>, why: &str) -> bool {
+        while let Some(oldest) = waiting.pop_front() {
+            // Authentication takes the same lock to set the key and leave the queue, so a
+            // connection here has no key; checked anyway, as it costs nothing.
+            if oldest.key.get().is_some() || oldest.evicted.swap(true, Ordering::AcqRel) {
+                continue;
+            }
+            self.stats.closing.fetch_add(1, Ordering::AcqRel);
             self.stats
                 .evicted_unauthenticated
                 .fetch_add(1, Ordering::Relaxed);
             auth_failure("evicted");
-            close(
-                &oldest,
-                ErrorCode::Unauthenticated,
-                "closed to make room: too many connections have not authenticated",
-            );
+            close(&oldest.conn, ErrorCode::Unauthenticated, why);
+            return true;
         }
-        waiting.push_back((serial, conn.clone()));
+        false
     }
 
-    /// A connection authenticated or ended.
+    /// A connection finished its handshake: it waits for its `Auth` among the unauthenticated,
+    /// closing the oldest of them if they are at their most.
+    fn enter_unauthenticated(&self, state: &Arc<ConnState>) {
+        let max = self.limits.unauthenticated_max.max(1) as usize;
+        let mut waiting = self.unauthenticated();
+        while waiting.len() >= max {
+            if !self.evict_oldest(
+                &mut waiting,
+                "closed to make room: too many connections have not authenticated",
+            ) {
+                break;
+            }
+        }
+        waiting.push_back(Arc::clone(state));
+    }
+
+    /// A connection authenticated: its key is set and it leaves the queue under one lock, so it
+    /// cannot be closed to make room once its `Auth` succeeded. False if it was closed already.
+    fn authenticate(&self, conn: &ConnState, live: Arc<LiveKey>) -> bool {
+        let mut waiting = self.unauthenticated();
+        if conn.evicted.load(Ordering::Acquire) {
+            return false;
+        }
+        // Two streams racing to authenticate: the first wins; both were valid.
+        let _ = conn.key.set(live);
+        if let Some(at) = waiting.iter().position(|s| s.serial == conn.serial) {
+            waiting.remove(at);
+        }
+        true
+    }
+
+    /// A connection ended.
     fn leave_unauthenticated(&self, serial: u64) {
         let mut waiting = self.unauthenticated();
-        if let Some(at) = waiting.iter().position(|(s, _)| *s == serial) {
+        if let Some(at) = waiting.iter().position(|s| s.serial == serial) {
             waiting.remove(at);
         }
     }
@@ -321,13 +355,32 @@ impl NetServer {
 
 async fn accept_loop(endpoint: Endpoint, shared: Arc<Shared>) {
     while let Some(incoming) = endpoint.accept().await {
-        // Refused before any cryptography: a full server, or too many handshakes at once
-        // (handshakes cannot be closed to make room; authenticated-but-idle ones can).
         let stats = &shared.stats;
+        let handshakes_max = u64::from(shared.limits.unauthenticated_max.max(1));
         let handshaking = stats.handshaking.load(Ordering::Acquire);
-        let taken = stats.connections_open.load(Ordering::Acquire) + handshaking;
+        // Many handshakes at once: a client must first show it receives at its address (a
+        // stateless Retry, which keeps nothing here), so forged Initials cannot hold the slots.
+        if handshaking >= handshakes_max.div_ceil(2)
+            && !incoming.remote_address_validated()
+            && incoming.may_retry()
+        {
+            let _ = incoming.retry();
+            continue;
+        }
+        // Handshakes cannot be closed to make room: past their most, refuse.
+        if handshaking >= handshakes_max {
+            shared.refuse(incoming);
+            continue;
+        }
+        // Full: close the oldest connection that has not authenticated, or refuse before any
+        // cryptography if every slot is held by a client with a key (or a handshake).
+        let taken = (stats.connections_open.load(Ordering::Acquire) + handshaking)
+            .saturating_sub(stats.closing.load(Ordering::Acquire));
         if taken >= u64::from(shared.limits.connections_max)
-            || handshaking >= u64::from(shared.limits.unauthenticated_max.max(1))
+            && !shared.evict_oldest(
+                &mut shared.unauthenticated(),
+                "closed to make room: the server is full and this connection has not authenticated",
+            )
         {
             shared.refuse(incoming);
             continue;
@@ -342,6 +395,8 @@ struct ConnState {
     conn: Connection,
     /// Its number among this server's connections.
     serial: u64,
+    /// Closed to make room (its slot counts as free already).
+    evicted: Arc<AtomicBool>,
     hello: AtomicBool,
     key: OnceLock<Arc<LiveKey>>,
     /// Largest answer payload the client accepts (from `Hello`).
@@ -349,14 +404,15 @@ struct ConnState {
     in_flight: Arc<AtomicU32>,
 }
 
-struct OpenGuard<'a>(&'a Shared, u64);
+struct OpenGuard<'a>(&'a Shared, u64, Arc<AtomicBool>);
 
 impl Drop for OpenGuard<'_> {
     fn drop(&mut self) {
-        self.0
-            .stats
-            .connections_open
-            .fetch_sub(1, Ordering::Relaxed);
+        let stats = &self.0.stats;
+        stats.connections_open.fetch_sub(1, Ordering::AcqRel);
+        if self.2.load(Ordering::Acquire) {
+            stats.closing.fetch_sub(1, Ordering::AcqRel);
+        }
         self.0.leave_unauthenticated(self.1);
         metrics::gauge!("tally_connections_open", "transport" => "quic").decrement(1.0);
     }
@@ -372,38 +428,28 @@ fn close(conn: &Connection, code: ErrorCode, reason: &str) {
 }
 
 async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
-    let handshake = incoming.await;
+    // A handshake, too, must finish in time, or its slot is given back.
+    let handshake = tokio::time::timeout(shared.limits.auth_deadline, incoming).await;
     let stats = &shared.stats;
     // Counted as open before it stops counting as handshaking, so the accept loop never sees
     // the slot free in between.
-    let open = stats.connections_open.fetch_add(1, Ordering::AcqRel) + 1;
+    stats.connections_open.fetch_add(1, Ordering::AcqRel);
     stats.handshaking.fetch_sub(1, Ordering::AcqRel);
     let serial = shared.serial.fetch_add(1, Ordering::Relaxed);
     metrics::gauge!("tally_connections_open", "transport" => "quic").increment(1.0);
-    let _guard = OpenGuard(&shared, serial);
-    let Ok(conn) = handshake else { return };
-    if open > u64::from(shared.limits.connections_max) {
-        stats.connections_refused.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("tally_connections_refused_total", "transport" => "quic").increment(1);
-        close(
-            &conn,
-            ErrorCode::TooManyConnections,
-            &format!(
-                "the server has its most connections open ({})",
-                shared.limits.connections_max
-            ),
-        );
-        return;
-    }
-    shared.enter_unauthenticated(serial, &conn);
+    let evicted = Arc::new(AtomicBool::new(false));
+    let _guard = OpenGuard(&shared, serial, Arc::clone(&evicted));
+    let Ok(Ok(conn)) = handshake else { return };
     let state = Arc::new(ConnState {
         conn: conn.clone(),
         serial,
+        evicted,
         hello: AtomicBool::new(false),
         key: OnceLock::new(),
         peer_payload_max: AtomicU32::new(FRAME_PAYLOAD_BYTES_MAX),
         in_flight: Arc::new(AtomicU32::new(0)),
     });
+    shared.enter_unauthenticated(&state);
     // Authenticate in time or give the slot back.
     tokio::spawn({
         let state = state.clone();
@@ -568,9 +614,15 @@ async fn step(frame: &Frame<'_>, conn: &ConnState, shared: &Shared) -> Out {
                         key_id: live.id,
                         scope: live.scope,
                     };
-                    // Two streams racing to authenticate: the first wins; both were valid.
-                    let _ = conn.key.set(live);
-                    shared.leave_unauthenticated(conn.serial);
+                    if !shared.authenticate(conn, live) {
+                        return Out::Close(
+                            id,
+                            ErrorFrame {
+                                code: ErrorCode::Unauthenticated,
+                                message: "closed to make room before Auth arrived".into(),
+                            },
+                        );
+                    }
                     now(id, answer)
                 }
                 None => {

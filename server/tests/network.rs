@@ -992,14 +992,12 @@ async fn idle_connections_cannot_keep_a_client_with_a_key_out() {
     // unauthenticated, so count what is open), and the next is refused before its TLS
     // handshake, which the client reports as 1014.
     let mut clients = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..5 {
         clients.push(running.client(ADMIN_KEY).await);
     }
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    for _ in running.stats().connections_open..6 {
-        clients.push(running.client(ADMIN_KEY).await);
-    }
-    assert_eq!(running.stats().connections_open, 6);
+    // Six clients with keys hold the six slots (the idle connections were closed to make
+    // room; their slots come back when their tasks end).
+    settle(&running, 6).await;
     let refused_before = running.stats().connections_refused;
     let c = Client::connect(running.client_config(ADMIN_KEY)).await;
     assert_eq!(transport_code(c), ErrorCode::TooManyConnections);
@@ -1018,4 +1016,63 @@ async fn idle_connections_cannot_keep_a_client_with_a_key_out() {
     client.health().await.unwrap();
     drop((idle4, idle5, clients));
     running.stop().await;
+
+    // A full server whose slots are partly held by connections without a key: a client with a
+    // key closes the oldest of them and gets in (here the room for unauthenticated connections
+    // is as large as the server, so only fullness closes them).
+    let dir = tempfile::tempdir().unwrap();
+    let running = Running::start_with(tally_server::Config {
+        connections_max: 3,
+        unauthenticated_max: 3,
+        auth_deadline_ms: 60_000,
+        ..common::config(dir.path(), 1)
+    });
+    let idle = || async {
+        let raw = raw_connect(&running).await;
+        let mut s = raw.stream().await;
+        s.write(0, &hello(1, 1)).await;
+        assert!(matches!(s.read().await, Some((0, Message::Welcome(_)))));
+        (raw, s)
+    };
+    let closed_for_a_full_server = |reason: &quinn::ConnectionError| {
+        matches!(reason, quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == quinn::VarInt::from_u32(ErrorCode::Unauthenticated as u32)
+                && c.reason.starts_with(b"closed to make room: the server is full"))
+    };
+    let (idle1, _s1) = idle().await;
+    let (idle2, _s2) = idle().await;
+    let a = running.client(ADMIN_KEY).await;
+    settle(&running, 3).await;
+    let b = running.client(ADMIN_KEY).await;
+    assert!(closed_for_a_full_server(
+        &wait_closed(&idle1, "idle1").await
+    ));
+    assert!(idle2.conn.close_reason().is_none());
+    let c = running.client(ADMIN_KEY).await;
+    assert!(closed_for_a_full_server(
+        &wait_closed(&idle2, "idle2").await
+    ));
+    settle(&running, 3).await;
+    // Now every slot is held by a client with a key: refused.
+    let d = Client::connect(running.client_config(ADMIN_KEY)).await;
+    assert_eq!(transport_code(d), ErrorCode::TooManyConnections);
+    for client in [&a, &b, &c] {
+        client.health().await.unwrap();
+    }
+    running.stop().await;
+}
+
+/// Waits until the server counts `open` connections (closed ones give their slot back when
+/// their task ends).
+async fn settle(running: &Running, open: u64) {
+    for _ in 0..500 {
+        if running.stats().connections_open == open {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!(
+        "{} connections open, not {open}",
+        running.stats().connections_open
+    );
 }
