@@ -31,6 +31,8 @@ pub struct Handle {
     lags: Arc<[Arc<tally_outbound::Lag>]>,
     /// Where catalog commands are recorded before their broadcast (`crate::catalog`).
     data_dir: Option<Arc<std::path::Path>>,
+    /// A catalog broadcast failed part way: no other is sent (see [`Handle::call`]).
+    catalog_failed: Arc<AtomicBool>,
 }
 
 /// A reply that will arrive once the request's batch is durable.
@@ -223,6 +225,7 @@ impl Handle {
             alive,
             lags,
             data_dir: None,
+            catalog_failed: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -283,6 +286,17 @@ impl Handle {
         }
         // A poisoned lock only means another broadcaster panicked; the order is still ours.
         let _order = self.broadcast.lock().unwrap_or_else(|e| e.into_inner());
+        // Only the last catalog command may have reached some shards and not others (the next
+        // start gives it to the rest): after a broadcast failed part way, or with a shard
+        // stopped, no other is sent.
+        if self.catalog_failed.load(Ordering::Acquire) || self.shards_running() < self.shard_count()
+        {
+            return Err(CallError::Catalog(
+                "a shard has stopped, or an earlier catalog command reached only some shards; \
+                 restart the server (the start gives that command to the shards that missed it)"
+                    .into(),
+            ));
+        }
         // Recorded first, so that a crash between two shards leaves the shards behind a command
         // the next start can give them (`crate::catalog`).
         if let Some(dir) = &self.data_dir {
@@ -293,21 +307,37 @@ impl Handle {
                 ))
             })?;
         }
+        let failed = |e: CallError| {
+            self.catalog_failed.store(true, Ordering::Release);
+            e
+        };
         let mut waiting = Vec::with_capacity(self.shards.len());
         for shard in self.shards.iter() {
             let (tx, rx) = oneshot::channel();
             // Blocking send: a broadcast must reach every shard, or the catalogs would differ.
             shard
                 .send(Message::Request(request.clone(), tx))
-                .map_err(|_| CallError::Stopped)?;
+                .map_err(|_| failed(CallError::Stopped))?;
             waiting.push(rx);
         }
-        let mut first = None;
-        for rx in waiting {
-            let reply = rx.blocking_recv().unwrap_or(Err(CallError::Stopped))?;
-            match first {
+        let mut first: Option<Reply> = None;
+        for (shard, rx) in waiting.into_iter().enumerate() {
+            let reply = rx
+                .blocking_recv()
+                .unwrap_or(Err(CallError::Stopped))
+                .map_err(failed)?;
+            match &first {
                 None => first = Some(reply),
-                Some(f) => assert_eq!(f.code, reply.code, "shards disagree on a catalog command"),
+                // Shards may remember different request ids (each table is bounded on its
+                // own), so a retry can be a repeat on one shard and a refusal on another. The
+                // catalogs stay equal; the first shard's answer stands.
+                Some(f) if f.code != reply.code => tracing::warn!(
+                    shard,
+                    first = ?f.code,
+                    this = ?reply.code,
+                    "shards answered a catalog command differently"
+                ),
+                Some(_) => {}
             }
         }
         first.ok_or(CallError::Stopped)

@@ -412,6 +412,7 @@ pub struct Server {
     /// threads are done.
     recovered: std::sync::OnceLock<Vec<Recovered>>,
     digesting: Mutex<Option<Digesting>>,
+    reads_early: Arc<std::sync::atomic::AtomicU64>,
     payments_wake: Arc<tokio::sync::Notify>,
     notices_wake: Arc<tokio::sync::Notify>,
     _lock: DataDirLock,
@@ -456,6 +457,7 @@ impl Server {
         let mut threads = Vec::new();
         let mut recovered = Vec::new();
         let mut digests = Vec::new();
+        let reads_early = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let alive: Arc<[AtomicBool]> = (0..count).map(|_| AtomicBool::new(true)).collect();
         let options = ShardOptions {
             batch_max: config.batch_max,
@@ -566,7 +568,8 @@ impl Server {
                 options.clone(),
             )
             .replayed(replayed)
-            .settings(config.engine());
+            .settings(config.engine())
+            .counting_early_reads(Arc::clone(&reads_early));
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("tally-shard-{shard}"))
@@ -584,13 +587,31 @@ impl Server {
         if let Some((lagging, request)) = catalog_behind {
             for shard in lagging {
                 let (tx, rx) = tokio::sync::oneshot::channel();
-                senders[shard as usize]
+                let reply = senders[shard as usize]
                     .send(crate::shard::Message::Request(request.clone(), tx))
-                    .map_err(|_| Error(format!("shard {shard} stopped during recovery")))?;
-                let reply = rx
-                    .blocking_recv()
-                    .unwrap_or(Err(CallError::Stopped))
-                    .map_err(|e| Error(format!("shard {shard}: {e}")))?;
+                    .map_err(|_| CallError::Stopped)
+                    .and_then(|()| rx.blocking_recv().unwrap_or(Err(CallError::Stopped)))
+                    .map_err(|e| format!("{e}"))
+                    .and_then(|reply| match reply.code.is_ok() {
+                        true => Ok(reply),
+                        false => Err(format!("it answered {:?}", reply.code)),
+                    });
+                let reply = match reply {
+                    Ok(reply) => reply,
+                    Err(why) => {
+                        // Stop the shards before the lock goes, then refuse the start.
+                        for sender in &senders {
+                            let _ = sender.send(crate::shard::Message::Stop);
+                        }
+                        for thread in threads {
+                            let _ = thread.join();
+                        }
+                        return Err(Error(format!(
+                            "shard {shard} missed the last catalog command, and applying it at \
+                             the start failed: {why}"
+                        )));
+                    }
+                };
                 tracing::warn!(
                     shard,
                     request = %format!("{:032x}", request.id.0),
@@ -619,6 +640,7 @@ impl Server {
             export,
             recovered: std::sync::OnceLock::new(),
             digesting: Mutex::new(Some((recovered, digests))),
+            reads_early,
             payments_wake,
             notices_wake,
             _lock: lock,
@@ -638,6 +660,12 @@ impl Server {
     /// Notified whenever new notices for the operator's webhooks are stored (for the sender).
     pub fn notices_wake(&self) -> Arc<tokio::sync::Notify> {
         Arc::clone(&self.notices_wake)
+    }
+
+    /// Reads of a wallet answered at once because its last write was durable already (all
+    /// shards; also the metric `tally_reads_early_total`).
+    pub fn reads_early(&self) -> u64 {
+        self.reads_early.load(Ordering::Relaxed)
     }
 
     /// What recovery found, per shard.

@@ -270,6 +270,8 @@ pub struct Shard {
     /// The LSN of the last input that touches every wallet (a catalog command, a tick, a
     /// settings change).
     written_all: u64,
+    /// Reads answered early, counted for `Server::reads_early` (the metric is the same count).
+    reads_early: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The bucket of `written` a wallet's writes are counted in.
@@ -300,6 +302,12 @@ impl std::fmt::Debug for Shard {
 impl Shard {
     /// A shard ready to run, after recovery produced its engine and WAL.
     #[allow(clippy::too_many_arguments)]
+    /// Counts the reads it answers early in `counter` too.
+    pub fn counting_early_reads(mut self, counter: Arc<std::sync::atomic::AtomicU64>) -> Shard {
+        self.reads_early = counter;
+        self
+    }
+
     /// Counts `records` replayed by recovery as not yet checkpointed (so a clean stop or the
     /// record count checkpoints them).
     pub fn replayed(mut self, records: u64) -> Shard {
@@ -402,6 +410,7 @@ impl Shard {
             written: vec![0; WRITTEN_BUCKETS].into_boxed_slice(),
             // Everything recovered is durable.
             written_all: applied_lsn,
+            reads_early: Arc::default(),
         }
     }
 
@@ -607,6 +616,7 @@ impl Shard {
                         // Nothing it reads can still be lost: no need to wait for the sync of
                         // what this batch and the ones before it wrote to other wallets.
                         self.metrics.reads_early.increment(1);
+                        self.reads_early.fetch_add(1, Ordering::Relaxed);
                         let _ = answer_to.send(Ok(answer));
                     } else {
                         ready.push(Ready::Answer(answer_to, Box::new(answer)));
