@@ -950,23 +950,7 @@ async fn idle_connections_cannot_keep_a_client_with_a_key_out() {
             if c.error_code == quinn::VarInt::from_u32(ErrorCode::Unauthenticated as u32)
                 && c.reason.starts_with(b"closed to make room"))
     };
-    let wait_closed = |raw: &Raw, which: &'static str| {
-        let conn = raw.conn.clone();
-        async move {
-            tokio::time::timeout(std::time::Duration::from_secs(5), conn.closed())
-                .await
-                .unwrap_or_else(|_| panic!("{which} was not closed to make room"))
-        }
-    };
-    // An idle connection: handshake and Hello, never Auth. The Welcome shows the server has
-    // counted it (it does so before it serves any stream), so the order below is the server's.
-    let idle = || async {
-        let raw = raw_connect(&running).await;
-        let mut s = raw.stream().await;
-        s.write(0, &hello(1, 1)).await;
-        assert!(matches!(s.read().await, Some((0, Message::Welcome(_)))));
-        (raw, s)
-    };
+    let idle = || idle_connection(&running);
     // Two connections that finish the handshake and never authenticate fill the room for them.
     let (idle1, _s1) = idle().await;
     let (idle2, _s2) = idle().await;
@@ -1027,13 +1011,7 @@ async fn idle_connections_cannot_keep_a_client_with_a_key_out() {
         auth_deadline_ms: 60_000,
         ..common::config(dir.path(), 1)
     });
-    let idle = || async {
-        let raw = raw_connect(&running).await;
-        let mut s = raw.stream().await;
-        s.write(0, &hello(1, 1)).await;
-        assert!(matches!(s.read().await, Some((0, Message::Welcome(_)))));
-        (raw, s)
-    };
+    let idle = || idle_connection(&running);
     let closed_for_a_full_server = |reason: &quinn::ConnectionError| {
         matches!(reason, quinn::ConnectionError::ApplicationClosed(c)
             if c.error_code == quinn::VarInt::from_u32(ErrorCode::Unauthenticated as u32)
@@ -1060,6 +1038,24 @@ async fn idle_connections_cannot_keep_a_client_with_a_key_out() {
         client.health().await.unwrap();
     }
     running.stop().await;
+}
+
+/// An idle connection: handshake and Hello, never Auth. The Welcome shows the server has
+/// counted it (it does so before it serves any stream), so connections made one after another
+/// are in the server's order.
+async fn idle_connection(running: &Running) -> (Raw, RawStream) {
+    let raw = raw_connect(running).await;
+    let mut s = raw.stream().await;
+    s.write(0, &hello(1, 1)).await;
+    assert!(matches!(s.read().await, Some((0, Message::Welcome(_)))));
+    (raw, s)
+}
+
+/// Waits (at most 5 s) for the server to close `raw`, and returns why it did.
+async fn wait_closed(raw: &Raw, which: &str) -> quinn::ConnectionError {
+    tokio::time::timeout(std::time::Duration::from_secs(5), raw.conn.closed())
+        .await
+        .unwrap_or_else(|_| panic!("{which} was not closed to make room"))
 }
 
 /// Waits until the server counts `open` connections (closed ones give their slot back when
