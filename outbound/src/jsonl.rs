@@ -4,7 +4,7 @@
 //! drops a torn last line, so a line is never written twice and a torn write is never kept.
 //!
 //! Rotation and retention: when a stream's file reaches [`Rotation::bytes`] or has been open for
-//! [`Rotation::age`], it is synced and renamed `<stream>.<NNNNNN>.jsonl` (sealed, numbered
+//! [`Rotation::age`] (wall-clock time, kept in `progress.json` across restarts), it is synced and renamed `<stream>.<NNNNNN>.jsonl` (sealed, numbered
 //! from one) and a new file begins; only the newest [`Rotation::keep`] sealed files per stream
 //! are kept. A crash between the rename and the progress update is recognised at the next start (the
 //! next sealed file exists): nothing is lost or written twice, because which tags a stream holds
@@ -44,6 +44,10 @@ struct Progress {
     /// Sealed files per stream (the newest is `<stream>.<sealed>.jsonl`).
     #[serde(default)]
     sealed: BTreeMap<String, u64>,
+    /// When each stream's current file began (microseconds since the Unix epoch), so that a
+    /// server restarted more often than [`Rotation::age`] still seals its files by age.
+    #[serde(default)]
+    opened: BTreeMap<String, i64>,
 }
 
 /// When stream files are sealed and how many are kept.
@@ -73,7 +77,8 @@ struct Stream {
     offset: u64,
     last: BTreeMap<u32, (u64, u32)>,
     sealed: u64,
-    opened_at: std::time::Instant,
+    /// When the current file began, in microseconds since the Unix epoch.
+    opened_at: i64,
 }
 
 /// JSON-lines sinks for all streams.
@@ -82,6 +87,13 @@ pub struct FileSinks {
     streams: Vec<Stream>,
     unflushed: usize,
     rotation: Rotation,
+}
+
+/// The wall clock in microseconds since the Unix epoch (file ages survive restarts).
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
 }
 
 /// The path of sealed file `n` of `stream`.
@@ -198,7 +210,11 @@ impl FileSinks {
                 offset,
                 last,
                 sealed,
-                opened_at: std::time::Instant::now(),
+                // A file sealed at this start begins now; so does one the progress never dated.
+                opened_at: match progress.opened.get(name) {
+                    Some(at) if !next.exists() => *at,
+                    _ => now_us(),
+                },
             });
         }
         let mut sinks = FileSinks {
@@ -266,7 +282,9 @@ impl FileSinks {
         let mut rotated = false;
         for stream in &mut self.streams {
             let due = stream.offset >= self.rotation.bytes
-                || (stream.offset > 0 && stream.opened_at.elapsed() >= self.rotation.age);
+                || (stream.offset > 0
+                    && now_us().saturating_sub(stream.opened_at)
+                        >= self.rotation.age.as_micros() as i64);
             if !due {
                 continue;
             }
@@ -285,7 +303,7 @@ impl FileSinks {
             stream.writer = BufWriter::new(file);
             stream.offset = 0;
             stream.sealed += 1;
-            stream.opened_at = std::time::Instant::now();
+            stream.opened_at = now_us();
             rotated = true;
         }
         if !rotated {
@@ -313,6 +331,7 @@ impl FileSinks {
             progress.offsets.insert(s.name.to_string(), s.offset);
             progress.last.insert(s.name.to_string(), s.last.clone());
             progress.sealed.insert(s.name.to_string(), s.sealed);
+            progress.opened.insert(s.name.to_string(), s.opened_at);
         }
         let path = self.dir.join("progress.json");
         let temp = self.dir.join("progress.json.tmp");

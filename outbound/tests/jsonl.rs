@@ -121,3 +121,31 @@ fn a_crash_between_the_rename_and_the_progress_loses_and_repeats_nothing() {
     assert_eq!(seen.len(), 15);
     assert!(seen.values().all(|n| *n == 1), "{seen:?}");
 }
+
+#[test]
+fn a_file_is_sealed_by_age_even_when_the_server_restarts_more_often_than_the_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let by_age = Rotation {
+        bytes: 1 << 30,
+        age: Duration::from_secs(2),
+        keep: 1_000,
+    };
+    // Each "process" lives shorter than the age; together they outlive it.
+    let mut lsn = 0;
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(2_500) {
+        let mut sinks = FileSinks::open_with(dir.path(), by_age).unwrap();
+        lsn += 1;
+        sinks.write(&effect(lsn)).unwrap();
+        sinks.flush().unwrap();
+        drop(sinks);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        sealed_path(dir.path(), "alerts", 1).exists(),
+        "a file open for longer than its age across restarts was not sealed"
+    );
+    let seen = lines(dir.path());
+    assert_eq!(seen.len(), lsn as usize);
+    assert!(seen.values().all(|n| *n == 1));
+}

@@ -44,6 +44,9 @@ fn crash_config(dir: &Path) -> Config {
         snapshots_keep: 2,
         // The smallest segments: rotation every few hundred records.
         wal_segment_bytes: 64 * 1024,
+        // JSON-lines files sealed every 64 KiB, none deleted: exports rotate across kills too.
+        jsonl_rotate_bytes: 64 * 1024,
+        jsonl_keep: u64::MAX,
         // The parent's PostgreSQL, for the scenario that exports to it.
         export_postgres: std::env::var("TALLY_CRASH_POSTGRES").ok(),
         ..config(dir, 2)
@@ -168,17 +171,25 @@ fn run_child(
 }
 
 /// A power loss on the export files: everything beyond the offsets their progress file vouches
-/// for is dropped (at least every unsynced write).
+/// for is dropped (at least every unsynced write). A file sealed after the progress was written
+/// was synced before its rename and stays whole; the current file after it was never synced.
 fn drop_unsynced_exports(dir: &Path) {
     let outbound = dir.join("outbound");
     let progress: serde_json::Value =
         serde_json::from_slice(&std::fs::read(outbound.join("progress.json")).unwrap()).unwrap();
     for (stream, offset) in progress["offsets"].as_object().unwrap() {
+        let sealed = progress["sealed"][stream].as_u64().unwrap_or(0);
+        let next = tally_server::outbound::jsonl::sealed_path(&outbound, stream, sealed + 1);
+        let keep = if next.exists() {
+            0
+        } else {
+            offset.as_u64().unwrap()
+        };
         let file = std::fs::OpenOptions::new()
             .write(true)
             .open(outbound.join(format!("{stream}.jsonl")))
             .unwrap();
-        file.set_len(offset.as_u64().unwrap()).unwrap();
+        file.set_len(keep).unwrap();
     }
 }
 
@@ -436,9 +447,21 @@ fn verify(dir: &Path, scenario: &str) {
     }
     println!(
         "crash test ({scenario}): {} acknowledged usage events, {} exported, {} journal entries, \
-         all present once",
+         all present once; the margin stream was sealed {} times",
         acked.len(),
         exported_ids.len(),
-        journal.len()
+        journal.len(),
+        sealed(&dir, "margin")
     );
+}
+
+/// How many files of an outbound stream were sealed (all are kept in these tests).
+fn sealed(dir: &Path, stream: &str) -> usize {
+    std::fs::read_dir(dir.join("outbound"))
+        .unwrap()
+        .filter(|e| {
+            let file = e.as_ref().unwrap().file_name().into_string().unwrap();
+            file.starts_with(&format!("{stream}.")) && file != format!("{stream}.jsonl")
+        })
+        .count()
 }

@@ -146,11 +146,36 @@ pub fn available(handle: &Handle, wallet: &str) -> Decimal {
     }
 }
 
-/// Lines of an outbound JSON-lines stream.
+/// Lines of an outbound JSON-lines stream, oldest first: its sealed files
+/// (`<stream>.<NNNNNN>.jsonl`, which must all still be there), then its current file.
 pub fn exported(dir: &std::path::Path, stream: &str) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(dir.join("outbound").join(format!("{stream}.jsonl")))
-        .unwrap_or_default();
-    text.lines()
-        .map(|l| serde_json::from_str(l).unwrap())
+    let outbound = dir.join("outbound");
+    let mut sealed: Vec<u64> = std::fs::read_dir(&outbound)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let file = e.unwrap().file_name().into_string().unwrap();
+            let n = file.strip_prefix(stream)?.strip_prefix('.')?;
+            n.strip_suffix(".jsonl")?.parse().ok()
+        })
+        .collect();
+    sealed.sort_unstable();
+    assert!(
+        sealed.iter().copied().eq(1..=sealed.len() as u64),
+        "sealed {stream} files are missing (retention deleted some?): {sealed:?}"
+    );
+    let mut files: Vec<_> = sealed
+        .iter()
+        .map(|n| tally_server::outbound::jsonl::sealed_path(&outbound, stream, *n))
+        .collect();
+    files.push(outbound.join(format!("{stream}.jsonl")));
+    files
+        .iter()
+        .flat_map(|f| {
+            let text = std::fs::read_to_string(f).unwrap_or_default();
+            text.lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect::<Vec<_>>()
+        })
         .collect()
 }
