@@ -26,7 +26,7 @@ pub mod sqlite;
 pub mod stripe;
 pub mod webhooks;
 
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -149,24 +149,128 @@ pub trait Sink: Send {
 
 /// Messages to the outbound thread.
 #[derive(Debug)]
-pub enum Message {
+enum Message {
     /// Effects to write.
     Effects(Vec<Tagged>),
     /// Make everything so far durable and reply.
     Flush(Sender<()>),
 }
 
-/// Waits until every effect queued on `outbound` before this call is durable in every sink.
-///
-/// This is the barrier a checkpoint at LSN L passes before it is written (see the crate docs).
-pub fn flush(outbound: &Sender<Message>) -> Result<(), String> {
-    let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-    outbound
-        .send(Message::Flush(done_tx))
-        .map_err(|_| "the outbound thread stopped before the sinks were flushed".to_string())?;
-    done_rx
-        .recv()
-        .map_err(|_| "the outbound thread stopped while flushing the sinks".to_string())
+/// How many effects wait in the queue, shared by its two ends.
+#[derive(Debug)]
+struct Budget {
+    state: Mutex<Queued>,
+    room: Condvar,
+    max: usize,
+}
+
+#[derive(Debug, Default)]
+struct Queued {
+    effects: usize,
+    /// The outbound thread is gone: nothing will make room again.
+    stopped: bool,
+}
+
+/// The sending end of the outbound queue (cloned by every shard). The queue is bounded in
+/// effects, not messages: a message may carry one input's effects or a whole replay chunk, so
+/// only a count of effects bounds its memory.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    tx: Sender<Message>,
+    budget: Arc<Budget>,
+}
+
+/// The receiving end, owned by the outbound thread ([`spawn`]). When it is dropped (the thread
+/// ended, by error or panic included) senders stop waiting and get an error.
+#[derive(Debug)]
+pub struct Inbound {
+    rx: Receiver<Message>,
+    budget: Arc<Budget>,
+}
+
+/// The outbound thread stopped: effects can no longer be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped;
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the outbound thread stopped")
+    }
+}
+
+/// A queue for the outbound thread that holds at most `max_effects` effects, except that one
+/// message always fits into an empty queue (so a message larger than the bound still passes).
+pub fn queue(max_effects: usize) -> (Outbound, Inbound) {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let budget = Arc::new(Budget {
+        state: Mutex::new(Queued::default()),
+        room: Condvar::new(),
+        max: max_effects.max(1),
+    });
+    (
+        Outbound {
+            tx,
+            budget: Arc::clone(&budget),
+        },
+        Inbound { rx, budget },
+    )
+}
+
+impl Outbound {
+    /// Queues `effects`, waiting while the queue holds too many (the backpressure that makes a
+    /// shard, or a replay, wait for slow sinks instead of piling effects up in memory).
+    pub fn send(&self, effects: Vec<Tagged>) -> Result<(), Stopped> {
+        let n = effects.len();
+        {
+            let mut queued = self.budget.state.lock().map_err(|_| Stopped)?;
+            while !queued.stopped && queued.effects > 0 && queued.effects + n > self.budget.max {
+                queued = self.budget.room.wait(queued).map_err(|_| Stopped)?;
+            }
+            if queued.stopped {
+                return Err(Stopped);
+            }
+            queued.effects += n;
+        }
+        self.tx.send(Message::Effects(effects)).map_err(|_| Stopped)
+    }
+
+    /// Effects queued and not yet taken by the outbound thread.
+    pub fn queued(&self) -> usize {
+        self.budget.state.lock().map_or(0, |q| q.effects)
+    }
+
+    /// Waits until every effect queued before this call is durable in every sink.
+    ///
+    /// This is the barrier a checkpoint at LSN L passes before it is written (see the crate
+    /// docs).
+    pub fn flush(&self) -> Result<(), String> {
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        self.tx
+            .send(Message::Flush(done_tx))
+            .map_err(|_| "the outbound thread stopped before the sinks were flushed".to_string())?;
+        done_rx
+            .recv()
+            .map_err(|_| "the outbound thread stopped while flushing the sinks".to_string())
+    }
+}
+
+impl Inbound {
+    /// Frees the room of `n` effects the thread has written.
+    fn release(&self, n: usize) {
+        if let Ok(mut queued) = self.budget.state.lock() {
+            queued.effects = queued.effects.saturating_sub(n);
+        }
+        self.budget.room.notify_all();
+    }
+}
+
+impl Drop for Inbound {
+    fn drop(&mut self) {
+        if let Ok(mut queued) = self.budget.state.lock() {
+            queued.stopped = true;
+        }
+        self.budget.room.notify_all();
+    }
 }
 
 /// Writes `tagged` to every sink; counts it once if any sink found it new.
@@ -204,7 +308,7 @@ const FLUSH_INTERVAL: Duration = Duration::from_millis(1000);
 /// flush, or at the first sink error.
 pub fn spawn(
     mut sinks: Vec<Box<dyn Sink>>,
-    receiver: Receiver<Message>,
+    inbound: Inbound,
     lags: Vec<Arc<Lag>>,
 ) -> JoinHandle<Result<(), Error>> {
     assert_eq!(lags.len(), sinks.len(), "one lag per sink");
@@ -215,11 +319,12 @@ pub fn spawn(
             let queued = metrics::gauge!("tally_outbound_queue_depth");
             loop {
                 let wait = FLUSH_INTERVAL.saturating_sub(last_flush.elapsed());
-                match receiver.recv_timeout(wait) {
+                match inbound.rx.recv_timeout(wait) {
                     Ok(Message::Effects(effects)) => {
                         for tagged in &effects {
                             write_all(&mut sinks, tagged)?;
                         }
+                        inbound.release(effects.len());
                     }
                     Ok(Message::Flush(done)) => {
                         flush_all(&mut sinks)?;
@@ -238,13 +343,12 @@ pub fn spawn(
                     }
                     last_flush = Instant::now();
                 }
-                // Behind: what waits in the queue (batches, each of one input's effects or more)
-                // plus what is written but not yet durable; for at most as long as since the
-                // last flush.
-                let waiting_batches = receiver.len() as u64;
-                queued.set(waiting_batches as f64);
+                // Behind: the effects waiting in the queue plus those written but not yet
+                // durable; for at most as long as since the last flush.
+                let waiting = inbound.budget.state.lock().map_or(0, |q| q.effects) as u64;
+                queued.set(waiting as f64);
                 for (lag, sink) in lags.iter().zip(&sinks) {
-                    let behind = waiting_batches + sink.unflushed() as u64;
+                    let behind = waiting + sink.unflushed() as u64;
                     let seconds = if behind == 0 {
                         0.0
                     } else {

@@ -33,7 +33,9 @@ pub struct Config {
     /// items); a request or batch that would go over it is answered "busy" (one always fits in
     /// an empty queue).
     pub queue_depth: usize,
-    /// Capacity of the outbound effect queue (shards wait when it is full).
+    /// Most effects waiting in the outbound queue for the sinks (a message that would go over
+    /// it waits, and one always fits in an empty queue): shards, and recovery's replay, wait
+    /// when it is full.
     pub outbound_queue_depth: usize,
     /// Take a checkpoint after this many WAL records in a shard (0: never by count).
     pub snapshot_every_records: u64,

@@ -406,7 +406,7 @@ pub struct Server {
     handle: Handle,
     shards: Vec<JoinHandle<Result<u64, CallError>>>,
     outbound: Option<JoinHandle<Result<(), outbound::Error>>>,
-    outbound_tx: Option<crossbeam_channel::Sender<outbound::Message>>,
+    outbound_tx: Option<outbound::Outbound>,
     export: Option<outbound::PostgresExport>,
     /// What recovery found; the digests are filled in by [`Server::recovered`] when their
     /// threads are done.
@@ -451,7 +451,7 @@ impl Server {
             outbound::PostgresExport::prepare(&config.data_dir, count)
                 .map_err(|e| Error(e.to_string()))?;
         }
-        let (outbound_tx, outbound_rx) = crossbeam_channel::bounded(config.outbound_queue_depth);
+        let (outbound_tx, outbound_rx) = outbound::queue(config.outbound_queue_depth);
         let outbound = outbound::spawn(sinks, outbound_rx, lags.clone());
         let mut senders = Vec::new();
         let mut threads = Vec::new();
@@ -476,8 +476,9 @@ impl Server {
                     scope.spawn(move || {
                         // Replayed effects go to the outbound thread in chunks as replay runs
                         // (it skips the ones it already wrote), instead of piling up: 10 M
-                        // records make ~20 M effects.
-                        const CHUNK: usize = 65_536;
+                        // records make ~20 M effects. The queue is bounded in effects, so replay
+                        // waits for the sinks when it outruns them.
+                        const CHUNK: usize = 4_096;
                         let mut replayed = Vec::new();
                         let mut outbound_gone = false;
                         let (engine, wal, report) =
@@ -486,15 +487,11 @@ impl Server {
                                 if replayed.len() >= CHUNK {
                                     let chunk =
                                         std::mem::replace(&mut replayed, Vec::with_capacity(CHUNK));
-                                    outbound_gone |= outbound_tx
-                                        .send(outbound::Message::Effects(chunk))
-                                        .is_err();
+                                    outbound_gone |= outbound_tx.send(chunk).is_err();
                                 }
                             })?;
                         if !replayed.is_empty() {
-                            outbound_gone |= outbound_tx
-                                .send(outbound::Message::Effects(replayed))
-                                .is_err();
+                            outbound_gone |= outbound_tx.send(replayed).is_err();
                         }
                         if outbound_gone {
                             return Err(Error(

@@ -251,7 +251,7 @@ pub struct Shard {
     inbound: Receiver<Message>,
     /// Requests in `inbound` (see [`queue`]); the loop subtracts what it takes.
     queued: Arc<AtomicUsize>,
-    outbound: Sender<outbound::Message>,
+    outbound: outbound::Outbound,
     clock: Box<dyn Clock>,
     checkpoints: Arc<dyn Checkpoints>,
     options: ShardOptions,
@@ -380,7 +380,7 @@ impl Shard {
         engine: Engine,
         wal: Wal<FileStorage>,
         (inbound, queued): (Receiver<Message>, Arc<AtomicUsize>),
-        outbound: Sender<outbound::Message>,
+        outbound: outbound::Outbound,
         clock: Box<dyn Clock>,
         checkpoints: Arc<dyn Checkpoints>,
         options: ShardOptions,
@@ -762,7 +762,7 @@ impl Shard {
             let Pending { ready, effects, .. } = self.pending.pop_front().expect("checked");
             if !effects.is_empty() {
                 self.outbound
-                    .send(outbound::Message::Effects(effects))
+                    .send(effects)
                     .map_err(|_| CallError::Poisoned("the outbound queue stopped".into()))?;
             }
             for r in ready {
@@ -824,7 +824,8 @@ impl Shard {
                 // queued for the outbound thread before this thread started (the shard releases
                 // effects in LSN order and only checkpoints with nothing parked), so one flush
                 // behind them is the barrier.
-                let result = outbound::flush(&outbound)
+                let result = outbound
+                    .flush()
                     .and_then(|()| checkpoints.write(shard, lsn, at, &state))
                     .map(|keep| (keep, digest));
                 let _ = tx.send(result);
