@@ -6,6 +6,8 @@
 //! commit is durable when flush returns and a replayed effect is ignored: exactly once. A refund's
 //! journal entry also adds its amount to the refunded usage event's `refunded` column, only when
 //! that entry is new. Amounts are exact decimal TEXT; times are microseconds since the epoch (UTC).
+//! The same transaction records, per shard, the tag through which the store holds everything it
+//! was given (`store_progress`): replayed effects at or below it are skipped in memory.
 //!
 //! Retention: rows older than `retention` (by the time they happened) are deleted at most once an
 //! hour, in the flush transaction. The schema is in `docs/history.md`.
@@ -65,6 +67,9 @@ CREATE TABLE IF NOT EXISTS export_cursor (
     sink TEXT NOT NULL, shard INTEGER NOT NULL, lsn INTEGER NOT NULL, idx INTEGER NOT NULL,
     PRIMARY KEY (sink, shard)
 );
+CREATE TABLE IF NOT EXISTS store_progress (
+    shard INTEGER PRIMARY KEY, lsn INTEGER NOT NULL, idx INTEGER NOT NULL
+);
 ";
 
 /// How often retention runs.
@@ -86,6 +91,11 @@ pub struct SqliteSink {
     conn: Connection,
     in_transaction: bool,
     unflushed: usize,
+    /// Per shard, the tag through which the store holds every effect it was given, committed
+    /// (`store_progress`): replay's effects at or below it are skipped without a statement.
+    held: BTreeMap<u32, (u64, u32)>,
+    /// The same, including what the open transaction holds.
+    given: BTreeMap<u32, (u64, u32)>,
     retention: Option<Duration>,
     last_retention: Instant,
 }
@@ -141,10 +151,24 @@ impl SqliteSink {
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
             .map_err(|e| sql("pragmas", e))?;
         conn.execute_batch(SCHEMA).map_err(|e| sql("schema", e))?;
+        let held = {
+            let mut select = conn
+                .prepare("SELECT shard, lsn, idx FROM store_progress")
+                .map_err(|e| sql("read progress", e))?;
+            let rows = select
+                .query_map([], |r| {
+                    Ok((r.get::<_, u32>(0)?, (r.get::<_, i64>(1)? as u64, r.get(2)?)))
+                })
+                .map_err(|e| sql("read progress", e))?;
+            rows.collect::<Result<BTreeMap<_, _>, _>>()
+                .map_err(|e| sql("read progress", e))?
+        };
         Ok(SqliteSink {
             conn,
             in_transaction: false,
             unflushed: 0,
+            given: held.clone(),
+            held,
             retention,
             // Due at the first flush: a server restarted more often than hourly still prunes.
             last_retention: Instant::now()
@@ -389,8 +413,16 @@ impl Sink for SqliteSink {
     }
 
     fn write(&mut self, tagged: &Tagged) -> Result<bool, Error> {
+        if self
+            .held
+            .get(&tagged.shard)
+            .is_some_and(|&p| tagged.position() <= p)
+        {
+            return Ok(false);
+        }
         self.begin()?;
         let new = self.insert(tagged)?;
+        self.given.insert(tagged.shard, tagged.position());
         // Counted whether new or not: the open transaction holds the write lock until flushed,
         // so a run of replayed duplicates must be committed (ended) like new rows.
         self.unflushed += 1;
@@ -402,9 +434,21 @@ impl Sink for SqliteSink {
             return Ok(());
         }
         self.retain()?;
+        for (&shard, &(lsn, idx)) in &self.given {
+            if self.held.get(&shard) != Some(&(lsn, idx)) {
+                self.conn
+                    .execute(
+                        "INSERT OR REPLACE INTO store_progress (shard, lsn, idx) \
+                         VALUES (?1, ?2, ?3)",
+                        rusqlite::params![shard, lsn as i64, idx],
+                    )
+                    .map_err(|e| sql("progress", e))?;
+            }
+        }
         self.conn
             .execute_batch("COMMIT")
             .map_err(|e| sql("commit", e))?;
+        self.held.clone_from(&self.given);
         self.in_transaction = false;
         self.unflushed = 0;
         Ok(())

@@ -117,3 +117,35 @@ fn retention_keeps_what_an_export_has_not_copied() {
     // 1..=4 were old and copied: gone. 5..=10 are old but not copied: kept. 11, 12 are new.
     assert_eq!(count(dir.path()), 8);
 }
+
+#[test]
+fn what_the_store_holds_is_skipped_by_its_progress_without_a_statement() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sink = SqliteSink::open(dir.path(), None).unwrap();
+    for lsn in 1..=5 {
+        assert!(sink.write(&usage(lsn, now())).unwrap());
+    }
+    sink.flush().unwrap();
+    // Given but not committed: not yet covered by the progress.
+    assert!(sink.write(&usage(6, now())).unwrap());
+    drop(sink);
+    // Take row 3 away behind the store's back: a replay that ran `INSERT OR IGNORE` for every
+    // effect would write it again; one that trusts the committed progress does not look.
+    let conn = rusqlite::Connection::open(dir.path().join(tally_outbound::sqlite::FILE)).unwrap();
+    conn.execute("DELETE FROM usage_events WHERE lsn = 3", [])
+        .unwrap();
+    drop(conn);
+    let mut sink = SqliteSink::open(dir.path(), None).unwrap();
+    for lsn in 1..=5 {
+        assert!(!sink.write(&usage(lsn, now())).unwrap(), "lsn {lsn}");
+    }
+    // Above the progress: written (6 was never committed), and the progress moves with it.
+    assert!(sink.write(&usage(6, now())).unwrap());
+    assert!(sink.write(&usage(7, now())).unwrap());
+    sink.flush().unwrap();
+    assert_eq!(count(dir.path()), 6);
+    drop(sink);
+    let mut sink = SqliteSink::open(dir.path(), None).unwrap();
+    assert!(!sink.write(&usage(7, now())).unwrap());
+    assert!(sink.write(&usage(8, now())).unwrap());
+}
