@@ -620,6 +620,75 @@ impl Engine {
         Ok(())
     }
 
+    /// Changes the alert settings at `now`. An input like a request: log it, and replay applies
+    /// it at the same point. Timers due by `now` fire first, under the old settings. A new lead
+    /// re-arms the expiring notices of every grant that has not expired, as a restart under the
+    /// new lead would: a notice still ahead moves to its new time, and one that a longer lead
+    /// puts in the past goes out now unless the old lead already sent it. A shorter lead can
+    /// therefore send a grant's notice a second time (grants do not record that theirs went).
+    pub fn set_alerts(
+        &mut self,
+        now: Timestamp,
+        low_balance_usd: Decimal,
+        grant_expiring_lead_us: i64,
+    ) -> Result<(), String> {
+        let config = Config {
+            low_balance_usd,
+            grant_expiring_lead_us,
+            ..self.state.config
+        };
+        config.validate()?;
+        self.handle_timeout(now);
+        let old = self.expiring_lead();
+        self.state.config = config;
+        if old == self.expiring_lead() {
+            return Ok(());
+        }
+        let now = self.state.now;
+        self.index
+            .timers
+            .retain(|t| t.kind != TimerKind::GrantExpiring);
+        let mut due = Vec::new();
+        for (w, wallet) in self.state.wallets.iter().enumerate() {
+            for balance in &wallet.balances {
+                for g in balance.grants.iter().chain(&balance.pending) {
+                    let Some(at) = g.expires_at.filter(|&at| at > now) else {
+                        continue;
+                    };
+                    let Some(notice) = self.expiring_at(at) else {
+                        continue;
+                    };
+                    let sent = old.is_some_and(|lead| at.0.saturating_sub(lead) <= now.0);
+                    if notice > now {
+                        due.push((notice, w as u32, g.id.0, false));
+                    } else if !sent {
+                        due.push((now, w as u32, g.id.0, true));
+                    }
+                }
+            }
+        }
+        for (at, wallet, id, fire) in due {
+            let timer = Timer {
+                at,
+                kind: TimerKind::GrantExpiring,
+                wallet,
+                id,
+            };
+            if fire {
+                self.fire(timer);
+            } else {
+                self.index.timers.insert(timer);
+            }
+        }
+        Ok(())
+    }
+
+    /// The lead of expiring notices, `None` when they are off.
+    fn expiring_lead(&self) -> Option<i64> {
+        let lead = self.state.config.grant_expiring_lead_us;
+        (lead > 0).then_some(lead)
+    }
+
     /// Forgets the oldest remembered request.
     fn forget_request(&mut self) {
         let (state, index) = (&mut self.state, &mut self.index);

@@ -2418,3 +2418,69 @@ fn a_repeat_of_a_reply_kept_whole_reports_the_balance_of_now_too() {
     );
     assert_eq!(h.balance(w).available, d("-2146483.649"));
 }
+
+#[test]
+fn alert_settings_can_change_as_an_input() {
+    let mut h = Harness::new_with(Config {
+        grant_expiring_lead_us: HOUR,
+        ..Config::default()
+    });
+    let w = h.wallet("acme");
+    let expiring = |h: &Harness| -> Vec<GrantId> {
+        h.notices
+            .iter()
+            .filter_map(|n| match n {
+                Effect::GrantExpiring { grant, .. } => Some(*grant),
+                _ => None,
+            })
+            .collect()
+    };
+    let at = |h: &Harness, us: i64| Some(h.now.add_us(us));
+    // Inside the one-hour lead at once: announced at once.
+    let a = h.grant_with(w, "1", 0, at(&h, 30 * 60 * SECOND), GrantSource::Promotion);
+    let b = h.grant_with(w, "2", 0, at(&h, 2 * HOUR), GrantSource::Promotion);
+    let c = h.grant_with(w, "3", 0, at(&h, 5 * HOUR), GrantSource::Promotion);
+    assert_eq!(expiring(&h), [a]);
+    // A three-hour lead: b is inside it and was never announced, so it is now; a is not again;
+    // c's notice moves from 4 h to 2 h from now.
+    h.engine.set_alerts(h.now, Decimal::ZERO, 3 * HOUR).unwrap();
+    h.advance(0);
+    assert_eq!(expiring(&h), [a, b]);
+    h.advance(2 * HOUR - SECOND);
+    assert_eq!(expiring(&h), [a, b]);
+    h.advance(SECOND);
+    assert_eq!(expiring(&h), [a, b, c]);
+    // Notices off: a grant inside any lead is not announced.
+    h.engine.set_alerts(h.now, Decimal::ZERO, 0).unwrap();
+    h.grant_with(w, "4", 0, at(&h, 60 * SECOND), GrantSource::Promotion);
+    h.advance(30 * SECOND);
+    assert_eq!(expiring(&h), [a, b, c]);
+    // A low-balance line set later applies from then on.
+    let low = |h: &Harness| {
+        h.notices
+            .iter()
+            .filter(|n| {
+                matches!(
+                    n,
+                    Effect::BalanceAlert {
+                        alert: Alert::Low,
+                        ..
+                    }
+                )
+            })
+            .count()
+    };
+    h.grant(w, "10"); // 3 + 4 + 10 = 17
+    h.usage(w, "14000", "0", DebitMode::Strict); // 17 → 3, no line yet
+    assert_eq!(low(&h), 0);
+    h.grant(w, "10");
+    h.engine.set_alerts(h.now, d("4"), 0).unwrap();
+    h.usage(w, "10000", "0", DebitMode::Strict); // 13 → 3, across the line of 4
+    assert_eq!(low(&h), 1);
+    // Bad settings are refused and change nothing.
+    assert!(h.engine.set_alerts(h.now, d("-1"), HOUR).is_err());
+    assert!(h.engine.set_alerts(h.now, d("1"), -1).is_err());
+    assert_eq!(h.engine.state().config.low_balance_usd, d("4"));
+    assert_eq!(h.engine.state().config.grant_expiring_lead_us, 0);
+    h.check_ledger();
+}

@@ -88,6 +88,10 @@ fn build(input: &mut Input<'_>) -> LogRecord {
             idempotency_retention_us: input.u64() as i64,
             idempotency_max_ids: input.u64(),
         },
+        2 => LogEntry::Alerts {
+            low_balance_usd: Decimal::new(input.u64() as i64, u32::from(input.u8() % 29)),
+            grant_expiring_lead_us: input.u64() as i64,
+        },
         _ => LogEntry::Request(Request {
             id: RequestId(u128::from(input.u64()) << 64 | u128::from(input.u64())),
             command: command(input),

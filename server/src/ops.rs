@@ -313,7 +313,9 @@ pub fn wal_inspect(config: &Config, json: bool) -> Result<()> {
                 .with_context(|| format!("shard {shard}: WAL record {}", r.lsn))?;
             match decoded.entry {
                 LogEntry::Request(_) => s.requests += 1,
-                LogEntry::Tick | LogEntry::Settings { .. } => s.ticks += 1,
+                LogEntry::Tick | LogEntry::Settings { .. } | LogEntry::Alerts { .. } => {
+                    s.ticks += 1
+                }
             }
             s.first_at_us.get_or_insert(decoded.at.0);
             s.last_at_us = Some(decoded.at.0);

@@ -3,8 +3,9 @@
 //! Layout: one version byte (`RECORD_VERSION`), then the bincode (standard config) encoding of
 //! [`LogRecord`]. The WAL itself adds length, LSN and checksum around it.
 
+use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
-use tally_engine::{Request, Timestamp};
+use tally_engine::{Engine, Request, Timestamp};
 
 /// Version of the payload layout inside a WAL record.
 pub const RECORD_VERSION: u8 = 1;
@@ -36,6 +37,37 @@ pub enum LogEntry {
         /// The new bound.
         idempotency_max_ids: u64,
     },
+    /// `Engine::set_alerts(at, ..)`: logged when a shard starts with other alert settings than
+    /// its state's (or is new), so that replay applies them at the same point.
+    Alerts {
+        /// The low-balance line in USD (zero: none).
+        #[serde(with = "tally_engine::dec")]
+        low_balance_usd: Decimal,
+        /// How long before a grant expires its notice goes out (zero: never).
+        grant_expiring_lead_us: i64,
+    },
+}
+
+impl LogEntry {
+    /// Applies the input to `engine` at `at`: what the shard did when it logged it, and what
+    /// replay does.
+    pub fn apply(&self, engine: &mut Engine, at: Timestamp) -> Result<(), String> {
+        match self {
+            LogEntry::Request(request) => {
+                engine.handle_request(at, request);
+            }
+            LogEntry::Tick => engine.handle_timeout(at),
+            LogEntry::Settings {
+                idempotency_retention_us,
+                idempotency_max_ids,
+            } => engine.set_idempotency(at, *idempotency_retention_us, *idempotency_max_ids)?,
+            LogEntry::Alerts {
+                low_balance_usd,
+                grant_expiring_lead_us,
+            } => engine.set_alerts(at, *low_balance_usd, *grant_expiring_lead_us)?,
+        }
+        Ok(())
+    }
 }
 
 /// Why a WAL record's payload cannot be decoded.

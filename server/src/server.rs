@@ -303,24 +303,13 @@ fn replay_shard(
             if until.stops_before(r.lsn, decoded.at) {
                 break;
             }
+            decoded
+                .entry
+                .apply(&mut engine, decoded.at)
+                .map_err(|e| Error(format!("shard {shard}: WAL record {}: {e}", r.lsn)))?;
             let cause = match decoded.entry {
-                LogEntry::Request(request) => {
-                    engine.handle_request(decoded.at, &request);
-                    Some(Arc::new(request))
-                }
-                LogEntry::Tick => {
-                    engine.handle_timeout(decoded.at);
-                    None
-                }
-                LogEntry::Settings {
-                    idempotency_retention_us,
-                    idempotency_max_ids,
-                } => {
-                    engine
-                        .set_idempotency(decoded.at, idempotency_retention_us, idempotency_max_ids)
-                        .map_err(|e| Error(format!("shard {shard}: WAL record {}: {e}", r.lsn)))?;
-                    None
-                }
+                LogEntry::Request(request) => Some(Arc::new(request)),
+                _ => None,
             };
             let mut index = 0;
             while let Some(effect) = engine.poll_effect() {

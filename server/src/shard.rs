@@ -261,8 +261,8 @@ pub struct Shard {
     pending: VecDeque<Pending>,
     buf: Vec<u8>,
     records_since_checkpoint: u64,
-    /// Idempotency settings to log and apply first (see [`Shard::settings`]).
-    settings: Option<(i64, u64)>,
+    /// Settings changes to log and apply first (see [`Shard::settings`]).
+    settings: Vec<LogEntry>,
     last_checkpoint: Instant,
     metrics: ShardMetrics,
     /// Per bucket of wallets, the LSN of the last request applied to one of them.
@@ -315,12 +315,12 @@ impl Shard {
         self
     }
 
-    /// The idempotency settings the shard should run with: if its state has others (or the
-    /// shard is new), the first thing the shard does is log and apply them
-    /// (`LogEntry::Settings`).
+    /// The settings the shard should run with (idempotency and alerts): those its state does
+    /// not have yet (all of them if the shard is new) are the first thing the shard logs and
+    /// applies (`LogEntry::Settings`, `LogEntry::Alerts`).
     pub fn settings(mut self, wanted: tally_engine::Config) -> Shard {
         let have = self.engine.state().config;
-        // A new shard logs them too, as its first record: replay without a checkpoint then
+        // A new shard logs them too, as its first records: replay without a checkpoint then
         // starts from the settings the records were applied under, whatever the configuration
         // says by then.
         let fresh = self.wal.next_lsn() == 1;
@@ -328,27 +328,39 @@ impl Shard {
             || (have.idempotency_retention_us, have.idempotency_max_ids)
                 != (wanted.idempotency_retention_us, wanted.idempotency_max_ids)
         {
-            self.settings = Some((wanted.idempotency_retention_us, wanted.idempotency_max_ids));
+            self.settings.push(LogEntry::Settings {
+                idempotency_retention_us: wanted.idempotency_retention_us,
+                idempotency_max_ids: wanted.idempotency_max_ids,
+            });
+        }
+        if fresh
+            || (have.low_balance_usd, have.grant_expiring_lead_us)
+                != (wanted.low_balance_usd, wanted.grant_expiring_lead_us)
+        {
+            self.settings.push(LogEntry::Alerts {
+                low_balance_usd: wanted.low_balance_usd,
+                grant_expiring_lead_us: wanted.grant_expiring_lead_us,
+            });
         }
         self
     }
 
-    /// Logs and applies the idempotency settings set by [`Shard::settings`], if any.
+    /// Logs and applies the settings changes set by [`Shard::settings`], if any.
     fn apply_settings(&mut self) -> Result<(), CallError> {
-        let Some((retention, max_ids)) = self.settings.take() else {
-            return Ok(());
-        };
+        for entry in std::mem::take(&mut self.settings) {
+            tracing::info!(shard = self.index, settings = ?entry, "settings changed");
+            self.log_input(entry)?;
+        }
+        Ok(())
+    }
+
+    /// Logs an input that is not a request (a tick or a settings change) as a record of its
+    /// own, applies it, and parks its effects behind the record's sync. It touches every
+    /// wallet, so reads of any wallet wait for it.
+    fn log_input(&mut self, entry: LogEntry) -> Result<(), CallError> {
         let now = self.now();
-        record::encode(
-            &LogRecord {
-                at: now,
-                entry: LogEntry::Settings {
-                    idempotency_retention_us: retention,
-                    idempotency_max_ids: max_ids,
-                },
-            },
-            &mut self.buf,
-        );
+        let record = LogRecord { at: now, entry };
+        record::encode(&record, &mut self.buf);
         let lsn = self
             .wal
             .append(&self.buf)
@@ -357,15 +369,11 @@ impl Shard {
             .seal()
             .map_err(|e| CallError::Poisoned(e.to_string()))?;
         self.written_all = lsn;
-        self.engine
-            .set_idempotency(now, retention, max_ids)
+        record
+            .entry
+            .apply(&mut self.engine, now)
             .map_err(CallError::Poisoned)?;
-        tracing::info!(
-            shard = self.index,
-            idempotency_retention_us = retention,
-            idempotency_max_ids = max_ids,
-            "idempotency settings changed"
-        );
+        self.metrics.holds_open.set(self.engine.holds_open() as f64);
         let mut effects = Vec::new();
         self.drain_effects(lsn, now, None, &mut effects);
         self.applied_lsn = lsn;
@@ -404,7 +412,7 @@ impl Shard {
             pending: VecDeque::new(),
             buf: Vec::with_capacity(4096),
             records_since_checkpoint: 0,
-            settings: None,
+            settings: Vec::new(),
             last_checkpoint: Instant::now(),
             metrics: ShardMetrics::new(index),
             written: vec![0; WRITTEN_BUCKETS].into_boxed_slice(),
@@ -684,30 +692,7 @@ impl Shard {
 
     /// Logs a tick and fires due timers.
     fn tick(&mut self) -> Result<(), CallError> {
-        let now = self.now();
-        record::encode(
-            &LogRecord {
-                at: now,
-                entry: LogEntry::Tick,
-            },
-            &mut self.buf,
-        );
-        let lsn = self
-            .wal
-            .append(&self.buf)
-            .map_err(|e| CallError::Poisoned(e.to_string()))?;
-        self.wal
-            .seal()
-            .map_err(|e| CallError::Poisoned(e.to_string()))?;
-        self.written_all = lsn;
-        self.engine.handle_timeout(now);
-        self.metrics.holds_open.set(self.engine.holds_open() as f64);
-        let mut effects = Vec::new();
-        self.drain_effects(lsn, now, None, &mut effects);
-        self.applied_lsn = lsn;
-        self.records_since_checkpoint += 1;
-        self.park(lsn, Vec::new(), effects);
-        Ok(())
+        self.log_input(LogEntry::Tick)
     }
 
     /// Tags the effects of the input at `lsn`; they share its request (moved into one `Arc`,

@@ -415,6 +415,61 @@ fn idempotency_settings_change_at_a_restart_and_replay_applies_them_in_order() {
     assert!(Server::start(&with_max(10), Box::new(NoCheckpoints)).is_err());
 }
 
+#[test]
+fn alert_settings_change_at_a_restart_and_replay_applies_them_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let wallets = vec![String::from("alice")];
+    let with_line = |usd: &str| {
+        let mut c = config(dir.path(), 1);
+        c.alert_low_balance_usd = d(usd);
+        c
+    };
+    let low_alerts = || {
+        exported(dir.path(), "alerts")
+            .iter()
+            .filter(|l| l["effect"]["BalanceAlert"]["alert"] == "Low")
+            .count()
+    };
+    // No line: crossing 8 USD says nothing.
+    let server = Server::start(&with_line("0"), Box::new(NoCheckpoints)).unwrap();
+    let handle = server.handle();
+    setup(&handle, &wallets);
+    assert!(handle
+        .call(grant(1_000, "alice", "10"))
+        .unwrap()
+        .code
+        .is_ok());
+    let debit = |handle: &tally_server::Handle, id: u128| {
+        let reply = handle
+            .call(usage(id, "alice", 3_000, DebitMode::Strict))
+            .unwrap();
+        assert_eq!(reply.code, ResultCode::Ok);
+    };
+    debit(&handle, 1); // 10 → 7
+    let digests = server.shutdown().unwrap();
+    assert_eq!(low_alerts(), 0);
+
+    // A line of 5 USD from the next start: replay runs under the logged settings (same digest),
+    // then the shard logs and applies the new ones, and the next crossing is announced.
+    let server = Server::start(&with_line("5"), Box::new(NoCheckpoints)).unwrap();
+    let recovered: Vec<u64> = server.recovered().iter().map(|r| r.digest).collect();
+    assert_eq!(
+        recovered, digests,
+        "replay ran under the settings of its records"
+    );
+    let handle = server.handle();
+    debit(&handle, 2); // 7 → 4
+    let digests = server.shutdown().unwrap();
+    assert_eq!(low_alerts(), 1);
+    // A third start with the same settings replays both settings records in order, logs none,
+    // and announces nothing twice.
+    let server = Server::start(&with_line("5"), Box::new(NoCheckpoints)).unwrap();
+    let recovered: Vec<u64> = server.recovered().iter().map(|r| r.digest).collect();
+    assert_eq!(recovered, digests);
+    server.shutdown().unwrap();
+    assert_eq!(low_alerts(), 1);
+}
+
 /// Logs `request` in one shard's WAL only, as a crash in the middle of a broadcast leaves it.
 fn log_on_one_shard(config: &tally_server::Config, shard: u32, request: &Request) {
     let dir = tally_server::server::wal_dir(&config.data_dir, shard);

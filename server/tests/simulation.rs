@@ -115,18 +115,7 @@ fn recover(
         let mut scan = wal.scan(lsn + 1).unwrap();
         while let Some(r) = scan.next().unwrap() {
             let decoded = record::decode(r.payload).unwrap();
-            match &decoded.entry {
-                LogEntry::Request(request) => {
-                    engine.handle_request(decoded.at, request);
-                }
-                LogEntry::Tick => engine.handle_timeout(decoded.at),
-                LogEntry::Settings {
-                    idempotency_retention_us,
-                    idempotency_max_ids,
-                } => engine
-                    .set_idempotency(decoded.at, *idempotency_retention_us, *idempotency_max_ids)
-                    .unwrap(),
-            }
+            decoded.entry.apply(&mut engine, decoded.at).unwrap();
             while engine.poll_effect().is_some() {}
             log.push((r.lsn, decoded));
         }
@@ -221,7 +210,7 @@ fn simulate(seed: u64) {
             .iter()
             .filter_map(|(lsn, r)| match &r.entry {
                 LogEntry::Request(request) => Some((*lsn, request.id)),
-                LogEntry::Tick | LogEntry::Settings { .. } => None,
+                LogEntry::Tick | LogEntry::Settings { .. } | LogEntry::Alerts { .. } => None,
             })
             .collect();
         for (lsn, _, request, _) in acked.iter().filter(|a| a.0 > first) {
