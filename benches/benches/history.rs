@@ -134,6 +134,8 @@ fn tagged(i: u64, wallets: usize, at: Timestamp) -> Tagged {
             revenue_usd: rust_decimal::Decimal::new(123 + (i % 1000) as i64, 6),
             cost_usd: rust_decimal::Decimal::new(100 + (i % 700) as i64, 6),
             occurred_at: Timestamp(at.0 - (i as i64 % 86_400) * 1_000_000),
+            credit_priority: 0,
+            credit_expires_at: None,
         }),
         cause: Some(Arc::new(request)),
     }

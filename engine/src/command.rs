@@ -422,6 +422,34 @@ impl Command {
     }
 }
 
+/// What the history store recorded about a charge (a usage event or a settle) that the engine
+/// no longer remembers: the server passes it with a refund that names such a charge
+/// ([`crate::Engine::handle_recorded_refund`]). It never comes from a client.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RecordedCharge {
+    /// The asset charged.
+    pub asset: AssetCode,
+    /// The amount charged.
+    #[serde(with = "dec")]
+    pub charged: Decimal,
+    /// The product.
+    pub product: Name,
+    /// The plan.
+    pub plan: Name,
+    /// The plan version.
+    pub version: u32,
+    /// When the usage happened.
+    pub occurred_at: Timestamp,
+    /// When the shard applied it.
+    pub applied_at: Timestamp,
+    /// The priority a refund credit gets ([`crate::MarginRecord::credit_priority`]).
+    pub credit_priority: u32,
+    /// When a refund credit expires ([`crate::MarginRecord::credit_expires_at`]).
+    pub credit_expires_at: Option<Timestamp>,
+    /// The end of the refund window the server allows for it: refused after.
+    pub refundable_until: Timestamp,
+}
+
 /// Creates a wallet.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct CreateWallet {

@@ -13,8 +13,8 @@ use rust_decimal::Decimal;
 
 use crate::code::ResultCode;
 use crate::command::{
-    Command, CreateWallet, DebitMode, Grant, GrantSource, PaymentEvent, Reply, ReplyValue, Request,
-    ReserveAmount, TopUpAmount, TopUpPrice, TopUpRule, UsageEvent,
+    Command, CreateWallet, DebitMode, Grant, GrantSource, PaymentEvent, RecordedCharge, Reply,
+    ReplyValue, Request, ReserveAmount, TopUpAmount, TopUpPrice, TopUpRule, UsageEvent,
 };
 use crate::hash::{fingerprint, scope_of, StableHasher};
 use crate::money::{self, ASSET_SCALE_MAX};
@@ -23,8 +23,8 @@ use crate::pricing::{self, Quantity};
 use crate::remember::{self, Key};
 use crate::state::{
     AdjustmentRecord, Asset, Assignment, Balance, ChargeRef, ClosedHold, Config, GrantState, Hold,
-    HoldEnd, InFlight, Payment, Plan, PlanVersion, Product, State, TopUpState, Wallet,
-    CLOSED_HOLDS_KEPT,
+    HoldEnd, InFlight, LateRefund, Payment, Plan, PlanVersion, Product, State, TopUpState, Wallet,
+    CLOSED_HOLDS_KEPT, LATE_REFUND_KEEP_US,
 };
 use crate::types::{AssetCode, GrantId, HoldId, Name, RequestId, Timestamp, WalletId};
 
@@ -114,6 +114,8 @@ pub struct Engine {
     key: Key,
     /// Set by a charging handler: what a refund of the request will need.
     charge: Option<ChargeRef>,
+    /// The recorded charge a refund being applied may name ([`Engine::handle_recorded_refund`]).
+    recorded: Option<RecordedCharge>,
     /// Request ids forgotten before their retention passed, because the table was full.
     evicted: u64,
 }
@@ -132,6 +134,8 @@ struct Index {
     timers: BTreeSet<Timer>,
     /// Open holds over all wallets (for the server's metrics).
     holds_open: u64,
+    /// `state.late_refunds` by the time each is forgotten.
+    late_by_until: BTreeSet<(Timestamp, Key)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -438,6 +442,7 @@ impl Engine {
             request: None,
             key: Key([0; 3]),
             charge: None,
+            recorded: None,
             evicted: 0,
         }
     }
@@ -569,6 +574,34 @@ impl Engine {
         if !self.state.legacy.is_empty() && self.index.legacy_newest < horizon {
             self.state.legacy.clear();
         }
+        while let Some(&(until, key)) = self.index.late_by_until.first() {
+            if until > now {
+                break;
+            }
+            self.index.late_by_until.pop_first();
+            self.state.late_refunds.remove(&key);
+        }
+    }
+
+    /// Applies `request` like [`Engine::handle_request`], except that a refund naming a charge
+    /// the engine no longer remembers (its request left the idempotency window) takes the
+    /// charge as the history store recorded it, `charge`. The engine keeps what it refunded of
+    /// such charges ([`State::late_refunds`]), so refunds never exceed what was charged, and
+    /// refuses one after `charge.refundable_until` or one for an event applied since the table
+    /// answers for (it would still hold it). A charge the engine remembers is refunded as
+    /// always and `charge` is ignored. The caller (the server) reads `charge` from its own
+    /// store; it must never come from a client. Like every input, the call is logged with
+    /// `charge` and replayed the same way.
+    pub fn handle_recorded_refund(
+        &mut self,
+        now: Timestamp,
+        request: &Request,
+        charge: &RecordedCharge,
+    ) -> Reply {
+        self.recorded = Some(charge.clone());
+        let reply = self.handle_request(now, request);
+        self.recorded = None;
+        reply
     }
 
     /// Request ids forgotten before their retention passed because the table was full
@@ -709,13 +742,26 @@ impl Engine {
         state.requests_first_seq += 1;
         // Requests of a previous format are all older than any of today's: they go first.
         state.legacy.clear();
-        // A charge is refundable while its request is remembered.
+        // A charge is refundable by its remembered record while its request is remembered; what
+        // was refunded of it is kept beyond, for refunds that name the recorded charge.
         while state
             .charges
             .front()
             .is_some_and(|c| c.seq < state.requests_first_seq)
         {
+            let charge = *state.charges.front().expect("checked");
             state.charges.pop_front();
+            if charge.refunded > Decimal::ZERO {
+                let until = Timestamp(charge.hour * Timestamp::HOUR_US + LATE_REFUND_KEEP_US);
+                state.late_refunds.insert(
+                    front.key,
+                    LateRefund {
+                        refunded: charge.refunded,
+                        until,
+                    },
+                );
+                index.late_by_until.insert((until, front.key));
+            }
         }
     }
 
@@ -1682,6 +1728,8 @@ impl Engine {
             revenue_usd,
             cost_usd,
             occurred_at,
+            credit_priority: debited.priority,
+            credit_expires_at: debited.expires_at,
         }));
         self.charge = Some(ChargeRef {
             seq: 0,
@@ -1863,9 +1911,12 @@ impl Engine {
 
     fn refund(&mut self, wallet: &WalletId, event: RequestId, amount: Option<Decimal>) -> Handled {
         let w = self.wallet_index(wallet)?;
-        let at = self
-            .find_charge(wallet, event)
-            .ok_or(ResultCode::UnknownEvent)?;
+        let Some(at) = self.find_charge(wallet, event) else {
+            return match self.recorded.take() {
+                Some(charge) => self.refund_recorded(w, wallet, event, amount, &charge),
+                None => Err(ResultCode::UnknownEvent.into()),
+            };
+        };
         let charge = self.charge_at(at);
         if charge.wallet != w {
             return Err(ResultCode::UnknownEvent.into());
@@ -1885,6 +1936,104 @@ impl Engine {
             money::within(money::add(balance.ledger(), amount)?, asset.scale)?;
         }
         self.charge_at_mut(at).refunded += amount;
+        let grant = self.book_refund(w, asset, amount, refund_usd, &charge);
+        Ok(ReplyValue::Refund {
+            grant,
+            refunded: amount,
+            refundable: left - amount,
+        })
+    }
+
+    /// A refund of a charge the engine no longer remembers, as the history store recorded it
+    /// (see [`Engine::handle_recorded_refund`]).
+    fn refund_recorded(
+        &mut self,
+        w: u32,
+        wallet: &WalletId,
+        event: RequestId,
+        amount: Option<Decimal>,
+        recorded: &RecordedCharge,
+    ) -> Handled {
+        let now = self.state.now;
+        // Applied since the table answers for: it would hold the charge, so there is none.
+        // Past its refund window: refused.
+        let horizon = now
+            .add_us(-self.state.config.idempotency_retention_us)
+            .max(self.state.remembered_from);
+        if recorded.applied_at >= horizon || now > recorded.refundable_until {
+            return Err(ResultCode::UnknownEvent.into());
+        }
+        let unknown = || ResultCode::UnknownEvent;
+        let asset_index = *self.index.assets.get(&recorded.asset).ok_or_else(unknown)?;
+        let product = *self
+            .index
+            .products
+            .get(&recorded.product)
+            .ok_or_else(unknown)?;
+        let plan = *self.index.plans.get(&recorded.plan).ok_or_else(unknown)?;
+        let asset = self.state.assets[asset_index as usize];
+        let charged = money::check_amount(recorded.charged, asset.scale)?;
+        let key = Key::of(scope_of(Some(wallet)), event);
+        let before = self.state.late_refunds.get(&key).copied();
+        let refunded = before.map_or(Decimal::ZERO, |l| l.refunded);
+        let left = money::sub(charged, refunded).map_err(|_| ResultCode::RefundExceedsCharge)?;
+        let amount = match amount {
+            Some(amount) => money::check_amount(amount, asset.scale)?,
+            None if left <= Decimal::ZERO => return Err(ResultCode::RefundExceedsCharge.into()),
+            None => left,
+        };
+        if amount > left {
+            return Err(ResultCode::RefundExceedsCharge.into());
+        }
+        let refund_usd = money::usd_valuation(amount, asset.usd_value)?;
+        if let Some(balance) = self.state.wallets[w as usize].balance(&asset.code) {
+            money::within(money::add(balance.ledger(), amount)?, asset.scale)?;
+        }
+        let charge = ChargeRef {
+            seq: 0,
+            wallet: w,
+            asset: asset_index,
+            charged,
+            refunded,
+            product,
+            plan,
+            version: recorded.version,
+            hour: recorded.occurred_at.hour(),
+            priority: recorded.credit_priority,
+            expires_at: recorded.credit_expires_at,
+        };
+        let grant = self.book_refund(w, asset, amount, refund_usd, &charge);
+        let until = before.map_or(recorded.refundable_until, |l| {
+            l.until.max(recorded.refundable_until)
+        });
+        if let Some(old) = before {
+            self.index.late_by_until.remove(&(old.until, key));
+        }
+        self.state.late_refunds.insert(
+            key,
+            LateRefund {
+                refunded: money::add(refunded, amount)?,
+                until,
+            },
+        );
+        self.index.late_by_until.insert((until, key));
+        Ok(ReplyValue::Refund {
+            grant,
+            refunded: amount,
+            refundable: left - amount,
+        })
+    }
+
+    /// Books a refund of `amount` (worth `refund_usd`) of `charge` to wallet `w`: the margins,
+    /// and the credit. Returns the credit's grant.
+    fn book_refund(
+        &mut self,
+        w: u32,
+        asset: Asset,
+        amount: Decimal,
+        refund_usd: Decimal,
+        charge: &ChargeRef,
+    ) -> GrantId {
         let margins = &mut self.state.margins;
         margins.total.add_refund(refund_usd);
         margins
@@ -1923,11 +2072,7 @@ impl Engine {
         if charge.expires_at.is_some_and(|t| t <= self.state.now) {
             self.expire_overdue(w, asset.code);
         }
-        Ok(ReplyValue::Refund {
-            grant,
-            refunded: amount,
-            refundable: left - amount,
-        })
+        grant
     }
 
     fn dispute(&mut self, wallet: &WalletId, grant: GrantId, freeze: bool) -> Handled {
@@ -2867,6 +3012,9 @@ fn restore(state: State) -> Result<Engine, RestoreError> {
             return fail(format!("charge #{} is out of order", c.seq));
         }
         previous = Some(c.seq);
+    }
+    for (key, late) in &engine.state.late_refunds {
+        engine.index.late_by_until.insert((late.until, *key));
     }
     engine.rebuild_timers();
     Ok(engine)

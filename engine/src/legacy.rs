@@ -1,5 +1,8 @@
-//! Reading a shard state written by the previous snapshot format (version 1), so that a data
-//! directory written by the previous release still opens.
+//! Reading a shard state written by earlier snapshot formats (versions 1 and 2), so that a data
+//! directory written by an earlier release still opens.
+//!
+//! Version 2 is the current state without [`State::late_refunds`] (refunds past the idempotency
+//! window did not exist): it converts with that map empty.
 //!
 //! Version 1 differs from the current state in four places: the settings had no
 //! `idempotency_max_ids`; a top-up payment did not track what of it expired; a remembered
@@ -348,5 +351,77 @@ pub fn v1_for_tests(state: &State, requests: &[(RequestId, u64, Timestamp, Reply
         next_grant: state.next_grant,
         next_hold: state.next_hold,
         journal_seq: state.journal_seq,
+    }
+}
+
+/// A shard state in snapshot format version 2: today's, without `late_refunds`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StateV2 {
+    config: Config,
+    now: Timestamp,
+    assets: Vec<Asset>,
+    products: Vec<Product>,
+    plans: Vec<Plan>,
+    wallets: Vec<Arc<Wallet>>,
+    requests: crate::state::Fifo<crate::state::Remembered>,
+    requests_first_seq: u64,
+    spilled: BTreeMap<u64, Reply>,
+    charges: crate::state::Fifo<ChargeRef>,
+    remembered_from: Timestamp,
+    max_lead_us: i64,
+    legacy: BTreeMap<RequestId, LegacyRequest>,
+    margins: Margins,
+    next_grant: u64,
+    next_hold: u64,
+    journal_seq: u64,
+}
+
+impl From<StateV2> for State {
+    fn from(old: StateV2) -> State {
+        State {
+            config: old.config,
+            now: old.now,
+            assets: old.assets,
+            products: old.products,
+            plans: old.plans,
+            wallets: old.wallets,
+            requests: old.requests,
+            requests_first_seq: old.requests_first_seq,
+            spilled: old.spilled,
+            charges: old.charges,
+            remembered_from: old.remembered_from,
+            max_lead_us: old.max_lead_us,
+            legacy: old.legacy,
+            margins: old.margins,
+            next_grant: old.next_grant,
+            next_hold: old.next_hold,
+            journal_seq: old.journal_seq,
+            late_refunds: BTreeMap::new(),
+        }
+    }
+}
+
+/// `state` in snapshot format version 2 (without `late_refunds`), for tests of the conversion.
+#[doc(hidden)]
+pub fn v2_for_tests(state: &State) -> StateV2 {
+    let s = state.clone();
+    StateV2 {
+        config: s.config,
+        now: s.now,
+        assets: s.assets,
+        products: s.products,
+        plans: s.plans,
+        wallets: s.wallets,
+        requests: s.requests,
+        requests_first_seq: s.requests_first_seq,
+        spilled: s.spilled,
+        charges: s.charges,
+        remembered_from: s.remembered_from,
+        max_lead_us: s.max_lead_us,
+        legacy: s.legacy,
+        margins: s.margins,
+        next_grant: s.next_grant,
+        next_hold: s.next_hold,
+        journal_seq: s.journal_seq,
     }
 }

@@ -127,8 +127,9 @@ mod types;
 
 pub use code::ResultCode;
 pub use command::{
-    asset, name, Command, CreateWallet, DebitMode, Grant, GrantSource, Limit, PaymentEvent, Reply,
-    ReplyValue, Request, ReserveAmount, TopUpAmount, TopUpPrice, TopUpRule, UsageEvent,
+    asset, name, Command, CreateWallet, DebitMode, Grant, GrantSource, Limit, PaymentEvent,
+    RecordedCharge, Reply, ReplyValue, Request, ReserveAmount, TopUpAmount, TopUpPrice, TopUpRule,
+    UsageEvent,
 };
 pub use engine::{digest_state, Engine, RestoreError};
 pub use engine::{
@@ -145,7 +146,7 @@ pub use query::{
     PlanVersionView, PlanView, PriceView, Query, QueryReply, TopUpStatus, WalletFilter, WalletPage,
     WalletView, WALLET_PAGE_MAX, WALLET_SCAN_MAX,
 };
-pub use state::{Asset, Config, Margin, State};
+pub use state::{Asset, Config, LateRefund, Margin, State, LATE_REFUND_KEEP_US};
 pub use types::{
     AssetCode, GrantId, HoldId, InlineStr, Name, NameError, RequestId, Timestamp, WalletId,
 };

@@ -100,6 +100,13 @@ pub struct MarginRecord {
     pub cost_usd: Decimal,
     /// When the usage happened.
     pub occurred_at: Timestamp,
+    /// The priority a refund credit gets: that of the first grant the charge consumed.
+    #[serde(default)]
+    pub credit_priority: u32,
+    /// When a refund credit expires: the latest expiry among the grants that paid, `None` if
+    /// one of them never expires or part of the charge became debt.
+    #[serde(default)]
+    pub credit_expires_at: Option<Timestamp>,
 }
 
 /// A request to charge a saved payment method.

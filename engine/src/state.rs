@@ -120,7 +120,26 @@ pub struct State {
     pub next_hold: u64,
     /// Last journal sequence number written.
     pub journal_seq: u64,
+    /// What was refunded of charges the idempotency table no longer holds, by the key of the
+    /// charge's request (wallet and id): refunds past the window name the charge as the history
+    /// store recorded it, and this caps them at what was charged. Kept until the refund window
+    /// of the charge ends.
+    pub late_refunds: BTreeMap<Key, LateRefund>,
 }
+
+/// What was refunded of a charge the idempotency table has forgotten.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LateRefund {
+    /// Refunded so far.
+    #[serde(with = "dec")]
+    pub refunded: Decimal,
+    /// Kept until then: no refund of the charge is accepted later.
+    pub until: Timestamp,
+}
+
+/// How long the refunded part of a charge that leaves the idempotency window is kept, from the
+/// hour the charge occurred in: the longest refund window a server allows.
+pub const LATE_REFUND_KEEP_US: i64 = 367 * Timestamp::DAY_US;
 
 impl State {
     /// An empty shard.
@@ -143,6 +162,7 @@ impl State {
             next_grant: 1,
             next_hold: 1,
             journal_seq: 0,
+            late_refunds: BTreeMap::new(),
         }
     }
 }

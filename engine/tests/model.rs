@@ -1745,6 +1745,20 @@ impl Model {
     /// Debits a priced event and records its margin and what a refund needs.
     fn charge(&mut self, w: usize, a: usize, amount: i128, p: usize, e: &UsageEvent) -> ReplyValue {
         let (debt, paid_by) = self.debit(w, a, amount, Account::Revenue);
+        // What a refund credit would get (the same rule as `refund`'s).
+        let credit_priority = paid_by.first().map_or(0, |&g| self.grants[g].priority);
+        let never = debt > 0
+            || paid_by.is_empty()
+            || paid_by.iter().any(|&g| self.grants[g].expires_at.is_none());
+        let credit_expires_at = if never {
+            None
+        } else {
+            paid_by
+                .iter()
+                .filter_map(|&g| self.grants[g].expires_at)
+                .max()
+                .map(Timestamp)
+        };
         let revenue = usd_of(amount, a);
         let wallet = &mut self.wallets[w];
         wallet.margin.events += 1;
@@ -1762,6 +1776,8 @@ impl Model {
             revenue_usd: revenue,
             cost_usd: e.cost_usd,
             occurred_at: e.occurred_at,
+            credit_priority,
+            credit_expires_at,
         });
         self.totals[a].charged += amount;
         self.charges.push(MCharge {

@@ -2484,3 +2484,130 @@ fn alert_settings_can_change_as_an_input() {
     assert_eq!(h.engine.state().config.grant_expiring_lead_us, 0);
     h.check_ledger();
 }
+
+/// The charge of the newest margin record as the history store records it, with a refund
+/// window of `window` from when it occurred.
+fn recorded(h: &Harness, applied_at: Timestamp, window: i64) -> RecordedCharge {
+    let m = h.margins.last().expect("a charge");
+    RecordedCharge {
+        asset: m.asset,
+        charged: m.charged,
+        product: m.product,
+        plan: m.plan,
+        version: m.version,
+        occurred_at: m.occurred_at,
+        applied_at,
+        credit_priority: m.credit_priority,
+        credit_expires_at: m.credit_expires_at,
+        refundable_until: m.occurred_at.add_us(window),
+    }
+}
+
+fn recorded_refund(h: &mut Harness, id: u128, refund: Command, charge: &RecordedCharge) -> Reply {
+    let request = Request {
+        id: RequestId(id),
+        command: refund,
+    };
+    let reply = h.engine.handle_recorded_refund(h.now, &request, charge);
+    h.advance(0);
+    reply
+}
+
+#[test]
+fn a_charge_past_the_idempotency_window_is_refunded_as_recorded_never_above_what_was_charged() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    let expires = h.now.add_us(400 * 24 * HOUR);
+    h.grant_with(w, "10", 7, Some(expires), GrantSource::Promotion);
+    let applied = h.now;
+    let event = RequestId(h.next_id);
+    h.usage(w, "4000", "0", DebitMode::Strict); // 4 charged
+    let m = h.margins.last().unwrap().clone();
+    assert_eq!((m.credit_priority, m.credit_expires_at), (7, Some(expires)));
+    // Inside the window: 1 refunded from the remembered charge.
+    let refund = |amount: Option<&str>| Command::Refund {
+        wallet: w,
+        event,
+        amount: amount.map(d),
+    };
+    assert!(h.run(refund(Some("1"))).code.is_ok());
+    // Thirty days on, the table has forgotten the event: a plain refund does not know it.
+    h.advance(30 * 24 * HOUR);
+    assert_eq!(h.run(refund(Some("1"))).code, ResultCode::UnknownEvent);
+    let charge = recorded(&h, applied, 90 * 24 * HOUR);
+    // What was refunded inside the window still counts: 3 are left, not 4.
+    let id = h.next_id + 100;
+    let reply = recorded_refund(&mut h, id, refund(Some("3.01")), &charge);
+    assert_eq!(reply.code, ResultCode::RefundExceedsCharge);
+    let reply = recorded_refund(&mut h, id + 1, refund(Some("2")), &charge);
+    assert_eq!(reply.code, ResultCode::Ok);
+    let ReplyValue::Refund {
+        grant, refundable, ..
+    } = reply.value
+    else {
+        panic!("{reply:?}")
+    };
+    assert_eq!(refundable, d("1"));
+    // The credit takes the place of what paid: the grant's priority and expiry.
+    let view = h.view(w);
+    let credit = view.grants.iter().find(|g| g.id == grant).unwrap();
+    assert_eq!((credit.priority, credit.expires_at), (7, Some(expires)));
+    // A retry is a repeat, answered from memory, not applied again.
+    let again = recorded_refund(&mut h, id + 1, refund(Some("2")), &charge);
+    assert_eq!(again.value, reply.value);
+    assert_eq!(h.balance(w).available, d("9"));
+    // Across a snapshot: the rest (1), and then nothing.
+    h.engine = Engine::from_state(h.engine.state().clone()).unwrap();
+    let reply = recorded_refund(&mut h, id + 2, refund(None), &charge);
+    assert!(matches!(reply.value, ReplyValue::Refund { refunded, .. } if refunded == d("1")));
+    let reply = recorded_refund(&mut h, id + 3, refund(None), &charge);
+    assert_eq!(reply.code, ResultCode::RefundExceedsCharge);
+    assert_eq!(h.balance(w).available, d("10"));
+    // Past the refund window: refused.
+    h.advance(61 * 24 * HOUR);
+    let reply = recorded_refund(&mut h, id + 4, refund(Some("0.01")), &charge);
+    assert_eq!(reply.code, ResultCode::UnknownEvent);
+    // What the engine kept of it goes once the longest window any server allows has passed
+    // (it was refunded inside the idempotency window, before any window was known).
+    assert_eq!(h.engine.state().late_refunds.len(), 1);
+    h.advance(LATE_REFUND_KEEP_US - 90 * 24 * HOUR);
+    assert!(h.engine.state().late_refunds.is_empty());
+    h.check_ledger();
+}
+
+#[test]
+fn a_recorded_charge_is_not_taken_for_an_event_the_table_still_answers_for() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.grant(w, "10");
+    let applied = h.now;
+    let event = RequestId(h.next_id);
+    h.usage(w, "4000", "0", DebitMode::Strict);
+    let mut charge = recorded(&h, applied, 90 * 24 * HOUR);
+    // A charge the engine remembers is refunded from its own record: a recorded one claiming
+    // more is ignored.
+    charge.charged = d("1000");
+    let refund = |amount: &str| Command::Refund {
+        wallet: w,
+        event,
+        amount: Some(d(amount)),
+    };
+    let reply = recorded_refund(&mut h, 900, refund("5"), &charge);
+    assert_eq!(reply.code, ResultCode::RefundExceedsCharge);
+    // An event applied since the table answers for, that it does not hold, was not a charge:
+    // a forged record of one is refused.
+    let forged = RequestId(424_242);
+    let reply = recorded_refund(
+        &mut h,
+        901,
+        Command::Refund {
+            wallet: w,
+            event: forged,
+            amount: Some(d("1")),
+        },
+        &charge,
+    );
+    assert_eq!(reply.code, ResultCode::UnknownEvent);
+    assert_eq!(h.balance(w).available, d("6"));
+    assert!(h.engine.state().late_refunds.is_empty());
+}

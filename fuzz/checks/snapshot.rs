@@ -1,5 +1,5 @@
 //! Property check of the snapshot loader (`tally-snapshots`: header + bincode state, formats 1
-//! and 2) on file bytes built from fuzz input.
+//! to 3) on file bytes built from fuzz input.
 //!
 //! Shared by the cargo-fuzz target `snapshot` and by `snapshots/tests/fuzz.rs`, which runs it on
 //! seeded random inputs under `cargo test`. Both include `snapshots/tests/common/mod.rs` as the
@@ -10,11 +10,11 @@
 //! first input byte picks the mode:
 //!
 //! * **raw** (`% 4 == 0`): the rest of the input is the whole file.
-//! * **payload** (`% 4 == 1`): the rest is the payload, under a correct header of format 1 or 2
-//!   (bit 2), so the fuzzer works on the bincode decoder directly.
+//! * **payload** (`% 4 == 1`): the rest is the payload, under a correct header of format 1, 2 or
+//!   3 (the next bits), so the fuzzer works on the bincode decoder directly.
 //! * **sample** (otherwise): the payload is one of a few real states (0 to 3 wallets with grants,
-//!   usage, an adjustment, remembered requests) encoded in format 2, or converted to format 1 as
-//!   the previous release wrote it, then cut short or damaged by up to four input-chosen byte
+//!   usage, an adjustment, remembered requests) encoded in format 3, or converted to format 2 or
+//!   1 as earlier releases wrote it, then cut short or damaged by up to four input-chosen byte
 //!   edits, under a correct header.
 //!
 //! Properties: nothing panics. `load` succeeds only if `verify` does, and `load_newest` agrees
@@ -45,7 +45,11 @@ const LSN: u64 = 7;
 pub fn check(dir: &SnapshotDir, data: &[u8]) {
     let mut input = Input::new(data);
     let mode = input.u8();
-    let version = if mode & 4 == 0 { 2 } else { 1 };
+    let version = match (mode >> 2) % 3 {
+        0 => 3,
+        1 => 2,
+        _ => 1,
+    };
     match mode % 4 {
         0 => {
             load_and_check(dir, input.rest(), false);
@@ -56,10 +60,11 @@ pub fn check(dir: &SnapshotDir, data: &[u8]) {
         _ => {
             let samples = samples();
             let sample = &samples[usize::from(input.u8()) % samples.len()];
-            let (mut payload, expected) = if version == 2 {
-                (sample.v2.clone(), &sample.v2)
-            } else {
-                (sample.v1.clone(), &sample.from_v1)
+            let (mut payload, expected) = match version {
+                3 => (sample.v3.clone(), &sample.v3),
+                // Format 2 lacks only what the samples do not have (late refunds).
+                2 => (sample.v2.clone(), &sample.v3),
+                _ => (sample.v1.clone(), &sample.from_v1),
             };
             let cut = input.u8();
             if cut & 0x80 != 0 {
@@ -82,7 +87,9 @@ pub fn check(dir: &SnapshotDir, data: &[u8]) {
 /// A real state in both formats. (States are compared by their encoding: a live state holds
 /// derived fields that the encoding skips and `Engine::from_state` rebuilds.)
 struct Sample {
-    /// The state's encoding, the format 2 payload.
+    /// The state's encoding, the format 3 payload.
+    v3: Vec<u8>,
+    /// The format 2 payload of the same state.
     v2: Vec<u8>,
     /// The format 1 payload of the same state.
     v1: Vec<u8>,
@@ -109,7 +116,12 @@ fn samples() -> &'static [Sample] {
                 });
                 let v1 = tally_engine::legacy::v1_for_tests(&state, remembered.as_slice());
                 Sample {
-                    v2: encode(&state),
+                    v3: encode(&state),
+                    v2: bincode::serde::encode_to_vec(
+                        tally_engine::legacy::v2_for_tests(&state),
+                        bincode::config::standard(),
+                    )
+                    .expect("encode a format 2 state"),
                     v1: bincode::serde::encode_to_vec(&v1, bincode::config::standard())
                         .expect("encode a format 1 state"),
                     from_v1: encode(&State::from(v1)),

@@ -50,6 +50,8 @@ fn usage(lsn: u64, occurred_at: Timestamp) -> Tagged {
             revenue_usd: Decimal::new(10, 2),
             cost_usd: Decimal::new(1, 3),
             occurred_at,
+            credit_priority: 0,
+            credit_expires_at: None,
         }),
         cause: Some(Arc::new(Request {
             id: RequestId(lsn as u128),

@@ -16,10 +16,10 @@ use crate::error::{Error, Result};
 /// The first 8 bytes of every snapshot file.
 pub const MAGIC: [u8; 8] = *b"TALLYSNP";
 /// The format version this build writes.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest format version this build reads. Version 1 (the shard state before the compact
-/// idempotency table) is converted on load by `tally_engine::legacy`; the next checkpoint writes
-/// version 2.
+/// idempotency table) and version 2 (before refunds past the idempotency window) are converted on
+/// load by `tally_engine::legacy`; the next checkpoint writes version 3.
 pub const FORMAT_VERSION_OLDEST: u32 = 1;
 /// Size of the fixed header; the payload starts right after it.
 pub const HEADER_BYTES: usize = 64;
@@ -295,6 +295,11 @@ pub(crate) fn decode_state<R: bincode::de::read::Reader>(
                     let config = bincode_config().with_limit::<{ 1usize << $bits }>();
                     return if version == 1 {
                         bincode::serde::decode_from_reader::<tally_engine::legacy::StateV1, _, _>(
+                            reader, config,
+                        )
+                        .map(State::from)
+                    } else if version == 2 {
+                        bincode::serde::decode_from_reader::<tally_engine::legacy::StateV2, _, _>(
                             reader, config,
                         )
                         .map(State::from)
