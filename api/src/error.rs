@@ -174,7 +174,7 @@ pub fn result_message(code: ResultCode) -> &'static str {
         HoldAlreadySettled => "the hold was already settled",
         HoldAlreadyReleased => "the hold was already released",
         InvalidDeadline => "the hold deadline is not in the future or too far away",
-        UnknownEvent => "the refunded event is unknown, not a charge, or older than the idempotency window",
+        UnknownEvent => "the refunded event is unknown, not a charge of this wallet, or older than the refund window",
         RefundExceedsCharge => "the refund would take the event's refunds above what it was charged",
         UnknownGrant => "no grant with this id was ever a top-up of this wallet",
         AlreadyDisputed => "the grant is already disputed",

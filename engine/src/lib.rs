@@ -78,8 +78,7 @@
 //!   events (a chargeback, a refund of a top-up) are not held back by holds: they take the
 //!   grant's remainder, and a settlement that then finds too little creates debt.
 //! - A refund credits a new grant (source `Refund`, journal kind `Refund`) and refers to the
-//!   usage by its request id, so refunds are possible within the idempotency window; later
-//!   corrections are adjustments. The credit takes the place of what paid: it gets the priority
+//!   usage by its request id. The credit takes the place of what paid: it gets the priority
 //!   of the first grant the charge consumed and expires with the latest-expiring paying grant
 //!   (never, if a paying grant never expires or part of the charge became debt); if that time
 //!   has passed it expires at once. A debit adjustment is charged like record usage.
@@ -107,10 +106,17 @@
 //!   [`Engine::idempotency_evicted`] counts it. A repeat gets the first reply's code and values,
 //!   except the `available` of a charge or hold, which is the balance now. Rejections cost the
 //!   same 40 bytes (they carry no value to keep).
-//! - Refunds name the charged event by its request id within the idempotency window; each charge
-//!   keeps a ~90-byte record while its request is remembered (what a refund needs: the amount, what refunds took
-//!   already, the margin buckets and the credit's terms). Past the window a refund is
-//!   `UnknownEvent` and the correction is an adjustment.
+//! - Refunds name the charged event by its request id. Within the idempotency window each charge
+//!   keeps a ~90-byte record while its request is remembered (what a refund needs: the amount,
+//!   what refunds took already, the margin buckets and the credit's terms). Past the window the
+//!   engine keeps nothing of a charge unless part of it was refunded: a refund then comes with
+//!   the charge as the server's history store recorded it
+//!   ([`Engine::handle_recorded_refund`], [`RecordedCharge`], logged with the refund), accepted
+//!   until the end of the refund window it names, and the engine keeps only what was refunded
+//!   of such charges ([`State::late_refunds`], about 80 bytes per refunded charge, kept up to
+//!   [`LATE_REFUND_KEEP_US`]), so the cap "never more than charged" holds. The margin record of
+//!   each charge carries the credit's terms for the store. A recorded charge is trusted input:
+//!   the server reads it from its own store; no client can send one.
 
 mod code;
 mod command;

@@ -2522,7 +2522,7 @@ fn a_charge_past_the_idempotency_window_is_refunded_as_recorded_never_above_what
     let applied = h.now;
     let event = RequestId(h.next_id);
     h.usage(w, "4000", "0", DebitMode::Strict); // 4 charged
-    let m = h.margins.last().unwrap().clone();
+    let m = *h.margins.last().unwrap();
     assert_eq!((m.credit_priority, m.credit_expires_at), (7, Some(expires)));
     // Inside the window: 1 refunded from the remembered charge.
     let refund = |amount: Option<&str>| Command::Refund {

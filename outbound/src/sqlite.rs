@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS usage_events (
     quantities TEXT NOT NULL, attributes TEXT NOT NULL, model TEXT,
     occurred_at INTEGER NOT NULL, applied_at INTEGER NOT NULL,
     refunded TEXT NOT NULL DEFAULT '0',
+    credit_priority INTEGER, credit_expires_at INTEGER,
     PRIMARY KEY (shard, lsn, idx)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS usage_by_wallet ON usage_events (wallet, occurred_at, shard, lsn, idx);
@@ -71,6 +72,37 @@ CREATE TABLE IF NOT EXISTS store_progress (
     shard INTEGER PRIMARY KEY, lsn INTEGER NOT NULL, idx INTEGER NOT NULL
 );
 ";
+
+/// Brings a store written by an earlier release up to [`SCHEMA`]: columns added since
+/// (`usage_events.credit_priority`, `credit_expires_at`; NULL in older rows). One transaction,
+/// so a writer and a reader opening the store at once do not both add them.
+fn migrate(conn: &Connection) -> Result<(), Error> {
+    conn.execute_batch("BEGIN IMMEDIATE")
+        .map_err(|e| sql("migrate", e))?;
+    let has_credit: bool = conn
+        .query_row(
+            "SELECT count(*) FROM pragma_table_info('usage_events') WHERE name = 'credit_priority'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n > 0)
+        .map_err(|e| sql("migrate", e))?;
+    let altered = if has_credit {
+        Ok(())
+    } else {
+        conn.execute_batch(
+            "ALTER TABLE usage_events ADD COLUMN credit_priority INTEGER; \
+             ALTER TABLE usage_events ADD COLUMN credit_expires_at INTEGER;",
+        )
+    };
+    match altered.and_then(|()| conn.execute_batch("COMMIT")) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(sql("migrate", e))
+        }
+    }
+}
 
 /// How often retention runs.
 const RETENTION_EVERY: Duration = Duration::from_secs(3600);
@@ -151,6 +183,7 @@ impl SqliteSink {
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
             .map_err(|e| sql("pragmas", e))?;
         conn.execute_batch(SCHEMA).map_err(|e| sql("schema", e))?;
+        migrate(&conn)?;
         let held = {
             let mut select = conn
                 .prepare("SELECT shard, lsn, idx FROM store_progress")
@@ -213,8 +246,9 @@ impl SqliteSink {
                     .prepare_cached(
                         "INSERT OR IGNORE INTO usage_events (shard, lsn, idx, request_id, wallet, \
                          product, plan, plan_version, asset, charged, revenue_usd, cost_usd, \
-                         quantities, attributes, model, occurred_at, applied_at) VALUES \
-                         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                         quantities, attributes, model, occurred_at, applied_at, credit_priority, \
+                         credit_expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, \
+                         ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
                     )
                     .and_then(|mut s| {
                         s.execute(params![
@@ -235,6 +269,8 @@ impl SqliteSink {
                             model,
                             m.occurred_at.0,
                             t.applied_at.0,
+                            m.credit_priority,
+                            m.credit_expires_at.map(|t| t.0),
                         ])
                     })
                     .map_err(|e| sql("insert usage", e))?
@@ -673,6 +709,7 @@ impl Reader {
         conn.execute_batch("PRAGMA journal_mode=WAL;")
             .map_err(|e| sql("pragmas", e))?;
         conn.execute_batch(SCHEMA).map_err(|e| sql("schema", e))?;
+        migrate(&conn)?;
         Ok(Reader {
             conn: Mutex::new(conn),
             path,
@@ -723,6 +760,64 @@ impl Reader {
             });
         }
         Ok(Page { rows, next: None })
+    }
+
+    /// The charge of wallet `wallet`'s usage event (or settle) `request`, as the store recorded
+    /// it, for a refund past the idempotency window; `None` if the store has no such event.
+    /// Events recorded before the credit columns existed refund as a credit of priority 0 that
+    /// never expires. `refundable_until` is the event's time plus `window_us`.
+    pub fn recorded_charge(
+        &self,
+        wallet: &str,
+        request: tally_engine::RequestId,
+        window_us: i64,
+    ) -> Result<Option<tally_engine::RecordedCharge>, Error> {
+        let conn = self
+            .conn
+            .lock()
+            .map_err(|_| Error("history store lock".into()))?;
+        let row = conn
+            .prepare_cached(
+                "SELECT asset, charged, product, plan, plan_version, occurred_at, applied_at, \
+                 credit_priority, credit_expires_at FROM usage_events \
+                 WHERE request_id = ?1 AND wallet = ?2",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![request_hex(request), wallet], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, u32>(4)?,
+                        r.get::<_, i64>(5)?,
+                        r.get::<_, i64>(6)?,
+                        r.get::<_, Option<u32>>(7)?,
+                        r.get::<_, Option<i64>>(8)?,
+                    ))
+                })
+                .optional()
+            })
+            .map_err(|e| sql("recorded charge", e))?;
+        let Some((asset, charged, product, plan, version, occurred, applied, priority, expires)) =
+            row
+        else {
+            return Ok(None);
+        };
+        let bad = |what: &str| Error(format!("history store: usage event {what} is unreadable"));
+        let name = |s: &str, what: &str| tally_engine::Name::new(s).map_err(|_| bad(what));
+        Ok(Some(tally_engine::RecordedCharge {
+            asset: tally_engine::AssetCode::new(&asset).map_err(|_| bad("asset"))?,
+            charged: Decimal::from_str(&charged).map_err(|_| bad("charged"))?,
+            product: name(&product, "product")?,
+            plan: name(&plan, "plan")?,
+            version,
+            occurred_at: Timestamp(occurred),
+            applied_at: Timestamp(applied),
+            credit_priority: priority.unwrap_or(0),
+            credit_expires_at: expires.map(Timestamp),
+            refundable_until: Timestamp(occurred.saturating_add(window_us)),
+        }))
     }
 
     /// A wallet's usage events, newest first.

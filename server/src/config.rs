@@ -84,6 +84,10 @@ pub struct Config {
     pub jsonl_keep: u64,
     /// Delete history rows older than this many days (0: keep everything).
     pub history_retention_days: u64,
+    /// A usage event can be refunded for this many days after it happened (at most 366):
+    /// inside the idempotency window from the engine's memory, beyond it from the history
+    /// store. 0: only inside the idempotency window.
+    pub refund_window_days: u32,
     /// Copy the history store to this PostgreSQL database (a libpq URL; never logged).
     pub export_postgres: Option<String>,
     /// Stripe's secret API key; without it top-up requests wait (never logged).
@@ -164,6 +168,7 @@ impl Default for Config {
             jsonl_rotate_secs: 3600,
             jsonl_keep: 24,
             history_retention_days: 0,
+            refund_window_days: 90,
             export_postgres: None,
             stripe_secret_key: None,
             stripe_api_base: None,
@@ -233,6 +238,8 @@ pub struct Overrides {
     pub jsonl_keep: Option<u64>,
     /// See [`Config::history_retention_days`].
     pub history_retention_days: Option<u64>,
+    /// See [`Config::refund_window_days`].
+    pub refund_window_days: Option<u32>,
     /// See [`Config::export_postgres`].
     pub export_postgres: Option<String>,
     /// See [`Config::stripe_secret_key`].
@@ -316,6 +323,7 @@ const ENV: &[(&str, &str)] = &[
     ("TALLY_JSONL_ROTATE_SECS", "jsonl_rotate_secs"),
     ("TALLY_JSONL_KEEP", "jsonl_keep"),
     ("TALLY_HISTORY_RETENTION_DAYS", "history_retention_days"),
+    ("TALLY_REFUND_WINDOW_DAYS", "refund_window_days"),
     ("TALLY_EXPORT_POSTGRES", "export_postgres"),
     ("TALLY_STRIPE_SECRET_KEY", "stripe_secret_key"),
     ("TALLY_STRIPE_API_BASE", "stripe_api_base"),
@@ -428,6 +436,7 @@ impl Overrides {
             jsonl_rotate_secs,
             jsonl_keep,
             history_retention_days,
+            refund_window_days,
             stripe_dispute_freeze,
             stripe_reconcile_secs,
             webhook_retry_base_ms,
@@ -519,6 +528,9 @@ impl Config {
                 "jsonl_rotate_bytes",
                 "JSON-lines rotation needs at least 4096 bytes, 1 second and 1 kept file",
             );
+        }
+        if self.refund_window_days > 366 {
+            return bad("refund_window_days", "must be between 0 and 366");
         }
         if self.export_postgres.is_some() && !self.history_store {
             return bad(

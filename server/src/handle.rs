@@ -279,6 +279,25 @@ impl Handle {
         }
     }
 
+    /// Queues a refund with the charge the history store recorded for its event (see
+    /// `Engine::handle_recorded_refund`); like [`Handle::submit`].
+    pub fn submit_recorded_refund(
+        &self,
+        request: Request,
+        charge: tally_engine::RecordedCharge,
+    ) -> Result<PendingReply, CallError> {
+        let Some(wallet) = request.command.wallet().copied() else {
+            return self.submit(request);
+        };
+        let (tx, rx) = oneshot::channel();
+        let message = Message::RecordedRefund(request, Box::new(charge), tx);
+        match self.shard(&wallet).try_send(message) {
+            Ok(()) => Ok(PendingReply(rx)),
+            Err(Refused::Full) => Err(CallError::Busy),
+            Err(Refused::Stopped) => Err(CallError::Stopped),
+        }
+    }
+
     /// Applies a request and waits for its durable reply.
     pub fn call(&self, request: Request) -> Result<Reply, CallError> {
         if request.command.wallet().is_some() {

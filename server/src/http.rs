@@ -107,9 +107,10 @@ pub async fn start_http(
 }
 
 /// Recovery is done: the API serves from `handle`.
-pub fn ready(state: &ApiState, handle: Handle) {
-    let backend = Arc::new(ShardBackend::new(handle));
+pub fn ready(state: &ApiState, handle: Handle, config: &Config) -> Result<(), Error> {
+    let backend = Arc::new(ShardBackend::with_history(handle, config)?);
     state.set_backend(Arc::new(crate::observe::Counted::new(backend, "http")));
+    Ok(())
 }
 
 /// The engine as the Stripe worker reaches it: the same backend as the front ends, so its

@@ -1285,7 +1285,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     ))?;
     let store = tally_server::store::SnapshotStore::open(&config)?;
     let server = Server::start(&config, Box::new(store))?;
-    tally_server::http::ready(&api, server.handle());
+    tally_server::http::ready(&api, server.handle(), &config)?;
     let (network, stripe) = {
         let _entered = runtime.enter();
         let stripe = tally_server::http::start_stripe(

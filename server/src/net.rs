@@ -23,15 +23,52 @@ use crate::server::Error;
 use crate::shard::CallError;
 
 /// The shards, as the network server sees them.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ShardBackend {
     handle: Handle,
+    /// Where refunds past the idempotency window find their charge.
+    refunds: Option<Arc<Refunds>>,
+}
+
+impl std::fmt::Debug for ShardBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardBackend")
+            .field("handle", &self.handle)
+            .field("late_refunds", &self.refunds.is_some())
+            .finish()
+    }
+}
+
+/// The history store, read for refunds of charges the engine no longer remembers.
+struct Refunds {
+    history: tally_outbound::sqlite::Reader,
+    window_us: i64,
 }
 
 impl ShardBackend {
-    /// A backend over `handle`.
+    /// A backend over `handle`, without refunds past the idempotency window.
     pub fn new(handle: Handle) -> ShardBackend {
-        ShardBackend { handle }
+        ShardBackend {
+            handle,
+            refunds: None,
+        }
+    }
+
+    /// A backend over `handle` that gives a refund the charge the history store recorded for
+    /// its event (when `config` keeps the store and a refund window), so that charges older
+    /// than the idempotency window stay refundable for `refund_window_days`.
+    pub fn with_history(handle: Handle, config: &Config) -> Result<ShardBackend, Error> {
+        let refunds = if config.history_store && config.refund_window_days > 0 {
+            let history = tally_outbound::sqlite::Reader::open(&config.data_dir)
+                .map_err(|e| Error(e.to_string()))?;
+            Some(Arc::new(Refunds {
+                history,
+                window_us: i64::from(config.refund_window_days) * tally_engine::Timestamp::DAY_US,
+            }))
+        } else {
+            None
+        };
+        Ok(ShardBackend { handle, refunds })
     }
 }
 
@@ -60,6 +97,36 @@ impl Backend for ShardBackend {
     fn command(&self, request: Request) -> BoxFuture<Result<Reply, ErrorCode>> {
         if let Some(reply) = over_limits(&request) {
             return Box::pin(ready(Ok(reply)));
+        }
+        if let (Some(refunds), tally_engine::Command::Refund { wallet, event, .. }) =
+            (&self.refunds, &request.command)
+        {
+            // The store's read may wait behind a long analytics query: off the runtime threads.
+            let (refunds, handle) = (Arc::clone(refunds), self.handle.clone());
+            let (wallet, event) = (*wallet, *event);
+            return Box::pin(async move {
+                let lookup = tokio::task::spawn_blocking(move || {
+                    refunds
+                        .history
+                        .recorded_charge(wallet.as_str(), event, refunds.window_us)
+                })
+                .await;
+                let pending = match lookup {
+                    Ok(Ok(Some(charge))) => handle.submit_recorded_refund(request, charge),
+                    Ok(Ok(None)) => handle.submit(request),
+                    Ok(Err(e)) => {
+                        // Refunds inside the idempotency window need no store; later ones
+                        // are then answered UnknownEvent.
+                        tracing::warn!(error = %e, "a refund could not read its charge");
+                        handle.submit(request)
+                    }
+                    Err(_) => return Err(ErrorCode::Stopped),
+                };
+                pending
+                    .map_err(|e| error_code(&e))?
+                    .await
+                    .map_err(|e| error_code(&e))
+            });
         }
         if request.command.wallet().is_none() {
             let handle = self.handle.clone();
@@ -255,7 +322,7 @@ pub fn start_quic(
         .listen
         .parse()
         .map_err(|_| Error(format!("listen: {:?} is not an address", config.listen)))?;
-    let backend = Arc::new(ShardBackend::new(handle));
+    let backend = Arc::new(ShardBackend::with_history(handle, config)?);
     NetServer::start(
         listen,
         crypto,

@@ -312,7 +312,7 @@ pub fn wal_inspect(config: &Config, json: bool) -> Result<()> {
             let decoded = record::decode(r.payload)
                 .with_context(|| format!("shard {shard}: WAL record {}", r.lsn))?;
             match decoded.entry {
-                LogEntry::Request(_) => s.requests += 1,
+                LogEntry::Request(_) | LogEntry::RecordedRefund { .. } => s.requests += 1,
                 LogEntry::Tick | LogEntry::Settings { .. } | LogEntry::Alerts { .. } => {
                     s.ticks += 1
                 }

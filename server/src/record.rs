@@ -5,7 +5,7 @@
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
-use tally_engine::{Engine, Request, Timestamp};
+use tally_engine::{Engine, RecordedCharge, Request, Timestamp};
 
 /// Version of the payload layout inside a WAL record.
 pub const RECORD_VERSION: u8 = 1;
@@ -46,6 +46,14 @@ pub enum LogEntry {
         /// How long before a grant expires its notice goes out (zero: never).
         grant_expiring_lead_us: i64,
     },
+    /// `Engine::handle_recorded_refund(at, request, charge)`: a refund with the charge the
+    /// history store recorded, for a charge past the idempotency window.
+    RecordedRefund {
+        /// The refund.
+        request: Request,
+        /// The charge as the store recorded it.
+        charge: RecordedCharge,
+    },
 }
 
 impl LogEntry {
@@ -65,6 +73,9 @@ impl LogEntry {
                 low_balance_usd,
                 grant_expiring_lead_us,
             } => engine.set_alerts(at, *low_balance_usd, *grant_expiring_lead_us)?,
+            LogEntry::RecordedRefund { request, charge } => {
+                engine.handle_recorded_refund(at, request, charge);
+            }
         }
         Ok(())
     }

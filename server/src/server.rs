@@ -308,7 +308,9 @@ fn replay_shard(
                 .apply(&mut engine, decoded.at)
                 .map_err(|e| Error(format!("shard {shard}: WAL record {}: {e}", r.lsn)))?;
             let cause = match decoded.entry {
-                LogEntry::Request(request) => Some(Arc::new(request)),
+                LogEntry::Request(request) | LogEntry::RecordedRefund { request, .. } => {
+                    Some(Arc::new(request))
+                }
                 _ => None,
             };
             let mut index = 0;

@@ -109,6 +109,9 @@ pub struct CheckpointReport {
 pub enum Message {
     /// Apply a request.
     Request(Request, ReplyTo),
+    /// Apply a refund with the charge the history store recorded
+    /// (`Engine::handle_recorded_refund`).
+    RecordedRefund(Request, Box<tally_engine::RecordedCharge>, ReplyTo),
     /// Apply many requests of this shard's wallets, answered together (at most
     /// [`BATCH_ITEMS_MAX`]).
     Batch(Vec<Request>, BatchReplyTo),
@@ -558,13 +561,28 @@ impl Shard {
         let mut logged = 0u64;
         let mut fits = Vec::with_capacity(batch.len());
         for message in batch.iter() {
-            let requests = match message {
-                Message::Request(request, _) => std::slice::from_ref(request),
-                Message::Batch(requests, _) => requests.as_slice(),
-                _ => &[],
+            let (requests, recorded) = match message {
+                Message::Request(request, _) => (std::slice::from_ref(request), None),
+                Message::RecordedRefund(request, charge, _) => {
+                    (std::slice::from_ref(request), Some(charge))
+                }
+                Message::Batch(requests, _) => (requests.as_slice(), None),
+                _ => (&[][..], None),
             };
             for request in requests {
-                record::encode_request(now, request, &mut self.buf);
+                match recorded {
+                    Some(charge) => record::encode(
+                        &LogRecord {
+                            at: now,
+                            entry: LogEntry::RecordedRefund {
+                                request: request.clone(),
+                                charge: (**charge).clone(),
+                            },
+                        },
+                        &mut self.buf,
+                    ),
+                    None => record::encode_request(now, request, &mut self.buf),
+                }
                 let fit = self.buf.len() <= record_max;
                 if fit {
                     self.wal
@@ -589,7 +607,12 @@ impl Shard {
         let mut requests = 0;
         for message in batch.drain(..) {
             match message {
-                Message::Request(request, reply_to) => {
+                message @ (Message::Request(..) | Message::RecordedRefund(..)) => {
+                    let (request, recorded, reply_to) = match message {
+                        Message::Request(request, to) => (request, None, to),
+                        Message::RecordedRefund(request, charge, to) => (request, Some(charge), to),
+                        _ => unreachable!("matched above"),
+                    };
                     if !fits[requests] {
                         requests += 1;
                         let _ = reply_to.send(Err(CallError::TooLarge));
@@ -598,7 +621,10 @@ impl Shard {
                     requests += 1;
                     lsn += 1;
                     self.wrote(&request, lsn, now);
-                    let reply = self.engine.handle_request(now, &request);
+                    let reply = match recorded {
+                        Some(charge) => self.engine.handle_recorded_refund(now, &request, &charge),
+                        None => self.engine.handle_request(now, &request),
+                    };
                     self.drain_effects(lsn, now, Some(request), &mut effects);
                     ready.push(Ready::Reply(reply_to, reply));
                 }
@@ -908,7 +934,7 @@ impl Shard {
         while let Ok(message) = self.inbound.try_recv() {
             self.queued.fetch_sub(message.items(), Ordering::AcqRel);
             match message {
-                Message::Request(_, to) => {
+                Message::Request(_, to) | Message::RecordedRefund(_, _, to) => {
                     let _ = to.send(Err(error.clone()));
                 }
                 Message::Batch(_, to) => {

@@ -72,7 +72,7 @@ impl Http {
             .unwrap();
         let server =
             Server::start(&config, Box::new(SnapshotStore::open(&config).unwrap())).unwrap();
-        tally_server::http::ready(&state, server.handle());
+        tally_server::http::ready(&state, server.handle(), &config).unwrap();
         let scheme = if tls { "https" } else { "http" };
         let client = if tls {
             client_for(&dir.path().join("tls/cert.pem"))

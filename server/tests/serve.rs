@@ -752,3 +752,110 @@ fn a_replay_larger_than_the_outbound_queue_waits_for_the_sinks_and_exports_every
         ids.len()
     );
 }
+
+#[test]
+fn a_charge_past_the_idempotency_window_is_refunded_from_the_history_store() {
+    use tally_net::server::Backend;
+    use tally_server::net::ShardBackend;
+    let dir = tempfile::tempdir().unwrap();
+    // A one-second idempotency window, so the engine forgets the charge within the test.
+    let config = tally_server::Config {
+        idempotency_retention_secs: 1,
+        ..config(dir.path(), 1)
+    };
+    let server = Server::start(&config, Box::new(NoCheckpoints)).unwrap();
+    let handle = server.handle();
+    setup(&handle, &["alice".to_string()]);
+    assert!(handle
+        .call(grant(900_000, "alice", "10"))
+        .unwrap()
+        .code
+        .is_ok());
+    assert!(handle
+        .call(usage(7, "alice", 4_000, DebitMode::Strict))
+        .unwrap()
+        .code
+        .is_ok()); // 4 charged
+                   // The window passes, and a checkpoint makes the store hold the event (it flushes the sinks).
+    std::thread::sleep(std::time::Duration::from_millis(2_500));
+    handle.checkpoint().unwrap();
+    let refund = |id: u128, amount: Option<&str>| Request {
+        id: RequestId(id),
+        command: Command::Refund {
+            wallet: name("alice"),
+            event: RequestId(7),
+            amount: amount.map(d),
+        },
+    };
+    // Without the store, the engine no longer knows the event.
+    assert_eq!(
+        handle.call(refund(100, Some("1"))).unwrap().code,
+        ResultCode::UnknownEvent
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let backend = ShardBackend::with_history(handle.clone(), &config).unwrap();
+    let call = |r: Request| runtime.block_on(backend.command(r)).unwrap();
+    let first = call(refund(101, Some("3")));
+    assert!(
+        matches!(first.value, ReplyValue::Refund { refunded, refundable, .. }
+            if refunded == d("3") && refundable == d("1")),
+        "{first:?}"
+    );
+    assert_eq!(
+        call(refund(102, Some("2"))).code,
+        ResultCode::RefundExceedsCharge
+    );
+    // A retry is answered from memory.
+    assert_eq!(call(refund(101, Some("3"))), first);
+    assert_eq!(available(&handle, "alice"), d("9"));
+    let digests = server.shutdown().unwrap();
+
+    // Replay applies the recorded refunds as they were: the same state, the same cap.
+    let server = Server::start(&config, Box::new(NoCheckpoints)).unwrap();
+    let recovered: Vec<u64> = server.recovered().iter().map(|r| r.digest).collect();
+    assert_eq!(recovered, digests);
+    let handle = server.handle();
+    let backend = ShardBackend::with_history(handle.clone(), &config).unwrap();
+    let call = |r: Request| runtime.block_on(backend.command(r)).unwrap();
+    let rest = call(refund(103, None));
+    assert!(
+        matches!(rest.value, ReplyValue::Refund { refunded, .. } if refunded == d("1")),
+        "{rest:?}"
+    );
+    assert_eq!(
+        call(refund(104, None)).code,
+        ResultCode::RefundExceedsCharge
+    );
+    assert_eq!(available(&handle, "alice"), d("10"));
+    server.shutdown().unwrap();
+    // The store links the refunds to the event.
+    let reader = tally_server::outbound::sqlite::Reader::open(dir.path()).unwrap();
+    let page = reader
+        .usage(&tally_server::outbound::sqlite::Filter {
+            wallet: "alice".into(),
+            limit: 10,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(page.rows.len(), 1);
+    assert_eq!(page.rows[0].refunded, d("4"));
+
+    // With no refund window, a charge past the idempotency window is not refundable.
+    let closed = tally_server::Config {
+        refund_window_days: 0,
+        ..config.clone()
+    };
+    let server = Server::start(&closed, Box::new(NoCheckpoints)).unwrap();
+    let backend = ShardBackend::with_history(server.handle(), &closed).unwrap();
+    assert_eq!(
+        runtime
+            .block_on(backend.command(refund(105, Some("0.5"))))
+            .unwrap()
+            .code,
+        ResultCode::UnknownEvent
+    );
+    server.shutdown().unwrap();
+}

@@ -210,7 +210,10 @@ fn simulate(seed: u64) {
             .iter()
             .filter_map(|(lsn, r)| match &r.entry {
                 LogEntry::Request(request) => Some((*lsn, request.id)),
-                LogEntry::Tick | LogEntry::Settings { .. } | LogEntry::Alerts { .. } => None,
+                LogEntry::Tick
+                | LogEntry::Settings { .. }
+                | LogEntry::Alerts { .. }
+                | LogEntry::RecordedRefund { .. } => None,
             })
             .collect();
         for (lsn, _, request, _) in acked.iter().filter(|a| a.0 > first) {
