@@ -27,7 +27,7 @@ use input::Input;
 use rust_decimal::Decimal;
 use tally_engine::{
     AssetCode, Command, CreateWallet, DebitMode, Grant, GrantId, GrantSource, Limit, Name,
-    PaymentEvent, Quantity, Request, RequestId, Timestamp, UsageEvent,
+    PaymentEvent, Quantity, RecordedCharge, Request, RequestId, Timestamp, UsageEvent,
 };
 use tally_server::record::{self, LogEntry, LogRecord};
 
@@ -91,6 +91,28 @@ fn build(input: &mut Input<'_>) -> LogRecord {
         2 => LogEntry::Alerts {
             low_balance_usd: Decimal::new(input.u64() as i64, u32::from(input.u8() % 29)),
             grant_expiring_lead_us: input.u64() as i64,
+        },
+        3 => LogEntry::RecordedRefund {
+            request: Request {
+                id: RequestId(u128::from(input.u64())),
+                command: Command::Refund {
+                    wallet: name(input),
+                    event: RequestId(u128::from(input.u64())),
+                    amount: (input.u8() & 1 == 0).then(|| decimal(input)),
+                },
+            },
+            charge: RecordedCharge {
+                asset: AssetCode::new("USD").expect("a valid code"),
+                charged: decimal(input),
+                product: name(input),
+                plan: name(input),
+                version: input.u64() as u32,
+                occurred_at: Timestamp(input.u64() as i64),
+                applied_at: Timestamp(input.u64() as i64),
+                credit_priority: input.u64() as u32,
+                credit_expires_at: (input.u8() & 1 == 0).then(|| Timestamp(input.u64() as i64)),
+                refundable_until: Timestamp(input.u64() as i64),
+            },
         },
         _ => LogEntry::Request(Request {
             id: RequestId(u128::from(input.u64()) << 64 | u128::from(input.u64())),

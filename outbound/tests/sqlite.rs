@@ -151,3 +151,66 @@ fn what_the_store_holds_is_skipped_by_its_progress_without_a_statement() {
     assert!(!sink.write(&usage(7, now())).unwrap());
     assert!(sink.write(&usage(8, now())).unwrap());
 }
+
+#[test]
+fn a_store_written_before_the_credit_columns_is_migrated_and_its_charges_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    // The usage table as the previous release created it, with one row.
+    let conn = rusqlite::Connection::open(dir.path().join(tally_outbound::sqlite::FILE)).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE usage_events (
+            shard INTEGER NOT NULL, lsn INTEGER NOT NULL, idx INTEGER NOT NULL,
+            request_id TEXT NOT NULL,
+            wallet TEXT NOT NULL, product TEXT NOT NULL, plan TEXT NOT NULL,
+            plan_version INTEGER NOT NULL, asset TEXT NOT NULL, charged TEXT NOT NULL,
+            revenue_usd TEXT NOT NULL, cost_usd TEXT NOT NULL,
+            quantities TEXT NOT NULL, attributes TEXT NOT NULL, model TEXT,
+            occurred_at INTEGER NOT NULL, applied_at INTEGER NOT NULL,
+            refunded TEXT NOT NULL DEFAULT '0',
+            PRIMARY KEY (shard, lsn, idx)
+        ) WITHOUT ROWID;
+        INSERT INTO usage_events VALUES (1, 1, 0, printf('%032x', 1), 'w', 'chat', 'p', 1, 'USD',
+            '0.10', '0.10', '0.001', '{}', '{}', NULL, 1000, 1001, '0');",
+    )
+    .unwrap();
+    drop(conn);
+    let mut sink = SqliteSink::open(dir.path(), None).unwrap();
+    let mut with_terms = usage(2, now());
+    if let Effect::Margin(m) = &mut with_terms.effect {
+        m.credit_priority = 3;
+        m.credit_expires_at = Some(Timestamp(5_000));
+    }
+    assert!(sink.write(&with_terms).unwrap());
+    sink.flush().unwrap();
+    let reader = Reader::open(dir.path()).unwrap();
+    let day = 86_400_000_000;
+    // The old row: a credit of priority 0 that never expires.
+    let old = reader
+        .recorded_charge("w", RequestId(1), day)
+        .unwrap()
+        .unwrap();
+    assert_eq!(old.charged, Decimal::new(10, 2));
+    assert_eq!(
+        (old.occurred_at, old.applied_at),
+        (Timestamp(1000), Timestamp(1001))
+    );
+    assert_eq!((old.credit_priority, old.credit_expires_at), (0, None));
+    assert_eq!(old.refundable_until, Timestamp(1000 + day));
+    let new = reader
+        .recorded_charge("w", RequestId(2), day)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (new.credit_priority, new.credit_expires_at),
+        (3, Some(Timestamp(5_000)))
+    );
+    // Another wallet's event, or none: nothing.
+    assert!(reader
+        .recorded_charge("v", RequestId(2), day)
+        .unwrap()
+        .is_none());
+    assert!(reader
+        .recorded_charge("w", RequestId(9), day)
+        .unwrap()
+        .is_none());
+}
