@@ -24,7 +24,7 @@ use crate::remember::{self, Key};
 use crate::state::{
     AdjustmentRecord, Asset, Assignment, Balance, ChargeRef, ClosedHold, Config, GrantState, Hold,
     HoldEnd, InFlight, LateRefund, Payment, Plan, PlanVersion, Product, State, TopUpState, Wallet,
-    CLOSED_HOLDS_KEPT, LATE_REFUND_KEEP_US,
+    ADJUSTMENTS_KEPT, CLOSED_HOLDS_KEPT, LATE_REFUND_KEEP_US,
 };
 use crate::types::{AssetCode, GrantId, HoldId, Name, RequestId, Timestamp, WalletId};
 
@@ -2244,9 +2244,11 @@ impl Engine {
             amount,
             reason: reason.to_owned(),
         };
-        wallet_mut(&mut self.state.wallets, w)
-            .adjustments
-            .push(record);
+        let adjustments = &mut wallet_mut(&mut self.state.wallets, w).adjustments;
+        if adjustments.len() >= ADJUSTMENTS_KEPT {
+            adjustments.drain(..=adjustments.len() - ADJUSTMENTS_KEPT);
+        }
+        adjustments.push(record);
         if amount > Decimal::ZERO {
             return Ok(self.add_grant(
                 w,

@@ -152,7 +152,7 @@ pub use query::{
     PlanVersionView, PlanView, PriceView, Query, QueryReply, TopUpStatus, WalletFilter, WalletPage,
     WalletView, WALLET_PAGE_MAX, WALLET_SCAN_MAX,
 };
-pub use state::{Asset, Config, LateRefund, Margin, State, LATE_REFUND_KEEP_US};
+pub use state::{Asset, Config, LateRefund, Margin, State, ADJUSTMENTS_KEPT, LATE_REFUND_KEEP_US};
 pub use types::{
     AssetCode, GrantId, HoldId, InlineStr, Name, NameError, RequestId, Timestamp, WalletId,
 };

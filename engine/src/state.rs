@@ -245,7 +245,8 @@ pub struct Wallet {
     pub topups: Vec<TopUpState>,
     /// Every top-up grant ever credited, for payment-id idempotency and disputes.
     pub payments: Vec<Payment>,
-    /// Manual adjustments, for audit.
+    /// The latest manual adjustments (at most [`ADJUSTMENTS_KEPT`], oldest first). Every one is
+    /// in the journal, with its reason in the history store; these are only the recent ones.
     pub adjustments: Vec<AdjustmentRecord>,
     /// Margin of this wallet's usage.
     pub margin: Margin,
@@ -262,6 +263,9 @@ pub(crate) fn grow_tight<T>(v: &mut Vec<T>) {
 
 /// Closed holds remembered per wallet.
 pub const CLOSED_HOLDS_KEPT: usize = 64;
+
+/// Adjustments kept per wallet: a wallet adjusted every day would otherwise grow without bound.
+pub const ADJUSTMENTS_KEPT: usize = 64;
 
 impl Wallet {
     /// The balance entry of `asset`, if the wallet has one.

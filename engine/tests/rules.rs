@@ -2611,3 +2611,35 @@ fn a_recorded_charge_is_not_taken_for_an_event_the_table_still_answers_for() {
     assert_eq!(h.balance(w).available, d("6"));
     assert!(h.engine.state().late_refunds.is_empty());
 }
+
+#[test]
+fn a_wallet_keeps_only_its_latest_adjustments() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    let extra = 6;
+    for i in 0..ADJUSTMENTS_KEPT + extra {
+        h.ok(Command::Adjust {
+            wallet: w,
+            asset: usd(),
+            amount: d("0.01"),
+            reason: format!("goodwill {i}"),
+        });
+    }
+    let wallet = h
+        .engine
+        .state()
+        .wallets
+        .iter()
+        .find(|x| x.id == w)
+        .unwrap()
+        .clone();
+    assert_eq!(wallet.adjustments.len(), ADJUSTMENTS_KEPT);
+    assert_eq!(wallet.adjustments[0].reason, format!("goodwill {extra}"));
+    assert_eq!(
+        wallet.adjustments.last().unwrap().reason,
+        format!("goodwill {}", ADJUSTMENTS_KEPT + extra - 1)
+    );
+    // Every adjustment still moved money and is in the journal.
+    assert_eq!(h.balance(w).available, d("0.70"));
+    h.check_ledger();
+}

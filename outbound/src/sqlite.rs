@@ -48,7 +48,7 @@ CREATE TABLE IF NOT EXISTS journal (
     seq INTEGER NOT NULL, at INTEGER NOT NULL, request_id TEXT, kind TEXT NOT NULL,
     asset TEXT NOT NULL, amount TEXT NOT NULL,
     from_account TEXT NOT NULL, to_account TEXT NOT NULL, wallet TEXT, grant_id INTEGER,
-    refund_of TEXT,
+    refund_of TEXT, reason TEXT,
     PRIMARY KEY (shard, lsn, idx)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS journal_by_wallet ON journal (wallet, at, shard, lsn, idx);
@@ -74,27 +74,27 @@ CREATE TABLE IF NOT EXISTS store_progress (
 ";
 
 /// Brings a store written by an earlier release up to [`SCHEMA`]: columns added since
-/// (`usage_events.credit_priority`, `credit_expires_at`; NULL in older rows). One transaction,
-/// so a writer and a reader opening the store at once do not both add them.
+/// (`usage_events.credit_priority`, `credit_expires_at`, `journal.reason`; NULL in older rows).
+/// One transaction, so a writer and a reader opening the store at once do not both add them.
 fn migrate(conn: &Connection) -> Result<(), Error> {
     conn.execute_batch("BEGIN IMMEDIATE")
         .map_err(|e| sql("migrate", e))?;
-    let has_credit: bool = conn
-        .query_row(
-            "SELECT count(*) FROM pragma_table_info('usage_events') WHERE name = 'credit_priority'",
+    let added = [
+        ("usage_events", "credit_priority", "INTEGER"),
+        ("usage_events", "credit_expires_at", "INTEGER"),
+        ("journal", "reason", "TEXT"),
+    ];
+    let altered = added.iter().try_for_each(|(table, column, kind)| {
+        let has: i64 = conn.query_row(
+            &format!("SELECT count(*) FROM pragma_table_info('{table}') WHERE name = '{column}'"),
             [],
-            |r| r.get::<_, i64>(0),
-        )
-        .map(|n| n > 0)
-        .map_err(|e| sql("migrate", e))?;
-    let altered = if has_credit {
+            |r| r.get(0),
+        )?;
+        if has == 0 {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
+        }
         Ok(())
-    } else {
-        conn.execute_batch(
-            "ALTER TABLE usage_events ADD COLUMN credit_priority INTEGER; \
-             ALTER TABLE usage_events ADD COLUMN credit_expires_at INTEGER;",
-        )
-    };
+    });
     match altered.and_then(|()| conn.execute_batch("COMMIT")) {
         Ok(()) => Ok(()),
         Err(e) => {
@@ -285,12 +285,19 @@ impl SqliteSink {
                     }
                     _ => None,
                 };
+                // An adjustment's reason is kept here, with its entry: the engine keeps only a
+                // wallet's latest few.
+                let reason = match t.cause.as_deref().map(|c| &c.command) {
+                    Some(Command::Adjust { reason, .. }) => Some(reason.as_str()),
+                    _ => None,
+                };
                 let n = self
                     .conn
                     .prepare_cached(
                         "INSERT OR IGNORE INTO journal (shard, lsn, idx, seq, at, request_id, kind, \
-                         asset, amount, from_account, to_account, wallet, grant_id, refund_of) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                         asset, amount, from_account, to_account, wallet, grant_id, refund_of, \
+                         reason) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
                     )
                     .and_then(|mut s| {
                         s.execute(params![
@@ -308,6 +315,7 @@ impl SqliteSink {
                             wallet,
                             j.grant.map(|g| g.0 as i64),
                             refund_of,
+                            reason,
                         ])
                     })
                     .map_err(|e| sql("insert journal", e))?;
@@ -574,6 +582,8 @@ pub struct TransactionRow {
     pub to: String,
     /// The grant concerned.
     pub grant_id: Option<u64>,
+    /// For an adjustment: the reason the operator gave.
+    pub reason: Option<String>,
 }
 
 /// A top-up request of a wallet.
@@ -874,7 +884,7 @@ impl Reader {
     pub fn transactions(&self, filter: &Filter) -> Result<Page<TransactionRow>, Error> {
         self.query(
             "journal",
-            "seq, request_id, kind, asset, amount, from_account, to_account, grant_id",
+            "seq, request_id, kind, asset, amount, from_account, to_account, grant_id, reason",
             "at",
             None,
             filter,
@@ -888,7 +898,8 @@ impl Reader {
                     from: r.get(5)?,
                     to: r.get(6)?,
                     grant_id: r.get::<_, Option<i64>>(7)?.map(|g| g as u64),
-                    at: time(r.get(8)?),
+                    reason: r.get(8)?,
+                    at: time(r.get(9)?),
                 })
             },
         )

@@ -214,3 +214,52 @@ fn a_store_written_before_the_credit_columns_is_migrated_and_its_charges_read_ba
         .unwrap()
         .is_none());
 }
+
+#[test]
+fn an_adjustment_keeps_its_reason_in_the_journal() {
+    use tally_engine::{Account, EntryKind, JournalEntry};
+    let dir = tempfile::tempdir().unwrap();
+    let mut sink = SqliteSink::open(dir.path(), None).unwrap();
+    let at = now();
+    let entry = |lsn: u64, cause: Command| Tagged {
+        shard: 0,
+        lsn,
+        index: 0,
+        applied_at: at,
+        effect: Effect::Journal(JournalEntry {
+            seq: lsn,
+            at,
+            request: Some(RequestId(lsn as u128)),
+            kind: EntryKind::Grant,
+            asset: asset("USD"),
+            amount: Decimal::new(5, 0),
+            from: Account::Adjustment,
+            to: Account::Wallet(name("w")),
+            grant: None,
+        }),
+        cause: Some(Arc::new(Request {
+            id: RequestId(lsn as u128),
+            command: cause,
+        })),
+    };
+    let adjust = Command::Adjust {
+        wallet: name("w"),
+        asset: asset("USD"),
+        amount: Decimal::new(5, 0),
+        reason: "goodwill credit after the outage".into(),
+    };
+    let freeze = Command::Freeze { wallet: name("w") };
+    assert!(sink.write(&entry(1, adjust)).unwrap());
+    assert!(sink.write(&entry(2, freeze)).unwrap());
+    sink.flush().unwrap();
+    let page = Reader::open(dir.path())
+        .unwrap()
+        .transactions(&Filter {
+            wallet: "w".into(),
+            limit: 10,
+            ..Default::default()
+        })
+        .unwrap();
+    let reasons: Vec<Option<&str>> = page.rows.iter().map(|r| r.reason.as_deref()).collect();
+    assert_eq!(reasons, [None, Some("goodwill credit after the outage")]);
+}
