@@ -22,9 +22,9 @@ use crate::output::{Account, Alert, Effect, EntryKind, JournalEntry, MarginRecor
 use crate::pricing::{self, Quantity};
 use crate::remember::{self, Key};
 use crate::state::{
-    AdjustmentRecord, Asset, Assignment, Balance, ChargeRef, ClosedHold, Config, GrantState, Hold,
-    HoldEnd, InFlight, LateRefund, Payment, Plan, PlanVersion, Product, State, TopUpState, Wallet,
-    ADJUSTMENTS_KEPT, CLOSED_HOLDS_KEPT, LATE_REFUND_KEEP_US,
+    late_refund_until, AdjustmentRecord, Asset, Assignment, Balance, ChargeRef, ClosedHold, Config,
+    GrantState, Hold, HoldEnd, InFlight, LateRefund, Payment, Plan, PlanVersion, Product, State,
+    TopUpState, Wallet, ADJUSTMENTS_KEPT, CLOSED_HOLDS_KEPT,
 };
 use crate::types::{AssetCode, GrantId, HoldId, Name, RequestId, Timestamp, WalletId};
 
@@ -752,15 +752,19 @@ impl Engine {
             let charge = *state.charges.front().expect("checked");
             state.charges.pop_front();
             if charge.refunded > Decimal::ZERO {
-                let until = Timestamp(charge.hour * Timestamp::HOUR_US + LATE_REFUND_KEEP_US);
-                state.late_refunds.insert(
-                    front.key,
-                    LateRefund {
-                        refunded: charge.refunded,
-                        until,
-                    },
-                );
-                index.late_by_until.insert((until, front.key));
+                let mut late = LateRefund {
+                    refunded: charge.refunded,
+                    until: late_refund_until(charge.hour),
+                };
+                // A request id reused for another charge after the window shares the entry:
+                // the refunded amounts add up, so neither charge is refunded beyond its own.
+                if let Some(old) = state.late_refunds.get(&front.key) {
+                    index.late_by_until.remove(&(old.until, front.key));
+                    late.refunded = late.refunded.saturating_add(old.refunded);
+                    late.until = late.until.max(old.until);
+                }
+                state.late_refunds.insert(front.key, late);
+                index.late_by_until.insert((late.until, front.key));
             }
         }
     }
@@ -1960,7 +1964,10 @@ impl Engine {
         let horizon = now
             .add_us(-self.state.config.idempotency_retention_us)
             .max(self.state.remembered_from);
-        if recorded.applied_at >= horizon || now > recorded.refundable_until {
+        if recorded.applied_at >= horizon
+            || recorded.applied_at <= self.state.recorded_refunds_from
+            || now > recorded.refundable_until
+        {
             return Err(ResultCode::UnknownEvent.into());
         }
         let unknown = || ResultCode::UnknownEvent;
@@ -2003,8 +2010,8 @@ impl Engine {
             expires_at: recorded.credit_expires_at,
         };
         let grant = self.book_refund(w, asset, amount, refund_usd, &charge);
-        let until = before.map_or(recorded.refundable_until, |l| {
-            l.until.max(recorded.refundable_until)
+        let until = before.map_or(late_refund_until(charge.hour), |l| {
+            l.until.max(late_refund_until(charge.hour))
         });
         if let Some(old) = before {
             self.index.late_by_until.remove(&(old.until, key));

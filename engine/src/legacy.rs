@@ -2,7 +2,9 @@
 //! directory written by an earlier release still opens.
 //!
 //! Version 2 is the current state without [`State::late_refunds`] (refunds past the idempotency
-//! window did not exist): it converts with that map empty.
+//! window did not exist): it converts with that map empty, and refunds past the window are
+//! refused for charges applied before the conversion ([`State::recorded_refunds_from`]), since
+//! what was refunded of them inside their window is no longer known.
 //!
 //! Version 1 differs from the current state in four places: the settings had no
 //! `idempotency_max_ids`; a top-up payment did not track what of it expired; a remembered
@@ -207,6 +209,8 @@ impl From<StateV1> for State {
             ..Config::default()
         };
         let mut state = State::new(config);
+        // Nor did version 1 keep what was refunded of charges: see `From<StateV2>`.
+        state.recorded_refunds_from = old.now;
         // Version 1 did not track how far ahead events were: assume the most it allowed.
         state.max_lead_us = config.future_skew_us;
         state.now = old.now;
@@ -354,7 +358,8 @@ pub fn v1_for_tests(state: &State, requests: &[(RequestId, u64, Timestamp, Reply
     }
 }
 
-/// A shard state in snapshot format version 2: today's, without `late_refunds`.
+/// A shard state in snapshot format version 2: today's, without `late_refunds` and
+/// `recorded_refunds_from`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StateV2 {
     config: Config,
@@ -397,6 +402,9 @@ impl From<StateV2> for State {
             next_hold: old.next_hold,
             journal_seq: old.journal_seq,
             late_refunds: BTreeMap::new(),
+            // What earlier releases refunded of charges they had forgotten is not known: no
+            // charge applied before the conversion is refunded past the idempotency window.
+            recorded_refunds_from: old.now,
         }
     }
 }

@@ -125,6 +125,10 @@ pub struct State {
     /// store recorded it, and this caps them at what was charged. Kept until the refund window
     /// of the charge ends.
     pub late_refunds: BTreeMap<Key, LateRefund>,
+    /// Refunds past the idempotency window are refused for charges applied up to this time:
+    /// the state was converted from a format that did not keep what was refunded of forgotten
+    /// charges (the time of the conversion; the beginning of time for a state made since).
+    pub recorded_refunds_from: Timestamp,
 }
 
 /// What was refunded of a charge the idempotency table has forgotten.
@@ -137,9 +141,19 @@ pub struct LateRefund {
     pub until: Timestamp,
 }
 
-/// How long the refunded part of a charge that leaves the idempotency window is kept, from the
-/// hour the charge occurred in: the longest refund window a server allows.
+/// How long what was refunded of a charge is kept once the charge has left the idempotency
+/// window, from the start of the hour the charge occurred in: longer than the longest refund
+/// window a server allows (366 days), whatever window a refund named, so a window raised later
+/// never finds a refunded charge forgotten.
 pub const LATE_REFUND_KEEP_US: i64 = 367 * Timestamp::DAY_US;
+
+/// Until when what was refunded of a charge that occurred in `hour` is kept.
+pub(crate) fn late_refund_until(hour: i64) -> Timestamp {
+    Timestamp(
+        hour.saturating_mul(Timestamp::HOUR_US)
+            .saturating_add(LATE_REFUND_KEEP_US),
+    )
+}
 
 impl State {
     /// An empty shard.
@@ -163,6 +177,7 @@ impl State {
             next_hold: 1,
             journal_seq: 0,
             late_refunds: BTreeMap::new(),
+            recorded_refunds_from: Timestamp(i64::MIN),
         }
     }
 }

@@ -2643,3 +2643,114 @@ fn a_wallet_keeps_only_its_latest_adjustments() {
     assert_eq!(h.balance(w).available, d("0.70"));
     h.check_ledger();
 }
+
+#[test]
+fn a_refund_window_raised_later_never_finds_a_refunded_charge_forgotten() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.grant(w, "10");
+    let applied = h.now;
+    let event = RequestId(h.next_id);
+    h.usage(w, "4000", "0", DebitMode::Strict); // 4
+    let refund = Command::Refund {
+        wallet: w,
+        event,
+        amount: None,
+    };
+    h.advance(2 * 24 * HOUR);
+    // Refunded in full under a 30-day window...
+    let short = recorded(&h, applied, 30 * 24 * HOUR);
+    assert!(recorded_refund(&mut h, 500, refund.clone(), &short)
+        .code
+        .is_ok());
+    // ... then, past it, under a 90-day one: nothing is left.
+    h.advance(29 * 24 * HOUR);
+    let long = recorded(&h, applied, 90 * 24 * HOUR);
+    assert_eq!(
+        recorded_refund(&mut h, 501, refund, &long).code,
+        ResultCode::RefundExceedsCharge
+    );
+    assert_eq!(h.balance(w).available, d("10"));
+}
+
+#[test]
+fn a_request_id_reused_after_the_window_never_refunds_either_charge_beyond_itself() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.grant(w, "20");
+    let id = 7_000;
+    let refund = |amount: Option<&str>| Command::Refund {
+        wallet: w,
+        event: RequestId(id),
+        amount: amount.map(d),
+    };
+    // Charge A (4), refunded in full past the window.
+    let a_applied = h.now;
+    h.run_id(
+        id,
+        Command::Usage(h.event(w, "4000", "0", DebitMode::Strict)),
+    );
+    let a = recorded(&h, a_applied, 90 * 24 * HOUR);
+    h.advance(2 * 24 * HOUR);
+    assert!(recorded_refund(&mut h, 8_000, refund(None), &a)
+        .code
+        .is_ok());
+    // The id is reused for charge B (4), partly refunded inside its window.
+    h.run_id(
+        id,
+        Command::Usage(h.event(w, "4000", "0", DebitMode::Strict)),
+    );
+    assert!(h.run(refund(Some("0.5"))).code.is_ok());
+    h.advance(2 * 24 * HOUR);
+    // A is not refundable again.
+    assert_eq!(
+        recorded_refund(&mut h, 8_001, refund(Some("0.01")), &a).code,
+        ResultCode::RefundExceedsCharge
+    );
+    assert_eq!(h.balance(w).available, d("16.5"));
+    // Live and restored engines keep the same entries, to the end.
+    let restored = Engine::from_state(h.engine.state().clone()).unwrap();
+    h.advance(400 * 24 * HOUR);
+    let mut restored = restored;
+    restored.handle_timeout(h.now);
+    assert!(h.engine.state().late_refunds.is_empty());
+    assert_eq!(restored.state().late_refunds, h.engine.state().late_refunds);
+    assert_eq!(restored.digest(), h.engine.digest());
+}
+
+#[test]
+fn charges_applied_before_a_conversion_are_not_refunded_past_the_window() {
+    let mut h = Harness::new();
+    let w = h.wallet("acme");
+    h.grant(w, "10");
+    let applied = h.now;
+    let event = RequestId(h.next_id);
+    h.usage(w, "4000", "0", DebitMode::Strict);
+    // The previous release wrote this state; it did not keep what was refunded of forgotten
+    // charges.
+    let v2 = tally_engine::legacy::v2_for_tests(h.engine.state());
+    h.engine = Engine::from_state(State::from(v2)).unwrap();
+    h.advance(2 * 24 * HOUR);
+    let charge = recorded(&h, applied, 90 * 24 * HOUR);
+    let refund = Command::Refund {
+        wallet: w,
+        event,
+        amount: Some(d("1")),
+    };
+    assert_eq!(
+        recorded_refund(&mut h, 600, refund, &charge).code,
+        ResultCode::UnknownEvent
+    );
+    // A charge made after the conversion is.
+    let applied = h.now;
+    let event = RequestId(h.next_id);
+    h.usage(w, "1000", "0", DebitMode::Strict);
+    h.advance(2 * 24 * HOUR);
+    let charge = recorded(&h, applied, 90 * 24 * HOUR);
+    let refund = Command::Refund {
+        wallet: w,
+        event,
+        amount: None,
+    };
+    assert!(recorded_refund(&mut h, 601, refund, &charge).code.is_ok());
+}

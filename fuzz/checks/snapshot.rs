@@ -62,8 +62,7 @@ pub fn check(dir: &SnapshotDir, data: &[u8]) {
             let sample = &samples[usize::from(input.u8()) % samples.len()];
             let (mut payload, expected) = match version {
                 3 => (sample.v3.clone(), &sample.v3),
-                // Format 2 lacks only what the samples do not have (late refunds).
-                2 => (sample.v2.clone(), &sample.v3),
+                2 => (sample.v2.clone(), &sample.from_v2),
                 _ => (sample.v1.clone(), &sample.from_v1),
             };
             let cut = input.u8();
@@ -91,6 +90,8 @@ struct Sample {
     v3: Vec<u8>,
     /// The format 2 payload of the same state.
     v2: Vec<u8>,
+    /// The encoding of what the format 2 payload converts to.
+    from_v2: Vec<u8>,
     /// The format 1 payload of the same state.
     v1: Vec<u8>,
     /// The encoding of what the format 1 payload converts to.
@@ -115,13 +116,12 @@ fn samples() -> &'static [Sample] {
                     (RequestId(77), fingerprint(&command), state.now, reply)
                 });
                 let v1 = tally_engine::legacy::v1_for_tests(&state, remembered.as_slice());
+                let v2 = tally_engine::legacy::v2_for_tests(&state);
                 Sample {
                     v3: encode(&state),
-                    v2: bincode::serde::encode_to_vec(
-                        tally_engine::legacy::v2_for_tests(&state),
-                        bincode::config::standard(),
-                    )
-                    .expect("encode a format 2 state"),
+                    v2: bincode::serde::encode_to_vec(&v2, bincode::config::standard())
+                        .expect("encode a format 2 state"),
+                    from_v2: encode(&State::from(v2)),
                     v1: bincode::serde::encode_to_vec(&v1, bincode::config::standard())
                         .expect("encode a format 1 state"),
                     from_v1: encode(&State::from(v1)),

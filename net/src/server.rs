@@ -725,7 +725,11 @@ async fn request(id: u64, frame: &Frame<'_>, conn: &ConnState, shared: &Shared) 
     let backend = &shared.backend;
     let out = match message {
         Message::Request(request) => {
-            let catalog = request.command.wallet().is_none();
+            // Catalog commands reach every shard, and a refund may read the history store
+            // before it is queued: later requests on this stream wait for either, so requests
+            // are still applied in stream order.
+            let catalog = request.command.wallet().is_none()
+                || matches!(request.command, Command::Refund { .. });
             let reply = backend.command(request);
             let fut: BoxFuture<Message> = Box::pin(async move {
                 match reply.await {
@@ -734,7 +738,6 @@ async fn request(id: u64, frame: &Frame<'_>, conn: &ConnState, shared: &Shared) 
                 }
             });
             if catalog {
-                // Catalog commands reach every shard; later requests on this stream wait for it.
                 Out::Later(id, Box::pin(std::future::ready(fut.await)))
             } else {
                 Out::Later(id, fut)

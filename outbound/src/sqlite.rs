@@ -77,20 +77,33 @@ CREATE TABLE IF NOT EXISTS store_progress (
 /// (`usage_events.credit_priority`, `credit_expires_at`, `journal.reason`; NULL in older rows).
 /// One transaction, so a writer and a reader opening the store at once do not both add them.
 fn migrate(conn: &Connection) -> Result<(), Error> {
-    conn.execute_batch("BEGIN IMMEDIATE")
-        .map_err(|e| sql("migrate", e))?;
-    let added = [
+    const ADDED: [(&str, &str, &str); 3] = [
         ("usage_events", "credit_priority", "INTEGER"),
         ("usage_events", "credit_expires_at", "INTEGER"),
         ("journal", "reason", "TEXT"),
     ];
-    let altered = added.iter().try_for_each(|(table, column, kind)| {
-        let has: i64 = conn.query_row(
+    let missing = |(table, column, _): &(&str, &str, &str)| {
+        conn.query_row(
             &format!("SELECT count(*) FROM pragma_table_info('{table}') WHERE name = '{column}'"),
             [],
-            |r| r.get(0),
-        )?;
-        if has == 0 {
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n == 0)
+    };
+    // Without a lock first: a store already up to date (every start after the first) does not
+    // wait for the writer's open transaction.
+    let any_missing = ADDED
+        .iter()
+        .try_fold(false, |any, added| Ok(any || missing(added)?))
+        .map_err(|e| sql("migrate", e))?;
+    if !any_missing {
+        return Ok(());
+    }
+    conn.execute_batch("BEGIN IMMEDIATE")
+        .map_err(|e| sql("migrate", e))?;
+    let altered = ADDED.iter().try_for_each(|added| {
+        if missing(added)? {
+            let (table, column, kind) = added;
             conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
         }
         Ok(())
@@ -773,47 +786,73 @@ impl Reader {
     }
 
     /// The charge of wallet `wallet`'s usage event (or settle) `request`, as the store recorded
-    /// it, for a refund past the idempotency window; `None` if the store has no such event.
-    /// Events recorded before the credit columns existed refund as a credit of priority 0 that
-    /// never expires. `refundable_until` is the event's time plus `window_us`.
+    /// it, for refund `refund` past the idempotency window. `None` when the store cannot vouch
+    /// for one charge: no such event; two (the id was reused after the window); one recorded
+    /// before the store kept a charge's credit terms; or `refund` itself already applied (its
+    /// journal entry is here), so that a refund retried after its own id was forgotten is not
+    /// applied again. `refundable_until` is the event's time plus `window_us`.
     pub fn recorded_charge(
         &self,
         wallet: &str,
         request: tally_engine::RequestId,
+        refund: tally_engine::RequestId,
         window_us: i64,
     ) -> Result<Option<tally_engine::RecordedCharge>, Error> {
+        type Row = (
+            String,
+            String,
+            String,
+            String,
+            u32,
+            i64,
+            i64,
+            Option<u32>,
+            Option<i64>,
+        );
         let conn = self
             .conn
             .lock()
             .map_err(|_| Error("history store lock".into()))?;
-        let row = conn
+        let rows: Vec<Row> = conn
             .prepare_cached(
                 "SELECT asset, charged, product, plan, plan_version, occurred_at, applied_at, \
                  credit_priority, credit_expires_at FROM usage_events \
-                 WHERE request_id = ?1 AND wallet = ?2",
+                 WHERE request_id = ?1 AND wallet = ?2 LIMIT 2",
             )
             .and_then(|mut s| {
-                s.query_row(params![request_hex(request), wallet], |r| {
+                s.query_map(params![request_hex(request), wallet], |r| {
                     Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, String>(3)?,
-                        r.get::<_, u32>(4)?,
-                        r.get::<_, i64>(5)?,
-                        r.get::<_, i64>(6)?,
-                        r.get::<_, Option<u32>>(7)?,
-                        r.get::<_, Option<i64>>(8)?,
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                        r.get(7)?,
+                        r.get(8)?,
                     ))
-                })
-                .optional()
+                })?
+                .collect()
             })
             .map_err(|e| sql("recorded charge", e))?;
-        let Some((asset, charged, product, plan, version, occurred, applied, priority, expires)) =
-            row
+        let Ok([(asset, charged, product, plan, version, occurred, applied, priority, expires)]) =
+            <[Row; 1]>::try_from(rows)
         else {
             return Ok(None);
         };
+        let Some(priority) = priority else {
+            return Ok(None);
+        };
+        let applied_before: bool = conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM journal WHERE request_id = ?1 AND wallet = ?2)",
+            )
+            .and_then(|mut s| s.query_row(params![request_hex(refund), wallet], |r| r.get(0)))
+            .map_err(|e| sql("recorded charge", e))?;
+        if applied_before {
+            return Ok(None);
+        }
         let bad = |what: &str| Error(format!("history store: usage event {what} is unreadable"));
         let name = |s: &str, what: &str| tally_engine::Name::new(s).map_err(|_| bad(what));
         Ok(Some(tally_engine::RecordedCharge {
@@ -824,7 +863,7 @@ impl Reader {
             version,
             occurred_at: Timestamp(occurred),
             applied_at: Timestamp(applied),
-            credit_priority: priority.unwrap_or(0),
+            credit_priority: priority,
             credit_expires_at: expires.map(Timestamp),
             refundable_until: Timestamp(occurred.saturating_add(window_us)),
         }))

@@ -184,35 +184,84 @@ fn a_store_written_before_the_credit_columns_is_migrated_and_its_charges_read_ba
     sink.flush().unwrap();
     let reader = Reader::open(dir.path()).unwrap();
     let day = 86_400_000_000;
-    // The old row: a credit of priority 0 that never expires.
-    let old = reader
-        .recorded_charge("w", RequestId(1), day)
+    let refund = RequestId(900);
+    // The old row does not say what a refund credit would get: the store does not vouch for it.
+    assert!(reader
+        .recorded_charge("w", RequestId(1), refund, day)
         .unwrap()
-        .unwrap();
-    assert_eq!(old.charged, Decimal::new(10, 2));
-    assert_eq!(
-        (old.occurred_at, old.applied_at),
-        (Timestamp(1000), Timestamp(1001))
-    );
-    assert_eq!((old.credit_priority, old.credit_expires_at), (0, None));
-    assert_eq!(old.refundable_until, Timestamp(1000 + day));
+        .is_none());
     let new = reader
-        .recorded_charge("w", RequestId(2), day)
+        .recorded_charge("w", RequestId(2), refund, day)
         .unwrap()
         .unwrap();
+    assert_eq!(new.charged, Decimal::new(10, 2));
     assert_eq!(
         (new.credit_priority, new.credit_expires_at),
         (3, Some(Timestamp(5_000)))
     );
+    assert_eq!(new.refundable_until, Timestamp(new.occurred_at.0 + day));
     // Another wallet's event, or none: nothing.
     assert!(reader
-        .recorded_charge("v", RequestId(2), day)
+        .recorded_charge("v", RequestId(2), refund, day)
         .unwrap()
         .is_none());
     assert!(reader
-        .recorded_charge("w", RequestId(9), day)
+        .recorded_charge("w", RequestId(9), refund, day)
         .unwrap()
         .is_none());
+    // The id reused for a second event: ambiguous, nothing.
+    let mut again = with_terms.clone();
+    again.lsn = 3;
+    assert!(sink.write(&again).unwrap());
+    sink.flush().unwrap();
+    assert!(reader
+        .recorded_charge("w", RequestId(2), refund, day)
+        .unwrap()
+        .is_none());
+}
+
+#[test]
+fn a_refund_already_in_the_journal_gets_no_recorded_charge() {
+    use tally_engine::{Account, EntryKind, JournalEntry};
+    let dir = tempfile::tempdir().unwrap();
+    let mut sink = SqliteSink::open(dir.path(), None).unwrap();
+    let mut charge = usage(1, now());
+    if let Effect::Margin(m) = &mut charge.effect {
+        m.credit_priority = 1;
+    }
+    sink.write(&charge).unwrap();
+    // Refund 900 of it was applied: its journal entry is in the store.
+    let at = now();
+    sink.write(&Tagged {
+        shard: 0,
+        lsn: 2,
+        index: 0,
+        applied_at: at,
+        effect: Effect::Journal(JournalEntry {
+            seq: 1,
+            at,
+            request: Some(RequestId(900)),
+            kind: EntryKind::Refund,
+            asset: asset("USD"),
+            amount: Decimal::new(5, 2),
+            from: Account::Refund,
+            to: Account::Wallet(name("w")),
+            grant: None,
+        }),
+        cause: None,
+    })
+    .unwrap();
+    sink.flush().unwrap();
+    let reader = Reader::open(dir.path()).unwrap();
+    let day = 86_400_000_000;
+    assert!(reader
+        .recorded_charge("w", RequestId(1), RequestId(900), day)
+        .unwrap()
+        .is_none());
+    assert!(reader
+        .recorded_charge("w", RequestId(1), RequestId(901), day)
+        .unwrap()
+        .is_some());
 }
 
 #[test]

@@ -103,22 +103,21 @@ impl Backend for ShardBackend {
         {
             // The store's read may wait behind a long analytics query: off the runtime threads.
             let (refunds, handle) = (Arc::clone(refunds), self.handle.clone());
-            let (wallet, event) = (*wallet, *event);
+            let (wallet, event, id) = (*wallet, *event, request.id);
             return Box::pin(async move {
                 let lookup = tokio::task::spawn_blocking(move || {
                     refunds
                         .history
-                        .recorded_charge(wallet.as_str(), event, refunds.window_us)
+                        .recorded_charge(wallet.as_str(), event, id, refunds.window_us)
                 })
                 .await;
                 let pending = match lookup {
                     Ok(Ok(Some(charge))) => handle.submit_recorded_refund(request, charge),
                     Ok(Ok(None)) => handle.submit(request),
                     Ok(Err(e)) => {
-                        // Refunds inside the idempotency window need no store; later ones
-                        // are then answered UnknownEvent.
+                        // Not applied: the caller retries (an answer now would be remembered).
                         tracing::warn!(error = %e, "a refund could not read its charge");
-                        handle.submit(request)
+                        return Err(ErrorCode::Busy);
                     }
                     Err(_) => return Err(ErrorCode::Stopped),
                 };

@@ -653,8 +653,11 @@ fn a_version_2_snapshot_is_converted_on_load() {
     bytes.extend_from_slice(&payload);
     fs::write(&info.path, &bytes).unwrap();
     dir.verify(&info).unwrap();
-    let loaded = dir.load(&info).unwrap();
+    let mut loaded = dir.load(&info).unwrap();
     assert!(loaded.late_refunds.is_empty());
+    // Charges applied before the conversion are not refunded past the idempotency window.
+    assert_eq!(loaded.recorded_refunds_from, state.now);
+    loaded.recorded_refunds_from = state.recorded_refunds_from;
     // The same state (compared by encoding: derived fields are not encoded), whose current
     // encoding is not a version 2 payload: versions are not interchangeable.
     let encode = |s: &tally_engine::State| {
