@@ -4,7 +4,8 @@
 //! drops a torn last line, so a line is never written twice and a torn write is never kept.
 //!
 //! Rotation and retention: when a stream's file reaches [`Rotation::bytes`] or has been open for
-//! [`Rotation::age`] (wall-clock time, kept in `progress.json` across restarts), it is synced and renamed `<stream>.<NNNNNN>.jsonl` (sealed, numbered
+//! [`Rotation::age`] since its first line (wall-clock time, kept in `progress.json` across
+//! restarts; a clock set back restarts it), it is synced and renamed `<stream>.<NNNNNN>.jsonl` (sealed, numbered
 //! from one) and a new file begins; only the newest [`Rotation::keep`] sealed files per stream
 //! are kept. A crash between the rename and the progress update is recognised at the next start (the
 //! next sealed file exists): nothing is lost or written twice, because which tags a stream holds
@@ -246,6 +247,11 @@ impl FileSinks {
         }
         let mut line = serde_json::to_vec(tagged).map_err(|e| Error(format!("encode: {e}")))?;
         line.push(b'\n');
+        if stream.offset == 0 {
+            // A file's age counts from its first line: a quiet stream is not sealed one line at
+            // a time.
+            stream.opened_at = now_us();
+        }
         stream
             .writer
             .write_all(&line)
@@ -281,10 +287,12 @@ impl FileSinks {
     fn rotate(&mut self) -> Result<(), Error> {
         let mut rotated = false;
         for stream in &mut self.streams {
+            let now = now_us();
+            // A clock set back restarts the age rather than stopping it for as long.
+            stream.opened_at = stream.opened_at.min(now);
+            let age = i64::try_from(self.rotation.age.as_micros()).unwrap_or(i64::MAX);
             let due = stream.offset >= self.rotation.bytes
-                || (stream.offset > 0
-                    && now_us().saturating_sub(stream.opened_at)
-                        >= self.rotation.age.as_micros() as i64);
+                || (stream.offset > 0 && now.saturating_sub(stream.opened_at) >= age);
             if !due {
                 continue;
             }

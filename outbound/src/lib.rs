@@ -169,6 +169,10 @@ struct Queued {
     effects: usize,
     /// The outbound thread is gone: nothing will make room again.
     stopped: bool,
+    /// Senders are let in in the order they came (tickets), so a large message is not kept
+    /// out for ever by a stream of small ones from other shards.
+    next_ticket: u64,
+    serving: u64,
 }
 
 /// The sending end of the outbound queue (cloned by every shard). The queue is bounded in
@@ -223,13 +227,21 @@ impl Outbound {
         let n = effects.len();
         {
             let mut queued = self.budget.state.lock().map_err(|_| Stopped)?;
-            while !queued.stopped && queued.effects > 0 && queued.effects + n > self.budget.max {
+            let ticket = queued.next_ticket;
+            queued.next_ticket += 1;
+            while !queued.stopped
+                && (queued.serving != ticket
+                    || (queued.effects > 0 && queued.effects + n > self.budget.max))
+            {
                 queued = self.budget.room.wait(queued).map_err(|_| Stopped)?;
             }
             if queued.stopped {
                 return Err(Stopped);
             }
             queued.effects += n;
+            queued.serving += 1;
+            // The next ticket may fit as well.
+            self.budget.room.notify_all();
         }
         self.tx.send(Message::Effects(effects)).map_err(|_| Stopped)
     }

@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS tally.journal (
     PRIMARY KEY (shard, lsn, idx)
 );
 CREATE INDEX IF NOT EXISTS journal_by_wallet ON tally.journal (wallet, at);
+ALTER TABLE tally.journal ADD COLUMN IF NOT EXISTS reason text;
 CREATE TABLE IF NOT EXISTS tally.topups (
     shard integer NOT NULL, lsn bigint NOT NULL, idx integer NOT NULL,
     event text NOT NULL, wallet text NOT NULL, asset text NOT NULL, amount numeric,
@@ -268,7 +269,7 @@ const USAGE: &str =
     "request_id, wallet, product, plan, plan_version, asset, charged, revenue_usd, \
                      cost_usd, quantities, attributes, model, occurred_at, applied_at";
 const JOURNAL: &str = "seq, at, request_id, kind, asset, amount, from_account, to_account, \
-                       wallet, grant_id, refund_of";
+                       wallet, grant_id, refund_of, reason";
 const TOPUPS: &str = "event, wallet, asset, amount, trigger_seq, payment_method, \
                       idempotency_key, at";
 const WALLETS: &str = "wallet, metadata, created_at";
@@ -443,7 +444,7 @@ fn export_shard(
     let refunds = insert_many(
         &mut tx,
         "tally.journal (shard, lsn, idx, seq, at, request_id, kind, asset, amount, from_account, \
-         to_account, wallet, grant_id, refund_of)",
+         to_account, wallet, grant_id, refund_of, reason)",
         &[
             "::text::bigint",
             TIME,
@@ -455,6 +456,7 @@ fn export_shard(
             "",
             "",
             "::text::bigint",
+            "",
             "",
         ],
         " RETURNING refund_of, amount::text",

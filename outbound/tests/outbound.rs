@@ -152,3 +152,47 @@ fn the_queue_is_bounded_in_effects_not_messages_and_senders_wait_for_room() {
     assert!(waiting.join().unwrap().is_err());
     assert!(tx.send(vec![effect(1)]).is_err());
 }
+
+#[test]
+fn senders_get_in_in_the_order_they_came_so_a_large_message_is_not_starved() {
+    let (permits_tx, permits) = crossbeam_channel::unbounded();
+    let (tx, rx) = tally_outbound::queue(100);
+    let thread = tally_outbound::spawn(
+        vec![Box::new(Gated { permits })],
+        rx,
+        vec![Lag::new("gated")],
+    );
+    tx.send((1..=60).map(effect).collect()).unwrap();
+    let (done_tx, done) = crossbeam_channel::unbounded();
+    let sender = |n: u64, name: &'static str| {
+        let (tx, done_tx) = (tx.clone(), done_tx.clone());
+        std::thread::spawn(move || {
+            tx.send((1..=n).map(effect).collect()).unwrap();
+            done_tx.send(name).unwrap();
+        })
+    };
+    // A message larger than the bound waits for an empty queue...
+    let large = sender(150, "large");
+    // Time for it to take its turn and wait (it cannot get in: 60 effects are queued).
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(tx.queued(), 60);
+    // ... and a small one that would fit now waits behind it instead of overtaking it.
+    let small = sender(10, "small");
+    assert!(
+        done.recv_timeout(Duration::from_millis(300)).is_err(),
+        "a sender got in while the queue was held"
+    );
+    for _ in 0..60 + 150 + 10 {
+        permits_tx.send(()).unwrap();
+    }
+    let order: Vec<&str> = (0..2)
+        .map(|_| done.recv_timeout(Duration::from_secs(10)).unwrap())
+        .collect();
+    assert_eq!(order, ["large", "small"]);
+    large.join().unwrap();
+    small.join().unwrap();
+    tx.flush().unwrap();
+    drop(tx);
+    drop(permits_tx);
+    thread.join().unwrap().unwrap();
+}

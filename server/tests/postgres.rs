@@ -81,6 +81,19 @@ fn rows_arrive_once_across_an_outage_and_agree_with_the_ledger() {
         })
         .unwrap();
     assert!(refund.code.is_ok(), "{refund:?}");
+    // And an adjustment, whose reason travels with its journal entry.
+    let adjust = handle
+        .call(Request {
+            id: RequestId(98),
+            command: Command::Adjust {
+                wallet: name(&wallets[1]),
+                asset: asset("USD"),
+                amount: d("0.5"),
+                reason: "goodwill after the outage".into(),
+            },
+        })
+        .unwrap();
+    assert!(adjust.code.is_ok(), "{adjust:?}");
     pg.restart();
     let mut client = pg.client();
     common::postgres::wait_for_usage(&mut client, applied);
@@ -147,6 +160,16 @@ fn rows_arrive_once_across_an_outage_and_agree_with_the_ledger() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    let reasons: Vec<String> = client
+        .query(
+            "SELECT reason FROM tally.journal WHERE reason IS NOT NULL",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(reasons, ["goodwill after the outage"]);
     let exported_wallets: i64 = client
         .query_one("SELECT count(*) FROM tally.wallets", &[])
         .unwrap()
