@@ -53,9 +53,11 @@ impl Drop for Postgres {
     }
 }
 
-/// Waits until PostgreSQL holds `rows` usage events (the export trails the store).
+/// Waits until PostgreSQL holds `rows` usage events (the export trails the store). It fails
+/// when the export stops making progress for 60 s, not after a fixed time: a long crash run
+/// leaves a backlog of hundreds of thousands of rows, copied at some 10–25 k rows/s.
 pub fn wait_for_usage(pg: &mut postgres::Client, rows: i64) {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut last, mut progress_at) = (-1, Instant::now());
     loop {
         let n: i64 = pg
             .query_one("SELECT count(*) FROM tally.usage_events", &[])
@@ -65,9 +67,12 @@ pub fn wait_for_usage(pg: &mut postgres::Client, rows: i64) {
             return;
         }
         assert!(n < rows, "{n} usage rows, more than the {rows} applied");
+        if n > last {
+            (last, progress_at) = (n, Instant::now());
+        }
         assert!(
-            Instant::now() < deadline,
-            "PostgreSQL has {n} of {rows} usage rows after 60 s"
+            progress_at.elapsed() < Duration::from_secs(60),
+            "PostgreSQL has {n} of {rows} usage rows, and no more for 60 s"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
