@@ -1927,18 +1927,7 @@ impl Engine {
         }
         let asset = self.state.assets[charge.asset as usize];
         let left = charge.charged - charge.refunded;
-        let amount = match amount {
-            Some(amount) => money::check_amount(amount, asset.scale)?,
-            None if left.is_zero() => return Err(ResultCode::RefundExceedsCharge.into()),
-            None => left,
-        };
-        if amount > left {
-            return Err(ResultCode::RefundExceedsCharge.into());
-        }
-        let refund_usd = money::usd_valuation(amount, asset.usd_value)?;
-        if let Some(balance) = self.state.wallets[w as usize].balance(&asset.code) {
-            money::within(money::add(balance.ledger(), amount)?, asset.scale)?;
-        }
+        let (amount, refund_usd) = self.refund_amount(w, asset, left, amount)?;
         self.charge_at_mut(at).refunded += amount;
         let grant = self.book_refund(w, asset, amount, refund_usd, &charge);
         Ok(ReplyValue::Refund {
@@ -1984,18 +1973,7 @@ impl Engine {
         let before = self.state.late_refunds.get(&key).copied();
         let refunded = before.map_or(Decimal::ZERO, |l| l.refunded);
         let left = money::sub(charged, refunded).map_err(|_| ResultCode::RefundExceedsCharge)?;
-        let amount = match amount {
-            Some(amount) => money::check_amount(amount, asset.scale)?,
-            None if left <= Decimal::ZERO => return Err(ResultCode::RefundExceedsCharge.into()),
-            None => left,
-        };
-        if amount > left {
-            return Err(ResultCode::RefundExceedsCharge.into());
-        }
-        let refund_usd = money::usd_valuation(amount, asset.usd_value)?;
-        if let Some(balance) = self.state.wallets[w as usize].balance(&asset.code) {
-            money::within(money::add(balance.ledger(), amount)?, asset.scale)?;
-        }
+        let (amount, refund_usd) = self.refund_amount(w, asset, left, amount)?;
         let charge = ChargeRef {
             seq: 0,
             wallet: w,
@@ -2029,6 +2007,30 @@ impl Engine {
             refunded: amount,
             refundable: left - amount,
         })
+    }
+
+    /// The amount a refund asks for (`None`: all that is `left` of the charge) and its USD
+    /// value, checked against what is left and against what wallet `w`'s balance can take.
+    fn refund_amount(
+        &self,
+        w: u32,
+        asset: Asset,
+        left: Decimal,
+        amount: Option<Decimal>,
+    ) -> Result<(Decimal, Decimal), ResultCode> {
+        let amount = match amount {
+            Some(amount) => money::check_amount(amount, asset.scale)?,
+            None if left <= Decimal::ZERO => return Err(ResultCode::RefundExceedsCharge),
+            None => left,
+        };
+        if amount > left {
+            return Err(ResultCode::RefundExceedsCharge);
+        }
+        let refund_usd = money::usd_valuation(amount, asset.usd_value)?;
+        if let Some(balance) = self.state.wallets[w as usize].balance(&asset.code) {
+            money::within(money::add(balance.ledger(), amount)?, asset.scale)?;
+        }
+        Ok((amount, refund_usd))
     }
 
     /// Books a refund of `amount` (worth `refund_usd`) of `charge` to wallet `w`: the margins,
