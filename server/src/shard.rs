@@ -327,23 +327,22 @@ impl Shard {
         // starts from the settings the records were applied under, whatever the configuration
         // says by then.
         let fresh = self.wal.next_lsn() == 1;
-        if fresh
-            || (have.idempotency_retention_us, have.idempotency_max_ids)
-                != (wanted.idempotency_retention_us, wanted.idempotency_max_ids)
-        {
-            self.settings.push(LogEntry::Settings {
-                idempotency_retention_us: wanted.idempotency_retention_us,
-                idempotency_max_ids: wanted.idempotency_max_ids,
-            });
-        }
-        if fresh
-            || (have.low_balance_usd, have.grant_expiring_lead_us)
-                != (wanted.low_balance_usd, wanted.grant_expiring_lead_us)
-        {
-            self.settings.push(LogEntry::Alerts {
-                low_balance_usd: wanted.low_balance_usd,
-                grant_expiring_lead_us: wanted.grant_expiring_lead_us,
-            });
+        let entries = |c: tally_engine::Config| {
+            [
+                LogEntry::Settings {
+                    idempotency_retention_us: c.idempotency_retention_us,
+                    idempotency_max_ids: c.idempotency_max_ids,
+                },
+                LogEntry::Alerts {
+                    low_balance_usd: c.low_balance_usd,
+                    grant_expiring_lead_us: c.grant_expiring_lead_us,
+                },
+            ]
+        };
+        for (wanted, have) in entries(wanted).into_iter().zip(entries(have)) {
+            if fresh || wanted != have {
+                self.settings.push(wanted);
+            }
         }
         self
     }
