@@ -278,6 +278,15 @@ fn file_in(
 }
 
 /// Wallet `w` for changing: copied first if a checkpoint still shares it (copy-on-write).
+/// Sets what was refunded of the forgotten charge `key`, moving its entry in the index of
+/// `State::late_refunds` by time with it.
+fn set_late_refund(state: &mut State, index: &mut Index, key: Key, late: LateRefund) {
+    if let Some(old) = state.late_refunds.insert(key, late) {
+        index.late_by_until.remove(&(old.until, key));
+    }
+    index.late_by_until.insert((late.until, key));
+}
+
 fn wallet_mut(wallets: &mut [Arc<Wallet>], w: u32) -> &mut Wallet {
     Arc::make_mut(&mut wallets[w as usize])
 }
@@ -759,12 +768,10 @@ impl Engine {
                 // A request id reused for another charge after the window shares the entry:
                 // the refunded amounts add up, so neither charge is refunded beyond its own.
                 if let Some(old) = state.late_refunds.get(&front.key) {
-                    index.late_by_until.remove(&(old.until, front.key));
                     late.refunded = late.refunded.saturating_add(old.refunded);
                     late.until = late.until.max(old.until);
                 }
-                state.late_refunds.insert(front.key, late);
-                index.late_by_until.insert((late.until, front.key));
+                set_late_refund(state, index, front.key, late);
             }
         }
     }
@@ -1987,21 +1994,14 @@ impl Engine {
             priority: recorded.credit_priority,
             expires_at: recorded.credit_expires_at,
         };
+        let late = LateRefund {
+            refunded: money::add(refunded, amount)?,
+            until: before.map_or(late_refund_until(charge.hour), |l| {
+                l.until.max(late_refund_until(charge.hour))
+            }),
+        };
         let grant = self.book_refund(w, asset, amount, refund_usd, &charge);
-        let until = before.map_or(late_refund_until(charge.hour), |l| {
-            l.until.max(late_refund_until(charge.hour))
-        });
-        if let Some(old) = before {
-            self.index.late_by_until.remove(&(old.until, key));
-        }
-        self.state.late_refunds.insert(
-            key,
-            LateRefund {
-                refunded: money::add(refunded, amount)?,
-                until,
-            },
-        );
-        self.index.late_by_until.insert((until, key));
+        set_late_refund(&mut self.state, &mut self.index, key, late);
         Ok(ReplyValue::Refund {
             grant,
             refunded: amount,
